@@ -1,0 +1,1 @@
+"""Shared core of ARQ Task Throttler: settings, database, models, outbox and throttle."""

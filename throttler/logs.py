@@ -1,0 +1,55 @@
+"""Structured logs: one line per event, ``key=value`` pairs after the event name."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any
+
+_FIELDS_ATTR = "fields"
+
+
+def fields(**values: Any) -> dict[str, Any]:
+    """Build the ``extra`` for a log call: ``log.info("task.queued", extra=fields(id=...))``."""
+    return {_FIELDS_ATTR: values}
+
+
+def _render(value: Any) -> str:
+    text = str(value)
+    if not text or any(char.isspace() or char in '"=' for char in text):
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return text
+
+
+class KeyValueFormatter(logging.Formatter):
+    """``2026-11-28T07:00:00.123Z INFO relay relay.dispatched count=5 rate=20.0``."""
+
+    def __init__(self, component: str) -> None:
+        super().__init__()
+        self.component = component
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = self.formatTime(record, "%Y-%m-%dT%H:%M:%S")
+        line = f"{stamp}.{int(record.msecs):03d}Z {record.levelname} {self.component} "
+        line += record.getMessage()
+        extra: dict[str, Any] = getattr(record, _FIELDS_ATTR, {})
+        if extra:
+            line += " " + " ".join(f"{key}={_render(value)}" for key, value in extra.items())
+        if record.exc_info:
+            line += " " + _render(self.formatException(record.exc_info))
+        return line
+
+
+def configure_logging(*, component: str, level: str) -> None:
+    """Send every log record to stderr as one key=value line, timestamps in UTC."""
+    handler = logging.StreamHandler(sys.stderr)
+    formatter = KeyValueFormatter(component)
+    formatter.converter = time.gmtime
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # Per-request and per-job chatter from libraries would drown our one-line events.
+    for noisy in ("uvicorn.access", "arq.worker", "arq.jobs", "httpx"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

@@ -1,0 +1,136 @@
+"""The one settings object: every environment variable the components read."""
+
+from __future__ import annotations
+
+import sys
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_DATABASE_FILE = "arq_throttler.db"
+
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class Settings(BaseSettings):
+    """Configuration read once from the environment (names are the upper-cased fields)."""
+
+    model_config = SettingsConfigDict(frozen=True, extra="ignore", case_sensitive=False)
+
+    # Storage
+    database_url: str = f"sqlite+aiosqlite:///{DEFAULT_DATABASE_FILE}"
+    database_pool_size: int = Field(default=10, ge=1)
+    database_timeout_s: PositiveFloat = 5.0
+    sqlite_synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = "FULL"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    arq_queue_name: str = Field(default="arq:queue", min_length=1)
+
+    # API
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8000, ge=1, le=65535)
+    api_max_body_bytes: int = Field(default=65_536, ge=1024)
+    api_keys: str = ""
+
+    # Relay
+    relay_rate: NonNegativeFloat = 0.0
+    relay_burst: int = Field(default=1, ge=1)
+    relay_max_inflight: int = Field(default=0, ge=0)
+    relay_limits: str = ""
+    relay_batch_size: int = Field(default=100, ge=1, le=10_000)
+    relay_poll_interval_s: PositiveFloat = 0.05
+    relay_claim_lease_s: PositiveFloat = 15.0
+
+    # Worker
+    worker_concurrency: int = Field(default=10, ge=1)
+    worker_poll_delay_s: PositiveFloat = 0.01
+    worker_max_tries: int = Field(default=5, ge=1)
+    worker_retry_backoff_s: NonNegativeFloat = 1.0
+    worker_retry_backoff_max_s: NonNegativeFloat = 300.0
+    worker_keep_result_s: int = Field(default=3600, ge=0)
+    task_timeout_s: PositiveFloat = 300.0
+
+    # Download task
+    download_allow_private: bool = False
+    download_max_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
+    download_timeout_s: PositiveFloat = 30.0
+    download_max_redirects: int = Field(default=5, ge=0)
+
+    # Logging
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("database_url")
+    @classmethod
+    def _async_driver(cls, value: str) -> str:
+        if not value.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
+            raise ValueError(
+                "must start with sqlite+aiosqlite:// or postgresql+asyncpg://"
+            )
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @field_validator("log_level", "sqlite_synchronous", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _api_keys_shape(cls, value: str) -> str:
+        parse_api_keys(value)
+        return value
+
+    @cached_property
+    def accounts_by_key(self) -> dict[str, str]:
+        """Map each API key to its account (empty when authentication is off)."""
+        return parse_api_keys(self.api_keys)
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+
+def parse_api_keys(raw: str) -> dict[str, str]:
+    """Parse ``key1:account1,key2:account2``; raise ValueError naming the bad entry."""
+    keys: dict[str, str] = {}
+    for entry in filter(None, (part.strip() for part in raw.split(","))):
+        key, sep, account = entry.partition(":")
+        if not sep or not key.strip() or not account.strip():
+            raise ValueError(f"entry {entry!r} is not key:account")
+        keys[key.strip()] = account.strip()
+    return keys
+
+
+def describe_error(error: ValidationError) -> str:
+    """Render a settings error as one line naming each environment variable."""
+    parts = []
+    for item in error.errors():
+        variable = str(item["loc"][0]).upper() if item["loc"] else "settings"
+        parts.append(f"{variable}: {item['msg']} (got {item.get('input')!r})")
+    return "invalid setting " + "; ".join(parts)
+
+
+def load_settings() -> Settings:
+    """Read the environment once; exit with a one-line message naming a bad variable."""
+    try:
+        return Settings()
+    except ValidationError as error:
+        print(describe_error(error), file=sys.stderr)  # noqa: T201 - before logging is set up
+        raise SystemExit(2) from None
+
+
+def sqlite_path(database_url: str) -> Path | None:
+    """Return the file path of a SQLite URL, or None for other databases."""
+    prefix = "sqlite+aiosqlite:///"
+    if not database_url.startswith(prefix):
+        return None
+    return Path(database_url.removeprefix(prefix).split("?", 1)[0])
