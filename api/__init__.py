@@ -1,0 +1,1 @@
+"""The REST intake: accepts tasks into the outbox and reports their progress."""

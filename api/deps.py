@@ -1,0 +1,77 @@
+"""Request dependencies as ``Annotated`` aliases: settings, sessions, Redis, the account."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from redis.asyncio import Redis
+
+from throttler.constants import DEFAULT_ACCOUNT
+from throttler.db import SessionFactory
+from throttler.settings import Settings
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_sessions(request: Request) -> SessionFactory:
+    sessions: SessionFactory = request.app.state.sessions
+    return sessions
+
+
+def get_read_sessions(request: Request) -> SessionFactory:
+    sessions: SessionFactory = request.app.state.read_sessions
+    return sessions
+
+
+def get_redis(request: Request) -> Redis:
+    redis: Redis = request.app.state.redis
+    return redis
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+SessionsDep = Annotated[SessionFactory, Depends(get_sessions)]
+# Read-only work (results, readiness) never waits for SQLite's write lock.
+ReadSessionsDep = Annotated[SessionFactory, Depends(get_read_sessions)]
+RedisDep = Annotated[Redis, Depends(get_redis)]
+
+# auto_error=False: a missing key is only an error when API_KEYS is set, and then the
+# answer must be 401 with WWW-Authenticate. The scheme still shows in /docs.
+_bearer = HTTPBearer(auto_error=False, description="An API key from API_KEYS.")
+
+
+def _unauthorized() -> HTTPException:
+    return HTTPException(
+        status_code=status.HTTP_401_UNAUTHORIZED,
+        detail="missing or invalid API key",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+
+def get_account(
+    settings: SettingsDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> str:
+    """Return the caller's account: the API key's, or the default when keys are off."""
+    accounts = settings.accounts_by_key
+    if not accounts:
+        return DEFAULT_ACCOUNT
+    if credentials is None:
+        raise _unauthorized()
+    presented = credentials.credentials.encode()
+    account: str | None = None
+    # Compare with every key, without stopping early, so timing reveals nothing.
+    for key, candidate in accounts.items():
+        if hmac.compare_digest(key.encode(), presented):
+            account = candidate
+    if account is None:
+        raise _unauthorized()
+    return account
+
+
+AccountDep = Annotated[str, Depends(get_account)]

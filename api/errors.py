@@ -1,0 +1,68 @@
+"""Map a database that cannot answer to 503 with Retry-After, never a 500 with a traceback."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request, status
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import (
+    DataError,
+    DBAPIError,
+    IntegrityError,
+    NotSupportedError,
+    ProgrammingError,
+)
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+
+from throttler.logs import fields
+
+log = logging.getLogger(__name__)
+
+# Seconds a client should wait before retrying; the database is usually back quickly
+# (a lock released, a failover done), and a short wait spreads retries out.
+RETRY_AFTER_S = 2
+
+# Driver errors that mean our SQL or data is wrong, not that the database is away:
+# answering 503 would invite retries that can never succeed.
+_BUG_ERRORS = (IntegrityError, ProgrammingError, DataError, NotSupportedError)
+
+
+def _describe(error: Exception) -> str:
+    # The driver's own error, on one line: SQLAlchemy's text adds the SQL and parameters,
+    # which would split the log line and may carry client data.
+    cause = error.orig if isinstance(error, DBAPIError) and error.orig is not None else error
+    return " ".join(f"{type(cause).__name__}: {cause}".split())[:300]
+
+
+def _unavailable(request: Request, error: Exception) -> JSONResponse:
+    log.warning("db.unavailable", extra=fields(path=request.url.path, error=_describe(error)))
+    return JSONResponse(
+        {"detail": "database unavailable, retry later"},
+        status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
+
+
+async def _on_dbapi_error(request: Request, error: Exception) -> JSONResponse:
+    if isinstance(error, _BUG_ERRORS):
+        log.error("db.error", exc_info=error, extra=fields(path=request.url.path))
+        return JSONResponse(
+            {"detail": "internal error"}, status_code=status.HTTP_500_INTERNAL_SERVER_ERROR
+        )
+    # OperationalError (locked, connection lost), InterfaceError, and the generic
+    # DBAPIError asyncpg raises for "too many connections" or "shutting down".
+    return _unavailable(request, error)
+
+
+async def _on_unreachable(request: Request, error: Exception) -> JSONResponse:
+    # Pool exhausted, or the connect itself failed (refused, timed out): asyncpg raises
+    # these as OSError / TimeoutError, outside SQLAlchemy's wrapping.
+    return _unavailable(request, error)
+
+
+def register_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(DBAPIError, _on_dbapi_error)
+    app.add_exception_handler(PoolTimeoutError, _on_unreachable)
+    # TimeoutError and ConnectionRefusedError are both OSError subclasses.
+    app.add_exception_handler(OSError, _on_unreachable)

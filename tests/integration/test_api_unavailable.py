@@ -1,0 +1,107 @@
+"""A database that cannot take the request: 503 with Retry-After, quickly, nothing half-written."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from throttler.settings import Settings, sqlite_path
+
+if TYPE_CHECKING:
+    from tests.integration.conftest import ApiClientFactory, RowCounter
+
+GREETING = "/api/v1/task/greeting"
+UNKNOWN_RESULT = "/api/v1/task/result/00000000-0000-4000-8000-000000000000"
+# The request must give up soon after the database timeout, not hang.
+PROMPT_S = 5.0
+
+
+def _impatient(settings: Settings) -> Settings:
+    return Settings(
+        database_url=settings.database_url, redis_url=settings.redis_url, database_timeout_s=0.5
+    )
+
+
+async def test_locked_sqlite_answers_503_with_retry_after(
+    settings: Settings, make_api_client: ApiClientFactory, row_counts: RowCounter
+) -> None:
+    impatient = _impatient(settings)
+    path = sqlite_path(settings.database_url)
+    if path is None:
+        pytest.skip("SQLite write lock; PostgreSQL has its own test")
+    async with make_api_client(impatient) as client:
+        # A first task goes through: the pool's connection is open and configured.
+        assert (await client.post(GREETING, json={"name": "first"})).status_code == 202
+        locker = sqlite3.connect(path, isolation_level=None)
+        try:
+            locker.execute("BEGIN IMMEDIATE")
+            started = time.monotonic()
+            response = await client.post(GREETING, json={"name": "second"})
+            elapsed_s = time.monotonic() - started
+        finally:
+            locker.rollback()
+            locker.close()
+
+    assert response.status_code == 503
+    assert int(response.headers["retry-after"]) > 0
+    assert response.json() == {"detail": "database unavailable, retry later"}
+    assert elapsed_s < PROMPT_S
+    assert await row_counts() == {"tasks": 1, "outbox": 1, "task_events": 1}
+
+
+@pytest.mark.parametrize("method", ["post", "get"])
+async def test_unreachable_database_answers_503_with_retry_after(
+    database_url: str,
+    redis_url: str,
+    make_api_client: ApiClientFactory,
+    closed_port: int,
+    tmp_path: Path,
+    method: str,
+) -> None:
+    if database_url.startswith("sqlite"):
+        # A file in a directory that does not exist cannot be opened.
+        unreachable = f"sqlite+aiosqlite:///{tmp_path}/missing/dir/test.db"
+    else:
+        unreachable = f"postgresql+asyncpg://postgres@127.0.0.1:{closed_port}/test"
+    broken = Settings(database_url=unreachable, redis_url=redis_url, database_timeout_s=1.0)
+    async with make_api_client(broken) as client:
+        started = time.monotonic()
+        if method == "post":
+            response = await client.post(GREETING, json={"name": "Ada"})
+        else:
+            response = await client.get(UNKNOWN_RESULT)
+        elapsed_s = time.monotonic() - started
+
+    assert response.status_code == 503
+    assert int(response.headers["retry-after"]) > 0
+    assert elapsed_s < PROMPT_S
+
+
+async def test_locked_postgres_table_answers_503_with_retry_after(
+    settings: Settings,
+    engine: AsyncEngine,
+    make_api_client: ApiClientFactory,
+    row_counts: RowCounter,
+) -> None:
+    if settings.is_sqlite:
+        pytest.skip("PostgreSQL table lock; SQLite has its own test")
+    async with make_api_client(_impatient(settings)) as client:
+        assert (await client.post(GREETING, json={"name": "first"})).status_code == 202
+        async with engine.connect() as locker, locker.begin():
+            await locker.execute(text("LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE"))
+            started = time.monotonic()
+            response = await client.post(GREETING, json={"name": "second"})
+            elapsed_s = time.monotonic() - started
+        # The pool recovers once the lock is gone.
+        assert (await client.post(GREETING, json={"name": "third"})).status_code == 202
+
+    assert response.status_code == 503
+    assert int(response.headers["retry-after"]) > 0
+    assert elapsed_s < PROMPT_S
+    assert await row_counts() == {"tasks": 2, "outbox": 2, "task_events": 2}
