@@ -112,9 +112,7 @@ class OutboxEntry(Base):
 
     # Autoincrement id gives FIFO order without trusting clocks.
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    task_id: Mapped[str] = mapped_column(
-        ForeignKey("tasks.id", ondelete="CASCADE"), unique=True
-    )
+    task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), unique=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     # A relay that claimed the row and is handing it to ARQ; expired leases are re-claimed.
     claimed_by: Mapped[str | None] = mapped_column(String(64), nullable=True)

@@ -66,9 +66,7 @@ class Settings(BaseSettings):
     @classmethod
     def _async_driver(cls, value: str) -> str:
         if not value.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
-            raise ValueError(
-                "must start with sqlite+aiosqlite:// or postgresql+asyncpg://"
-            )
+            raise ValueError("must start with sqlite+aiosqlite:// or postgresql+asyncpg://")
         return value
 
     @field_validator("redis_url")
@@ -124,7 +122,7 @@ def load_settings() -> Settings:
     try:
         return Settings()
     except ValidationError as error:
-        print(describe_error(error), file=sys.stderr)  # noqa: T201 - before logging is set up
+        print(describe_error(error), file=sys.stderr)
         raise SystemExit(2) from None
 
 

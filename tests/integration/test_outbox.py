@@ -19,7 +19,10 @@ async def _submit(sessions: SessionFactory, count: int) -> list[str]:
     async with sessions.begin() as session:
         for index in range(count):
             task = await submit_task(
-                session, name="greeting", account="default", payload={"name": f"n{index}"},
+                session,
+                name="greeting",
+                account="default",
+                payload={"name": f"n{index}"},
                 now=utcnow(),
             )
             ids.append(task.id)

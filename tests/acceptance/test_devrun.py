@@ -1,0 +1,244 @@
+"""`make run` as a user meets it: `python -m throttler.devrun` in an empty directory.
+
+It starts its own Redis, migrates a SQLite file, runs api, relay and a worker, serves a
+greeting end to end, and on Ctrl-C (SIGINT to its whole process group, as a terminal
+sends it) exits 0 leaving no process behind.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support import ROOT, wait_for
+from throttler.redis_server import free_port
+from throttler.settings import Settings
+
+pytestmark = pytest.mark.slow
+
+COMPONENTS = ("api", "relay", "worker")
+STARTUP_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 30.0
+STARTED = re.compile(r"devrun\.started component=(?P<name>\w+) pid=(?P<pid>\d+)")
+REDIS_STARTED = re.compile(r"devrun\.redis_started .*pid=(?P<pid>\d+)")
+
+
+@pytest.fixture(autouse=True)
+def _entry_points_exist() -> None:
+    missing = [name for name in COMPONENTS if not (ROOT / name / "__main__.py").is_file()]
+    if missing:
+        pytest.skip(f"entry points not written yet: {', '.join(missing)}")
+
+
+def _fresh_environment(**settings: str) -> dict[str, str]:
+    """The caller's environment without any setting (a fresh machine), plus ``settings``."""
+    names = {field.upper() for field in Settings.model_fields}
+    env = {key: value for key, value in os.environ.items() if key.upper() not in names}
+    # Run from an empty directory, importing this checkout whether installed or not.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env.update(settings)
+    return env
+
+
+@dataclass(kw_only=True)
+class DevRun:
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    workdir: Path
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def pids(self) -> dict[str, int]:
+        """The pid of each process devrun says it started (components and Redis)."""
+        text = self.output()
+        found = {match["name"]: int(match["pid"]) for match in STARTED.finditer(text)}
+        redis = REDIS_STARTED.search(text)
+        if redis:
+            found["redis"] = int(redis["pid"])
+        return found
+
+    def interrupt(self) -> None:
+        """Press Ctrl-C: SIGINT to devrun's whole foreground process group."""
+        os.killpg(self.process.pid, signal.SIGINT)
+
+    def wait(self) -> int:
+        try:
+            return self.process.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"devrun still running {STOP_TIMEOUT_S}s after Ctrl-C:\n{self.output()[-4000:]}"
+            ) from None
+
+
+@pytest.fixture
+def devrun_factory(tmp_path: Path) -> Iterator[list[DevRun]]:
+    """Started devruns; whatever a failed test left running is killed afterwards."""
+    started: list[DevRun] = []
+    yield started
+    for run in started:
+        if run.process.poll() is None:
+            os.killpg(run.process.pid, signal.SIGKILL)
+            run.process.wait()
+        for pid in _survivors(run.workdir):
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _start(started: list[DevRun], workdir: Path, env: dict[str, str]) -> DevRun:
+    workdir.mkdir(exist_ok=True)
+    log_path = workdir.parent / f"{workdir.name}-devrun.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "throttler.devrun"],
+            cwd=workdir,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            # Its own group, like a shell job, so the test can Ctrl-C the whole group.
+            process_group=0,
+        )
+    run = DevRun(process=process, log_path=log_path, workdir=workdir)
+    started.append(run)
+    return run
+
+
+def _is_running(pid: int) -> bool:
+    """True if ``pid`` is a live (not zombie) process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    state = stat.rsplit(")", 1)[1].split()[0]
+    return state != "Z"
+
+
+def _survivors(workdir: Path) -> list[int]:
+    """Live processes whose working directory is ``workdir`` or below (all devrun started)."""
+    root = workdir.resolve()
+    survivors = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cwd = (entry / "cwd").resolve(strict=True)
+        except (OSError, RuntimeError):
+            continue  # gone, a zombie, or not ours to read
+        if (cwd == root or root in cwd.parents) and _is_running(int(entry.name)):
+            survivors.append(int(entry.name))
+    return survivors
+
+
+def _assert_nothing_left(run: DevRun, pids: dict[str, int]) -> None:
+    alive = {name: pid for name, pid in pids.items() if _is_running(pid)}
+    assert not alive, f"left running: {alive}\n{run.output()[-4000:]}"
+    survivors = _survivors(run.workdir)
+    assert not survivors, f"processes still in {run.workdir}: {survivors}\n{run.output()[-4000:]}"
+
+
+async def _wait_until_healthy(run: DevRun, client: httpx.AsyncClient) -> None:
+    async def healthy() -> bool:
+        if run.process.poll() is not None:
+            raise AssertionError(
+                f"devrun exited with {run.process.returncode}:\n{run.output()[-4000:]}"
+            )
+        try:
+            response = await client.get("/healthz")
+        except httpx.TransportError:
+            return False
+        return response.status_code == 200
+
+    await wait_for(healthy, timeout_s=STARTUP_TIMEOUT_S, interval_s=0.1, message="/healthz")
+
+
+async def test_make_run_serves_a_greeting_and_stops_cleanly_on_ctrl_c(
+    tmp_path: Path, devrun_factory: list[DevRun]
+) -> None:
+    port = free_port()
+    workdir = tmp_path / "fresh"
+    run = _start(devrun_factory, workdir, _fresh_environment(API_PORT=str(port)))
+    base_url = f"http://127.0.0.1:{port}"
+    async with httpx.AsyncClient(base_url=base_url, timeout=5.0) as client:
+        await _wait_until_healthy(run, client)
+
+        response = await client.post("/api/v1/task/greeting", json={"name": "Ada"})
+        assert response.status_code == 202, response.text
+        task_id = response.json()["task_id"]
+
+        async def finished() -> dict[str, object] | None:
+            view: dict[str, object] = (await client.get(f"/api/v1/task/result/{task_id}")).json()
+            return view if view["status"] in {"succeeded", "failed", "cancelled"} else None
+
+        view = await wait_for(finished, timeout_s=30.0, interval_s=0.05, message="the greeting")
+    assert view is not None
+    assert view["status"] == "succeeded", view
+    assert view["result"] == {"message": "Hello, Ada!"}
+
+    output = run.output()
+    assert f"{base_url}/docs" in output
+    assert "api    | " in output  # component output is prefixed by name
+    assert (workdir / "arq_throttler.db").is_file()  # the default SQLite file, migrated
+    pids = run.pids()
+    assert set(pids) == {*COMPONENTS, "redis"}, output[-4000:]
+
+    run.interrupt()
+    assert run.wait() == 0, run.output()[-4000:]
+    _assert_nothing_left(run, pids)
+    output = run.output()
+    assert "devrun.killing" not in output, "a component ignored SIGTERM for the grace period"
+    for name in COMPONENTS:
+        # Exactly one orderly stop each: SIGTERM from devrun, never the terminal's SIGINT.
+        assert output.count(f"devrun.stopping component={name} ") == 1
+        # 0, or the SIGTERM re-raised after a graceful shutdown (uvicorn does that).
+        stopped = re.search(rf"devrun\.stopped component={name} exit_code=(-?\d+)", output)
+        assert stopped, output[-4000:]
+        assert int(stopped[1]) in {0, -signal.SIGTERM}, output[-4000:]
+
+
+def test_a_component_that_dies_stops_the_rest(tmp_path: Path, devrun_factory: list[DevRun]) -> None:
+    with socket.socket() as taken:
+        # The API port is taken, so the api exits at start; devrun must stop the others.
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = _start(devrun_factory, tmp_path / "busy", _fresh_environment(API_PORT=str(port)))
+        try:
+            code = run.process.wait(timeout=STARTUP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"devrun kept running:\n{run.output()[-4000:]}") from None
+    assert code != 0
+    output = run.output()
+    assert "api exited with code" in output, output[-4000:]
+    _assert_nothing_left(run, run.pids())
+
+
+@pytest.mark.parametrize(("variable", "value"), [("RELAY_RATE", "abc"), ("API_PORT", "70000")])
+def test_invalid_setting_exits_2_naming_the_variable(
+    tmp_path: Path, variable: str, value: str
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "throttler.devrun"],
+        cwd=tmp_path,
+        env=_fresh_environment(**{variable: value}),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=STARTUP_TIMEOUT_S,
+        check=False,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert variable in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / ".run").exists(), "nothing may start with an invalid setting"

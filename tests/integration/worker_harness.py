@@ -1,0 +1,129 @@
+"""Drive the worker in-process: queue tasks as the relay does, run a Worker, read outcomes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
+
+from arq.connections import ArqRedis, RedisSettings, create_pool
+from arq.worker import Worker
+
+from tests.support import wait_for
+from throttler.db import SessionFactory
+from throttler.lifecycle import get_task
+from throttler.models import Task, utcnow
+from throttler.outbox import mark_queued, submit_task
+from throttler.settings import Settings
+from throttler.statuses import TERMINAL_STATUSES
+from worker.app import build_worker, close_worker
+from worker.taskkit import TaskBase
+from worker.tasks import DEFAULT_TASKS
+
+TEST_RELAY = "test-relay"
+STOP_TIMEOUT_S = 5.0
+
+
+def fast_retries(settings: Settings, **overrides: Any) -> Settings:
+    """Return ``settings`` with millisecond retry backoff (plus any overrides)."""
+    update: dict[str, Any] = {
+        "worker_retry_backoff_s": 0.01,
+        "worker_retry_backoff_max_s": 0.05,
+        **overrides,
+    }
+    return settings.model_copy(update=update)
+
+
+@contextlib.asynccontextmanager
+async def arq_pool(settings: Settings) -> AsyncIterator[ArqRedis]:
+    """Open the ARQ Redis pool a relay would use."""
+    pool = await create_pool(RedisSettings.from_dsn(settings.redis_url))
+    try:
+        yield pool
+    finally:
+        await pool.aclose()
+
+
+@contextlib.asynccontextmanager
+async def running_worker(
+    settings: Settings, *, tasks: Sequence[type[TaskBase[Any, Any]]] = DEFAULT_TASKS
+) -> AsyncIterator[Worker]:
+    """Run an ARQ worker in this event loop until the block exits, then close it."""
+    worker = build_worker(settings, tasks=tasks, handle_signals=False)
+    runner = asyncio.create_task(worker.async_run())
+    try:
+        yield worker
+    finally:
+        try:
+            # Let the worker leave between polls, as a burst worker does once the queue is
+            # empty: cancelling it mid-poll can strand a Redis pipeline (ARQ internals).
+            worker.burst = True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(runner), timeout=STOP_TIMEOUT_S)
+        finally:
+            await close_worker(worker)
+            with contextlib.suppress(asyncio.CancelledError):
+                await runner
+
+
+async def queue_task(sessions: SessionFactory, *, name: str, payload: Mapping[str, Any]) -> str:
+    """Submit a task and mark it ``queued``, as api and relay do; return its id."""
+    async with sessions.begin() as session:
+        task = await submit_task(
+            session, name=name, account="default", payload=payload, now=utcnow()
+        )
+        await mark_queued(session, task_ids=[task.id], relay_id=TEST_RELAY, now=utcnow())
+    return task.id
+
+
+async def dispatch(
+    sessions: SessionFactory,
+    pool: ArqRedis,
+    settings: Settings,
+    *,
+    name: str,
+    payload: Mapping[str, Any],
+) -> str:
+    """Queue a task and enqueue its ARQ job exactly as the relay does: id only, no args."""
+    task_id = await queue_task(sessions, name=name, payload=payload)
+    await enqueue(pool, settings, name=name, task_id=task_id)
+    return task_id
+
+
+async def enqueue(pool: ArqRedis, settings: Settings, *, name: str, task_id: str) -> None:
+    job = await pool.enqueue_job(name, _job_id=task_id, _queue_name=settings.arq_queue_name)
+    assert job is not None, f"ARQ refused job id {task_id}"
+
+
+async def load_task(sessions: SessionFactory, task_id: str) -> Task:
+    async with sessions() as session:
+        task = await get_task(session, task_id=task_id)
+    assert task is not None
+    return task
+
+
+async def wait_final(sessions: SessionFactory, task_id: str, *, timeout_s: float = 15.0) -> Task:
+    """Wait until the task reaches a terminal status and return it."""
+
+    async def probe() -> Task | None:
+        task = await load_task(sessions, task_id)
+        return task if task.status in TERMINAL_STATUSES else None
+
+    task = await wait_for(probe, timeout_s=timeout_s, message=f"task {task_id} to finish")
+    assert task is not None
+    return task
+
+
+async def wait_status(
+    sessions: SessionFactory, task_id: str, status: str, *, timeout_s: float = 15.0
+) -> Task:
+    """Wait until the task has ``status`` and return it."""
+
+    async def probe() -> Task | None:
+        task = await load_task(sessions, task_id)
+        return task if task.status == status else None
+
+    task = await wait_for(probe, timeout_s=timeout_s, message=f"task {task_id} to be {status}")
+    assert task is not None
+    return task

@@ -1,0 +1,107 @@
+"""Build the ARQ worker from a Settings object: its functions, options and resources."""
+
+from __future__ import annotations
+
+import os
+import socket
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from arq.connections import RedisSettings
+from arq.worker import Worker
+
+from throttler.db import create_engine, create_session_factory
+from throttler.settings import Settings
+from worker.netguard import AddressPolicy, guarded_client
+from worker.taskkit import TaskBase, build_functions
+from worker.taskkit.resources import RESOURCES_KEY, Resources
+from worker.tasks import DEFAULT_TASKS
+
+
+def worker_id() -> str:
+    """Name this worker process in events: ``hostname-pid``."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+async def open_resources(settings: Settings) -> Resources:
+    """Create what tasks share: database engine, HTTP client, thread pool."""
+    engine = create_engine(settings)
+    return Resources(
+        settings=settings,
+        engine=engine,
+        sessions=create_session_factory(engine),
+        http=guarded_client(
+            policy=AddressPolicy(allow_private=settings.download_allow_private),
+            timeout_s=settings.download_timeout_s,
+        ),
+        # One thread per job slot: every running job may be a blocking one.
+        executor=ThreadPoolExecutor(
+            max_workers=settings.worker_concurrency, thread_name_prefix="task"
+        ),
+        worker_id=worker_id(),
+    )
+
+
+async def close_resources(resources: Resources) -> None:
+    """Close what open_resources created."""
+    # Do not wait for threads: one may still be inside a call whose task timed out. It
+    # finishes that call and exits; nothing new is submitted after this.
+    resources.executor.shutdown(wait=False, cancel_futures=True)
+    try:
+        await resources.http.aclose()
+    finally:
+        await resources.engine.dispose()
+
+
+def worker_options(
+    settings: Settings, *, tasks: Sequence[type[TaskBase[Any, Any]]] = DEFAULT_TASKS
+) -> dict[str, Any]:
+    """Return the keyword arguments of ``arq.worker.Worker`` (ARQ's WorkerSettings)."""
+
+    async def on_startup(ctx: dict[Any, Any]) -> None:
+        ctx[RESOURCES_KEY] = await open_resources(settings)
+
+    async def on_shutdown(ctx: dict[Any, Any]) -> None:
+        resources = ctx.pop(RESOURCES_KEY, None)
+        if isinstance(resources, Resources):
+            await close_resources(resources)
+
+    return {
+        "functions": build_functions(tasks, settings=settings),
+        "redis_settings": RedisSettings.from_dsn(settings.redis_url),
+        "queue_name": settings.arq_queue_name,
+        "max_jobs": settings.worker_concurrency,
+        "poll_delay": settings.worker_poll_delay_s,
+        "keep_result": settings.worker_keep_result_s,
+        "on_startup": on_startup,
+        "on_shutdown": on_shutdown,
+        # Cancelled jobs (SIGTERM) go back to the queue and run again at once.
+        "retry_jobs": True,
+        # Results live in the database; ARQ's per-job lines would only repeat ours.
+        "log_results": False,
+    }
+
+
+def build_worker(
+    settings: Settings,
+    *,
+    tasks: Sequence[type[TaskBase[Any, Any]]] = DEFAULT_TASKS,
+    burst: bool = False,
+    handle_signals: bool = True,
+) -> Worker:
+    """Create the ARQ worker (call inside the event loop that will run it)."""
+    return Worker(
+        **worker_options(settings, tasks=tasks), burst=burst, handle_signals=handle_signals
+    )
+
+
+async def close_worker(worker: Worker) -> None:
+    """Stop the worker: cancel running jobs (ARQ re-queues them), run on_shutdown, close Redis."""
+    with warnings.catch_warnings():
+        # arq 0.28 closes its pool with redis-py 5's deprecated close(); nothing to act on.
+        warnings.filterwarnings(
+            "ignore", message=r"Call to deprecated close\.", category=DeprecationWarning
+        )
+        await worker.close()

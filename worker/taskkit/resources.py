@@ -1,0 +1,36 @@
+"""What a running task may use: owned by the worker, opened in on_startup, closed on shutdown."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from throttler.db import SessionFactory
+from throttler.settings import Settings
+
+# The key under which on_startup stores the Resources in ARQ's ctx.
+RESOURCES_KEY = "throttler_resources"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Resources:
+    """The worker's shared resources, handed to every task."""
+
+    settings: Settings
+    engine: AsyncEngine
+    sessions: SessionFactory
+    http: httpx.AsyncClient
+    executor: ThreadPoolExecutor
+    worker_id: str
+
+
+def resources_from(ctx: dict[Any, Any]) -> Resources:
+    """Return the Resources that on_startup put into ARQ's ctx."""
+    resources: Resources | None = ctx.get(RESOURCES_KEY)
+    if resources is None:
+        raise RuntimeError("worker resources missing from ctx: on_startup did not run")
+    return resources

@@ -1,0 +1,238 @@
+"""One attempt of one task, from ``started`` to its recorded outcome.
+
+The database, not ARQ, decides how an attempt ends: ``start_attempt`` counts the attempt,
+the task runs under our own timeout, and exactly one of ``record_success``,
+``record_retry`` (then ``raise Retry``) or ``record_failure`` follows, each in its own
+transaction. ARQ's own retry limit and timeout are only backstops set well above ours
+(see registry), because when ARQ gives up it skips our code and the task would never
+reach a terminal status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from arq.worker import Retry
+from pydantic import BaseModel, ValidationError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from throttler.lifecycle import Attempt, record_failure, record_retry, record_success, start_attempt
+from throttler.logs import fields
+from throttler.models import utcnow
+from worker.taskkit.backoff import retry_delay_s
+from worker.taskkit.definition import TaskDefinition
+from worker.taskkit.errors import PermanentError
+from worker.taskkit.persist import TRANSIENT_DB_ERRORS, write_with_retry
+from worker.taskkit.resources import Resources
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Succeeded:
+    result: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class Retriable:
+    error: str
+
+
+Outcome = Succeeded | Failed | Retriable
+
+
+def describe(error: BaseException) -> str:
+    """Render an exception as ``Type: message`` (some carry no message at all)."""
+    text = str(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _describe_validation(error: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(part) for part in item['loc']) or 'value'}: {item['msg']}"
+        for item in error.errors()
+    )
+
+
+async def run_task(
+    definition: TaskDefinition, resources: Resources, *, task_id: str, arq_try: int = 1
+) -> None:
+    """Run one attempt of the task ``task_id`` and record how it ended.
+
+    ``arq_try`` is ARQ's count of deliveries, used only to back off while the database
+    cannot even record the start.
+    """
+    settings = resources.settings
+    try:
+        async with resources.sessions.begin() as session:
+            attempt = await start_attempt(
+                session, task_id=task_id, worker_id=resources.worker_id, now=utcnow()
+            )
+    except TRANSIENT_DB_ERRORS as error:
+        # Nothing ran yet: let ARQ run the job again later rather than drop it, backing off
+        # so that a long outage does not use up ARQ's tries (see registry).
+        defer_s = retry_delay_s(
+            attempt=max(arq_try, 1),
+            base_s=settings.worker_retry_backoff_s,
+            max_s=settings.worker_retry_backoff_max_s,
+        )
+        log.warning(
+            "task.start_failed",
+            extra=fields(
+                task_id=task_id, name=definition.name, defer_s=defer_s, error=describe(error)
+            ),
+        )
+        raise Retry(defer=defer_s) from error
+    if attempt is None:
+        log.info(
+            "task.skipped",
+            extra=fields(task_id=task_id, name=definition.name, reason="already final"),
+        )
+        return
+
+    started = time.monotonic()
+    log.info(
+        "task.started",
+        extra=fields(task_id=task_id, name=definition.name, attempt=attempt.attempt),
+    )
+    outcome = await _attempt(definition, resources, attempt)
+    await _record(definition, resources, attempt, outcome, started=started)
+
+
+async def _attempt(definition: TaskDefinition, resources: Resources, attempt: Attempt) -> Outcome:
+    if attempt.name != definition.name:
+        return Failed(f"task is a {attempt.name!r} but ran as ARQ function {definition.name!r}")
+    if definition.at_most_once and attempt.attempt > 1:
+        return Failed(
+            f"side-effecting task started again (attempt {attempt.attempt}): the outcome of "
+            "the earlier attempt is unknown, so it is not run again"
+        )
+    if attempt.attempt > definition.max_tries:
+        # Earlier attempts were cut short (worker killed or shut down) without an outcome.
+        return Failed(
+            f"gave up: attempt {attempt.attempt} exceeds max_tries {definition.max_tries}"
+        )
+    try:
+        params = definition.input_model.model_validate(attempt.payload)
+    except ValidationError as error:
+        return Failed(f"invalid input: {_describe_validation(error)}")
+
+    deadline = asyncio.timeout(definition.timeout_s)
+    try:
+        async with deadline:
+            output = await definition.task.run(resources, params)
+    except TimeoutError as error:
+        if deadline.expired():
+            return Failed(f"timed out after {definition.timeout_s:g}s")
+        return Retriable(describe(error))
+    except PermanentError as error:
+        return Failed(describe(error))
+    except Exception as error:
+        log.debug("task.exception", exc_info=True, extra=fields(task_id=attempt.task_id))
+        return Retriable(describe(error))
+    return _check_output(definition, output)
+
+
+def _check_output(definition: TaskDefinition, output: object) -> Outcome:
+    if not isinstance(output, definition.output_model):
+        return Failed(
+            f"invalid output: expected {definition.output_model.__name__}, "
+            f"got {type(output).__name__}"
+        )
+    # Round-trip through JSON mode: what is stored is exactly what the model accepts.
+    assert isinstance(output, BaseModel)
+    try:
+        checked = definition.output_model.model_validate(output.model_dump(mode="json"))
+    except ValidationError as error:
+        return Failed(f"invalid output: {_describe_validation(error)}")
+    return Succeeded(checked.model_dump(mode="json"))
+
+
+async def _record(
+    definition: TaskDefinition,
+    resources: Resources,
+    attempt: Attempt,
+    outcome: Outcome,
+    *,
+    started: float,
+) -> None:
+    settings = resources.settings
+    common: dict[str, Any] = {
+        "task_id": attempt.task_id,
+        "attempt": attempt.attempt,
+        "worker_id": resources.worker_id,
+    }
+    log_fields: dict[str, Any] = {
+        "task_id": attempt.task_id,
+        "name": definition.name,
+        "attempt": attempt.attempt,
+    }
+
+    def duration_ms() -> int:
+        return round((time.monotonic() - started) * 1000)
+
+    async def write(what: str, action: Callable[[AsyncSession], Awaitable[bool]]) -> bool:
+        return await write_with_retry(
+            action, sessions=resources.sessions, task_id=attempt.task_id, what=what
+        )
+
+    if isinstance(outcome, Succeeded):
+        changed = await write(
+            "succeeded",
+            partial(record_success, result=outcome.result, now=utcnow(), **common),
+        )
+        log.info(
+            "task.succeeded",
+            extra=fields(**log_fields, duration_ms=duration_ms(), recorded=changed),
+        )
+        return
+
+    if isinstance(outcome, Retriable):
+        if definition.at_most_once:
+            error = f"{outcome.error} (side-effecting task: not retried)"
+        elif attempt.attempt >= definition.max_tries:
+            error = f"{outcome.error} (gave up after {attempt.attempt} attempts)"
+        else:
+            defer_s = retry_delay_s(
+                attempt=attempt.attempt,
+                base_s=settings.worker_retry_backoff_s,
+                max_s=settings.worker_retry_backoff_max_s,
+            )
+            changed = await write(
+                "retrying",
+                partial(record_retry, error=outcome.error, defer_s=defer_s, now=utcnow(), **common),
+            )
+            log.warning(
+                "task.retrying",
+                extra=fields(
+                    **log_fields,
+                    duration_ms=duration_ms(),
+                    defer_s=round(defer_s, 3),
+                    error=outcome.error,
+                ),
+            )
+            if changed:
+                raise Retry(defer=defer_s)
+            return  # finished meanwhile (cancelled): nothing left to retry
+    else:
+        error = outcome.error
+
+    changed = await write(
+        "failed",
+        partial(record_failure, error=error, now=utcnow(), **common),
+    )
+    log.warning(
+        "task.failed",
+        extra=fields(**log_fields, duration_ms=duration_ms(), error=error, recorded=changed),
+    )

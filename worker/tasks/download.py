@@ -1,0 +1,114 @@
+"""download: fetch a URL with the worker's guarded client and report its digest.
+
+Redirects are followed here, not by httpx, so each hop's scheme is checked and counted;
+each hop's address is checked by the client's network backend (see worker.netguard).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+import httpx
+from pydantic import BaseModel
+
+from throttler.catalog import DOWNLOAD, DownloadInput
+from worker.taskkit import PermanentError, Resources, RetriableError, RetriableTask
+
+ALLOWED_SCHEMES = frozenset({"http", "https"})
+# Ask for the stored bytes: the digest and the size cap then apply to what the server
+# holds, and no decompression can inflate a small response past the cap.
+REQUEST_HEADERS = {"Accept-Encoding": "identity"}
+
+
+class DownloadOutput(BaseModel):
+    url: str
+    status_code: int
+    content_type: str | None
+    content_length: int
+    sha256: str
+
+
+class Download(RetriableTask[DownloadInput, DownloadOutput]):
+    """Fetch the URL (GET, redirects followed and checked) and hash its body."""
+
+    name = DOWNLOAD.name
+    output_model = DownloadOutput
+
+    async def run(self, resources: Resources, params: DownloadInput) -> DownloadOutput:
+        settings = resources.settings
+        try:
+            async with asyncio.timeout(settings.download_timeout_s):
+                return await fetch(
+                    resources.http,
+                    params.url,
+                    max_bytes=settings.download_max_bytes,
+                    max_redirects=settings.download_max_redirects,
+                )
+        except TimeoutError as error:
+            raise RetriableError(
+                f"download did not finish within {settings.download_timeout_s:g}s"
+            ) from error
+
+
+async def fetch(
+    client: httpx.AsyncClient, url: str, *, max_bytes: int, max_redirects: int
+) -> DownloadOutput:
+    """GET ``url`` following up to ``max_redirects`` redirects; read at most ``max_bytes``."""
+    target = httpx.URL(url)
+    for _hop in range(max_redirects + 1):
+        if target.scheme not in ALLOWED_SCHEMES:
+            raise PermanentError(f"refused {target}: only http and https URLs are fetched")
+        try:
+            async with client.stream("GET", target, headers=REQUEST_HEADERS) as response:
+                if response.has_redirect_location:
+                    target = _redirect_target(target, response.headers["Location"])
+                    continue
+                _check_status(response)
+                return await _read_body(response, max_bytes=max_bytes)
+        except httpx.TransportError as error:
+            raise RetriableError(f"network error fetching {target}: {_describe(error)}") from error
+    raise PermanentError(f"too many redirects: more than {max_redirects} from {url}")
+
+
+def _redirect_target(current: httpx.URL, location: str) -> httpx.URL:
+    try:
+        return current.join(location)
+    except httpx.InvalidURL as error:
+        raise PermanentError(f"invalid redirect Location {location!r} from {current}") from error
+
+
+def _describe(error: Exception) -> str:
+    text = str(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _check_status(response: httpx.Response) -> None:
+    status = response.status_code
+    if 200 <= status < 300:
+        return
+    if 500 <= status < 600:
+        raise RetriableError(f"HTTP {status} from {response.url}")
+    # 4xx, and anything else a GET should not get (e.g. 304 or a 3xx without Location).
+    raise PermanentError(f"HTTP {status} from {response.url}")
+
+
+async def _read_body(response: httpx.Response, *, max_bytes: int) -> DownloadOutput:
+    too_big = f"response body exceeds DOWNLOAD_MAX_BYTES ({max_bytes} bytes)"
+    declared = response.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise PermanentError(f"{too_big}: Content-Length is {declared}")
+    digest = hashlib.sha256()
+    size = 0
+    async for chunk in response.aiter_raw():
+        size += len(chunk)
+        if size > max_bytes:
+            raise PermanentError(too_big)
+        digest.update(chunk)
+    return DownloadOutput(
+        url=str(response.url),
+        status_code=response.status_code,
+        content_type=response.headers.get("Content-Type"),
+        content_length=size,
+        sha256=digest.hexdigest(),
+    )
