@@ -7,3 +7,6 @@ DEFAULT_ACCOUNT = "default"
 DEFAULT_PRIORITY = 5
 # Redis key under which relays share the cluster token bucket (see throttler.throttle).
 RATE_BUCKET_KEY_PREFIX = "throttler:bucket:"
+# PostgreSQL advisory lock that makes claim transactions take turns when an in-flight cap
+# is set, so two relays cannot both count the same free slots (SQLite serializes anyway).
+CLAIM_LOCK_KEY = 0x7468726F74  # "throt"

@@ -24,13 +24,14 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import delete, func, insert, or_, select, update
+from sqlalchemy import Table, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from throttler.constants import CLAIM_LOCK_KEY
 from throttler.models import OutboxEntry, Task, TaskEvent
-from throttler.statuses import EventKind, TaskStatus
+from throttler.statuses import INFLIGHT_STATUSES, EventKind, TaskStatus
 
 
 def new_task_id() -> str:
@@ -179,3 +180,70 @@ async def release_claimed(
 async def count_outbox(session: AsyncSession) -> int:
     """Count rows still in the outbox (leased or not)."""
     return int((await session.execute(select(func.count()).select_from(OutboxEntry))).scalar_one())
+
+
+async def count_inflight(session: AsyncSession) -> int:
+    """Count tasks handed to ARQ and not yet finished (they hold in-flight slots)."""
+    statuses = [status.value for status in INFLIGHT_STATUSES]
+    query = select(func.count()).select_from(Task).where(Task.status.in_(statuses))
+    return int((await session.execute(query)).scalar_one())
+
+
+async def serialize_claims(session: AsyncSession) -> None:
+    """Make concurrent claim transactions take turns until they commit.
+
+    Needed when a claim counts in-flight tasks: under READ COMMITTED two relays would
+    otherwise both see the same free slots. SQLite's ``BEGIN IMMEDIATE`` already
+    serializes every writer, so only PostgreSQL takes the advisory lock.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        await session.execute(select(func.pg_advisory_xact_lock(CLAIM_LOCK_KEY)))
+
+
+async def lease_scheduled(
+    session: AsyncSession,
+    *,
+    claims: Sequence[ClaimedTask],
+    queued_at: Sequence[datetime],
+    relay_id: str,
+    lease_s: float,
+) -> None:
+    """Lease rows like ``lease``, giving each pending task its own ``queued_at``.
+
+    For a relay that took tokens ahead: each task is queued at the moment its token
+    falls due. Three statements however many distinct moments there are.
+    """
+    if not claims:
+        return
+    await session.execute(
+        update(OutboxEntry)
+        .where(OutboxEntry.id.in_([claim.outbox_id for claim in claims]))
+        .values(claimed_by=relay_id, claimed_until=max(queued_at) + timedelta(seconds=lease_s))
+    )
+    pending = [
+        {"b_task_id": claim.task_id, "b_queued_at": at}
+        for claim, at in zip(claims, queued_at, strict=True)
+        if claim.status == TaskStatus.PENDING
+    ]
+    if not pending:
+        return
+    # Core UPDATE: one parameter set per task (the ORM form would demand primary keys).
+    tasks = cast(Table, Task.__table__)
+    await session.execute(
+        update(tasks)
+        .where(tasks.c.id == bindparam("b_task_id"), tasks.c.status == TaskStatus.PENDING)
+        .values(status=TaskStatus.QUEUED, queued_at=bindparam("b_queued_at")),
+        pending,
+    )
+    await session.execute(
+        insert(TaskEvent),
+        [
+            {
+                "task_id": row["b_task_id"],
+                "at": row["b_queued_at"],
+                "event": EventKind.QUEUED,
+                "detail": {"relay": relay_id},
+            }
+            for row in pending
+        ],
+    )

@@ -111,9 +111,7 @@ for _spec in CATALOG.values():
     responses=_RESULT_RESPONSES,
     summary="Read a task's status and result.",
 )
-async def task_result(
-    task_id: str, account: AccountDep, sessions: ReadSessionsDep
-) -> TaskPublic:
+async def task_result(task_id: str, account: AccountDep, sessions: ReadSessionsDep) -> TaskPublic:
     # Another account's task answers exactly like a missing one: no existence leak.
     not_found = HTTPException(status_code=status.HTTP_404_NOT_FOUND, detail="task not found")
     if len(task_id) > TASK_ID_LENGTH:

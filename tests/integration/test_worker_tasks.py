@@ -11,6 +11,9 @@ from tests.integration.worker_harness import arq_pool, dispatch, running_worker,
 from tests.support import event_history, wait_for
 from throttler.db import SessionFactory
 from throttler.settings import Settings
+from worker.taskkit import TaskBase
+from worker.tasks import DEFAULT_TASKS
+from worker.tasks.long_running import BlockingLongRunningTask
 
 SUCCESS_EVENTS = ["submitted", "queued", "started", "succeeded"]
 
@@ -65,11 +68,20 @@ async def test_blocking_task_does_not_stall_the_worker(
     assert greeting.finished_at < blocking.finished_at
 
 
+class QuickBlockingTask(BlockingLongRunningTask):
+    """The blocking task with a time limit short enough to pass in a test."""
+
+    timeout_s = 0.5
+
+
 async def test_blocking_task_past_its_timeout_fails_and_worker_keeps_serving(
     settings: Settings, sessions: SessionFactory
 ) -> None:
-    settings = settings.model_copy(update={"task_timeout_s": 0.5})
-    async with arq_pool(settings) as pool, running_worker(settings):
+    tasks: list[type[TaskBase[Any, Any]]] = [
+        QuickBlockingTask,
+        *(task for task in DEFAULT_TASKS if task is not BlockingLongRunningTask),
+    ]
+    async with arq_pool(settings) as pool, running_worker(settings, tasks=tasks):
         slow_id = await dispatch(
             sessions, pool, settings, name="blocking_long_running_task", payload={"duration": 2}
         )

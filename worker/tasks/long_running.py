@@ -7,8 +7,16 @@ import time
 
 from pydantic import BaseModel
 
-from throttler.catalog import BLOCKING_LONG_RUNNING, NON_BLOCKING_LONG_RUNNING, DurationInput
+from throttler.catalog import (
+    BLOCKING_LONG_RUNNING,
+    MAX_DURATION_S,
+    NON_BLOCKING_LONG_RUNNING,
+    DurationInput,
+)
 from worker.taskkit import BlockingTask, Resources, RetriableTask
+
+# Every accepted duration must fit in the time limit, whatever TASK_TIMEOUT_S says.
+LONG_RUNNING_TIMEOUT_S: float = MAX_DURATION_S + 60
 
 
 class DurationOutput(BaseModel):
@@ -20,6 +28,7 @@ class BlockingLongRunningTask(BlockingTask[DurationInput, DurationOutput]):
 
     name = BLOCKING_LONG_RUNNING.name
     output_model = DurationOutput
+    timeout_s = LONG_RUNNING_TIMEOUT_S
 
     def run_blocking(self, params: DurationInput) -> DurationOutput:
         time.sleep(params.duration)
@@ -31,6 +40,7 @@ class NonBlockingLongRunningTask(RetriableTask[DurationInput, DurationOutput]):
 
     name = NON_BLOCKING_LONG_RUNNING.name
     output_model = DurationOutput
+    timeout_s = LONG_RUNNING_TIMEOUT_S
 
     async def run(self, resources: Resources, params: DurationInput) -> DurationOutput:
         await asyncio.sleep(params.duration)

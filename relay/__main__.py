@@ -1,0 +1,85 @@
+"""``python -m relay``: run one relay until SIGTERM or SIGINT, then exit 0."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from arq.connections import ArqRedis, RedisSettings, create_pool
+from redis.exceptions import RedisError
+
+from relay.relay import BACKOFF_MAX_S, BACKOFF_MIN_S, Relay
+from throttler.db import create_engine, create_session_factory
+from throttler.logs import configure_logging, fields
+from throttler.settings import Settings, load_settings
+from throttler.throttle import build_limiter
+
+log = logging.getLogger("relay")
+
+
+async def _connect_arq(settings: Settings, stopping: asyncio.Event) -> ArqRedis | None:
+    """Connect to Redis, retrying with backoff until it answers or we are stopped."""
+    redis_settings = RedisSettings.from_dsn(settings.redis_url)
+    # arq's own retries sleep without listening for signals; we retry instead.
+    redis_settings.conn_retries = 0
+    backoff_s = BACKOFF_MIN_S
+    while not stopping.is_set():
+        try:
+            return await create_pool(redis_settings, default_queue_name=settings.arq_queue_name)
+        except (RedisError, OSError) as error:
+            log.error(  # noqa: TRY400 - one line per failure
+                "relay.redis_unavailable",
+                extra=fields(error=f"{type(error).__name__}: {error}", retry_in_s=backoff_s),
+            )
+            try:
+                await asyncio.wait_for(stopping.wait(), timeout=backoff_s)
+            except TimeoutError:
+                backoff_s = min(backoff_s * 2, BACKOFF_MAX_S)
+    return None
+
+
+async def serve(settings: Settings, *, relay_type: type[Relay] = Relay) -> None:
+    """Build the relay and its resources, run it until a signal, close everything."""
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    relay: Relay | None = None
+
+    def on_signal() -> None:
+        stopping.set()
+        if relay is not None:
+            relay.stop()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal)
+    engine = create_engine(settings)
+    arq: ArqRedis | None = None
+    try:
+        arq = await _connect_arq(settings, stopping)
+        if arq is None:
+            return
+        relay = relay_type(
+            settings=settings,
+            sessions=create_session_factory(engine),
+            arq=arq,
+            limiter=build_limiter(
+                redis=arq, rate_per_s=settings.relay_rate, burst=settings.relay_burst
+            ),
+        )
+        if stopping.is_set():
+            return
+        await relay.run()
+    finally:
+        if arq is not None:
+            await arq.aclose()
+        await engine.dispose()
+
+
+def main() -> None:
+    settings = load_settings()
+    configure_logging(component="relay", level=settings.log_level)
+    asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()

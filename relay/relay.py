@@ -1,0 +1,376 @@
+"""The relay loop: claim admitted outbox rows, enqueue them into ARQ, release the rows.
+
+Each step follows the two-phase protocol in ``throttler.outbox``: one transaction selects
+claimable rows, asks the in-flight cap and the limiter which may go, and leases those;
+then the tasks are enqueued with their id as the ARQ job id; then a later transaction
+deletes the leased rows. Any number of relays may run side by side.
+
+The limiter is asked with a horizon (``RESERVE_AHEAD_S``): it also admits tasks whose
+tokens fall due within it, each with its own moment. The task is leased with that moment
+as ``queued_at`` and enqueued at once, deferred in ARQ (``_defer_until``) to that moment.
+So dispatches follow the token bucket exactly however slow a transaction or a busy event
+loop is (an fsync-bound SQLite commit takes 10-30 ms, longer than a token at 50/s): a
+relay only has to come back within the horizon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from arq.connections import ArqRedis
+from redis.exceptions import RedisError
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from throttler.db import SessionFactory
+from throttler.logs import fields
+from throttler.models import utcnow
+from throttler.outbox import (
+    ClaimedTask,
+    count_inflight,
+    count_outbox,
+    lease,
+    lease_scheduled,
+    release_claimed,
+    select_claimable,
+    serialize_claims,
+)
+from throttler.settings import Settings
+from throttler.statuses import TaskStatus
+from throttler.throttle import Admission, Candidate, Limiter
+
+log = logging.getLogger("relay")
+
+BACKOFF_MIN_S = 0.1
+BACKOFF_MAX_S = 10.0
+LOG_EVERY_S = 1.0
+# Enqueues in flight at once: each holds its own Redis connection (WATCH/MULTI).
+ENQUEUE_CONCURRENCY = 32
+# How far ahead a claim takes tokens. The relay comes back after half of it, so a step
+# may run that late without losing a token; queued_at is at most this far ahead of the
+# commit that records it.
+RESERVE_AHEAD_S = 0.5
+
+
+def new_relay_id() -> str:
+    """Name this relay ``hostname-pid-random`` (fits ``outbox.claimed_by``)."""
+    return f"{socket.gethostname()[:40]}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+class EnqueueError(RuntimeError):
+    """Some admitted tasks could not be handed to ARQ; their leases will lapse."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Batch:
+    """What one claim transaction leased, and when the relay should look again."""
+
+    to_enqueue: tuple[ClaimedTask, ...]
+    # When each task in ``to_enqueue`` may start: its token's moment, its queued_at.
+    run_at: tuple[datetime, ...] = ()
+    # Loop time at which another step is worth taking.
+    next_step_at: float
+    backlog: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _Handing:
+    """A claimed batch on its way into ARQ."""
+
+    batch: Batch
+    task: asyncio.Task[tuple[set[str], list[BaseException]]]
+
+
+class Relay:
+    """Move admitted tasks from the SQL outbox into ARQ until stopped.
+
+    Rows whose tasks are in ARQ are deleted by the next claim transaction (or by one of
+    their own when no claim is due soon): on SQLite every commit costs an fsync.
+    """
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        sessions: SessionFactory,
+        arq: ArqRedis,
+        limiter: Limiter,
+        clock: Callable[[], datetime] = utcnow,
+        relay_id: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.arq = arq
+        self.limiter = limiter
+        self.clock = clock
+        self.relay_id = relay_id or new_relay_id()
+        self._stopping = asyncio.Event()
+        self._enqueue_slots = asyncio.Semaphore(ENQUEUE_CONCURRENCY)
+        # Outbox rows of tasks handed to ARQ (or needing no enqueue), not yet deleted.
+        self._unreleased: list[int] = []
+        self._handing: _Handing | None = None
+        # Rows worth locking per claim: about what the limiter can admit in one go
+        # (selecting a hundred rows to admit two costs every step).
+        self._claim_limit = settings.relay_batch_size
+        if settings.relay_rate > 0:
+            admissible = math.ceil(settings.relay_rate * RESERVE_AHEAD_S) + settings.relay_burst
+            self._claim_limit = min(self._claim_limit, admissible)
+        self._dispatched = 0
+        self._window_started = time.monotonic()
+
+    def stop(self) -> None:
+        """Finish the batch in hand, then return from ``run``."""
+        self._stopping.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    async def run(self) -> None:
+        """Relay until ``stop``; back off (logging each error) when DB or Redis fail."""
+        log.info(
+            "relay.started",
+            extra=fields(
+                relay=self.relay_id,
+                rate_per_s=self.settings.relay_rate,
+                burst=self.settings.relay_burst,
+                max_inflight=self.settings.relay_max_inflight,
+            ),
+        )
+        backoff_s = BACKOFF_MIN_S
+        while not self.stopping:
+            try:
+                next_step_at = await self.step()
+            except RECOVERABLE_ERRORS as error:
+                self._log_error(error, retry_in_s=backoff_s)
+                await self._pause(backoff_s)
+                backoff_s = min(backoff_s * 2, BACKOFF_MAX_S)
+                continue
+            backoff_s = BACKOFF_MIN_S
+            await self._pause(next_step_at - asyncio.get_running_loop().time())
+        try:
+            await self.flush()
+        except RECOVERABLE_ERRORS as error:
+            # The rows stay leased; once the lease lapses a relay releases them.
+            self._log_error(error, retry_in_s=None)
+        log.info("relay.stopped", extra=fields(relay=self.relay_id))
+
+    async def step(self) -> float:
+        """Claim a batch and start handing it to ARQ; return the loop time to step again.
+
+        A batch is enqueued (each task at its moment) while the relay goes on to its next
+        claim; the next step collects the outcome.
+        """
+        loop = asyncio.get_running_loop()
+        batch = await self.claim()
+        previous, self._handing = self._handing, None
+        if not batch.to_enqueue and previous is None and not self._dispatched:
+            # Idle: the next dispatch log covers only the busy time after this.
+            self._window_started = time.monotonic()
+        if batch.to_enqueue:
+            handed = asyncio.create_task(self.enqueue(batch.to_enqueue, run_at=batch.run_at))
+            self._handing = _Handing(batch=batch, task=handed)
+        failed = await self._settle(previous)
+        if self.stopping or batch.next_step_at - loop.time() > self.settings.relay_poll_interval_s:
+            # Nothing due soon: finish this batch and release its rows now.
+            await self.flush()
+        if failed is not None:
+            raise failed
+        return batch.next_step_at
+
+    async def claim(self) -> Batch:
+        """Lease what the in-flight cap and the limiter admit (one transaction)."""
+        loop = asyncio.get_running_loop()
+        settings = self.settings
+        next_step_at = loop.time() + settings.relay_poll_interval_s
+        log_due = time.monotonic() - self._window_started >= LOG_EVERY_S
+        carried = list(self._unreleased)
+        to_enqueue: list[ClaimedTask] = []
+        run_at: list[datetime] = []
+        backlog = None
+        async with self.sessions.begin() as session:
+            room: int | None = None
+            if settings.relay_max_inflight:
+                await serialize_claims(session)
+                room = settings.relay_max_inflight - await count_inflight(session)
+            claims = await select_claimable(session, limit=self._claim_limit, now=self.clock())
+            candidates, capped = _within_inflight_room(claims, room)
+            if candidates:
+                admission = await self.limiter.admit(candidates, horizon_s=RESERVE_AHEAD_S)
+                granted_at = loop.time()
+                now = self._grant_time(admission)
+                by_task = {claim.task_id: claim for claim in claims}
+                to_enqueue = [by_task[candidate.task_id] for candidate in admission.admitted]
+                # queued_at is the moment the task's token falls due.
+                run_at = [now + timedelta(seconds=delay) for delay in admission.ready_in_s]
+                await lease_scheduled(
+                    session,
+                    claims=to_enqueue,
+                    queued_at=run_at,
+                    relay_id=self.relay_id,
+                    lease_s=settings.relay_claim_lease_s,
+                )
+                if len(admission.admitted) < len(candidates):
+                    # Come back half a horizon before the next token: late by up to that
+                    # much, the next claim still takes it on time.
+                    next_step_at = granted_at + admission.wait_s - RESERVE_AHEAD_S / 2
+                elif not capped and len(claims) == self._claim_limit:
+                    # Everything read went out: there is likely more right now.
+                    next_step_at = granted_at
+            # Rows of tasks that already started or finished are released, not enqueued.
+            finished = [claim for claim in claims if not claim.needs_enqueue]
+            await lease(
+                session,
+                claims=finished,
+                relay_id=self.relay_id,
+                now=self.clock(),
+                lease_s=settings.relay_claim_lease_s,
+            )
+            releasing = carried + [claim.outbox_id for claim in finished]
+            if releasing:
+                await self.release(session, releasing)
+            if log_due:
+                backlog = await count_outbox(session) - len(to_enqueue)
+        self._unreleased = self._unreleased[len(carried) :]
+        return Batch(
+            to_enqueue=tuple(to_enqueue),
+            run_at=tuple(run_at),
+            next_step_at=next_step_at,
+            backlog=backlog,
+        )
+
+    def _grant_time(self, admission: Admission) -> datetime:
+        # The limiter's clock when it has one: every relay's queued_at then shares the
+        # clock the bucket runs on, so the audit trail shows the bound exactly.
+        if admission.granted_at_s is None:
+            return self.clock()
+        return datetime.fromtimestamp(admission.granted_at_s, UTC)
+
+    async def enqueue(
+        self, claims: Sequence[ClaimedTask], *, run_at: Sequence[datetime | None] = ()
+    ) -> tuple[set[str], list[BaseException]]:
+        """Hand tasks to ARQ (job id = task id), each to start no earlier than its run_at.
+
+        Return the ids handed over and the errors.
+        """
+        when = list(run_at) or [None] * len(claims)
+        results = await asyncio.gather(
+            *(self._enqueue_one(claim, at) for claim, at in zip(claims, when, strict=True)),
+            return_exceptions=True,
+        )
+        enqueued = {c.task_id for c, result in zip(claims, results, strict=True) if result is None}
+        failures = [result for result in results if isinstance(result, BaseException)]
+        return enqueued, failures
+
+    async def _enqueue_one(self, claim: ClaimedTask, run_at: datetime | None) -> None:
+        async with self._enqueue_slots:
+            # No arguments: the worker reads the payload from the database. None back
+            # means the job or its result already exists: a repeat after a crash.
+            await self.arq.enqueue_job(
+                claim.name,
+                _job_id=claim.task_id,
+                _queue_name=self.settings.arq_queue_name,
+                _defer_until=run_at,
+            )
+
+    async def release(self, session: AsyncSession, outbox_ids: Sequence[int]) -> None:
+        """Delete outbox rows whose tasks are in ARQ (in a transaction after the claim)."""
+        await release_claimed(session, relay_id=self.relay_id, outbox_ids=outbox_ids)
+
+    async def flush(self) -> None:
+        """Finish the batch being enqueued; release waiting rows in a transaction of their own."""
+        current, self._handing = self._handing, None
+        failed = await self._settle(current)
+        if self._unreleased:
+            releasing = list(self._unreleased)
+            async with self.sessions.begin() as session:
+                await self.release(session, releasing)
+            self._unreleased = self._unreleased[len(releasing) :]
+        if failed is not None:
+            raise failed
+
+    async def _settle(self, handing: _Handing | None) -> EnqueueError | None:
+        """Wait for a batch's enqueue; queue its rows for release; describe any failure."""
+        if handing is None:
+            return None
+        enqueued, failures = await handing.task
+        to_enqueue = handing.batch.to_enqueue
+        self._unreleased.extend(c.outbox_id for c in to_enqueue if c.task_id in enqueued)
+        self._count(len(enqueued), handing.batch.backlog)
+        if not failures:
+            return None
+        first = failures[0]
+        error = EnqueueError(
+            f"{len(failures)} of {len(to_enqueue)} enqueues failed: {type(first).__name__}: {first}"
+        )
+        error.__cause__ = first
+        return error
+
+    def _log_error(self, error: BaseException, *, retry_in_s: float | None) -> None:
+        log.error(
+            "relay.error",
+            extra=fields(
+                relay=self.relay_id,
+                error=f"{type(error).__name__}: {error}".splitlines()[0],
+                retry_in_s="-" if retry_in_s is None else retry_in_s,
+            ),
+        )
+
+    def _count(self, dispatched: int, backlog: int | None) -> None:
+        self._dispatched += dispatched
+        elapsed_s = time.monotonic() - self._window_started
+        if elapsed_s < LOG_EVERY_S:
+            return
+        if self._dispatched:
+            log.info(
+                "relay.dispatched",
+                extra=fields(
+                    count=self._dispatched,
+                    rate_per_s=round(self._dispatched / elapsed_s, 2),
+                    backlog="?" if backlog is None else backlog,
+                    relay=self.relay_id,
+                ),
+            )
+        self._dispatched = 0
+        self._window_started = time.monotonic()
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, but wake at once on ``stop``."""
+        if seconds <= 0:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+
+
+RECOVERABLE_ERRORS = (SQLAlchemyError, RedisError, OSError, TimeoutError, EnqueueError)
+
+
+def _within_inflight_room(
+    claims: Sequence[ClaimedTask], room: int | None
+) -> tuple[list[Candidate], bool]:
+    """Turn claims into limiter candidates, leaving out pending ones past the cap.
+
+    Re-claimed ``queued`` tasks already hold their slot; finished ones are only released.
+    """
+    candidates: list[Candidate] = []
+    capped = False
+    for claim in claims:
+        if not claim.needs_enqueue:
+            continue
+        if claim.status == TaskStatus.PENDING and room is not None:
+            if room <= 0:
+                capped = True
+                continue
+            room -= 1
+        candidates.append(Candidate(task_id=claim.task_id, name=claim.name, account=claim.account))
+    return candidates, capped

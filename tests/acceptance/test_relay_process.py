@@ -1,0 +1,164 @@
+"""``python -m relay`` as a real process: its rate bound, crash safety, signals, settings."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from arq.jobs import Job
+from redis.asyncio import Redis
+from sqlalchemy import func, select
+
+from tests.acceptance.processes import cluster
+from tests.support import ROOT, event_history, event_times, max_in_window, wait_for
+from throttler.db import SessionFactory
+from throttler.models import OutboxEntry, Task, utcnow
+from throttler.outbox import count_outbox, submit_task
+from throttler.settings import Settings
+from throttler.statuses import TaskStatus
+
+pytestmark = pytest.mark.slow
+
+QUEUE = "arq:queue"
+
+
+def _env(settings: Settings, **extra: str) -> dict[str, str]:
+    return {"DATABASE_URL": settings.database_url, "REDIS_URL": settings.redis_url, **extra}
+
+
+async def _submit(sessions: SessionFactory, count: int) -> list[str]:
+    ids = []
+    async with sessions.begin() as session:
+        for index in range(count):
+            task = await submit_task(
+                session,
+                name="greeting",
+                account="default",
+                payload={"name": f"n{index}"},
+                now=utcnow(),
+            )
+            ids.append(task.id)
+    return ids
+
+
+async def _queue_size(redis: Redis) -> int:
+    return int(await redis.zcard(QUEUE))
+
+
+async def _leased_task_ids(sessions: SessionFactory) -> set[str]:
+    async with sessions() as session:
+        rows = await session.execute(
+            select(OutboxEntry.task_id).where(OutboxEntry.claimed_by.is_not(None))
+        )
+        return set(rows.scalars())
+
+
+async def test_relay_dispatches_at_the_configured_rate(
+    settings: Settings, sessions: SessionFactory, redis: Redis, tmp_path: Path
+) -> None:
+    await _submit(sessions, 200)
+    env = _env(settings, RELAY_RATE="50", RELAY_BURST="1")
+    with cluster(env=env, log_dir=tmp_path) as running:
+        relay = running.start("relay")
+
+        async def all_queued() -> bool:
+            return await _queue_size(redis) == 200
+
+        # Watch Redis, not the database, so the test takes no SQLite write lock meanwhile.
+        await wait_for(all_queued, timeout_s=30, interval_s=0.1, message="200 enqueued tasks")
+        assert relay.stop() == 0
+
+    async with sessions() as session:
+        times = sorted(await event_times(session, "queued"))
+    span_s = times[-1] - times[0]
+    worst = max_in_window(times, 1.0)
+    # The first token is there at once, then one every 20 ms: 199 / 50 = 3.98 s.
+    rate_error = (199 / span_s) / 50 - 1
+    report = f"span_s={span_s:.3f} rate_error={rate_error:+.2%} worst_1s_window={worst}"
+    print(report)  # the figures, shown with -s
+    assert len(times) == 200
+    assert 3.7 <= span_s <= 4.3, report
+    assert worst <= 51, report
+    assert "relay.dispatched" in relay.output()
+
+
+async def test_relay_killed_before_release_loses_and_repeats_nothing(
+    settings: Settings, sessions: SessionFactory, redis: Redis, tmp_path: Path
+) -> None:
+    ids = await _submit(sessions, 20)
+    env = _env(settings, RELAY_BATCH_SIZE="5", RELAY_CLAIM_LEASE_S="1")
+    with cluster(env=env, log_dir=tmp_path) as running:
+        crashing = running.start("tests.acceptance.crashing_relay")
+        assert crashing.process.wait(timeout=30) == -9, crashing.output()
+
+        # Died after handing its first batch (perhaps two) to ARQ, before releasing a row.
+        first_jobs = {
+            job_id.decode(): await Job(job_id.decode(), redis).info()
+            for job_id in await redis.zrange(QUEUE, 0, -1)
+        }
+        assert len(first_jobs) >= 5
+        assert set(first_jobs) <= await _leased_task_ids(sessions)
+        async with sessions() as session:
+            assert await count_outbox(session) == 20
+
+        relay = running.start("relay")
+
+        async def drained() -> bool:
+            async with sessions() as session:
+                return await count_outbox(session) == 0
+
+        # The dead relay's leases lapse after 1 s; the new relay then takes those rows too.
+        await wait_for(drained, timeout_s=30, interval_s=0.1, message="the outbox to drain")
+        assert relay.stop() == 0
+
+    queue = [job_id.decode() for job_id in await redis.zrange(QUEUE, 0, -1)]
+    assert sorted(queue) == sorted(ids)
+    for job_id, info in first_jobs.items():
+        # Not enqueued a second time: the job is still the one the dead relay wrote.
+        assert await Job(job_id, redis).info() == info
+    async with sessions() as session:
+        for task_id in ids:
+            assert await event_history(session, task_id) == ["submitted", "queued"]
+        statuses = set((await session.execute(select(Task.status))).scalars())
+        assert statuses == {TaskStatus.QUEUED}
+
+
+async def test_sigterm_finishes_the_batch_and_exits_zero(
+    settings: Settings, sessions: SessionFactory, redis: Redis, tmp_path: Path
+) -> None:
+    await _submit(sessions, 100)
+    env = _env(settings, RELAY_RATE="20", RELAY_BURST="5")
+    with cluster(env=env, log_dir=tmp_path) as running:
+        relay = running.start("relay")
+
+        async def some_queued() -> bool:
+            return await _queue_size(redis) >= 10
+
+        await wait_for(some_queued, timeout_s=30, message="a few enqueued tasks")
+        assert relay.stop(timeout_s=5) == 0, relay.output()
+    assert "relay.stopped" in relay.output()
+    enqueued = await _queue_size(redis)
+    # Every leased row was enqueued and released: the outbox holds exactly the rest.
+    assert await _leased_task_ids(sessions) == set()
+    async with sessions() as session:
+        outbox = await count_outbox(session)
+        queued = await session.scalar(
+            select(func.count()).select_from(Task).where(Task.status == TaskStatus.QUEUED)
+        )
+    assert (outbox + enqueued, queued) == (100, enqueued)
+
+
+def test_invalid_rate_exits_2_naming_the_variable(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "RELAY_RATE": "-1",
+        "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'unused.db'}",
+    }
+    finished = subprocess.run(
+        [sys.executable, "-m", "relay"], cwd=ROOT, env=env, capture_output=True, timeout=30
+    )
+    assert finished.returncode == 2
+    assert b"RELAY_RATE" in finished.stderr

@@ -1,0 +1,299 @@
+"""The relay in process against a real database and a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import AsyncIterator, Sequence
+from datetime import datetime, timedelta
+
+import pytest
+from arq.connections import ArqRedis, RedisSettings, create_pool
+from arq.jobs import Job
+from sqlalchemy import select
+
+from relay.relay import Batch, Relay
+from tests.support import event_history, wait_for
+from throttler.db import SessionFactory
+from throttler.lifecycle import record_success, start_attempt
+from throttler.models import OutboxEntry, Task, utcnow
+from throttler.outbox import ClaimedTask, count_outbox, submit_task
+from throttler.settings import Settings
+from throttler.statuses import TaskStatus
+from throttler.throttle import Limiter, RedisTokenBucket, UnlimitedLimiter, build_limiter
+
+NAMES = ("greeting", "download", "blocking_long_running_task", "non_blocking_long_running_task")
+
+
+@pytest.fixture
+async def arq(redis_url: str) -> AsyncIterator[ArqRedis]:
+    pool = await create_pool(RedisSettings.from_dsn(redis_url))
+    yield pool
+    await pool.aclose()
+
+
+async def _submit(sessions: SessionFactory, count: int) -> list[str]:
+    ids = []
+    async with sessions.begin() as session:
+        for index in range(count):
+            task = await submit_task(
+                session,
+                name=NAMES[index % len(NAMES)],
+                account="default",
+                payload={"index": index},
+                now=utcnow(),
+            )
+            ids.append(task.id)
+    return ids
+
+
+def _relay(
+    settings: Settings,
+    sessions: SessionFactory,
+    arq: ArqRedis,
+    *,
+    limiter: Limiter | None = None,
+    relay_type: type[Relay] = Relay,
+    **overrides: object,
+) -> Relay:
+    return relay_type(
+        settings=settings.model_copy(update=overrides),
+        sessions=sessions,
+        arq=arq,
+        limiter=limiter or UnlimitedLimiter(),
+    )
+
+
+async def _statuses(sessions: SessionFactory) -> dict[str, str]:
+    async with sessions() as session:
+        rows = await session.execute(select(Task.id, Task.status))
+        return {task_id: status for task_id, status in rows}
+
+
+async def _outbox_size(sessions: SessionFactory) -> int:
+    async with sessions() as session:
+        return await count_outbox(session)
+
+
+async def _run_until_drained(relay: Relay, sessions: SessionFactory) -> None:
+    running = asyncio.create_task(relay.run())
+    try:
+        await wait_for(lambda: _is_empty(sessions), timeout_s=10, message="the outbox to drain")
+    finally:
+        relay.stop()
+        await asyncio.wait_for(running, timeout=5)
+
+
+async def _is_empty(sessions: SessionFactory) -> bool:
+    return await _outbox_size(sessions) == 0
+
+
+async def test_relay_drains_the_outbox_into_arq(
+    settings: Settings, sessions: SessionFactory, arq: ArqRedis
+) -> None:
+    ids = await _submit(sessions, 7)
+    relay = _relay(settings, sessions, arq, relay_batch_size=3)
+    await _run_until_drained(relay, sessions)
+
+    assert set(await arq.zrange(settings.arq_queue_name, 0, -1)) == {i.encode() for i in ids}
+    async with sessions() as session:
+        tasks = {task.id: task for task in (await session.execute(select(Task))).scalars()}
+        for task_id in ids:
+            task = tasks[task_id]
+            info = await Job(task_id, arq).info()
+            assert info is not None
+            # The ARQ function is the task name; the payload stays in the database.
+            assert (info.function, info.args, info.kwargs) == (task.name, (), {})
+            assert task.status == TaskStatus.QUEUED
+            assert task.queued_at is not None
+            assert task.queued_at >= task.created_at
+            assert await event_history(session, task_id) == ["submitted", "queued"]
+
+
+class _Recording(Relay):
+    """Remembers every claim it hands to ARQ."""
+
+    handed: list[ClaimedTask]
+
+    async def enqueue(
+        self, claims: Sequence[ClaimedTask], *, run_at: Sequence[datetime | None] = ()
+    ) -> tuple[set[str], list[BaseException]]:
+        self.__dict__.setdefault("handed", []).extend(claims)
+        return await super().enqueue(claims, run_at=run_at)
+
+
+async def test_recovered_lease_is_not_enqueued_twice(
+    settings: Settings, sessions: SessionFactory, arq: ArqRedis
+) -> None:
+    ids = await _submit(sessions, 4)
+    # A relay that claimed and enqueued, then died before releasing its rows.
+    dead = _relay(settings, sessions, arq, relay_claim_lease_s=0.2)
+    batch = await dead.claim()
+    enqueued, failures = await dead.enqueue(batch.to_enqueue)
+    assert (enqueued, failures) == (set(ids), [])
+    first_enqueue = {task_id: (await Job(task_id, arq).info()) for task_id in ids}
+
+    # The lapsed leases come back as queued tasks and go to ARQ again, where they are no-ops.
+    successor = _relay(settings, sessions, arq, relay_type=_Recording)
+    assert isinstance(successor, _Recording)
+    successor.clock = lambda: utcnow() + timedelta(seconds=1)
+    await successor.step()
+    await successor.flush()
+    assert sorted(c.task_id for c in successor.handed) == sorted(ids)
+    assert {c.status for c in successor.handed} == {TaskStatus.QUEUED}
+
+    assert await _outbox_size(sessions) == 0
+    assert await arq.zcard(settings.arq_queue_name) == len(ids)
+    async with sessions() as session:
+        for task_id in ids:
+            # Same job as before: same enqueue time; one queued event.
+            assert await Job(task_id, arq).info() == first_enqueue[task_id]
+            assert await event_history(session, task_id) == ["submitted", "queued"]
+
+    # A second pass over an empty outbox enqueues nothing.
+    assert (await successor.claim()).to_enqueue == ()
+
+
+async def test_finished_task_with_stale_row_is_released_not_enqueued(
+    settings: Settings, sessions: SessionFactory, arq: ArqRedis
+) -> None:
+    (task_id,) = await _submit(sessions, 1)
+    dead = _relay(settings, sessions, arq, relay_claim_lease_s=0.01)
+    await dead.claim()
+    async with sessions.begin() as session:
+        attempt = await start_attempt(session, task_id=task_id, worker_id="w", now=utcnow())
+        assert attempt is not None
+        await record_success(
+            session, task_id=task_id, result={}, attempt=1, worker_id="w", now=utcnow()
+        )
+    successor = _relay(settings, sessions, arq)
+    successor.clock = lambda: utcnow() + timedelta(seconds=1)
+    batch = await successor.claim()
+    assert batch.to_enqueue == ()
+    assert await _outbox_size(sessions) == 0
+    assert await arq.zcard(settings.arq_queue_name) == 0
+
+
+async def test_max_inflight_caps_queued_tasks(
+    settings: Settings, sessions: SessionFactory, arq: ArqRedis
+) -> None:
+    ids = await _submit(sessions, 10)
+    relay = _relay(settings, sessions, arq, relay_max_inflight=3, relay_batch_size=2)
+
+    async def queued() -> list[str]:
+        statuses = await _statuses(sessions)
+        return [i for i in ids if statuses[i] == TaskStatus.QUEUED]
+
+    for _ in range(4):
+        await relay.step()
+    await relay.flush()
+    assert await queued() == ids[:3]
+    assert await arq.zcard(settings.arq_queue_name) == 3
+
+    # A task finishing frees one slot, and only one.
+    async with sessions.begin() as session:
+        await start_attempt(session, task_id=ids[0], worker_id="w", now=utcnow())
+        await record_success(
+            session, task_id=ids[0], result={}, attempt=1, worker_id="w", now=utcnow()
+        )
+    for _ in range(3):
+        await relay.step()
+    await relay.flush()
+    assert await queued() == ids[1:4]
+    assert await arq.zcard(settings.arq_queue_name) == 4
+    assert await _outbox_size(sessions) == 6
+
+
+async def test_rate_limited_claim_leases_only_what_is_admitted(
+    settings: Settings, sessions: SessionFactory, arq: ArqRedis
+) -> None:
+    ids = await _submit(sessions, 5)
+    limiter = RedisTokenBucket(redis=arq, rate_per_s=0.01, burst=2)
+    relay = _relay(settings, sessions, arq, limiter=limiter)
+    batch = await relay.claim()
+    assert [c.task_id for c in batch.to_enqueue] == ids[:2]
+    loop_now = asyncio.get_running_loop().time()
+    # Next token in 100 s: the relay sleeps until then rather than polling.
+    assert batch.next_step_at - loop_now > 90
+    async with sessions() as session:
+        unleased = await session.scalar(
+            select(OutboxEntry.id).where(OutboxEntry.claimed_by.is_(None)).limit(1)
+        )
+        assert unleased is not None
+    assert sorted((await _statuses(sessions)).values()).count(TaskStatus.QUEUED) == 2
+
+
+class _StoppedMidBatch(Relay):
+    """Receives its stop request right after its first claim, as a SIGTERM would arrive."""
+
+    async def claim(self) -> Batch:
+        batch = await super().claim()
+        self.stop()
+        return batch
+
+
+async def test_stop_finishes_the_batch_in_hand(
+    settings: Settings, sessions: SessionFactory, arq: ArqRedis
+) -> None:
+    ids = await _submit(sessions, 8)
+    relay = _relay(settings, sessions, arq, relay_type=_StoppedMidBatch, relay_batch_size=5)
+    await asyncio.wait_for(relay.run(), timeout=5)
+    # The first batch went all the way (enqueued and released); nothing else started.
+    assert await arq.zcard(settings.arq_queue_name) == 5
+    assert await _outbox_size(sessions) == 3
+    async with sessions() as session:
+        leased = await session.scalar(
+            select(OutboxEntry.id).where(OutboxEntry.claimed_by.is_not(None)).limit(1)
+        )
+        assert leased is None
+    statuses = await _statuses(sessions)
+    assert [statuses[i] for i in ids] == ["queued"] * 5 + ["pending"] * 3
+
+
+async def test_redis_errors_are_logged_and_retried(
+    settings: Settings,
+    sessions: SessionFactory,
+    closed_port: int,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    await _submit(sessions, 2)
+    broken = ArqRedis.from_url(f"redis://127.0.0.1:{closed_port}/0")
+    try:
+        # A short lease so the failed claims come back and fail again.
+        relay = _relay(settings, sessions, broken, relay_claim_lease_s=0.05)
+        running = asyncio.create_task(relay.run())
+        with caplog.at_level(logging.ERROR, logger="relay"):
+
+            async def retried() -> bool:
+                return sum(r.getMessage() == "relay.error" for r in caplog.records) >= 2
+
+            await wait_for(retried, message="two logged retries")
+        relay.stop()
+        await asyncio.wait_for(running, timeout=5)
+    finally:
+        await broken.aclose()
+    # The claims stay leased until the lease lapses; nothing was lost.
+    assert await _outbox_size(sessions) == 2
+
+
+async def test_rate_limited_relay_spaces_dispatches_by_the_token_interval(
+    settings: Settings, sessions: SessionFactory, arq: ArqRedis
+) -> None:
+    await _submit(sessions, 10)
+    limiter = build_limiter(redis=arq, rate_per_s=20, burst=1)
+    relay = _relay(settings, sessions, arq, limiter=limiter, relay_rate=20.0, relay_burst=1)
+    await _run_until_drained(relay, sessions)
+
+    async with sessions() as session:
+        tasks = (await session.execute(select(Task).order_by(Task.queued_at))).scalars().all()
+    queued_at = {task.id: task.queued_at.timestamp() for task in tasks if task.queued_at}
+    times = list(queued_at.values())
+    # On the bucket's clock the dispatches are exactly one token interval apart.
+    assert [round(b - a, 4) for a, b in itertools.pairwise(times)] == [0.05] * 9
+    for task_id, at in queued_at.items():
+        info = await Job(task_id, arq).info()
+        assert info is not None
+        # Runnable in ARQ from the moment its token fell due, not before (ARQ keeps ms).
+        assert info.score is not None
+        assert info.score == pytest.approx(at * 1000, abs=1)
