@@ -17,6 +17,10 @@ class TaskInput(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
 
+    def limit_host(self) -> str | None:
+        """The hostname ``host:`` limits apply to; None for tasks that contact no host."""
+        return None
+
 
 def _http_url(value: str) -> str:
     parts = urlsplit(value)
@@ -36,6 +40,10 @@ class GreetingInput(TaskInput):
 
 class DownloadInput(TaskInput):
     url: HttpUrl = Field(description="Absolute http or https URL to fetch.")
+
+    def limit_host(self) -> str | None:
+        hostname = urlsplit(self.url).hostname
+        return hostname.lower() if hostname else None
 
 
 class DurationInput(TaskInput):

@@ -42,6 +42,7 @@ BigId = BigInteger().with_variant(Integer(), "sqlite")
 TASK_ID_LENGTH = 36
 TASK_NAME_LENGTH = 64
 ACCOUNT_LENGTH = 128
+HOST_LENGTH = 253
 
 
 def utcnow() -> datetime:
@@ -86,12 +87,15 @@ class Task(Base):
         CheckConstraint("priority BETWEEN 0 AND 9", name="priority"),
         Index("ix_tasks_status_name", "status", "name"),
         Index("ix_tasks_account_created_at", "account", "created_at"),
+        Index("ix_tasks_status_host", "status", "host"),
     )
 
     id: Mapped[str] = mapped_column(String(TASK_ID_LENGTH), primary_key=True)
     name: Mapped[str] = mapped_column(String(TASK_NAME_LENGTH))
     account: Mapped[str] = mapped_column(String(ACCOUNT_LENGTH))
     payload: Mapped[dict[str, Any]] = mapped_column(JSONDocument)
+    # The hostname a download contacts, for ``host:`` limits; None for other tasks.
+    host: Mapped[str | None] = mapped_column(String(HOST_LENGTH), nullable=True)
     status: Mapped[str] = mapped_column(String(16))
     priority: Mapped[int] = mapped_column(SmallInteger, default=5, server_default="5")
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")

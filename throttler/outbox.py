@@ -46,6 +46,8 @@ async def submit_task(
     payload: Mapping[str, Any],
     now: datetime,
     priority: int = 5,
+    host: str | None = None,
+    run_at: datetime | None = None,
     task_id: str | None = None,
 ) -> Task:
     """Add a pending task, its outbox row and its ``submitted`` event to the session."""
@@ -56,6 +58,8 @@ async def submit_task(
         payload=dict(payload),
         status=TaskStatus.PENDING,
         priority=priority,
+        host=host,
+        run_at=run_at,
         attempts=0,
         created_at=now,
     )

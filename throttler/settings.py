@@ -10,6 +10,8 @@ from typing import Annotated, Literal
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from throttler.limits import LimitRuleError, RuleSet
+
 DEFAULT_DATABASE_FILE = "arq_throttler.db"
 
 NonNegativeFloat = Annotated[float, Field(ge=0)]
@@ -40,6 +42,7 @@ class Settings(BaseSettings):
     relay_burst: int = Field(default=1, ge=1)
     relay_max_inflight: int = Field(default=0, ge=0)
     relay_limits: str = ""
+    relay_max_queue_depth: int = Field(default=0, ge=0)
     relay_batch_size: int = Field(default=100, ge=1, le=10_000)
     relay_poll_interval_s: PositiveFloat = 0.05
     relay_claim_lease_s: PositiveFloat = 15.0
@@ -86,6 +89,26 @@ class Settings(BaseSettings):
     def _api_keys_shape(cls, value: str) -> str:
         parse_api_keys(value)
         return value
+
+    @field_validator("relay_limits")
+    @classmethod
+    def _limits_parse(cls, value: str) -> str:
+        # Parse at start so a malformed rule stops the process, quoting the rule.
+        try:
+            RuleSet.parse(value)
+        except LimitRuleError as error:
+            raise ValueError(str(error)) from None
+        return value
+
+    @cached_property
+    def limit_rules(self) -> RuleSet:
+        """Every flow-control rule: RELAY_LIMITS plus the cluster shorthand variables."""
+        return RuleSet.parse(
+            self.relay_limits,
+            cluster_rate_per_s=self.relay_rate,
+            cluster_burst=self.relay_burst,
+            cluster_inflight=self.relay_max_inflight,
+        )
 
     @cached_property
     def accounts_by_key(self) -> dict[str, str]:

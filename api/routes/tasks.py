@@ -72,6 +72,7 @@ def _submit_endpoint(spec: TaskSpec) -> Callable[..., Awaitable[TaskPublic]]:
                 account=account,
                 payload=body.model_dump(mode="json"),
                 now=utcnow(),
+                host=body.limit_host(),
             )
         response.headers["Location"] = request.url_for(RESULT_ROUTE, task_id=task.id).path
         log.info("task.submitted", extra=fields(task_id=task.id, name=spec.name, account=account))

@@ -1,0 +1,242 @@
+"""Flow-control rules: the ``RELAY_LIMITS`` grammar and which rules apply to a task.
+
+A rule is a scope and one or more settings, rules separated by ``;``::
+
+    <scope> [rate=<N>/<s|m|h>] [burst=<B>] [inflight=<M>]
+
+Scopes: ``cluster``, ``task:<name>``, ``account:<id>``, ``host:<hostname>``; ``*`` in place
+of a name gives every distinct value its own limit, and a rule for a specific value
+overrides the ``*`` rule of its scope. ``RELAY_RATE``, ``RELAY_BURST`` and
+``RELAY_MAX_INFLIGHT`` are shorthand for the ``cluster`` rule.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+
+from throttler.catalog import CATALOG
+
+EACH = "*"
+_SECONDS_PER_UNIT = {"s": 1.0, "m": 60.0, "h": 3600.0}
+_RATE = re.compile(r"^(?P<count>\d+(?:\.\d+)?)/(?P<unit>[smh])$")
+_INTEGER = re.compile(r"^\d+$")
+_VALUE = re.compile(r"^[A-Za-z0-9_.\-@]+$")
+
+
+class LimitRuleError(ValueError):
+    """A rule of ``RELAY_LIMITS`` is malformed; the message quotes it."""
+
+
+class Scope(StrEnum):
+    """What a rule limits; the part of a rule before the colon."""
+
+    CLUSTER = "cluster"  # every task
+    TASK = "task"  # tasks of one name
+    ACCOUNT = "account"  # tasks of one account
+    HOST = "host"  # download tasks to one hostname
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Limit:
+    """The settings of one rule; ``None`` means that dimension is not limited."""
+
+    rate_per_s: float | None = None
+    burst: int = 1
+    inflight: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Rule:
+    """One parsed rule: its scope, the value it names (``*`` for each), its limit."""
+
+    scope: Scope
+    value: str | None  # None for the cluster scope
+    limit: Limit
+    text: str  # the rule as written, for status pages and errors
+
+    @property
+    def is_each(self) -> bool:
+        return self.value == EACH
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LimitKey:
+    """One limited thing: the cluster, or one task name, account or host."""
+
+    scope: Scope
+    value: str | None = None
+
+    def __str__(self) -> str:
+        return self.scope.value if self.value is None else f"{self.scope.value}:{self.value}"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AppliedLimit:
+    """A limit in force for one key, and the rule it comes from."""
+
+    key: LimitKey
+    limit: Limit
+    rule: Rule
+
+
+@dataclass(frozen=True, slots=True)
+class RuleSet:
+    """Every rule in force, indexed so that a task's rules are found without a scan."""
+
+    rules: tuple[Rule, ...]
+
+    @classmethod
+    def parse(
+        cls,
+        text: str,
+        *,
+        cluster_rate_per_s: float = 0.0,
+        cluster_burst: int = 1,
+        cluster_inflight: int = 0,
+    ) -> RuleSet:
+        """Parse ``RELAY_LIMITS`` plus the cluster shorthand; raise LimitRuleError."""
+        rules: dict[tuple[Scope, str | None], Rule] = {}
+        if cluster_rate_per_s > 0 or cluster_inflight > 0:
+            shorthand = Limit(
+                rate_per_s=cluster_rate_per_s or None,
+                burst=cluster_burst,
+                inflight=cluster_inflight or None,
+            )
+            rules[(Scope.CLUSTER, None)] = Rule(
+                scope=Scope.CLUSTER, value=None, limit=shorthand, text="RELAY_RATE/RELAY_BURST"
+            )
+        explicit: set[tuple[Scope, str | None]] = set()
+        for raw in text.split(";"):
+            written = raw.strip()
+            if not written:
+                continue
+            rule = parse_rule(written)
+            identity = (rule.scope, rule.value)
+            if identity in explicit:
+                raise LimitRuleError(f"rule {written!r} repeats the scope of an earlier rule")
+            explicit.add(identity)
+            if identity in rules and rule.scope is Scope.CLUSTER:
+                # RELAY_LIMITS' own cluster rule and the shorthand variables combine;
+                # a dimension set in both keeps the stricter value.
+                rule = Rule(
+                    scope=rule.scope,
+                    value=None,
+                    limit=_stricter(rules[identity].limit, rule.limit),
+                    text=rule.text,
+                )
+            rules[identity] = rule
+        return cls(tuple(rules.values()))
+
+    def applicable(self, *, name: str, account: str, host: str | None = None) -> list[AppliedLimit]:
+        """Return the limits a task of this name, account and host must satisfy."""
+        wanted = (
+            (Scope.CLUSTER, None),
+            (Scope.TASK, name),
+            (Scope.ACCOUNT, account),
+            (Scope.HOST, host.lower() if host else None),
+        )
+        index = {(rule.scope, rule.value): rule for rule in self.rules}
+        applied: list[AppliedLimit] = []
+        for scope, value in wanted:
+            if scope is Scope.CLUSTER:
+                rule = index.get((scope, None))
+            elif value is None:
+                continue
+            else:
+                rule = index.get((scope, value)) or index.get((scope, EACH))
+            if rule is not None:
+                applied.append(
+                    AppliedLimit(
+                        key=LimitKey(scope=scope, value=value), limit=rule.limit, rule=rule
+                    )
+                )
+        return applied
+
+    def __bool__(self) -> bool:
+        return bool(self.rules)
+
+    def scopes(self) -> Iterable[Scope]:
+        return {rule.scope for rule in self.rules}
+
+
+def parse_rule(text: str) -> Rule:
+    """Parse one rule such as ``host:* rate=1/s burst=1``; raise LimitRuleError."""
+    parts = text.split()
+    scope, value = _parse_scope(parts[0], text)
+    if len(parts) == 1:
+        raise LimitRuleError(f"rule {text!r} has no setting (rate=, burst= or inflight=)")
+    settings: dict[str, str] = {}
+    for part in parts[1:]:
+        key, sep, setting = part.partition("=")
+        if not sep or not setting:
+            raise LimitRuleError(f"rule {text!r}: {part!r} is not key=value")
+        if key not in ("rate", "burst", "inflight"):
+            raise LimitRuleError(f"rule {text!r}: unknown setting {key!r}")
+        if key in settings:
+            raise LimitRuleError(f"rule {text!r}: {key} is given twice")
+        settings[key] = setting
+    if "burst" in settings and "rate" not in settings:
+        raise LimitRuleError(f"rule {text!r}: burst= needs a rate=")
+    limit = Limit(
+        rate_per_s=_parse_rate(settings["rate"], text) if "rate" in settings else None,
+        burst=_parse_positive(settings.get("burst", "1"), "burst", text),
+        inflight=(
+            _parse_positive(settings["inflight"], "inflight", text)
+            if "inflight" in settings
+            else None
+        ),
+    )
+    return Rule(scope=scope, value=value, limit=limit, text=text)
+
+
+def _parse_scope(written: str, text: str) -> tuple[Scope, str | None]:
+    kind, sep, value = written.partition(":")
+    try:
+        scope = Scope(kind)
+    except ValueError:
+        known = ", ".join(s.value for s in Scope)
+        raise LimitRuleError(f"rule {text!r}: unknown scope {kind!r} (one of {known})") from None
+    if scope is Scope.CLUSTER:
+        if sep:
+            raise LimitRuleError(f"rule {text!r}: the cluster scope takes no value")
+        return scope, None
+    if not value:
+        raise LimitRuleError(f"rule {text!r}: scope {kind!r} needs a value, e.g. {kind}:*")
+    if value != EACH and not _VALUE.match(value):
+        raise LimitRuleError(f"rule {text!r}: {value!r} is not a valid {kind} name")
+    if scope is Scope.TASK and value != EACH and value not in CATALOG:
+        raise LimitRuleError(f"rule {text!r}: no task is named {value!r}")
+    if scope is Scope.HOST:
+        value = value.lower()
+    return scope, value
+
+
+def _parse_rate(setting: str, text: str) -> float:
+    match = _RATE.match(setting)
+    if not match:
+        raise LimitRuleError(f"rule {text!r}: rate {setting!r} is not <N>/<s|m|h>")
+    rate = float(match["count"]) / _SECONDS_PER_UNIT[match["unit"]]
+    if rate <= 0:
+        raise LimitRuleError(f"rule {text!r}: rate must be above zero")
+    return rate
+
+
+def _parse_positive(setting: str, key: str, text: str) -> int:
+    if not _INTEGER.match(setting) or int(setting) < 1:
+        raise LimitRuleError(f"rule {text!r}: {key} {setting!r} is not an integer >= 1")
+    return int(setting)
+
+
+def _stricter(first: Limit, second: Limit) -> Limit:
+    """Combine two limits on one key: the lower rate (with its burst), the lower cap."""
+    rated = [limit for limit in (first, second) if limit.rate_per_s is not None]
+    rate_from = min(rated, key=lambda limit: limit.rate_per_s or 0.0) if rated else first
+    caps = [limit.inflight for limit in (first, second) if limit.inflight is not None]
+    return Limit(
+        rate_per_s=rate_from.rate_per_s,
+        burst=rate_from.burst,
+        inflight=min(caps) if caps else None,
+    )
