@@ -10,7 +10,7 @@ from redis.asyncio import Redis
 
 from api.body_limit import BodyLimitMiddleware
 from api.errors import register_error_handlers
-from api.routes import health, tasks
+from api.routes import health, relay, tasks
 from throttler.db import create_engine, create_read_session_factory, create_session_factory
 from throttler.settings import Settings
 
@@ -47,6 +47,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.settings = settings
     app.include_router(tasks.router)
+    app.include_router(relay.router)
     app.include_router(health.router)
     register_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.api_max_body_bytes)

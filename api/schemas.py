@@ -22,7 +22,11 @@ class TaskPublic(BaseModel):
     result: dict[str, Any] | None
     error: str | None
     attempts: int
+    priority: int = Field(description="0-9; higher runs first among the account's tasks.")
     created_at: datetime
+    run_at: datetime | None = Field(
+        description="When the task becomes eligible to run; null means at once."
+    )
     queued_at: datetime | None
     started_at: datetime | None
     finished_at: datetime | None
@@ -36,7 +40,9 @@ class TaskPublic(BaseModel):
             result=task.result,
             error=task.error,
             attempts=task.attempts,
+            priority=task.priority,
             created_at=task.created_at,
+            run_at=task.run_at,
             queued_at=task.queued_at,
             started_at=task.started_at,
             finished_at=task.finished_at,
@@ -59,3 +65,53 @@ class Readiness(BaseModel):
 
 class Liveness(BaseModel):
     status: str
+
+
+class LimitPublic(BaseModel):
+    """A limit in force; ``null`` means that dimension is not limited."""
+
+    model_config = ConfigDict(frozen=True)
+
+    rate_per_s: float | None = Field(description="Tasks released per second.")
+    burst: int | None = Field(description="Bucket depth for the rate; null without a rate.")
+    inflight: int | None = Field(description="Cap on tasks queued or running.")
+
+
+class KeyStatus(BaseModel):
+    """One limited key: the rule limiting it, and how many tasks sit at each stage."""
+
+    model_config = ConfigDict(frozen=True)
+
+    key: str = Field(description="`cluster`, or `<scope>:<value>` such as `host:example.com`.")
+    rule: str = Field(description="The rule as written (RELAY_LIMITS, or the shorthand).")
+    limit: LimitPublic
+    backlog: int = Field(description="Pending tasks of this key, waiting in the outbox.")
+    inflight: int = Field(description="Tasks of this key queued or running.")
+    dispatched_last_minute: int = Field(description="Tasks of this key queued in the last 60 s.")
+
+
+class StatusTotals(BaseModel):
+    """Every task, limited or not (only the caller's when API_KEYS is set)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    pending: int
+    inflight: int
+    dispatched_last_minute: int
+
+
+class RelayStatus(BaseModel):
+    """Where the flow-control limits stand, counted from the database."""
+
+    model_config = ConfigDict(frozen=True)
+
+    account: str | None = Field(
+        description="With API_KEYS set, every count covers only this account's tasks."
+    )
+    as_of: datetime
+    cluster: KeyStatus | None = Field(description="The cluster rule, when one is set.")
+    keys: list[KeyStatus] = Field(
+        description="Per task name, account and host: every specific rule, and each value "
+        "of a `*` rule with tasks pending, in flight or dispatched in the last minute."
+    )
+    totals: StatusTotals

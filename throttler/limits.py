@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 from throttler.catalog import CATALOG
@@ -87,6 +87,13 @@ class RuleSet:
     """Every rule in force, indexed so that a task's rules are found without a scan."""
 
     rules: tuple[Rule, ...]
+    _index: dict[tuple[Scope, str | None], Rule] = field(
+        init=False, repr=False, compare=False, hash=False
+    )
+
+    def __post_init__(self) -> None:
+        index = {(rule.scope, rule.value): rule for rule in self.rules}
+        object.__setattr__(self, "_index", index)
 
     @classmethod
     def parse(
@@ -99,15 +106,6 @@ class RuleSet:
     ) -> RuleSet:
         """Parse ``RELAY_LIMITS`` plus the cluster shorthand; raise LimitRuleError."""
         rules: dict[tuple[Scope, str | None], Rule] = {}
-        if cluster_rate_per_s > 0 or cluster_inflight > 0:
-            shorthand = Limit(
-                rate_per_s=cluster_rate_per_s or None,
-                burst=cluster_burst,
-                inflight=cluster_inflight or None,
-            )
-            rules[(Scope.CLUSTER, None)] = Rule(
-                scope=Scope.CLUSTER, value=None, limit=shorthand, text="RELAY_RATE/RELAY_BURST"
-            )
         explicit: set[tuple[Scope, str | None]] = set()
         for raw in text.split(";"):
             written = raw.strip()
@@ -118,16 +116,22 @@ class RuleSet:
             if identity in explicit:
                 raise LimitRuleError(f"rule {written!r} repeats the scope of an earlier rule")
             explicit.add(identity)
-            if identity in rules and rule.scope is Scope.CLUSTER:
-                # RELAY_LIMITS' own cluster rule and the shorthand variables combine;
-                # a dimension set in both keeps the stricter value.
-                rule = Rule(
-                    scope=rule.scope,
-                    value=None,
-                    limit=_stricter(rules[identity].limit, rule.limit),
-                    text=rule.text,
-                )
             rules[identity] = rule
+        shorthand = _shorthand_rule(
+            rate_per_s=cluster_rate_per_s, burst=cluster_burst, inflight=cluster_inflight
+        )
+        if shorthand is not None:
+            cluster = rules.get((Scope.CLUSTER, None))
+            if cluster is not None:
+                # RELAY_LIMITS' own cluster rule and the shorthand variables combine;
+                # each dimension set in both keeps the stricter value.
+                shorthand = Rule(
+                    scope=Scope.CLUSTER,
+                    value=None,
+                    limit=_stricter(cluster.limit, shorthand.limit),
+                    text=f"{cluster.text} + {shorthand.text}",
+                )
+            rules[(Scope.CLUSTER, None)] = shorthand
         return cls(tuple(rules.values()))
 
     def applicable(self, *, name: str, account: str, host: str | None = None) -> list[AppliedLimit]:
@@ -138,15 +142,11 @@ class RuleSet:
             (Scope.ACCOUNT, account),
             (Scope.HOST, host.lower() if host else None),
         )
-        index = {(rule.scope, rule.value): rule for rule in self.rules}
         applied: list[AppliedLimit] = []
         for scope, value in wanted:
-            if scope is Scope.CLUSTER:
-                rule = index.get((scope, None))
-            elif value is None:
+            if scope is not Scope.CLUSTER and value is None:
                 continue
-            else:
-                rule = index.get((scope, value)) or index.get((scope, EACH))
+            rule = self.rule_for(LimitKey(scope=scope, value=value))
             if rule is not None:
                 applied.append(
                     AppliedLimit(
@@ -154,6 +154,13 @@ class RuleSet:
                     )
                 )
         return applied
+
+    def rule_for(self, key: LimitKey) -> Rule | None:
+        """Return the rule limiting ``key``: its own rule, else its scope's ``*`` rule."""
+        own = self._index.get((key.scope, key.value))
+        if own is not None or key.scope is Scope.CLUSTER:
+            return own
+        return self._index.get((key.scope, EACH))
 
     def __bool__(self) -> bool:
         return bool(self.rules)
@@ -230,13 +237,33 @@ def _parse_positive(setting: str, key: str, text: str) -> int:
     return int(setting)
 
 
+def _shorthand_rule(*, rate_per_s: float, burst: int, inflight: int) -> Rule | None:
+    """The cluster rule spelled by RELAY_RATE, RELAY_BURST and RELAY_MAX_INFLIGHT, if any."""
+    if rate_per_s <= 0 and inflight <= 0:
+        return None
+    words = []
+    if rate_per_s > 0:
+        words += [f"RELAY_RATE={rate_per_s:g}", f"RELAY_BURST={burst}"]
+    if inflight > 0:
+        words.append(f"RELAY_MAX_INFLIGHT={inflight}")
+    limit = Limit(
+        rate_per_s=rate_per_s if rate_per_s > 0 else None,
+        burst=burst,
+        inflight=inflight if inflight > 0 else None,
+    )
+    return Rule(scope=Scope.CLUSTER, value=None, limit=limit, text=" ".join(words))
+
+
 def _stricter(first: Limit, second: Limit) -> Limit:
-    """Combine two limits on one key: the lower rate (with its burst), the lower cap."""
+    """Combine two limits on one key so that both hold: each dimension's lower value.
+
+    The lower rate alone is not enough: the other limit's smaller burst must hold too,
+    or a full bucket could release more at once than that limit allows.
+    """
     rated = [limit for limit in (first, second) if limit.rate_per_s is not None]
-    rate_from = min(rated, key=lambda limit: limit.rate_per_s or 0.0) if rated else first
     caps = [limit.inflight for limit in (first, second) if limit.inflight is not None]
     return Limit(
-        rate_per_s=rate_from.rate_per_s,
-        burst=rate_from.burst,
+        rate_per_s=min(limit.rate_per_s or 0.0 for limit in rated) if rated else None,
+        burst=min(limit.burst for limit in rated) if rated else 1,
         inflight=min(caps) if caps else None,
     )

@@ -5,13 +5,14 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Request, Response, status
+from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
 from sqlalchemy import select
 
 from api.deps import AccountDep, ReadSessionsDep, SessionsDep
 from api.schemas import ErrorMessage, TaskPublic
+from api.submit_options import SubmitOptions, get_submit_options
 from throttler.catalog import CATALOG, TaskInput, TaskSpec
 from throttler.constants import API_PREFIX
 from throttler.logs import fields
@@ -63,7 +64,9 @@ def _submit_endpoint(spec: TaskSpec) -> Callable[..., Awaitable[TaskPublic]]:
         response: Response,
         account: AccountDep,
         sessions: SessionsDep,
+        options: Annotated[SubmitOptions, Depends(get_submit_options)],
     ) -> TaskPublic:
+        now = utcnow()
         # One transaction: a 202 means the task, outbox row and event are all committed.
         async with sessions.begin() as session:
             task = await submit_task(
@@ -71,11 +74,22 @@ def _submit_endpoint(spec: TaskSpec) -> Callable[..., Awaitable[TaskPublic]]:
                 name=spec.name,
                 account=account,
                 payload=body.model_dump(mode="json"),
-                now=utcnow(),
+                now=now,
+                priority=options.priority,
                 host=body.limit_host(),
+                run_at=options.due_at(now),
             )
         response.headers["Location"] = request.url_for(RESULT_ROUTE, task_id=task.id).path
-        log.info("task.submitted", extra=fields(task_id=task.id, name=spec.name, account=account))
+        log.info(
+            "task.submitted",
+            extra=fields(
+                task_id=task.id,
+                name=spec.name,
+                account=account,
+                priority=task.priority,
+                run_at=task.run_at.isoformat() if task.run_at else None,
+            ),
+        )
         return TaskPublic.from_task(task)
 
     # FastAPI takes the body schema from the signature, so give this endpoint the spec's

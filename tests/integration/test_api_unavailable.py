@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -11,6 +12,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from tests.support import wait_for
 from throttler.settings import Settings, sqlite_path
 
 if TYPE_CHECKING:
@@ -20,6 +22,15 @@ GREETING = "/api/v1/task/greeting"
 UNKNOWN_RESULT = "/api/v1/task/result/00000000-0000-4000-8000-000000000000"
 # The request must give up soon after the database timeout, not hang.
 PROMPT_S = 5.0
+
+
+def _sqlite_workers() -> set[threading.Thread]:
+    """aiosqlite's per-connection worker threads that are still alive."""
+    return {
+        thread
+        for thread in threading.enumerate()
+        if thread.name.endswith("(_connection_worker_thread)")
+    }
 
 
 def _impatient(settings: Settings) -> Settings:
@@ -70,6 +81,7 @@ async def test_unreachable_database_answers_503_with_retry_after(
     else:
         unreachable = f"postgresql+asyncpg://postgres@127.0.0.1:{closed_port}/test"
     broken = Settings(database_url=unreachable, redis_url=redis_url, database_timeout_s=1.0)
+    workers_before = _sqlite_workers()
     async with make_api_client(broken) as client:
         started = time.monotonic()
         if method == "post":
@@ -77,6 +89,13 @@ async def test_unreachable_database_answers_503_with_retry_after(
         else:
             response = await client.get(UNKNOWN_RESULT)
         elapsed_s = time.monotonic() - started
+
+    async def failed_connects_stopped() -> bool:
+        return not _sqlite_workers() - workers_before
+
+    # aiosqlite stops the worker of a failed connect without awaiting it; let the worker
+    # finish while this test's event loop runs, or it reports into a closed loop later.
+    await wait_for(failed_connects_stopped, message="aiosqlite workers of failed connects")
 
     assert response.status_code == 503
     assert int(response.headers["retry-after"]) > 0

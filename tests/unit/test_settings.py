@@ -25,6 +25,12 @@ INVALID = [
     ("RELAY_BATCH_SIZE", "0"),
     ("RELAY_POLL_INTERVAL_S", "0"),
     ("RELAY_CLAIM_LEASE_S", "-5"),
+    ("RELAY_MAX_QUEUE_DEPTH", "-1"),
+    ("RELAY_LIMITS", "tenant:acme rate=1/s"),
+    ("RELAY_LIMITS", "task:download rate=5/s; host:* burst=2"),
+    ("RELAY_LIMITS", "task:nope inflight=1"),
+    ("RELAY_LIMITS", "cluster:x rate=1/s"),
+    ("RELAY_LIMITS", "host:* rate=0/s"),
     ("API_PORT", "70000"),
     ("API_PORT", "0"),
     ("API_MAX_BODY_BYTES", "10"),
@@ -100,6 +106,8 @@ def test_defaults_are_the_documented_ones() -> None:
     assert settings.relay_burst == 1
     assert settings.relay_max_inflight == 0
     assert settings.relay_limits == ""
+    assert not settings.limit_rules
+    assert settings.relay_max_queue_depth == 0
     assert settings.relay_batch_size == 100
     assert settings.relay_poll_interval_s == 0.05
     assert settings.relay_claim_lease_s == 15.0
@@ -136,6 +144,32 @@ def test_environment_is_read_once_with_upper_case_names(monkeypatch: pytest.Monk
     # `make run` relies on this to tell a given REDIS_URL from the default.
     assert "redis_url" in settings.model_fields_set
     assert "relay_limits" not in settings.model_fields_set
+
+
+def test_bad_relay_limits_quotes_the_rule(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("RELAY_LIMITS", "task:download rate=5/s; account:* inflight=-1")
+    with pytest.raises(SystemExit) as exit_info:
+        load_settings()
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err
+    assert message.startswith("invalid setting RELAY_LIMITS: ")
+    assert "rule 'account:* inflight=-1'" in message
+
+
+def test_limit_rules_include_the_cluster_shorthand(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RELAY_LIMITS", "host:* rate=1/s; cluster inflight=9")
+    monkeypatch.setenv("RELAY_RATE", "4")
+    monkeypatch.setenv("RELAY_BURST", "2")
+    monkeypatch.setenv("RELAY_MAX_INFLIGHT", "12")
+    rules = load_settings().limit_rules
+    (cluster,) = rules.applicable(name="greeting", account="a")
+    assert (cluster.limit.rate_per_s, cluster.limit.burst, cluster.limit.inflight) == (4.0, 2, 9)
+    assert [
+        str(applied.key)
+        for applied in rules.applicable(name="download", account="a", host="Example.org")
+    ] == ["cluster", "host:example.org"]
 
 
 def test_settings_are_frozen() -> None:

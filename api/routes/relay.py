@@ -1,0 +1,37 @@
+"""What the flow-control limits are doing: per limited key, tasks waiting, in flight, sent."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+
+from api.deps import AccountDep, ReadSessionsDep, SettingsDep
+from api.relay_status import relay_status
+from api.schemas import ErrorMessage, RelayStatus
+from throttler.constants import API_PREFIX
+from throttler.models import utcnow
+
+_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorMessage, "description": "Missing or invalid API key (API_KEYS set)."},
+    503: {"model": ErrorMessage, "description": "The database cannot answer now; retry later."},
+}
+
+router = APIRouter(prefix=API_PREFIX, tags=["relay"])
+
+
+@router.get(
+    "/relay/status",
+    name="relay_status",
+    operation_id="relay_status",
+    response_model=RelayStatus,
+    responses=_RESPONSES,
+    summary="Backlog, in-flight and recent dispatches per limited key.",
+)
+async def get_relay_status(
+    account: AccountDep, settings: SettingsDep, sessions: ReadSessionsDep
+) -> RelayStatus:
+    # With API keys the view is the caller's: counts over its own tasks only.
+    scoped = account if settings.accounts_by_key else None
+    async with sessions() as session:
+        return await relay_status(session, rules=settings.limit_rules, account=scoped, now=utcnow())

@@ -1,0 +1,98 @@
+"""Submission options carried as query parameters: priority, and a delay or a start time.
+
+They sit outside the JSON body so that a task's own fields never collide with them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+
+from fastapi import Query, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import AwareDatetime
+
+from throttler.constants import DEFAULT_PRIORITY
+from throttler.models import utcnow
+
+MIN_PRIORITY = 0
+MAX_PRIORITY = 9
+# How far ahead a task may be scheduled; beyond this a client should keep the task itself.
+MAX_DELAY_S = 30 * 24 * 3600
+OPTION_NAMES = frozenset({"priority", "delay_s", "run_at"})
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SubmitOptions:
+    """How a submission is scheduled: its priority within its account, and when it is due."""
+
+    priority: int = DEFAULT_PRIORITY
+    delay_s: int | None = None
+    run_at: datetime | None = None
+
+    def due_at(self, now: datetime) -> datetime | None:
+        """Return when the task becomes eligible, or None for "as soon as limits allow"."""
+        if self.delay_s:
+            return now + timedelta(seconds=self.delay_s)
+        if self.run_at is not None and self.run_at > now:
+            return self.run_at.astimezone(UTC)
+        # A start time already past means now.
+        return None
+
+
+def _query_error(name: str, kind: str, message: str, value: Any) -> RequestValidationError:
+    """A 422 shaped like FastAPI's own, naming one query parameter."""
+    return RequestValidationError(
+        [{"type": kind, "loc": ("query", name), "msg": message, "input": value}]
+    )
+
+
+async def get_submit_options(
+    request: Request,
+    priority: Annotated[
+        int,
+        Query(
+            ge=MIN_PRIORITY,
+            le=MAX_PRIORITY,
+            description="0-9; higher runs first among the same account's waiting tasks.",
+        ),
+    ] = DEFAULT_PRIORITY,
+    delay_s: Annotated[
+        int | None,
+        Query(
+            ge=0,
+            le=MAX_DELAY_S,
+            description=f"Seconds to wait before the task may run (at most {MAX_DELAY_S}).",
+        ),
+    ] = None,
+    run_at: Annotated[
+        AwareDatetime | None,
+        Query(
+            description="ISO-8601 time with a timezone before which the task does not run; "
+            "a past time means now. Not together with delay_s.",
+        ),
+    ] = None,
+) -> SubmitOptions:
+    """Validate the submission options; unknown query parameters are rejected too."""
+    for name in request.query_params:
+        if name not in OPTION_NAMES:
+            # A misspelt option (``?delay=30``) must not silently run the task at once.
+            raise _query_error(
+                name,
+                "extra_forbidden",
+                "Extra inputs are not permitted",
+                request.query_params[name],
+            )
+    if delay_s is not None and run_at is not None:
+        raise _query_error(
+            "run_at", "value_error", "give either delay_s or run_at, not both", str(run_at)
+        )
+    if run_at is not None and run_at > utcnow() + timedelta(seconds=MAX_DELAY_S):
+        raise _query_error(
+            "run_at",
+            "less_than_equal",
+            f"run_at may be at most {MAX_DELAY_S} seconds ahead",
+            str(run_at),
+        )
+    return SubmitOptions(priority=priority, delay_s=delay_s, run_at=run_at)
