@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request, status
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import (
     DataError,
@@ -61,7 +64,27 @@ async def _on_unreachable(request: Request, error: Exception) -> JSONResponse:
     return _unavailable(request, error)
 
 
+def _renderable(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """FastAPI's error items, without echoed input JSON cannot carry (NaN, surrogates)."""
+    try:
+        JSONResponse(errors)
+    except (ValueError, UnicodeEncodeError):
+        return [{k: v for k, v in item.items() if k not in ("input", "ctx")} for item in errors]
+    return errors
+
+
+async def _on_validation_error(_request: Request, error: Exception) -> JSONResponse:
+    # FastAPI's own handler echoes each offending input; one that JSON cannot encode
+    # would turn the 422 into a 500.
+    assert isinstance(error, RequestValidationError)
+    errors = jsonable_encoder(error.errors())
+    return JSONResponse(
+        {"detail": _renderable(errors)}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT
+    )
+
+
 def register_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(DBAPIError, _on_dbapi_error)
     app.add_exception_handler(PoolTimeoutError, _on_unreachable)
     # TimeoutError and ConnectionRefusedError are both OSError subclasses.

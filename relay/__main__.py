@@ -10,8 +10,11 @@ from arq.connections import ArqRedis, RedisSettings, create_pool
 from redis.exceptions import RedisError
 
 from relay.relay import BACKOFF_MAX_S, BACKOFF_MIN_S, Relay
-from throttler.db import create_engine, create_session_factory
+from throttler.db import create_engine, create_read_session_factory, create_session_factory
 from throttler.logs import configure_logging, fields
+from throttler.periodic import Periodic
+from throttler.reconcile import Reconciler
+from throttler.retention import Pruner
 from throttler.settings import Settings, load_settings
 from throttler.throttle import build_limiter
 
@@ -40,15 +43,22 @@ async def _connect_arq(settings: Settings, stopping: asyncio.Event) -> ArqRedis 
 
 
 async def serve(settings: Settings, *, relay_type: type[Relay] = Relay) -> None:
-    """Build the relay and its resources, run it until a signal, close everything."""
+    """Build the relay and its resources, run it until a signal, close everything.
+
+    Beside the dispatch loop each relay runs the reconciler (tasks whose ARQ job is gone
+    go back to the outbox) and the retention pruner; both are safe with many relays.
+    """
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     relay: Relay | None = None
+    housekeepers: list[Periodic] = []
 
     def on_signal() -> None:
         stopping.set()
         if relay is not None:
             relay.stop()
+        for housekeeper in housekeepers:
+            housekeeper.stop()
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal)
@@ -58,17 +68,27 @@ async def serve(settings: Settings, *, relay_type: type[Relay] = Relay) -> None:
         arq = await _connect_arq(settings, stopping)
         if arq is None:
             return
+        sessions = create_session_factory(engine)
         relay = relay_type(
             settings=settings,
-            sessions=create_session_factory(engine),
+            sessions=sessions,
             arq=arq,
-            limiter=build_limiter(
-                redis=arq, rate_per_s=settings.relay_rate, burst=settings.relay_burst
-            ),
+            limiter=build_limiter(redis=arq, rules=settings.limit_rules),
+        )
+        housekeepers.extend(
+            [
+                Reconciler(
+                    settings=settings,
+                    sessions=sessions,
+                    read_sessions=create_read_session_factory(engine),
+                    redis=arq,
+                ),
+                Pruner(settings=settings, sessions=sessions),
+            ]
         )
         if stopping.is_set():
             return
-        await relay.run()
+        await asyncio.gather(relay.run(), *(housekeeper.run() for housekeeper in housekeepers))
     finally:
         if arq is not None:
             await arq.aclose()

@@ -1,9 +1,14 @@
 """The relay loop: claim admitted outbox rows, enqueue them into ARQ, release the rows.
 
 Each step follows the two-phase protocol in ``throttler.outbox``: one transaction selects
-claimable rows, asks the in-flight cap and the limiter which may go, and leases those;
-then the tasks are enqueued with their id as the ARQ job id; then a later transaction
-deletes the leased rows. Any number of relays may run side by side.
+claimable rows, asks the queue room, the in-flight caps and the limiter which may go, and
+leases those; then the tasks are enqueued with their id as the ARQ job id; then a later
+transaction deletes the leased rows. Any number of relays may run side by side.
+
+Flow control without head-of-line blocking: a key (``task:``, ``account:``, ``host:``)
+that is at its in-flight cap, or that the limiter found out of tokens, is left out of the
+next claims until it has room again, so its backlog never holds back other tasks; and the
+claim takes each account's next task in turn (``select_claimable``).
 
 The limiter is asked with a horizon (``RESERVE_AHEAD_S``): it also admits tasks whose
 tokens fall due within it, each with its own moment. The task is leased with that moment
@@ -18,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import os
 import secrets
 import socket
@@ -33,11 +37,14 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from throttler.db import SessionFactory
+from throttler.limits import LimitKey
 from throttler.logs import fields
 from throttler.models import utcnow
 from throttler.outbox import (
     ClaimedTask,
-    count_inflight,
+    Exclusions,
+    count_inflight_by_key,
+    count_leased,
     count_outbox,
     lease,
     lease_scheduled,
@@ -47,7 +54,7 @@ from throttler.outbox import (
 )
 from throttler.settings import Settings
 from throttler.statuses import TaskStatus
-from throttler.throttle import Admission, Candidate, Limiter
+from throttler.throttle import CLUSTER_KEY, Candidate, InflightCaps, Limiter, max_admissible
 
 log = logging.getLogger("relay")
 
@@ -121,10 +128,16 @@ class Relay:
         self._handing: _Handing | None = None
         # Rows worth locking per claim: about what the limiter can admit in one go
         # (selecting a hundred rows to admit two costs every step).
+        self.rules = settings.limit_rules
         self._claim_limit = settings.relay_batch_size
-        if settings.relay_rate > 0:
-            admissible = math.ceil(settings.relay_rate * RESERVE_AHEAD_S) + settings.relay_burst
+        admissible = max_admissible(self.rules, horizon_s=RESERVE_AHEAD_S)
+        if admissible is not None:
             self._claim_limit = min(self._claim_limit, admissible)
+        self.caps = InflightCaps(self.rules)
+        # Claims that count in-flight tasks or queue room must take turns across relays.
+        self._serialize = bool(self.caps) or bool(settings.relay_max_queue_depth)
+        # Keys out of tokens (limiter's answer) -> loop time they are worth asking again.
+        self._blocked: dict[LimitKey, float] = {}
         self._dispatched = 0
         self._window_started = time.monotonic()
 
@@ -145,6 +158,8 @@ class Relay:
                 rate_per_s=self.settings.relay_rate,
                 burst=self.settings.relay_burst,
                 max_inflight=self.settings.relay_max_inflight,
+                limits=self.settings.relay_limits or "-",
+                max_queue_depth=self.settings.relay_max_queue_depth,
             ),
         )
         backoff_s = BACKOFF_MIN_S
@@ -189,30 +204,51 @@ class Relay:
         return batch.next_step_at
 
     async def claim(self) -> Batch:
-        """Lease what the in-flight cap and the limiter admit (one transaction)."""
+        """Lease what queue room, in-flight caps and the limiter admit (one transaction)."""
         loop = asyncio.get_running_loop()
         settings = self.settings
-        next_step_at = loop.time() + settings.relay_poll_interval_s
+        started_at = loop.time()
+        next_step_at = started_at + settings.relay_poll_interval_s
         log_due = time.monotonic() - self._window_started >= LOG_EVERY_S
         carried = list(self._unreleased)
         to_enqueue: list[ClaimedTask] = []
         run_at: list[datetime] = []
         backlog = None
+        self._blocked = {k: until for k, until in self._blocked.items() if until > started_at}
         async with self.sessions.begin() as session:
-            room: int | None = None
-            if settings.relay_max_inflight:
+            if carried:
+                # First, so that rows known to be in ARQ no longer count as in hand.
+                await self.release(session, carried)
+            if self._serialize:
                 await serialize_claims(session)
-                room = settings.relay_max_inflight - await count_inflight(session)
-            claims = await select_claimable(session, limit=self._claim_limit, now=self.clock())
-            candidates, capped = _within_inflight_room(claims, room)
+            now = self.clock()
+            room = await self._queue_room(session, now=now)
+            inflight = await count_inflight_by_key(session, scopes=self.caps.scopes)
+            full = self.caps.full(inflight)
+            limit = self._claim_limit if room is None else min(self._claim_limit, max(room, 0))
+            claims: list[ClaimedTask] = []
+            if room is None or room > 0:
+                claims = await select_claimable(
+                    session,
+                    limit=limit,
+                    now=now,
+                    due_by=now + timedelta(seconds=RESERVE_AHEAD_S),
+                    excluding=Exclusions.of([*self._blocked, *full]),
+                )
+            # Re-claimed queued tasks (a lapsed lease) already hold their slots.
+            holding = frozenset(c.task_id for c in claims if c.status == TaskStatus.QUEUED)
+            candidates, capped = self.caps.fit(
+                self._candidates(claims), inflight, room=room, holding=holding
+            )
+            admitted_any = False
             if candidates:
                 admission = await self.limiter.admit(candidates, horizon_s=RESERVE_AHEAD_S)
                 granted_at = loop.time()
-                now = self._grant_time(admission)
+                grant_time = datetime.fromtimestamp(admission.granted_at_s, UTC)
                 by_task = {claim.task_id: claim for claim in claims}
                 to_enqueue = [by_task[candidate.task_id] for candidate in admission.admitted]
-                # queued_at is the moment the task's token falls due.
-                run_at = [now + timedelta(seconds=delay) for delay in admission.ready_in_s]
+                # queued_at is the moment the task may go: its tokens fall due, it is due.
+                run_at = [grant_time + timedelta(seconds=d) for d in admission.ready_in_s]
                 await lease_scheduled(
                     session,
                     claims=to_enqueue,
@@ -220,13 +256,25 @@ class Relay:
                     relay_id=self.relay_id,
                     lease_s=settings.relay_claim_lease_s,
                 )
-                if len(admission.admitted) < len(candidates):
-                    # Come back half a horizon before the next token: late by up to that
-                    # much, the next claim still takes it on time.
-                    next_step_at = granted_at + admission.wait_s - RESERVE_AHEAD_S / 2
-                elif not capped and len(claims) == self._claim_limit:
-                    # Everything read went out: there is likely more right now.
-                    next_step_at = granted_at
+                admitted_any = bool(to_enqueue)
+                for key, wait_s in admission.blocked.items():
+                    # Come back half a horizon before the key's next token: late by up to
+                    # that much, the next claim still takes it on time. Meanwhile claims
+                    # skip the key's tasks, so it holds back nothing else.
+                    self._blocked[key] = granted_at + wait_s - RESERVE_AHEAD_S / 2
+            if CLUSTER_KEY in self._blocked:
+                next_step_at = self._blocked[CLUSTER_KEY]
+            elif (
+                len(claims) == limit
+                and limit > 0
+                and not capped
+                and (admitted_any or len(to_enqueue) < len(candidates))
+            ):
+                # A full page that went out (or taught us which keys to skip): there is
+                # likely more right now.
+                next_step_at = started_at
+            elif self._blocked:
+                next_step_at = min(next_step_at, min(self._blocked.values()))
             # Rows of tasks that already started or finished are released, not enqueued.
             finished = [claim for claim in claims if not claim.needs_enqueue]
             await lease(
@@ -236,9 +284,8 @@ class Relay:
                 now=self.clock(),
                 lease_s=settings.relay_claim_lease_s,
             )
-            releasing = carried + [claim.outbox_id for claim in finished]
-            if releasing:
-                await self.release(session, releasing)
+            if finished:
+                await self.release(session, [claim.outbox_id for claim in finished])
             if log_due:
                 backlog = await count_outbox(session) - len(to_enqueue)
         self._unreleased = self._unreleased[len(carried) :]
@@ -249,12 +296,32 @@ class Relay:
             backlog=backlog,
         )
 
-    def _grant_time(self, admission: Admission) -> datetime:
-        # The limiter's clock when it has one: every relay's queued_at then shares the
-        # clock the bucket runs on, so the audit trail shows the bound exactly.
-        if admission.granted_at_s is None:
-            return self.clock()
-        return datetime.fromtimestamp(admission.granted_at_s, UTC)
+    async def _queue_room(self, session: AsyncSession, *, now: datetime) -> int | None:
+        """How many more tasks ARQ's queue may take (``RELAY_MAX_QUEUE_DEPTH``); None: no cap.
+
+        Jobs in the queue plus rows leased to any relay (admitted, perhaps not yet
+        enqueued; a row already enqueued counts twice until released, erring on the
+        safe side). Claims take turns meanwhile, so relays never share the same room.
+        """
+        depth = self.settings.relay_max_queue_depth
+        if not depth:
+            return None
+        in_queue = int(await self.arq.zcard(self.settings.arq_queue_name))
+        return depth - in_queue - await count_leased(session, now=now)
+
+    def _candidates(self, claims: Sequence[ClaimedTask]) -> list[Candidate]:
+        """Limiter candidates for the claims that need an enqueue (finished ones do not)."""
+        return [
+            Candidate(
+                task_id=claim.task_id,
+                name=claim.name,
+                account=claim.account,
+                host=claim.host,
+                not_before_s=claim.run_at.timestamp() if claim.run_at else None,
+            )
+            for claim in claims
+            if claim.needs_enqueue
+        ]
 
     async def enqueue(
         self, claims: Sequence[ClaimedTask], *, run_at: Sequence[datetime | None] = ()
@@ -338,6 +405,8 @@ class Relay:
                     count=self._dispatched,
                     rate_per_s=round(self._dispatched / elapsed_s, 2),
                     backlog="?" if backlog is None else backlog,
+                    # Keys out of tokens right now, e.g. "host:a.example,task:download".
+                    blocked=",".join(sorted(str(key) for key in self._blocked)[:5]) or "-",
                     relay=self.relay_id,
                 ),
             )
@@ -353,24 +422,3 @@ class Relay:
 
 
 RECOVERABLE_ERRORS = (SQLAlchemyError, RedisError, OSError, TimeoutError, EnqueueError)
-
-
-def _within_inflight_room(
-    claims: Sequence[ClaimedTask], room: int | None
-) -> tuple[list[Candidate], bool]:
-    """Turn claims into limiter candidates, leaving out pending ones past the cap.
-
-    Re-claimed ``queued`` tasks already hold their slot; finished ones are only released.
-    """
-    candidates: list[Candidate] = []
-    capped = False
-    for claim in claims:
-        if not claim.needs_enqueue:
-            continue
-        if claim.status == TaskStatus.PENDING and room is not None:
-            if room <= 0:
-                capped = True
-                continue
-            room -= 1
-        candidates.append(Candidate(task_id=claim.task_id, name=claim.name, account=claim.account))
-    return candidates, capped

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import ipaddress
+import unicodedata
 from dataclasses import dataclass
 from typing import Annotated
 from urllib.parse import urlsplit
 
+import httpx
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 MAX_DURATION_S = 3600
 MAX_URL_LENGTH = 2048
+MAX_HOSTNAME_LENGTH = 253
+MAX_LABEL_LENGTH = 63
+# Every accepted duration must fit in the long-running tasks' time limit.
+LONG_RUNNING_TIMEOUT_S: float = MAX_DURATION_S + 60
 
 
 class TaskInput(BaseModel):
@@ -22,28 +29,71 @@ class TaskInput(BaseModel):
         return None
 
 
+def _has_invisible(value: str) -> bool:
+    # Control characters (NUL included: PostgreSQL cannot store it) and format
+    # characters such as U+202E, which make a string read differently than it is.
+    return any(unicodedata.category(char) in ("Cc", "Cf", "Cs") for char in value)
+
+
+def _plain_text(value: str) -> str:
+    if _has_invisible(value):
+        raise ValueError("must not contain control or format characters")
+    return value
+
+
+def canonical_host(url: str) -> str:
+    """Return the ASCII hostname an HTTP client connects to: IDNA-encoded, lower case."""
+    host = httpx.URL(url).raw_host.decode("ascii").lower().rstrip(".")
+    return host
+
+
 def _http_url(value: str) -> str:
+    if _has_invisible(value) or any(char.isspace() for char in value):
+        raise ValueError("URL must not contain whitespace, control or format characters")
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https"):
         raise ValueError("URL scheme must be http or https")
     if not parts.hostname:
         raise ValueError("URL must be absolute and name a host")
+    try:
+        parts.port  # noqa: B018 - parsing it validates it
+    except ValueError:
+        raise ValueError("URL port must be a number from 0 to 65535") from None
+    if "%" in parts.hostname:
+        raise ValueError("URL host must not carry a zone id or percent-escapes")
+    try:
+        host = canonical_host(value)
+    except (httpx.InvalidURL, UnicodeError) as error:
+        raise ValueError(f"URL host is not valid: {error}") from None
+    if parts.hostname.startswith("[") or ":" in host:
+        ipaddress.IPv6Address(host)  # ValueError names the bad address
+    elif (
+        not host
+        or len(host) > MAX_HOSTNAME_LENGTH
+        or any(not 0 < len(label) <= MAX_LABEL_LENGTH for label in host.split("."))
+    ):
+        raise ValueError(
+            f"URL host must be at most {MAX_HOSTNAME_LENGTH} characters in labels of "
+            f"1 to {MAX_LABEL_LENGTH}"
+        )
     return value
 
 
 HttpUrl = Annotated[str, Field(min_length=1, max_length=MAX_URL_LENGTH), AfterValidator(_http_url)]
+PlainText = Annotated[str, AfterValidator(_plain_text)]
 
 
 class GreetingInput(TaskInput):
-    name: str = Field(min_length=1, max_length=200, description="Who to greet.")
+    name: PlainText = Field(min_length=1, max_length=200, description="Who to greet.")
 
 
 class DownloadInput(TaskInput):
     url: HttpUrl = Field(description="Absolute http or https URL to fetch.")
 
     def limit_host(self) -> str | None:
-        hostname = urlsplit(self.url).hostname
-        return hostname.lower() if hostname else None
+        # The host the worker's client connects to: "EXAMPLE.com." or an IDN spelling
+        # must not escape a host: limit written for its canonical name.
+        return canonical_host(self.url)
 
 
 class DurationInput(TaskInput):
@@ -57,6 +107,10 @@ class TaskSpec:
     name: str
     input_model: type[TaskInput]
     summary: str
+    # Runs at most once: recovery never re-runs an attempt that may have started.
+    side_effecting: bool = False
+    # Time limit of one attempt; None means the worker default (TASK_TIMEOUT_S).
+    timeout_s: float | None = None
 
 
 GREETING = TaskSpec(name="greeting", input_model=GreetingInput, summary="Say hello to someone.")
@@ -67,11 +121,13 @@ BLOCKING_LONG_RUNNING = TaskSpec(
     name="blocking_long_running_task",
     input_model=DurationInput,
     summary="Block a worker thread for `duration` seconds.",
+    timeout_s=LONG_RUNNING_TIMEOUT_S,
 )
 NON_BLOCKING_LONG_RUNNING = TaskSpec(
     name="non_blocking_long_running_task",
     input_model=DurationInput,
     summary="Sleep on the event loop for `duration` seconds.",
+    timeout_s=LONG_RUNNING_TIMEOUT_S,
 )
 
 CATALOG: dict[str, TaskSpec] = {

@@ -5,9 +5,10 @@ Repository functions take a session inside the caller's transaction and never co
 A relay hands tasks to ARQ in two steps so that a crash at any point loses nothing and
 runs nothing twice:
 
-1. One transaction: ``select_claimable`` locks the oldest unleased rows, the throttle
-   admits as many as it allows, and ``lease`` leases those to the relay, marks their tasks
-   ``queued`` and writes the ``queued`` events. The rows stay, leased to this relay.
+1. One transaction: ``select_claimable`` locks unleased rows (accounts in turn), the
+   in-flight caps and the throttle admit what they allow, and ``lease_scheduled``
+   leases those to the relay, marks their tasks ``queued`` and writes the ``queued``
+   events. The rows stay, leased to this relay.
 2. The relay enqueues each task into ARQ with the task id as the ARQ job id.
 3. ``release_claimed`` (one transaction): delete the leased rows.
 
@@ -21,15 +22,16 @@ or finished is not enqueued again at all: its row is only deleted.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy import Table, and_, bindparam, delete, false, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from throttler.constants import CLAIM_LOCK_KEY
+from throttler.limits import LimitKey, Scope
 from throttler.models import OutboxEntry, Task, TaskEvent
 from throttler.statuses import INFLIGHT_STATUSES, EventKind, TaskStatus
 
@@ -50,7 +52,11 @@ async def submit_task(
     run_at: datetime | None = None,
     task_id: str | None = None,
 ) -> Task:
-    """Add a pending task, its outbox row and its ``submitted`` event to the session."""
+    """Insert a pending task, its outbox row and its ``submitted`` event.
+
+    Returns the task as a detached object (not in the session): Core inserts skip the
+    ORM's unit of work, which costs more than the three statements themselves.
+    """
     task = Task(
         id=task_id or new_task_id(),
         name=name,
@@ -63,14 +69,17 @@ async def submit_task(
         attempts=0,
         created_at=now,
     )
-    session.add(task)
-    # Flush the parent first: the outbox and event rows reference it by foreign key.
-    await session.flush()
-    session.add(OutboxEntry(task_id=task.id, created_at=now))
-    session.add(
-        TaskEvent(task_id=task.id, at=now, event=EventKind.SUBMITTED, detail={"account": account})
+    await session.execute(
+        insert(Task).values(
+            {column.key: getattr(task, column.key) for column in Task.__table__.columns}
+        )
     )
-    await session.flush()
+    await session.execute(insert(OutboxEntry).values(task_id=task.id, created_at=now))
+    await session.execute(
+        insert(TaskEvent).values(
+            task_id=task.id, at=now, event=EventKind.SUBMITTED, detail={"account": account}
+        )
+    )
     return task
 
 
@@ -84,6 +93,8 @@ class ClaimedTask:
     account: str
     payload: dict[str, Any]
     status: TaskStatus
+    host: str | None = None
+    run_at: datetime | None = None
 
     @property
     def needs_enqueue(self) -> bool:
@@ -92,22 +103,98 @@ class ClaimedTask:
         return self.status in (TaskStatus.PENDING, TaskStatus.QUEUED)
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Exclusions:
+    """Keys whose pending tasks a claim leaves alone: out of tokens or at their cap."""
+
+    everything: bool = False  # the cluster itself is blocked
+    names: frozenset[str] = frozenset()
+    accounts: frozenset[str] = frozenset()
+    hosts: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, keys: Iterable[LimitKey]) -> Exclusions:
+        by_scope: dict[Scope, set[str]] = {scope: set() for scope in Scope}
+        everything = False
+        for key in keys:
+            if key.scope is Scope.CLUSTER:
+                everything = True
+            elif key.value is not None:
+                by_scope[key.scope].add(key.value)
+        return cls(
+            everything=everything,
+            names=frozenset(by_scope[Scope.TASK]),
+            accounts=frozenset(by_scope[Scope.ACCOUNT]),
+            hosts=frozenset(by_scope[Scope.HOST]),
+        )
+
+
 async def select_claimable(
-    session: AsyncSession, *, limit: int, now: datetime
+    session: AsyncSession,
+    *,
+    limit: int,
+    now: datetime,
+    due_by: datetime | None = None,
+    excluding: Exclusions | None = None,
 ) -> list[ClaimedTask]:
-    """Lock up to ``limit`` of the oldest unleased (or lease-expired) outbox rows.
+    """Lock up to ``limit`` unleased (or lease-expired) outbox rows, taking accounts in turn.
+
+    Each account's rows are ranked by priority (higher first), then age; rows are taken
+    by rank, so one account's backlog never holds back another's next task. Pending tasks
+    not due by ``due_by`` (``tasks.run_at``) or under an excluded key are left alone;
+    rows of tasks already queued or finished (recovered leases) are always taken.
 
     On PostgreSQL ``FOR UPDATE SKIP LOCKED`` lets concurrent relays take disjoint rows;
     on SQLite the transaction itself holds the database's write lock (``BEGIN IMMEDIATE``).
     """
     if limit <= 0:
         return []
+    excluding = excluding or Exclusions()
+    pending_filters = []
+    if due_by is not None:
+        pending_filters.append(or_(Task.run_at.is_(None), Task.run_at <= due_by))
+    if excluding.everything:
+        pending_filters.append(false())
+    if excluding.names:
+        pending_filters.append(Task.name.not_in(sorted(excluding.names)))
+    if excluding.accounts:
+        pending_filters.append(Task.account.not_in(sorted(excluding.accounts)))
+    if excluding.hosts:
+        pending_filters.append(or_(Task.host.is_(None), Task.host.not_in(sorted(excluding.hosts))))
+    unleased = or_(OutboxEntry.claimed_until.is_(None), OutboxEntry.claimed_until < now)
+    ranked_query = (
+        select(
+            OutboxEntry.id.label("outbox_id"),
+            func.row_number()
+            .over(partition_by=Task.account, order_by=(Task.priority.desc(), OutboxEntry.id))
+            .label("turn"),
+        )
+        .join(Task, Task.id == OutboxEntry.task_id)
+        .where(unleased)
+    )
+    if pending_filters:
+        ranked_query = ranked_query.where(
+            or_(Task.status != TaskStatus.PENDING, and_(*pending_filters))
+        )
+    ranked = ranked_query.subquery("ranked")
     rows = (
         await session.execute(
-            select(OutboxEntry.id, Task.id, Task.name, Task.account, Task.payload, Task.status)
+            select(
+                OutboxEntry.id,
+                Task.id,
+                Task.name,
+                Task.account,
+                Task.payload,
+                Task.status,
+                Task.host,
+                Task.run_at,
+            )
+            .join(ranked, ranked.c.outbox_id == OutboxEntry.id)
             .join(Task, Task.id == OutboxEntry.task_id)
-            .where(or_(OutboxEntry.claimed_until.is_(None), OutboxEntry.claimed_until < now))
-            .order_by(OutboxEntry.id)
+            # Again on the locked row itself: PostgreSQL re-checks this against a row that
+            # another relay leased meanwhile (the ranked subquery is not re-evaluated).
+            .where(ranked.c.turn <= limit, unleased)
+            .order_by(ranked.c.turn, OutboxEntry.id)
             .limit(limit)
             .with_for_update(of=OutboxEntry, skip_locked=True)
         )
@@ -120,8 +207,10 @@ async def select_claimable(
             account=account,
             payload=payload,
             status=TaskStatus(status),
+            host=host,
+            run_at=run_at,
         )
-        for outbox_id, task_id, name, account, payload, status in rows
+        for outbox_id, task_id, name, account, payload, status, host, run_at in rows
     ]
 
 
@@ -188,8 +277,41 @@ async def count_outbox(session: AsyncSession) -> int:
 
 async def count_inflight(session: AsyncSession) -> int:
     """Count tasks handed to ARQ and not yet finished (they hold in-flight slots)."""
-    statuses = [status.value for status in INFLIGHT_STATUSES]
-    query = select(func.count()).select_from(Task).where(Task.status.in_(statuses))
+    query = select(func.count()).select_from(Task).where(Task.status.in_(_INFLIGHT))
+    return int((await session.execute(query)).scalar_one())
+
+
+_INFLIGHT = sorted(status.value for status in INFLIGHT_STATUSES)
+_SCOPE_COLUMNS = {Scope.TASK: Task.name, Scope.ACCOUNT: Task.account, Scope.HOST: Task.host}
+
+
+async def count_inflight_by_key(
+    session: AsyncSession, *, scopes: Iterable[Scope]
+) -> dict[LimitKey, int]:
+    """Count in-flight tasks per key of the given scopes (the cluster as one key)."""
+    counts: dict[LimitKey, int] = {}
+    for scope in sorted(set(scopes)):
+        if scope is Scope.CLUSTER:
+            counts[LimitKey(scope=scope)] = await count_inflight(session)
+            continue
+        column = _SCOPE_COLUMNS[scope]
+        rows = await session.execute(
+            select(column, func.count())
+            .where(Task.status.in_(_INFLIGHT), column.is_not(None))
+            .group_by(column)
+        )
+        for value, count in rows:
+            counts[LimitKey(scope=scope, value=value)] = int(count)
+    return counts
+
+
+async def count_leased(session: AsyncSession, *, now: datetime) -> int:
+    """Count outbox rows leased to a live relay: admitted, maybe not yet in ARQ."""
+    query = (
+        select(func.count())
+        .select_from(OutboxEntry)
+        .where(OutboxEntry.claimed_until.is_not(None), OutboxEntry.claimed_until >= now)
+    )
     return int((await session.execute(query)).scalar_one())
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -47,6 +47,10 @@ class Settings(BaseSettings):
     relay_poll_interval_s: PositiveFloat = 0.05
     relay_claim_lease_s: PositiveFloat = 15.0
 
+    # Recovery and housekeeping (run by the relay process)
+    reconcile_interval_s: PositiveFloat = 5.0
+    retention_days: int = Field(default=0, ge=0)
+
     # Worker
     worker_concurrency: int = Field(default=10, ge=1)
     worker_poll_delay_s: PositiveFloat = 0.01
@@ -54,6 +58,8 @@ class Settings(BaseSettings):
     worker_retry_backoff_s: NonNegativeFloat = 1.0
     worker_retry_backoff_max_s: NonNegativeFloat = 300.0
     worker_keep_result_s: int = Field(default=3600, ge=0)
+    worker_shutdown_grace_s: NonNegativeFloat = 30.0
+    worker_lease_s: float = Field(default=3.0, ge=0.5)
     task_timeout_s: PositiveFloat = 300.0
 
     # Download task
@@ -100,14 +106,12 @@ class Settings(BaseSettings):
             raise ValueError(str(error)) from None
         return value
 
-    @cached_property
+    @property
     def limit_rules(self) -> RuleSet:
         """Every flow-control rule: RELAY_LIMITS plus the cluster shorthand variables."""
-        return RuleSet.parse(
-            self.relay_limits,
-            cluster_rate_per_s=self.relay_rate,
-            cluster_burst=self.relay_burst,
-            cluster_inflight=self.relay_max_inflight,
+        # Not a cached_property: model_copy(update=...) would carry a stale parse along.
+        return _parse_rules(
+            self.relay_limits, self.relay_rate, self.relay_burst, self.relay_max_inflight
         )
 
     @cached_property
@@ -118,6 +122,13 @@ class Settings(BaseSettings):
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+
+@lru_cache(maxsize=16)
+def _parse_rules(text: str, rate_per_s: float, burst: int, inflight: int) -> RuleSet:
+    return RuleSet.parse(
+        text, cluster_rate_per_s=rate_per_s, cluster_burst=burst, cluster_inflight=inflight
+    )
 
 
 def parse_api_keys(raw: str) -> dict[str, str]:

@@ -1,29 +1,31 @@
-"""The dispatch throttle: a token bucket behind a small admission protocol.
+"""The dispatch throttle: one token bucket per limited key, behind a small admission protocol.
 
-``take`` is the whole algorithm, pure and clock-free, so its properties are checked with
-a fake clock in microseconds. ``MemoryTokenBucket`` runs it in process (unit tests);
-``RedisTokenBucket`` runs the same arithmetic as one atomic Lua script on Redis, with
-Redis ``TIME`` as the clock, so every relay on every host draws from one bucket.
+``decide`` is the whole algorithm, pure and clock-free, so its properties are checked with
+a fake clock in microseconds. ``MemoryLimiter`` runs it in process (unit tests);
+``RedisLimiter`` runs the same arithmetic as one atomic Lua script on Redis, with Redis
+``TIME`` as the clock, so every relay on every host draws from the same buckets.
 
 Relays speak to a ``Limiter``: ``admit(candidates)`` answers which of them may be
-dispatched now and when to ask again. Today only the cluster bucket (``RELAY_RATE``,
-``RELAY_BURST``) stands behind it; per-key rules later judge each candidate by its
-name or account in the same single call.
+dispatched now, each at which moment, and which keys turned some away until when. A
+candidate goes only when every bucket of its rules (cluster, ``task:``, ``account:``,
+``host:``) holds a token; one that does not is skipped without holding back the rest.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from redis.asyncio import Redis
 
 from throttler.constants import RATE_BUCKET_KEY_PREFIX
+from throttler.limits import EACH, LimitKey, RuleSet, Scope
 
-CLUSTER_BUCKET_KEY = RATE_BUCKET_KEY_PREFIX + "cluster"
+CLUSTER_KEY = LimitKey(scope=Scope.CLUSTER)
+CLUSTER_BUCKET_KEY = RATE_BUCKET_KEY_PREFIX + str(CLUSTER_KEY)
 # Grant a token that float rounding left a hair short of whole, so that asking again
 # after ``wait_s`` always succeeds; it lets a take run at most 1e-9 tokens early.
 TOKEN_EPSILON = 1e-9
@@ -33,73 +35,143 @@ Clock = Callable[[], float]
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class BucketState:
-    """Tokens left at ``updated_s``; a missing state is a full bucket."""
+    """Tokens at ``updated_s`` (negative: taken ahead); a missing state is a full bucket."""
 
     tokens: float
     updated_s: float
 
 
-def take(
-    state: BucketState | None,
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Bucket:
+    """One rate-limited key: where its state lives and how fast it refills."""
+
+    key: LimitKey
+    rate_per_s: float
+    burst: int
+
+    @property
+    def redis_key(self) -> str:
+        return RATE_BUCKET_KEY_PREFIX + str(self.key)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Request:
+    """One candidate as ``decide`` sees it: its buckets (indexes) and its earliest time."""
+
+    buckets: tuple[int, ...]
+    not_before_s: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Decision:
+    """What ``decide`` answers; the Lua script answers the same, number for number."""
+
+    states: tuple[BucketState, ...]
+    # (request index, seconds from now until it may be dispatched), in request order.
+    admitted: tuple[tuple[int, float], ...]
+    # Bucket index -> seconds until it holds a token again, for buckets that refused one.
+    blocked: Mapping[int, float]
+
+
+def refill(
+    state: BucketState | None, *, now_s: float, rate_per_s: float, burst: int
+) -> BucketState:
+    """Return the bucket as it stands at ``now_s``."""
+    if state is None:
+        return BucketState(tokens=float(burst), updated_s=now_s)
+    # A clock that steps back (another host's view, an explicit test time) refills nothing.
+    elapsed_s = max(0.0, now_s - state.updated_s)
+    return BucketState(
+        tokens=min(float(burst), state.tokens + elapsed_s * rate_per_s),
+        updated_s=max(state.updated_s, now_s),
+    )
+
+
+def decide(
+    states: Sequence[BucketState | None],
+    buckets: Sequence[Bucket],
+    requests: Sequence[Request],
     *,
     now_s: float,
-    want: int,
-    rate_per_s: float,
-    burst: int,
     horizon_s: float = 0.0,
-) -> tuple[BucketState, int, float]:
-    """Refill to ``now_s``, grant up to ``want`` whole tokens, say when the next is due.
+) -> Decision:
+    """Admit, in order, each request whose every bucket has a token due within the horizon.
 
-    Returns the new state, the tokens granted and ``wait_s``: the time until the bucket
-    holds a whole token again (0 if it still does). With ``horizon_s`` > 0 it also
-    grants tokens that fall due within that time, leaving the bucket in debt: each is
-    usable only from its own moment (``ready_in_s``), exactly when a caller asking right
-    on time would have got it. The Lua script in ``_TAKE_LUA`` performs these exact
-    operations in the same order.
+    A token due within ``horizon_s`` may be taken ahead, leaving the bucket in debt: the
+    request then goes at the latest of its buckets' token moments and its ``not_before_s``.
+    Each bucket is charged as if the token were taken at that moment (a full bucket does
+    not keep refilling while the request waits for another bucket), so every bucket sees
+    exactly the dispatches of a token bucket. A refused request takes nothing and does not
+    stop later ones. The Lua script in ``_ADMIT_LUA`` performs these exact operations in
+    the same order.
     """
-    if state is None:
-        tokens = float(burst)
-        updated_s = now_s
-    else:
-        # A clock that steps back (another host's view, an explicit test time) refills nothing.
-        elapsed_s = max(0.0, now_s - state.updated_s)
-        tokens = min(float(burst), state.tokens + elapsed_s * rate_per_s)
-        updated_s = max(state.updated_s, now_s)
-    granted = max(0, min(want, math.floor(tokens + horizon_s * rate_per_s + TOKEN_EPSILON)))
-    tokens = tokens - granted
-    wait_s = 0.0 if tokens + TOKEN_EPSILON >= 1.0 else (1.0 - tokens) / rate_per_s
-    return BucketState(tokens=tokens, updated_s=updated_s), granted, wait_s
-
-
-def ready_in_s(*, tokens_left: float, granted: int, rate_per_s: float) -> tuple[float, ...]:
-    """Seconds from the grant until each granted token may be used (0 = at once)."""
-    before = tokens_left + granted
-    return tuple(
-        max(0.0, (index + 1 - before - TOKEN_EPSILON) / rate_per_s) for index in range(granted)
+    tokens: list[float] = []
+    updated: list[float] = []
+    for state, bucket in zip(states, buckets, strict=True):
+        now_state = refill(state, now_s=now_s, rate_per_s=bucket.rate_per_s, burst=bucket.burst)
+        tokens.append(now_state.tokens)
+        updated.append(now_state.updated_s)
+    admitted: list[tuple[int, float]] = []
+    refused: set[int] = set()
+    for index, request in enumerate(requests):
+        delay_s = 0.0
+        if request.not_before_s is not None:
+            delay_s = max(0.0, request.not_before_s - now_s)
+            if delay_s > horizon_s:
+                continue
+        short = False
+        for b in request.buckets:
+            rate = buckets[b].rate_per_s
+            if tokens[b] + horizon_s * rate + TOKEN_EPSILON < 1.0:
+                refused.add(b)
+                short = True
+            else:
+                delay_s = max(delay_s, (1.0 - tokens[b] - TOKEN_EPSILON) / rate)
+        if short:
+            continue
+        for b in request.buckets:
+            bucket = buckets[b]
+            tokens[b] = min(tokens[b], bucket.burst - delay_s * bucket.rate_per_s) - 1.0
+        admitted.append((index, delay_s))
+    blocked = {b: _wait_s(tokens[b], buckets[b].rate_per_s) for b in sorted(refused)}
+    states_out = tuple(
+        BucketState(tokens=t, updated_s=u) for t, u in zip(tokens, updated, strict=True)
     )
+    return Decision(states=states_out, admitted=tuple(admitted), blocked=blocked)
+
+
+def _wait_s(tokens: float, rate_per_s: float) -> float:
+    return 0.0 if tokens + TOKEN_EPSILON >= 1.0 else (1.0 - tokens) / rate_per_s
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Candidate:
-    """A task asking to be dispatched, with what per-key rules will look at."""
+    """A task asking to be dispatched, with what the rules look at."""
 
     task_id: str
     name: str
     account: str
+    host: str | None = None
+    # POSIX time before which the task must not be dispatched (tasks.run_at).
+    not_before_s: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Admission:
-    """Which candidates may go now (in the order asked) and when to ask about the rest."""
+    """Which candidates may go (in the order asked), when, and which keys turned some away."""
 
     admitted: tuple[Candidate, ...]
-    # Seconds until the limiter can admit more; 0 when it was not the limit.
-    wait_s: float
-    # For each admitted candidate, seconds from now until it may be dispatched.
+    # For each admitted candidate, seconds from the grant until it may be dispatched.
     ready_in_s: tuple[float, ...]
-    # POSIX time of the grant on the limiter's own clock, shared by every relay (Redis
-    # TIME); None when the limiter has no such clock.
-    granted_at_s: float | None = None
+    # Keys that refused a candidate -> seconds from the grant until they hold a token.
+    blocked: Mapping[LimitKey, float] = field(default_factory=dict)
+    # POSIX time of the grant on the limiter's clock, shared by every relay (Redis TIME).
+    granted_at_s: float = 0.0
+
+    @property
+    def wait_s(self) -> float:
+        """Seconds until the cluster bucket can admit more; 0 when it was not the limit."""
+        return self.blocked.get(CLUSTER_KEY, 0.0)
 
 
 class Limiter(Protocol):
@@ -114,140 +186,308 @@ class Limiter(Protocol):
     ) -> Admission: ...
 
 
-def admit_all(candidates: Sequence[Candidate]) -> Admission:
-    return Admission(admitted=tuple(candidates), wait_s=0.0, ready_in_s=(0.0,) * len(candidates))
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _Plan:
+    """The candidates turned into ``decide``'s terms: distinct buckets and requests."""
+
+    buckets: tuple[Bucket, ...]
+    requests: tuple[Request, ...]
+
+
+def plan(rules: RuleSet, candidates: Sequence[Candidate]) -> _Plan:
+    """Find each candidate's rate-limited keys, numbering the distinct buckets."""
+    index: dict[LimitKey, int] = {}
+    buckets: list[Bucket] = []
+    requests: list[Request] = []
+    for candidate in candidates:
+        mine: list[int] = []
+        for applied in rules.applicable(
+            name=candidate.name, account=candidate.account, host=candidate.host
+        ):
+            rate = applied.limit.rate_per_s
+            if rate is None:
+                continue
+            if applied.key not in index:
+                index[applied.key] = len(buckets)
+                buckets.append(Bucket(key=applied.key, rate_per_s=rate, burst=applied.limit.burst))
+            mine.append(index[applied.key])
+        requests.append(Request(buckets=tuple(mine), not_before_s=candidate.not_before_s))
+    return _Plan(buckets=tuple(buckets), requests=tuple(requests))
 
 
 def _admission(
-    candidates: Sequence[Candidate],
-    state: BucketState,
-    granted: int,
-    wait_s: float,
-    rate: float,
-    *,
-    granted_at_s: float | None = None,
+    candidates: Sequence[Candidate], planned: _Plan, decision: Decision, *, granted_at_s: float
 ) -> Admission:
     return Admission(
-        admitted=tuple(candidates[:granted]),
-        wait_s=wait_s if granted < len(candidates) else 0.0,
-        ready_in_s=ready_in_s(tokens_left=state.tokens, granted=granted, rate_per_s=rate),
+        admitted=tuple(candidates[i] for i, _ in decision.admitted),
+        ready_in_s=tuple(delay for _, delay in decision.admitted),
+        blocked={planned.buckets[b].key: wait for b, wait in decision.blocked.items()},
         granted_at_s=granted_at_s,
     )
 
 
-class UnlimitedLimiter:
-    """Admit everything at once (``RELAY_RATE=0``)."""
+class MemoryLimiter:
+    """Every bucket in this process, on an injectable POSIX clock (tests, one relay)."""
 
-    async def admit(self, candidates: Sequence[Candidate], *, horizon_s: float = 0.0) -> Admission:
-        return admit_all(candidates)
-
-
-class MemoryTokenBucket:
-    """One token bucket in this process, on an injectable clock (tests, single relay)."""
-
-    def __init__(self, *, rate_per_s: float, burst: int, clock: Clock = time.monotonic) -> None:
-        self.rate_per_s = rate_per_s
-        self.burst = burst
+    def __init__(self, *, rules: RuleSet, clock: Clock = time.time) -> None:
+        self.rules = rules
         self.clock = clock
-        self.state: BucketState | None = None
+        self.states: dict[LimitKey, BucketState] = {}
 
     async def admit(self, candidates: Sequence[Candidate], *, horizon_s: float = 0.0) -> Admission:
-        if self.rate_per_s == 0:
-            return admit_all(candidates)
-        self.state, granted, wait_s = take(
-            self.state,
-            now_s=self.clock(),
-            want=len(candidates),
-            rate_per_s=self.rate_per_s,
-            burst=self.burst,
+        now_s = self.clock()
+        planned = plan(self.rules, candidates)
+        decision = decide(
+            [self.states.get(bucket.key) for bucket in planned.buckets],
+            planned.buckets,
+            planned.requests,
+            now_s=now_s,
             horizon_s=horizon_s,
         )
-        return _admission(candidates, self.state, granted, wait_s, self.rate_per_s)
+        for bucket, state in zip(planned.buckets, decision.states, strict=True):
+            self.states[bucket.key] = state
+        return _admission(candidates, planned, decision, granted_at_s=now_s)
 
 
-# KEYS[1] bucket hash; ARGV: want, rate_per_s, burst, now_s ("" = Redis TIME), epsilon,
-# horizon_s.
+class UnlimitedLimiter(MemoryLimiter):
+    """No rate rules: admit everything (each candidate still waits for its not-before)."""
+
+    def __init__(self, *, clock: Clock = time.time) -> None:
+        super().__init__(rules=RuleSet(()), clock=clock)
+
+
+# KEYS: the buckets' hashes. ARGV: now_s ("" = Redis TIME), epsilon, horizon_s, bucket
+# count B, then rate and burst of each bucket, then per request: not_before_s ("" = none),
+# its bucket count k, k bucket indexes (1-based).
 # Numbers are written with %.17g so that they round-trip exactly (Lua's tostring keeps
 # only 14 digits) and returned as strings (Redis truncates Lua numbers to integers).
-_TAKE_LUA = """
-local want = tonumber(ARGV[1])
-local rate = tonumber(ARGV[2])
-local burst = tonumber(ARGV[3])
+# Returns: now, admitted count, (request index, delay) per admitted request, refused count,
+# (bucket index, wait) per refusing bucket, then (tokens, updated) per bucket.
+_ADMIT_LUA = """
+local function g(x) return string.format('%.17g', x) end
 local now
-if ARGV[4] == '' then
+if ARGV[1] == '' then
   local t = redis.call('TIME')
   now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 else
-  now = tonumber(ARGV[4])
+  now = tonumber(ARGV[1])
 end
-local eps = tonumber(ARGV[5])
-local horizon = tonumber(ARGV[6])
-local saved = redis.call('HMGET', KEYS[1], 'tokens', 'updated_s')
-local tokens, updated
-if saved[1] and saved[2] then
-  local elapsed = math.max(0.0, now - tonumber(saved[2]))
-  tokens = math.min(burst, tonumber(saved[1]) + elapsed * rate)
-  updated = math.max(tonumber(saved[2]), now)
-else
-  tokens = burst
-  updated = now
+local eps = tonumber(ARGV[2])
+local horizon = tonumber(ARGV[3])
+local nb = tonumber(ARGV[4])
+local rate, burst, tokens, updated = {}, {}, {}, {}
+for b = 1, nb do
+  rate[b] = tonumber(ARGV[4 + 2 * b - 1])
+  burst[b] = tonumber(ARGV[4 + 2 * b])
+  local saved = redis.call('HMGET', KEYS[b], 'tokens', 'updated_s')
+  if saved[1] and saved[2] then
+    local elapsed = math.max(0.0, now - tonumber(saved[2]))
+    tokens[b] = math.min(burst[b], tonumber(saved[1]) + elapsed * rate[b])
+    updated[b] = math.max(tonumber(saved[2]), now)
+  else
+    tokens[b] = burst[b]
+    updated[b] = now
+  end
 end
-local granted = math.max(0, math.min(want, math.floor(tokens + horizon * rate + eps)))
-tokens = tokens - granted
-local wait = 0.0
-if tokens + eps < 1.0 then
-  wait = (1.0 - tokens) / rate
+local admitted = {}
+local refused = {}
+local pos = 4 + 2 * nb + 1
+local index = 0
+while pos <= #ARGV do
+  local nbefore = ARGV[pos]
+  local k = tonumber(ARGV[pos + 1])
+  local mine = {}
+  for j = 1, k do mine[j] = tonumber(ARGV[pos + 1 + j]) end
+  pos = pos + 2 + k
+  local delay = 0.0
+  local skip = false
+  if nbefore ~= '' then
+    delay = math.max(0.0, tonumber(nbefore) - now)
+    if delay > horizon then skip = true end
+  end
+  if not skip then
+    local short = false
+    for j = 1, k do
+      local b = mine[j]
+      if tokens[b] + horizon * rate[b] + eps < 1.0 then
+        refused[b] = true
+        short = true
+      else
+        delay = math.max(delay, (1.0 - tokens[b] - eps) / rate[b])
+      end
+    end
+    if not short then
+      for j = 1, k do
+        local b = mine[j]
+        tokens[b] = math.min(tokens[b], burst[b] - delay * rate[b]) - 1.0
+      end
+      admitted[#admitted + 1] = index
+      admitted[#admitted + 1] = g(delay)
+    end
+  end
+  index = index + 1
 end
-redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens),
-  'updated_s', string.format('%.17g', updated))
--- Once idle long enough to refill, a missing key means the same as a full bucket.
-redis.call('PEXPIRE', KEYS[1], math.ceil((burst - tokens) / rate * 1000) + 1000)
-return {granted, string.format('%.17g', tokens), string.format('%.17g', updated),
-  string.format('%.17g', wait)}
+local reply = {g(now), #admitted / 2}
+for i = 1, #admitted do reply[#reply + 1] = admitted[i] end
+local blocked = {}
+for b = 1, nb do
+  if refused[b] then
+    local wait = 0.0
+    if tokens[b] + eps < 1.0 then wait = (1.0 - tokens[b]) / rate[b] end
+    blocked[#blocked + 1] = b - 1
+    blocked[#blocked + 1] = g(wait)
+  end
+end
+reply[#reply + 1] = #blocked / 2
+for i = 1, #blocked do reply[#reply + 1] = blocked[i] end
+for b = 1, nb do
+  redis.call('HSET', KEYS[b], 'tokens', g(tokens[b]), 'updated_s', g(updated[b]))
+  -- Once idle long enough to refill, a missing key means the same as a full bucket.
+  redis.call('PEXPIRE', KEYS[b], math.ceil((burst[b] - tokens[b]) / rate[b] * 1000) + 1000)
+  reply[#reply + 1] = g(tokens[b])
+  reply[#reply + 1] = g(updated[b])
+end
+return reply
 """
 
 
-class RedisTokenBucket:
-    """The cluster token bucket in Redis, shared by every relay, on Redis's clock."""
+class RedisLimiter:
+    """Every bucket in Redis, shared by every relay, judged in one atomic call."""
 
-    def __init__(
-        self, *, redis: Redis, rate_per_s: float, burst: int, key: str = CLUSTER_BUCKET_KEY
-    ) -> None:
-        self.rate_per_s = rate_per_s
-        self.burst = burst
-        self.key = key
-        self._script = redis.register_script(_TAKE_LUA)
+    def __init__(self, *, redis: Redis, rules: RuleSet) -> None:
+        self.rules = rules
+        self._script = redis.register_script(_ADMIT_LUA)
 
-    async def take(
-        self, *, want: int, now_s: float | None = None, horizon_s: float = 0.0
-    ) -> tuple[BucketState, int, float]:
-        """Run ``take`` atomically in Redis; ``now_s`` replaces Redis TIME (tests only)."""
-        reply = await self._script(
-            keys=[self.key],
-            args=[
-                want,
-                repr(self.rate_per_s),
-                self.burst,
-                "" if now_s is None else repr(now_s),
-                repr(TOKEN_EPSILON),
-                repr(float(horizon_s)),
-            ],
+    async def decide(
+        self,
+        buckets: Sequence[Bucket],
+        requests: Sequence[Request],
+        *,
+        now_s: float | None = None,
+        horizon_s: float = 0.0,
+    ) -> tuple[float, Decision]:
+        """Run ``decide`` atomically in Redis; ``now_s`` replaces Redis TIME (tests only)."""
+        args: list[str | int] = [
+            "" if now_s is None else repr(float(now_s)),
+            repr(TOKEN_EPSILON),
+            repr(float(horizon_s)),
+            len(buckets),
+        ]
+        for bucket in buckets:
+            args += [repr(float(bucket.rate_per_s)), bucket.burst]
+        for request in requests:
+            not_before = "" if request.not_before_s is None else repr(float(request.not_before_s))
+            args += [not_before, len(request.buckets), *(b + 1 for b in request.buckets)]
+        reply = await self._script(keys=[bucket.redis_key for bucket in buckets], args=args)
+        now = float(reply[0])
+        pos = 1
+        count = int(reply[pos])
+        admitted = tuple(
+            (int(reply[pos + 1 + 2 * i]), float(reply[pos + 2 + 2 * i])) for i in range(count)
         )
-        granted, tokens, updated_s, wait_s = reply
-        state = BucketState(tokens=float(tokens), updated_s=float(updated_s))
-        return state, int(granted), float(wait_s)
+        pos += 1 + 2 * count
+        count = int(reply[pos])
+        blocked = {int(reply[pos + 1 + 2 * i]): float(reply[pos + 2 + 2 * i]) for i in range(count)}
+        pos += 1 + 2 * count
+        states = tuple(
+            BucketState(tokens=float(reply[pos + 2 * b]), updated_s=float(reply[pos + 2 * b + 1]))
+            for b in range(len(buckets))
+        )
+        return now, Decision(states=states, admitted=admitted, blocked=blocked)
 
     async def admit(self, candidates: Sequence[Candidate], *, horizon_s: float = 0.0) -> Admission:
-        if self.rate_per_s == 0 or not candidates:
-            return admit_all(candidates)
-        state, granted, wait_s = await self.take(want=len(candidates), horizon_s=horizon_s)
-        return _admission(
-            candidates, state, granted, wait_s, self.rate_per_s, granted_at_s=state.updated_s
-        )
+        planned = plan(self.rules, candidates)
+        if not candidates:
+            return Admission(admitted=(), ready_in_s=(), granted_at_s=time.time())
+        now_s, decision = await self.decide(planned.buckets, planned.requests, horizon_s=horizon_s)
+        return _admission(candidates, planned, decision, granted_at_s=now_s)
 
 
-def build_limiter(*, redis: Redis, rate_per_s: float, burst: int) -> Limiter:
-    """Return the cluster limiter for ``RELAY_RATE`` / ``RELAY_BURST`` (0 = unlimited)."""
-    if rate_per_s == 0:
+def has_rates(rules: RuleSet) -> bool:
+    return any(rule.limit.rate_per_s is not None for rule in rules.rules)
+
+
+def build_limiter(*, redis: Redis, rules: RuleSet) -> Limiter:
+    """Return the limiter for these rules: Redis buckets, or none when no rule has a rate."""
+    if not has_rates(rules):
         return UnlimitedLimiter()
-    return RedisTokenBucket(redis=redis, rate_per_s=rate_per_s, burst=burst)
+    return RedisLimiter(redis=redis, rules=rules)
+
+
+def max_admissible(rules: RuleSet, *, horizon_s: float) -> int | None:
+    """How many tasks the cluster rule can admit in one go (None: no cluster rate)."""
+    for applied in rules.applicable(name="", account=""):
+        if applied.key == CLUSTER_KEY and applied.limit.rate_per_s is not None:
+            return math.ceil(applied.limit.rate_per_s * horizon_s) + applied.limit.burst
+    return None
+
+
+class InflightCaps:
+    """The in-flight caps of a rule set: which keys a task occupies, and who still fits.
+
+    Pure: the caller counts tasks in flight per key (``count_inflight_by_key``) inside a
+    transaction that other claims wait for, and passes the counts in.
+    """
+
+    def __init__(self, rules: RuleSet) -> None:
+        self.rules = rules
+        self._index = {(rule.scope, rule.value): rule for rule in rules.rules}
+        self.scopes = frozenset(r.scope for r in rules.rules if r.limit.inflight is not None)
+
+    def __bool__(self) -> bool:
+        return bool(self.scopes)
+
+    def cap(self, key: LimitKey) -> int | None:
+        """The key's cap: its own rule's, else its scope's ``*`` rule's (None: no cap)."""
+        rule = self._index.get((key.scope, key.value))
+        if rule is None and key.scope is not Scope.CLUSTER:
+            rule = self._index.get((key.scope, EACH))
+        return None if rule is None else rule.limit.inflight
+
+    def keys(self, candidate: Candidate) -> list[LimitKey]:
+        """The capped keys a candidate would occupy."""
+        applied = self.rules.applicable(
+            name=candidate.name, account=candidate.account, host=candidate.host
+        )
+        return [a.key for a in applied if a.limit.inflight is not None]
+
+    def full(self, inflight: Mapping[LimitKey, int]) -> set[LimitKey]:
+        """Keys with no free slot."""
+        return {key for key, count in inflight.items() if count >= (self.cap(key) or _NO_CAP)}
+
+    def fit(
+        self,
+        candidates: Sequence[Candidate],
+        inflight: Mapping[LimitKey, int],
+        *,
+        room: int | None = None,
+        holding: frozenset[str] = frozenset(),
+    ) -> tuple[list[Candidate], bool]:
+        """Keep, in order, the candidates every cap (and ``room`` in all) has a slot for.
+
+        Candidates in ``holding`` (task ids) already hold their slots and always fit.
+        Returns the kept candidates and whether any was left out.
+        """
+        kept: list[Candidate] = []
+        taken: dict[LimitKey, int] = {}
+        left_out = False
+        for candidate in candidates:
+            if candidate.task_id in holding:
+                kept.append(candidate)
+                continue
+            keys = self.keys(candidate) if self.scopes else []
+            if (room is not None and room <= 0) or any(
+                inflight.get(key, 0) + taken.get(key, 0) >= (self.cap(key) or _NO_CAP)
+                for key in keys
+            ):
+                left_out = True
+                continue
+            for key in keys:
+                taken[key] = taken.get(key, 0) + 1
+            if room is not None:
+                room -= 1
+            kept.append(candidate)
+        return kept, left_out
+
+
+_NO_CAP = 2**62

@@ -1,43 +1,49 @@
-"""``python -m worker``: run one ARQ worker until SIGINT or SIGTERM."""
+"""``python -m worker``: run one ARQ worker until SIGINT or SIGTERM (see worker.service)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import os
+import threading
+from collections.abc import Sequence
+from typing import Any
 
 from throttler.logs import configure_logging, fields
 from throttler.settings import Settings, load_settings
-from worker.app import build_worker, close_worker
+from worker.service import Supervision, serve
+from worker.taskkit import TaskBase
+from worker.tasks import DEFAULT_TASKS
 
 log = logging.getLogger("worker")
 
 
-async def serve(settings: Settings) -> None:
-    """Run the worker; return once a signal has stopped it and everything is closed."""
-    worker = build_worker(settings)
-    log.info(
-        "worker.starting",
-        extra=fields(
-            queue=settings.arq_queue_name,
-            concurrency=settings.worker_concurrency,
-            functions=",".join(worker.functions),
-        ),
-    )
-    try:
-        # ARQ's SIGINT/SIGTERM handler cancels running jobs (they are re-queued) and then
-        # its main task: that cancellation is the normal way out.
-        with contextlib.suppress(asyncio.CancelledError):
-            await worker.async_run()
-    finally:
-        await close_worker(worker)
-    log.info("worker.stopped")
+def run(
+    settings: Settings,
+    *,
+    tasks: Sequence[type[TaskBase[Any, Any]]] = DEFAULT_TASKS,
+    supervision: Supervision | None = None,
+) -> None:
+    """Serve until stopped, then exit the process without waiting for stuck task threads."""
+    asyncio.run(serve(settings, tasks=tasks, supervision=supervision))
+    stuck = [
+        thread
+        for thread in threading.enumerate()
+        if thread is not threading.main_thread() and not thread.daemon
+    ]
+    if stuck:
+        # A blocking task cut short at shutdown keeps its thread until its call returns,
+        # and Python would wait for it before exiting. Its job is already back in the
+        # queue (or its lease lapses), so nothing is lost by leaving now.
+        log.warning("worker.abandoning_threads", extra=fields(count=len(stuck)))
+        logging.shutdown()
+        os._exit(0)
 
 
 def main() -> None:
     settings = load_settings()
     configure_logging(component="worker", level=settings.log_level)
-    asyncio.run(serve(settings))
+    run(settings)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import socket
 import warnings
@@ -9,15 +11,19 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from arq.connections import RedisSettings
+from arq.connections import ArqRedis, RedisSettings
 from arq.worker import Worker
 
 from throttler.db import create_engine, create_session_factory
+from throttler.logs import fields
 from throttler.settings import Settings
+from worker.leases import LEASE_REFRESH_S, LEASE_S, REDIS_DOWN_ERRORS, LeasedWorker
 from worker.netguard import AddressPolicy, guarded_client
 from worker.taskkit import TaskBase, build_functions
 from worker.taskkit.resources import RESOURCES_KEY, Resources
 from worker.tasks import DEFAULT_TASKS
+
+log = logging.getLogger("worker")
 
 
 def worker_id() -> str:
@@ -61,7 +67,10 @@ def worker_options(
     """Return the keyword arguments of ``arq.worker.Worker`` (ARQ's WorkerSettings)."""
 
     async def on_startup(ctx: dict[Any, Any]) -> None:
-        ctx[RESOURCES_KEY] = await open_resources(settings)
+        # ARQ runs on_startup each time its main loop starts, and the service restarts
+        # that loop after a Redis outage: open the resources only once.
+        if RESOURCES_KEY not in ctx:
+            ctx[RESOURCES_KEY] = await open_resources(settings)
 
     async def on_shutdown(ctx: dict[Any, Any]) -> None:
         resources = ctx.pop(RESOURCES_KEY, None)
@@ -89,19 +98,60 @@ def build_worker(
     *,
     tasks: Sequence[type[TaskBase[Any, Any]]] = DEFAULT_TASKS,
     burst: bool = False,
-    handle_signals: bool = True,
-) -> Worker:
-    """Create the ARQ worker (call inside the event loop that will run it)."""
-    return Worker(
-        **worker_options(settings, tasks=tasks), burst=burst, handle_signals=handle_signals
+    handle_signals: bool = False,
+    redis_pool: ArqRedis | None = None,
+    lease_s: float = LEASE_S,
+    lease_refresh_s: float = LEASE_REFRESH_S,
+) -> LeasedWorker:
+    """Create the ARQ worker (call inside the event loop that will run it).
+
+    Signals are left to the caller (see worker.service) unless ``handle_signals``: ARQ's
+    own handler cancels running jobs at once, with no grace period.
+    """
+    options = worker_options(settings, tasks=tasks)
+    if redis_pool is not None:
+        # ARQ then uses this pool instead of connecting itself (and closes it in close()).
+        del options["redis_settings"]
+    return LeasedWorker(
+        **options,
+        redis_pool=redis_pool,
+        burst=burst,
+        handle_signals=handle_signals,
+        lease_s=lease_s,
+        lease_refresh_s=lease_refresh_s,
     )
 
 
 async def close_worker(worker: Worker) -> None:
-    """Stop the worker: cancel running jobs (ARQ re-queues them), run on_shutdown, close Redis."""
+    """Stop the worker: cancel running jobs (ARQ re-queues them), run on_shutdown, close Redis.
+
+    Works with Redis gone too: ARQ's close() then fails half-way, so what it would have
+    closed is closed here.
+    """
+    for task in worker.tasks.values():
+        task.cancel()
+    if worker.main_task is not None:
+        worker.main_task.cancel()
+    # A cancelled job re-queues itself in Redis; when Redis is away that fails and the job
+    # stays in the queue, its in-progress lease lapsing (see worker.leases).
+    outcomes = await asyncio.gather(*worker.tasks.values(), return_exceptions=True)
+    for job_id, outcome in zip(list(worker.tasks), outcomes, strict=True):
+        if isinstance(outcome, Exception):
+            log.warning(
+                "worker.job_not_handed_back", extra=fields(task_id=job_id, error=repr(outcome))
+            )
+    worker.tasks.clear()
     with warnings.catch_warnings():
         # arq 0.28 closes its pool with redis-py 5's deprecated close(); nothing to act on.
         warnings.filterwarnings(
             "ignore", message=r"Call to deprecated close\.", category=DeprecationWarning
         )
-        await worker.close()
+        try:
+            await worker.close()
+        except REDIS_DOWN_ERRORS as error:
+            log.warning("worker.close_without_redis", extra=fields(error=repr(error)))
+            if worker.on_shutdown is not None:
+                await worker.on_shutdown(worker.ctx)
+            pool = worker.pool
+            if pool is not None:
+                await pool.aclose(close_connection_pool=True)

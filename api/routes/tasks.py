@@ -12,6 +12,7 @@ from sqlalchemy import select
 
 from api.deps import AccountDep, ReadSessionsDep, SessionsDep
 from api.schemas import ErrorMessage, TaskPublic
+from api.strict_json import StrictJSONRoute
 from api.submit_options import SubmitOptions, get_submit_options
 from throttler.catalog import CATALOG, TaskInput, TaskSpec
 from throttler.constants import API_PREFIX
@@ -52,7 +53,8 @@ _RESULT_RESPONSES: dict[int | str, dict[str, Any]] = {
     **_UNAVAILABLE,
 }
 
-router = APIRouter(prefix=API_PREFIX, tags=["tasks"])
+# Strict JSON bodies: NaN, duplicate keys, deep nesting and non-UTF-8 get a 422.
+router = APIRouter(prefix=API_PREFIX, tags=["tasks"], route_class=StrictJSONRoute)
 
 
 def _submit_endpoint(spec: TaskSpec) -> Callable[..., Awaitable[TaskPublic]]:
@@ -129,7 +131,9 @@ for _spec in CATALOG.values():
 async def task_result(task_id: str, account: AccountDep, sessions: ReadSessionsDep) -> TaskPublic:
     # Another account's task answers exactly like a missing one: no existence leak.
     not_found = HTTPException(status_code=status.HTTP_404_NOT_FOUND, detail="task not found")
-    if len(task_id) > TASK_ID_LENGTH:
+    # Ids are printable ASCII; anything else (NUL, which PostgreSQL rejects outright) is
+    # unknown without asking the database.
+    if len(task_id) > TASK_ID_LENGTH or not (task_id.isascii() and task_id.isprintable()):
         raise not_found
     async with sessions() as session:
         task = await session.scalar(select(Task).where(Task.id == task_id, Task.account == account))

@@ -15,10 +15,10 @@ from sqlalchemy import func, select
 from tests.acceptance.processes import cluster
 from tests.support import ROOT, event_history, event_times, max_in_window, wait_for
 from throttler.db import SessionFactory
-from throttler.models import OutboxEntry, Task, utcnow
+from throttler.models import OutboxEntry, Task, TaskEvent, utcnow
 from throttler.outbox import count_outbox, submit_task
 from throttler.settings import Settings
-from throttler.statuses import TaskStatus
+from throttler.statuses import EventKind, TaskStatus
 
 pytestmark = pytest.mark.slow
 
@@ -162,3 +162,128 @@ def test_invalid_rate_exits_2_naming_the_variable(tmp_path: Path) -> None:
     )
     assert finished.returncode == 2
     assert b"RELAY_RATE" in finished.stderr
+
+
+async def _queued_twice(sessions: SessionFactory) -> list[str]:
+    async with sessions() as session:
+        rows = await session.execute(
+            select(TaskEvent.task_id)
+            .where(TaskEvent.event == EventKind.QUEUED)
+            .group_by(TaskEvent.task_id)
+            .having(func.count() > 1)
+        )
+        return list(rows.scalars())
+
+
+@pytest.mark.parametrize("kill_one", [False, True], ids=["both-live", "one-killed"])
+async def test_two_relays_share_the_rate(
+    settings: Settings,
+    sessions: SessionFactory,
+    redis: Redis,
+    tmp_path: Path,
+    kill_one: bool,
+) -> None:
+    await _submit(sessions, 400)
+    env = _env(settings, RELAY_RATE="40", RELAY_BURST="1", RELAY_CLAIM_LEASE_S="1")
+    with cluster(env=env, log_dir=tmp_path) as running:
+        first = running.start("relay")
+        second = running.start("relay")
+        if kill_one:
+
+            async def half_queued() -> bool:
+                return await _queue_size(redis) >= 200
+
+            await wait_for(half_queued, timeout_s=30, interval_s=0.05, message="200 enqueued")
+            second.kill()
+
+        async def all_queued() -> bool:
+            return await _queue_size(redis) == 400
+
+        await wait_for(all_queued, timeout_s=40, interval_s=0.1, message="400 enqueued tasks")
+        assert first.stop() == 0
+        if not kill_one:
+            assert second.stop() == 0
+            assert "relay.dispatched" in second.output()
+
+    async with sessions() as session:
+        times = sorted(await event_times(session, "queued"))
+        relays = {
+            detail["relay"]
+            for detail in (
+                await session.execute(
+                    select(TaskEvent.detail).where(TaskEvent.event == EventKind.QUEUED)
+                )
+            ).scalars()
+        }
+    span_s = times[-1] - times[0]
+    worst = max_in_window(times, 1.0)
+    rate_error = (399 / span_s) / 40 - 1
+    report = (
+        f"kill_one={kill_one} span_s={span_s:.3f} rate_error={rate_error:+.2%} "
+        f"worst_1s_window={worst} relays={len(relays)}"
+    )
+    print(report)
+    assert len(times) == 400
+    assert await _queued_twice(sessions) == []
+    assert len(relays) == 2, report  # both took their share
+    assert 9.5 <= span_s <= 10.5, report
+    assert worst <= 41, report
+
+
+async def test_inflight_cap_holds_across_workers(
+    settings: Settings, sessions: SessionFactory, redis: Redis, tmp_path: Path
+) -> None:
+    async with sessions.begin() as session:
+        for _ in range(12):
+            await submit_task(
+                session,
+                name="non_blocking_long_running_task",
+                account="default",
+                payload={"duration": 1},
+                now=utcnow(),
+            )
+    env = _env(
+        settings,
+        RELAY_LIMITS="task:non_blocking_long_running_task inflight=3",
+        WORKER_CONCURRENCY="5",
+    )
+    with cluster(env=env, log_dir=tmp_path) as running:
+        running.start("worker")
+        running.start("worker")
+        running.start("relay")
+
+        async def all_done() -> bool:
+            async with sessions() as session:
+                done = await session.scalar(
+                    select(func.count())
+                    .select_from(Task)
+                    .where(Task.status == TaskStatus.SUCCEEDED)
+                )
+                return done == 12
+
+        await wait_for(all_done, timeout_s=30, interval_s=0.1, message="12 tasks done")
+
+    async with sessions() as session:
+        rows = (
+            await session.execute(
+                select(TaskEvent.at, TaskEvent.event).where(
+                    TaskEvent.event.in_([EventKind.QUEUED, EventKind.STARTED, EventKind.SUCCEEDED])
+                )
+            )
+        ).all()
+    # Running at once: +1 at each start, -1 at each success (ties: successes first).
+    changes = sorted(
+        (at.timestamp(), 0 if event == EventKind.SUCCEEDED else 1)
+        for at, event in rows
+        if event != EventKind.QUEUED
+    )
+    concurrent = peak = 0
+    for _, kind in changes:
+        concurrent += 1 if kind else -1
+        peak = max(peak, concurrent)
+    first_queued = min(at.timestamp() for at, event in rows if event == EventKind.QUEUED)
+    last_done = max(at.timestamp() for at, event in rows if event == EventKind.SUCCEEDED)
+    report = f"peak_running={peak} total_s={last_done - first_queued:.3f}"
+    print(report)
+    assert peak == 3, report
+    assert last_done - first_queued < 8, report

@@ -1,4 +1,4 @@
-"""``python -m worker`` as operators run it: settings errors, jobs, and a clean SIGTERM."""
+"""``python -m worker`` as operators run it: settings errors, jobs, and a graceful SIGTERM."""
 
 from __future__ import annotations
 
@@ -10,10 +10,18 @@ from pathlib import Path
 import pytest
 
 from tests.acceptance.processes import cluster
-from tests.integration.worker_harness import arq_pool, dispatch, wait_final, wait_status
+from tests.integration.worker_harness import (
+    arq_pool,
+    dispatch,
+    load_task,
+    wait_final,
+    wait_status,
+)
 from tests.support import event_history
 from throttler.db import SessionFactory
 from throttler.settings import Settings
+
+SIDE_EFFECT_WORKER = "tests.acceptance.side_effect_worker"
 
 
 def test_invalid_setting_exits_2_naming_the_variable(tmp_path: Path) -> None:
@@ -31,17 +39,20 @@ def test_invalid_setting_exits_2_naming_the_variable(tmp_path: Path) -> None:
     assert "WORKER_CONCURRENCY" in done.stderr
 
 
-@pytest.mark.slow
-async def test_sigterm_requeues_the_running_job_for_the_next_worker(
-    settings: Settings, sessions: SessionFactory, tmp_path: Path
-) -> None:
-    env = {
+def worker_env(settings: Settings) -> dict[str, str]:
+    return {
         "DATABASE_URL": settings.database_url,
         "REDIS_URL": settings.redis_url,
         "LOG_LEVEL": "INFO",
     }
+
+
+@pytest.mark.slow
+async def test_sigterm_lets_a_running_job_finish_within_the_grace(
+    settings: Settings, sessions: SessionFactory, tmp_path: Path
+) -> None:
     async with arq_pool(settings) as pool:
-        with cluster(env=env, log_dir=tmp_path) as running:
+        with cluster(env=worker_env(settings), log_dir=tmp_path) as running:
             first = running.start("worker")
             greeting_id = await dispatch(
                 sessions, pool, settings, name="greeting", payload={"name": "cli"}
@@ -59,8 +70,38 @@ async def test_sigterm_requeues_the_running_job_for_the_next_worker(
             await wait_status(sessions, sleeper_id, "running")
             assert first.stop() == 0, first.output()
             log = first.output()
-            assert "task.succeeded" in log
-            assert "worker.stopped" in log
+
+    assert "worker.stopping" in log
+    assert "worker.cancelling_jobs" not in log
+    assert "worker.stopped" in log
+    async with sessions() as session:
+        sleeper = await load_task(sessions, sleeper_id)
+        history = await event_history(session, sleeper_id)
+    # Finished by the worker that was stopping, before it exited: no second attempt.
+    assert sleeper.status == "succeeded"
+    assert sleeper.attempts == 1
+    assert sleeper.result == {"duration": 2}
+    assert history[-2:] == ["started", "succeeded"]
+
+
+@pytest.mark.slow
+async def test_sigterm_requeues_a_job_longer_than_the_grace(
+    settings: Settings, sessions: SessionFactory, tmp_path: Path
+) -> None:
+    async with arq_pool(settings) as pool:
+        with cluster(env=worker_env(settings), log_dir=tmp_path) as running:
+            first = running.start(SIDE_EFFECT_WORKER, extra_env={"WORKER_SHUTDOWN_GRACE_S": "0.5"})
+            sleeper_id = await dispatch(
+                sessions,
+                pool,
+                settings,
+                name="non_blocking_long_running_task",
+                payload={"duration": 4},
+            )
+            await wait_status(sessions, sleeper_id, "running")
+            assert first.stop() == 0, first.output()
+            log = first.output()
+            assert "worker.cancelling_jobs" in log, log
 
             # Shutdown is not failure: the attempt is cut short and the job handed back.
             async with sessions() as session:
@@ -72,4 +113,4 @@ async def test_sigterm_requeues_the_running_job_for_the_next_worker(
             assert sleeper.status == "succeeded", second.output()
 
     assert sleeper.attempts == 2
-    assert sleeper.result == {"duration": 2}
+    assert sleeper.result == {"duration": 4}

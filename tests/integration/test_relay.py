@@ -17,11 +17,12 @@ from relay.relay import Batch, Relay
 from tests.support import event_history, wait_for
 from throttler.db import SessionFactory
 from throttler.lifecycle import record_success, start_attempt
+from throttler.limits import RuleSet
 from throttler.models import OutboxEntry, Task, utcnow
 from throttler.outbox import ClaimedTask, count_outbox, submit_task
 from throttler.settings import Settings
 from throttler.statuses import TaskStatus
-from throttler.throttle import Limiter, RedisTokenBucket, UnlimitedLimiter, build_limiter
+from throttler.throttle import Limiter, RedisLimiter, UnlimitedLimiter, build_limiter
 
 NAMES = ("greeting", "download", "blocking_long_running_task", "non_blocking_long_running_task")
 
@@ -58,7 +59,8 @@ def _relay(
     **overrides: object,
 ) -> Relay:
     return relay_type(
-        settings=settings.model_copy(update=overrides),
+        # A fresh object, not model_copy: that would carry over a cached limit_rules.
+        settings=Settings(**{**settings.model_dump(), **overrides}),
         sessions=sessions,
         arq=arq,
         limiter=limiter or UnlimitedLimiter(),
@@ -209,7 +211,7 @@ async def test_rate_limited_claim_leases_only_what_is_admitted(
     settings: Settings, sessions: SessionFactory, arq: ArqRedis
 ) -> None:
     ids = await _submit(sessions, 5)
-    limiter = RedisTokenBucket(redis=arq, rate_per_s=0.01, burst=2)
+    limiter = RedisLimiter(redis=arq, rules=RuleSet.parse("cluster rate=0.6/m burst=2"))
     relay = _relay(settings, sessions, arq, limiter=limiter)
     batch = await relay.claim()
     assert [c.task_id for c in batch.to_enqueue] == ids[:2]
@@ -281,7 +283,7 @@ async def test_rate_limited_relay_spaces_dispatches_by_the_token_interval(
     settings: Settings, sessions: SessionFactory, arq: ArqRedis
 ) -> None:
     await _submit(sessions, 10)
-    limiter = build_limiter(redis=arq, rate_per_s=20, burst=1)
+    limiter = build_limiter(redis=arq, rules=RuleSet.parse("cluster rate=20/s"))
     relay = _relay(settings, sessions, arq, limiter=limiter, relay_rate=20.0, relay_burst=1)
     await _run_until_drained(relay, sessions)
 

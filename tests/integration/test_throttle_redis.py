@@ -1,4 +1,4 @@
-"""The Lua token bucket against a real Redis: same answers as the pure algorithm."""
+"""The Lua limiter against a real Redis: the same answers as the pure algorithm."""
 
 from __future__ import annotations
 
@@ -9,82 +9,116 @@ import pytest
 from redis.asyncio import Redis
 
 from throttler.constants import RATE_BUCKET_KEY_PREFIX
+from throttler.limits import LimitKey, RuleSet, Scope
 from throttler.throttle import (
     CLUSTER_BUCKET_KEY,
+    CLUSTER_KEY,
+    Bucket,
     BucketState,
     Candidate,
-    RedisTokenBucket,
+    RedisLimiter,
+    Request,
     UnlimitedLimiter,
     build_limiter,
-    take,
+    decide,
 )
 
 
-@pytest.mark.parametrize("seed", range(6))
+def _random_buckets(rng: random.Random) -> list[Bucket]:
+    scopes = [Scope.CLUSTER, Scope.TASK, Scope.ACCOUNT, Scope.HOST, Scope.HOST]
+    buckets = []
+    for index in range(rng.randint(1, 5)):
+        scope = scopes[index]
+        buckets.append(
+            Bucket(
+                key=LimitKey(scope=scope, value=None if scope is Scope.CLUSTER else f"v{index}"),
+                rate_per_s=rng.choice([0.5, 3.0, 50.0, 1234.5, rng.uniform(0.1, 2000)]),
+                burst=rng.choice([1, 2, 7, 100]),
+            )
+        )
+    return buckets
+
+
+@pytest.mark.parametrize("seed", range(8))
 async def test_lua_agrees_with_python_step_by_step(redis: Redis, seed: int) -> None:
     rng = random.Random(seed)
-    rate_per_s = rng.choice([0.5, 3.0, 50.0, 1234.5, rng.uniform(0.1, 2000)])
-    burst = rng.choice([1, 2, 7, 100])
-    bucket = RedisTokenBucket(redis=redis, rate_per_s=rate_per_s, burst=burst)
-    state: BucketState | None = None
+    buckets = _random_buckets(rng)
+    limiter = RedisLimiter(redis=redis, rules=RuleSet(()))
+    states: list[BucketState | None] = [None] * len(buckets)
     # Unix-epoch-sized times, as Redis TIME gives, with gaps from none to refill-all.
     now_s = 1.7e9 + rng.uniform(0, 1e6)
-    for _ in range(300):
-        now_s += rng.choice([0.0, rng.uniform(0, 2 / rate_per_s), rng.uniform(0, 5)])
+    for _ in range(150):
+        rate = min(bucket.rate_per_s for bucket in buckets)
+        now_s += rng.choice([0.0, rng.uniform(0, 2 / rate), rng.uniform(0, 5)])
         if rng.random() < 0.05:
             now_s -= rng.uniform(0, 1)  # a step back: refills nothing on either side
-        want = rng.choice([0, 1, 1, 2, rng.randint(0, 3 * burst)])
-        horizon_s = rng.choice([0.0, 0.0, 0.2, rng.uniform(0, 3)])
-        expected = take(
-            state, now_s=now_s, want=want, rate_per_s=rate_per_s, burst=burst, horizon_s=horizon_s
-        )
-        got = await bucket.take(want=want, now_s=now_s, horizon_s=horizon_s)
-        assert got == expected, (now_s, want)
-        state = expected[0]
+        requests = [
+            Request(
+                buckets=tuple(rng.sample(range(len(buckets)), rng.randint(0, len(buckets)))),
+                not_before_s=rng.choice([None, None, now_s + rng.uniform(-1, 3)]),
+            )
+            for _ in range(rng.choice([0, 1, 2, rng.randint(0, 40)]))
+        ]
+        horizon_s = rng.choice([0.0, 0.0, 0.5, rng.uniform(0, 3)])
+        expected = decide(states, buckets, requests, now_s=now_s, horizon_s=horizon_s)
+        got_now, got = await limiter.decide(buckets, requests, now_s=now_s, horizon_s=horizon_s)
+        assert got_now == now_s
+        assert got == expected, (now_s, requests)
+        states = list(expected.states)
 
 
-async def test_lua_uses_redis_time_by_default_and_keys_the_cluster_bucket(redis: Redis) -> None:
-    bucket = RedisTokenBucket(redis=redis, rate_per_s=1.0, burst=3)
-    candidates = [Candidate(task_id=f"t{i}", name="greeting", account="a") for i in range(5)]
-    first = await bucket.admit(candidates)
-    assert first.admitted == tuple(candidates[:3])
-    assert 0 < first.wait_s <= 1.0
-    assert first.granted_at_s is not None
+async def test_one_call_judges_every_key_on_redis_time(redis: Redis) -> None:
+    rules = RuleSet.parse(
+        "host:* rate=1/s; task:download rate=2/s burst=3", cluster_rate_per_s=100, cluster_burst=2
+    )
+    limiter = RedisLimiter(redis=redis, rules=rules)
+    slow = [
+        Candidate(task_id=f"s{i}", name="download", account="a", host="slow.example")
+        for i in range(3)
+    ]
+    greetings = [Candidate(task_id=f"g{i}", name="greeting", account="a") for i in range(2)]
+    first = await limiter.admit([*slow, *greetings])
+    # One token for the host; the greetings behind it are not held back.
+    assert first.admitted == (slow[0], greetings[0])
+    host_key = LimitKey(scope=Scope.HOST, value="slow.example")
+    assert set(first.blocked) == {host_key, CLUSTER_KEY}
+    assert first.blocked[host_key] == pytest.approx(1.0, abs=0.05)
     assert abs(first.granted_at_s - time.time()) < 5, "Redis TIME is wall-clock time"
-    second = await bucket.admit(candidates)
-    assert second.admitted == ()
+    for key in ("cluster", "host:slow.example", "task:download"):
+        assert await redis.exists(RATE_BUCKET_KEY_PREFIX + key)
     assert CLUSTER_BUCKET_KEY == RATE_BUCKET_KEY_PREFIX + "cluster"
-    assert await redis.exists(CLUSTER_BUCKET_KEY)
-    # The key expires once a full refill would have made it redundant.
-    assert 0 < await redis.pttl(CLUSTER_BUCKET_KEY) <= 4000
-    ahead = await bucket.admit(candidates, horizon_s=2.5)
-    assert len(ahead.admitted) == 2
-    assert 0 < ahead.ready_in_s[0] < ahead.ready_in_s[1] <= 2.5
-    # In debt by two tokens: the key lives until the bucket would be full again.
-    assert 4000 < await redis.pttl(CLUSTER_BUCKET_KEY) <= 6000
+    # The keys expire once a full refill would have made them redundant.
+    assert 0 < await redis.pttl(RATE_BUCKET_KEY_PREFIX + "host:slow.example") <= 2000
+    ahead = await limiter.admit([greetings[1]], horizon_s=0.5)
+    assert ahead.admitted == (greetings[1],)
+    assert 0 < ahead.ready_in_s[0] <= 0.011
 
 
 async def test_two_clients_share_one_bucket(redis: Redis, redis_url: str) -> None:
     other = Redis.from_url(redis_url)
     try:
-        one = RedisTokenBucket(redis=redis, rate_per_s=0.001, burst=4)
-        two = RedisTokenBucket(redis=other, rate_per_s=0.001, burst=4)
-        _, a, _ = await one.take(want=3)
-        _, b, _ = await two.take(want=3)
-        assert (a, b) == (3, 1)
+        rules = RuleSet.parse("account:* rate=1/h burst=4")
+        one = RedisLimiter(redis=redis, rules=rules)
+        two = RedisLimiter(redis=other, rules=rules)
+        batch = [Candidate(task_id=f"t{i}", name="greeting", account="a") for i in range(3)]
+        a = await one.admit(batch)
+        b = await two.admit(batch)
+        assert (len(a.admitted), len(b.admitted)) == (3, 1)
+        # Another account has its own bucket.
+        other_account = [Candidate(task_id="x", name="greeting", account="b")]
+        assert len((await two.admit(other_account)).admitted) == 1
     finally:
         await other.aclose()
 
 
-async def test_unlimited_needs_no_redis() -> None:
+async def test_no_rate_rule_needs_no_redis() -> None:
     # Nothing listens on port 1: any Redis call would fail.
     unreachable = Redis.from_url("redis://127.0.0.1:1/0")
     try:
-        limiter = build_limiter(redis=unreachable, rate_per_s=0, burst=1)
+        rules = RuleSet.parse("account:* inflight=3", cluster_inflight=10)
+        limiter = build_limiter(redis=unreachable, rules=rules)
         assert isinstance(limiter, UnlimitedLimiter)
         candidates = [Candidate(task_id="t", name="greeting", account="a")] * 50
         assert len((await limiter.admit(candidates)).admitted) == 50
-        bucket = RedisTokenBucket(redis=unreachable, rate_per_s=0, burst=1)
-        assert len((await bucket.admit(candidates)).admitted) == 50
     finally:
         await unreachable.aclose()

@@ -6,6 +6,8 @@ own class with the worker it runs.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -217,34 +219,54 @@ async def test_side_effecting_failure_is_not_retried(
     assert task.error == "ConnectionError: SMTP connection reset (side-effecting task: not retried)"
 
 
-@pytest.mark.parametrize("failures", [2, 3])
-async def test_outcome_write_is_retried_then_raised(
-    sessions: SessionFactory, failures: int
+async def test_outcome_write_is_retried_until_written_logging_once(
+    sessions: SessionFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     calls = 0
 
     async def flaky_write(session: AsyncSession) -> bool:
         nonlocal calls
         calls += 1
-        if calls <= failures:
+        if calls <= 12:
             raise OperationalError("UPDATE tasks", {}, ConnectionResetError("connection lost"))
         return True
 
-    if failures < 3:
-        assert await write_with_retry(
-            flaky_write, sessions=sessions, task_id="t", what="succeeded", tries=3, backoff_s=0.001
-        )
-    else:
-        with pytest.raises(OperationalError):
-            await write_with_retry(
-                flaky_write,
-                sessions=sessions,
-                task_id="t",
-                what="succeeded",
-                tries=3,
-                backoff_s=0.001,
-            )
-    assert calls == min(failures + 1, 3)
+    caplog.set_level(logging.INFO, logger="worker.taskkit.persist")
+    assert await write_with_retry(
+        flaky_write,
+        sessions=sessions,
+        task_id="t",
+        what="succeeded",
+        backoff_s=0.001,
+        backoff_max_s=0.004,
+    )
+    assert calls == 13
+    # One line when the trouble starts and one when it ends, not one per try.
+    assert [record.getMessage() for record in caplog.records] == [
+        "task.write_failing",
+        "task.write_recovered",
+    ]
+
+
+async def test_outcome_write_stops_retrying_when_cancelled(sessions: SessionFactory) -> None:
+    tries = 0
+    failing = asyncio.Event()
+
+    async def down(session: AsyncSession) -> bool:
+        nonlocal tries
+        tries += 1
+        failing.set()
+        raise OperationalError("UPDATE tasks", {}, ConnectionResetError("connection lost"))
+
+    writing = asyncio.create_task(
+        write_with_retry(down, sessions=sessions, task_id="t", what="succeeded", backoff_s=60)
+    )
+    await failing.wait()
+    writing.cancel()
+    # Cancelled, not the database error: ARQ re-queues a cancelled job.
+    with pytest.raises(asyncio.CancelledError):
+        await writing
+    assert tries == 1
 
 
 async def test_job_is_kept_while_the_database_cannot_record_the_start(

@@ -10,29 +10,23 @@ from arq.worker import Function, func
 from throttler.settings import Settings
 from worker.taskkit.base import TaskBase
 from worker.taskkit.definition import TaskDefinition, define_task
-from worker.taskkit.persist import WRITE_BACKOFF_S, WRITE_TRIES
 from worker.taskkit.resources import resources_from
 from worker.taskkit.runner import run_task
 
 # ARQ drops a job past its max_tries without running our code, so the task would never
 # reach a terminal status. Our runner decides from the database attempt count; ARQ's
-# limit only has to stay out of the way, including restarts after shutdowns and
-# database outages at start (each counts as an ARQ try).
-ARQ_TRIES_HEADROOM = 100
-# ARQ's timeout is a backstop for our own: it must also cover the start and final writes
-# (each retried, see persist) so ARQ never cancels a task that is recording its outcome.
-ARQ_TIMEOUT_MARGIN_S = 30.0
+# limit only has to stay out of the way, including restarts after shutdowns, worker
+# deaths and database outages at start (each counts as an ARQ try; see runner for the
+# backoff between those, up to WORKER_RETRY_BACKOFF_MAX_S each).
+ARQ_TRIES_HEADROOM = 10_000
+# ARQ's timeout would end the job in ARQ (removed from the queue, our code cut short)
+# while the task is still ``running`` in the database. Our runner enforces the task's own
+# timeout, and the outcome write waits out database outages of any length (see persist),
+# so ARQ's timeout is set out of reach.
+ARQ_TIMEOUT_S = 365 * 24 * 3600.0
 
 
-def arq_timeout_s(definition: TaskDefinition, settings: Settings) -> float:
-    """Return ARQ's timeout for a task: ours plus the worst case of its database writes."""
-    write_budget_s = (
-        WRITE_TRIES * settings.database_timeout_s * 2 + WRITE_BACKOFF_S * 2.0**WRITE_TRIES
-    )
-    return definition.timeout_s + 2 * write_budget_s + ARQ_TIMEOUT_MARGIN_S
-
-
-def arq_function(definition: TaskDefinition, settings: Settings) -> Function:
+def arq_function(definition: TaskDefinition) -> Function:
     """Wrap a task in an ARQ function named after it."""
 
     async def job(ctx: dict[Any, Any], *_args: Any, **_kwargs: Any) -> None:
@@ -51,7 +45,7 @@ def arq_function(definition: TaskDefinition, settings: Settings) -> Function:
         job,
         name=definition.name,
         max_tries=definition.max_tries + ARQ_TRIES_HEADROOM,
-        timeout=arq_timeout_s(definition, settings),
+        timeout=ARQ_TIMEOUT_S,
     )
 
 
@@ -64,5 +58,5 @@ def build_functions(
         definition = define_task(task_class, settings=settings)
         if definition.name in functions:
             raise ValueError(f"two task classes are named {definition.name!r}")
-        functions[definition.name] = arq_function(definition, settings)
+        functions[definition.name] = arq_function(definition)
     return list(functions.values())

@@ -9,14 +9,11 @@ from pydantic import BaseModel
 
 from throttler.catalog import (
     BLOCKING_LONG_RUNNING,
-    MAX_DURATION_S,
+    LONG_RUNNING_TIMEOUT_S,
     NON_BLOCKING_LONG_RUNNING,
     DurationInput,
 )
 from worker.taskkit import BlockingTask, Resources, RetriableTask
-
-# Every accepted duration must fit in the time limit, whatever TASK_TIMEOUT_S says.
-LONG_RUNNING_TIMEOUT_S: float = MAX_DURATION_S + 60
 
 
 class DurationOutput(BaseModel):

@@ -1,0 +1,278 @@
+"""Run the worker as a service: ride out Redis outages, stop gracefully on SIGTERM or SIGINT.
+
+ARQ's own loop ends with an exception when Redis goes away, and its signal handler cancels
+running jobs at once. Here the loop is restarted once Redis answers again (running jobs
+carry on meanwhile), and a signal first stops new pickups, then gives running jobs a grace
+period, and only then cancels what is left; ARQ re-queues cancelled jobs (``retry_jobs``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from arq.connections import ArqRedis, RedisSettings, create_pool
+
+from throttler.logs import fields
+from throttler.settings import Settings
+from worker.app import build_worker, close_worker
+from worker.leases import LEASE_REFRESH_S, LEASE_S, REDIS_DOWN_ERRORS, LeasedWorker
+from worker.taskkit import TaskBase
+from worker.tasks import DEFAULT_TASKS
+
+log = logging.getLogger("worker")
+
+REDIS_RETRY_S = 0.25
+REDIS_RETRY_MAX_S = 5.0
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# How long ARQ's loop gets to leave by itself at a stop before it is cancelled.
+LOOP_EXIT_S = 5.0
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Supervision:
+    """How the service waits for Redis, keeps leases and stops."""
+
+    # After a stop signal: how long running jobs may take before they are cancelled.
+    shutdown_grace_s: float
+    # Pause between Redis connection attempts: doubles from the first to the cap.
+    redis_retry_s: float = REDIS_RETRY_S
+    redis_retry_max_s: float = REDIS_RETRY_MAX_S
+    # The in-progress lease of each running job, and how often it is renewed.
+    lease_s: float = LEASE_S
+    lease_refresh_s: float = LEASE_REFRESH_S
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Supervision:
+        """Take the grace and the lease from WORKER_SHUTDOWN_GRACE_S and WORKER_LEASE_S."""
+        return cls(
+            shutdown_grace_s=settings.worker_shutdown_grace_s,
+            lease_s=settings.worker_lease_s,
+            # Renew three times per lease: two renewals may be late before it lapses.
+            lease_refresh_s=settings.worker_lease_s / 3,
+        )
+
+
+class RedisState:
+    """Log one line when Redis goes away and one when it is back, not one per try."""
+
+    def __init__(self, *, retry_max_s: float) -> None:
+        self.available = True
+        self.retry_max_s = retry_max_s
+        self.down_since = 0.0
+
+    def down(self, error: BaseException) -> None:
+        if self.available:
+            self.available = False
+            self.down_since = time.monotonic()
+            log.warning(
+                "worker.redis_unavailable",
+                extra=fields(error=repr(error), retry_max_s=self.retry_max_s),
+            )
+
+    def up(self) -> None:
+        if not self.available:
+            self.available = True
+            log.info(
+                "worker.redis_restored",
+                extra=fields(outage_s=round(time.monotonic() - self.down_since, 3)),
+            )
+
+
+class WorkerService:
+    """One worker process: a LeasedWorker, restarted across Redis outages, stopped gently."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        tasks: Sequence[type[TaskBase[Any, Any]]] = DEFAULT_TASKS,
+        supervision: Supervision | None = None,
+    ) -> None:
+        self.settings = settings
+        self.tasks = tasks
+        self.supervision = supervision or Supervision.from_settings(settings)
+        self.redis = RedisState(retry_max_s=self.supervision.redis_retry_max_s)
+        # Set by the first stop signal; a second one skips what is left of the grace.
+        self.stopping = asyncio.Event()
+        self.hurry = asyncio.Event()
+
+    def request_stop(self, sig: signal.Signals | None = None) -> None:
+        name = sig.name if sig is not None else "request"
+        if self.stopping.is_set():
+            log.info("worker.stop_now", extra=fields(signal=name))
+            self.hurry.set()
+            return
+        log.info(
+            "worker.stop_requested",
+            extra=fields(signal=name, grace_s=self.supervision.shutdown_grace_s),
+        )
+        self.stopping.set()
+
+    async def run(self) -> None:
+        """Serve until a stop is requested; return once everything is closed."""
+        pool = await self._connect()
+        if pool is None:
+            return
+        worker = build_worker(
+            self.settings,
+            tasks=self.tasks,
+            redis_pool=pool,
+            lease_s=self.supervision.lease_s,
+            lease_refresh_s=self.supervision.lease_refresh_s,
+        )
+        log.info(
+            "worker.ready",
+            extra=fields(
+                queue=self.settings.arq_queue_name,
+                concurrency=self.settings.worker_concurrency,
+                functions=",".join(worker.functions),
+            ),
+        )
+        loop_task = asyncio.create_task(self._supervise(worker))
+        stop_task = asyncio.create_task(self.stopping.wait())
+        try:
+            await asyncio.wait({loop_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+            if loop_task.done():
+                loop_task.result()  # ARQ's loop ended on an error that is not an outage
+            else:
+                await self._drain(worker)
+                # Let ARQ's loop leave at its next poll, as a burst worker with nothing
+                # left to do: cancelling it inside a Redis pipeline strands the pipeline.
+                worker.burst = True
+                worker.max_burst_jobs = 0
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(loop_task), timeout=LOOP_EXIT_S)
+        finally:
+            stop_task.cancel()
+            loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loop_task
+            await close_worker(worker)
+
+    async def _wait_retry(self, delay_s: float) -> bool:
+        """Sleep ``delay_s`` unless a stop comes first; return whether to go on."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), timeout=delay_s)
+        return not self.stopping.is_set()
+
+    def _next_delay(self, delay_s: float) -> float:
+        return min(delay_s * 2, self.supervision.redis_retry_max_s)
+
+    async def _connect(self) -> ArqRedis | None:
+        """Open the Redis pool, retrying until Redis answers; None if stopped first."""
+        redis_settings = RedisSettings.from_dsn(self.settings.redis_url)
+        # Our loop retries for ever with backoff and logs once; ARQ's gives up after 5 tries.
+        redis_settings.conn_retries = 0
+        delay_s = self.supervision.redis_retry_s
+        while not self.stopping.is_set():
+            try:
+                pool = await create_pool(
+                    redis_settings, default_queue_name=self.settings.arq_queue_name
+                )
+            except REDIS_DOWN_ERRORS as error:
+                self.redis.down(error)
+                if not await self._wait_retry(delay_s):
+                    return None
+                delay_s = self._next_delay(delay_s)
+                continue
+            self.redis.up()
+            return pool
+        return None
+
+    async def _supervise(self, worker: LeasedWorker) -> None:
+        """Run ARQ's loop; after a Redis outage wait for Redis, then run the loop again.
+
+        Jobs already running are separate tasks and carry on through an outage; ARQ's
+        final Redis step for a job that ends meanwhile fails, and the job then stays in
+        the queue until its lease lapses and a worker re-runs it (the re-run finds the
+        task final in the database and skips it).
+        """
+        while True:
+            worker.main_task = asyncio.create_task(worker.main())
+            try:
+                await worker.main_task
+                return
+            except REDIS_DOWN_ERRORS as error:
+                self.redis.down(error)
+            delay_s = self.supervision.redis_retry_s
+            while True:
+                if not await self._wait_retry(delay_s):
+                    return
+                try:
+                    await worker.pool.ping()
+                except REDIS_DOWN_ERRORS as error:
+                    self.redis.down(error)
+                    delay_s = self._next_delay(delay_s)
+                    continue
+                self.redis.up()
+                break
+
+    async def _drain(self, worker: LeasedWorker) -> None:
+        """Stop pickups, let running jobs finish within the grace, cancel the rest."""
+        # ARQ's loop keeps running (lease renewal, clean-up of finished jobs) but takes no
+        # new job; a job it was starting at this very moment is waited for as well.
+        worker.allow_pick_jobs = False
+        grace_s = self.supervision.shutdown_grace_s
+        deadline = time.monotonic() + grace_s
+        log.info(
+            "worker.stopping",
+            extra=fields(running=len(worker.running_job_ids()), grace_s=grace_s),
+        )
+        hurry = asyncio.create_task(self.hurry.wait())
+        try:
+            while running := [task for task in worker.tasks.values() if not task.done()]:
+                left_s = deadline - time.monotonic()
+                if left_s <= 0 or self.hurry.is_set():
+                    break
+                await asyncio.wait(
+                    {*running, hurry}, timeout=left_s, return_when=asyncio.FIRST_COMPLETED
+                )
+        finally:
+            hurry.cancel()
+        left = worker.running_job_ids()
+        if left:
+            # Cancelled jobs go back to the queue (ARQ retry_jobs) and run again at once
+            # elsewhere; a side-effecting one that had started then ends failed.
+            log.warning(
+                "worker.cancelling_jobs",
+                extra=fields(count=len(left), task_ids=",".join(left), grace_s=grace_s),
+            )
+            cancelled = [worker.tasks[job_id] for job_id in left]
+            for task in cancelled:
+                task.cancel()
+            await asyncio.gather(*cancelled, return_exceptions=True)
+
+
+async def serve(
+    settings: Settings,
+    *,
+    tasks: Sequence[type[TaskBase[Any, Any]]] = DEFAULT_TASKS,
+    supervision: Supervision | None = None,
+) -> None:
+    """Run the worker until SIGTERM or SIGINT; return once it has stopped and closed."""
+    service = WorkerService(settings, tasks=tasks, supervision=supervision)
+    loop = asyncio.get_running_loop()
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, service.request_stop, sig)
+    log.info(
+        "worker.starting",
+        extra=fields(
+            queue=settings.arq_queue_name,
+            concurrency=settings.worker_concurrency,
+            shutdown_grace_s=service.supervision.shutdown_grace_s,
+            lease_s=service.supervision.lease_s,
+        ),
+    )
+    try:
+        await service.run()
+    finally:
+        for sig in STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
+    log.info("worker.stopped")
