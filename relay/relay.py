@@ -61,6 +61,8 @@ log = logging.getLogger("relay")
 BACKOFF_MIN_S = 0.1
 BACKOFF_MAX_S = 10.0
 LOG_EVERY_S = 1.0
+# Steps in a row that must succeed before an outage counts as over.
+STEPS_TO_RECOVER = 3
 # Enqueues in flight at once: each holds its own Redis connection (WATCH/MULTI).
 ENQUEUE_CONCURRENCY = 32
 # How far ahead a claim takes tokens. The relay comes back after half of it, so a step
@@ -150,7 +152,13 @@ class Relay:
         return self._stopping.is_set()
 
     async def run(self) -> None:
-        """Relay until ``stop``; back off (logging each error) when DB or Redis fail."""
+        """Relay until ``stop``; back off while the database or Redis fails.
+
+        One ``relay.unavailable`` line when steps start failing and one
+        ``relay.recovered`` line once a few steps in a row succeed again (a step with
+        nothing to enqueue succeeds without Redis); the retries between them log at
+        DEBUG, so an outage of an hour is two lines, not thousands.
+        """
         log.info(
             "relay.started",
             extra=fields(
@@ -163,14 +171,31 @@ class Relay:
             ),
         )
         backoff_s = BACKOFF_MIN_S
+        failing_since: float | None = None
+        good_steps = 0
         while not self.stopping:
             try:
                 next_step_at = await self.step()
             except RECOVERABLE_ERRORS as error:
-                self._log_error(error, retry_in_s=backoff_s)
+                good_steps = 0
+                if failing_since is None:
+                    failing_since = time.monotonic()
+                    self._log_error(error, retry_in_s=backoff_s, event="relay.unavailable")
+                else:
+                    self._log_error(error, retry_in_s=backoff_s, level=logging.DEBUG)
                 await self._pause(backoff_s)
                 backoff_s = min(backoff_s * 2, BACKOFF_MAX_S)
                 continue
+            good_steps += 1
+            if failing_since is not None and good_steps >= STEPS_TO_RECOVER:
+                log.warning(
+                    "relay.recovered",
+                    extra=fields(
+                        relay=self.relay_id,
+                        down_s=round(time.monotonic() - failing_since, 3),
+                    ),
+                )
+                failing_since = None
             backoff_s = BACKOFF_MIN_S
             await self._pause(next_step_at - asyncio.get_running_loop().time())
         try:
@@ -383,9 +408,17 @@ class Relay:
         error.__cause__ = first
         return error
 
-    def _log_error(self, error: BaseException, *, retry_in_s: float | None) -> None:
-        log.error(
-            "relay.error",
+    def _log_error(
+        self,
+        error: BaseException,
+        *,
+        retry_in_s: float | None,
+        event: str = "relay.error",
+        level: int = logging.ERROR,
+    ) -> None:
+        log.log(
+            level,
+            event,
             extra=fields(
                 relay=self.relay_id,
                 error=f"{type(error).__name__}: {error}".splitlines()[0],

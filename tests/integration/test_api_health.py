@@ -41,6 +41,21 @@ async def test_readyz_is_503_naming_redis_when_redis_is_unreachable(
     assert health.status_code == 200
 
 
+async def test_submissions_are_accepted_while_redis_is_down(
+    settings: Settings, make_api_client: ApiClientFactory, closed_port: int
+) -> None:
+    # The outbox is SQL: intake must not depend on Redis.
+    no_redis = Settings(
+        database_url=settings.database_url, redis_url=f"redis://127.0.0.1:{closed_port}/0"
+    )
+    async with make_api_client(no_redis) as client:
+        answer = await client.post("/api/v1/task/greeting", json={"name": "Ada"})
+        view = await client.get(answer.headers["location"])
+
+    assert answer.status_code == 202
+    assert view.json()["status"] == "pending"
+
+
 async def test_readyz_is_503_naming_the_database_when_it_is_unreachable(
     redis_url: str, make_api_client: ApiClientFactory, closed_port: int
 ) -> None:

@@ -5,17 +5,19 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime, timedelta
 
 import pytest
 from arq.connections import ArqRedis, RedisSettings, create_pool
+from arq.constants import job_key_prefix
 from arq.jobs import Job
 from sqlalchemy import select
 
 from relay.relay import Batch, Relay
 from tests.support import event_history, wait_for
-from throttler.db import SessionFactory
+from throttler.db import SessionFactory, create_engine, create_session_factory
 from throttler.lifecycle import record_success, start_attempt
 from throttler.limits import RuleSet
 from throttler.models import OutboxEntry, Task, utcnow
@@ -253,7 +255,7 @@ async def test_stop_finishes_the_batch_in_hand(
     assert [statuses[i] for i in ids] == ["queued"] * 5 + ["pending"] * 3
 
 
-async def test_redis_errors_are_logged_and_retried(
+async def test_redis_outage_is_logged_once_and_retried(
     settings: Settings,
     sessions: SessionFactory,
     closed_port: int,
@@ -265,18 +267,71 @@ async def test_redis_errors_are_logged_and_retried(
         # A short lease so the failed claims come back and fail again.
         relay = _relay(settings, sessions, broken, relay_claim_lease_s=0.05)
         running = asyncio.create_task(relay.run())
-        with caplog.at_level(logging.ERROR, logger="relay"):
+        with caplog.at_level(logging.DEBUG, logger="relay"):
 
             async def retried() -> bool:
                 return sum(r.getMessage() == "relay.error" for r in caplog.records) >= 2
 
-            await wait_for(retried, message="two logged retries")
+            await wait_for(retried, message="two retries")
         relay.stop()
         await asyncio.wait_for(running, timeout=5)
     finally:
         await broken.aclose()
+    messages = [record.getMessage() for record in caplog.records]
+    # One line at the change of state; the retries after it are DEBUG only.
+    assert messages.count("relay.unavailable") == 1
+    assert all(
+        record.levelno == logging.DEBUG
+        for record in caplog.records
+        if record.getMessage() == "relay.error"
+    )
     # The claims stay leased until the lease lapses; nothing was lost.
     assert await _outbox_size(sessions) == 2
+
+
+async def test_relay_rides_out_a_database_outage_and_resumes(
+    settings: Settings,
+    sessions: SessionFactory,
+    redis_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    if not settings.is_sqlite:
+        pytest.skip("the outage is made by holding SQLite's write lock")
+    path = settings.database_url.removeprefix("sqlite+aiosqlite:///")
+    task_ids = await _submit(sessions, 3)
+    impatient = Settings(**{**settings.model_dump(), "database_timeout_s": 0.1})
+    engine = create_engine(impatient)
+    arq = ArqRedis.from_url(redis_url)
+    blocker = sqlite3.connect(path, isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        relay = _relay(impatient, create_session_factory(engine), arq)
+        running = asyncio.create_task(relay.run())
+        with caplog.at_level(logging.INFO, logger="relay"):
+
+            async def noticed() -> bool:
+                return any(r.getMessage() == "relay.unavailable" for r in caplog.records)
+
+            await wait_for(noticed, message="the relay to notice the outage")
+            assert not running.done()
+            blocker.execute("ROLLBACK")
+
+            async def recovered() -> bool:
+                return any(r.getMessage() == "relay.recovered" for r in caplog.records)
+
+            await wait_for(recovered, message="the relay to recover")
+
+            async def all_queued() -> bool:
+                found = await arq.exists(*(job_key_prefix + task_id for task_id in task_ids))
+                return bool(found == len(task_ids))
+
+            await wait_for(all_queued, message="the tasks to reach ARQ")
+        relay.stop()
+        await asyncio.wait_for(running, timeout=5)
+    finally:
+        blocker.close()
+        await arq.aclose()
+        await engine.dispose()
 
 
 async def test_rate_limited_relay_spaces_dispatches_by_the_token_interval(
