@@ -1,7 +1,9 @@
-"""Build the FastAPI application; its lifespan owns the engine and the Redis client."""
+"""Build the FastAPI application; its lifespan owns the engine, the intake writer and Redis."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -9,13 +11,21 @@ from fastapi import FastAPI
 from redis.asyncio import Redis
 
 from api.body_limit import BodyLimitMiddleware
+from api.bulk import BULK_MAX_BODY_BYTES, BULK_PATH
 from api.errors import register_error_handlers
+from api.intake import IntakeWriter
 from api.routes import health, relay, tasks
+from api.waiters import FinishedListener, FinishedSweep, Waiters
 from throttler.db import create_engine, create_read_session_factory, create_session_factory
+from throttler.logs import fields
 from throttler.settings import Settings
+
+log = logging.getLogger(__name__)
 
 # Redis is only pinged by /readyz; a dead server must not hold the probe for long.
 REDIS_TIMEOUT_S = 2.0
+# An idle pub/sub connection is pinged this often, so a silently dead one is replaced.
+SUBSCRIBER_HEALTH_CHECK_S = 10
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -33,9 +43,34 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.sessions = create_session_factory(engine)
         app.state.read_sessions = create_read_session_factory(engine)
         app.state.redis = redis
+        intake = IntakeWriter(app.state.sessions)
+        intake.start()
+        app.state.intake = intake
+        # Long-polls: one subscription and one periodic query serve every waiter.
+        waiters = Waiters()
+        subscriber = Redis.from_url(
+            settings.redis_url,
+            socket_connect_timeout=REDIS_TIMEOUT_S,
+            socket_timeout=REDIS_TIMEOUT_S,
+            health_check_interval=SUBSCRIBER_HEALTH_CHECK_S,
+        )
+        listener = FinishedListener(redis=subscriber, waiters=waiters)
+        sweep = FinishedSweep(sessions=app.state.read_sessions, waiters=waiters)
+        app.state.waiters = waiters
+        background = [asyncio.create_task(listener.run()), asyncio.create_task(sweep.run())]
         try:
             yield
         finally:
+            listener.stop()
+            sweep.stop()
+            for job in background:
+                job.cancel()
+            for outcome in await asyncio.gather(*background, return_exceptions=True):
+                if isinstance(outcome, Exception):
+                    log.error("waiters.crashed", extra=fields(error=repr(outcome)))
+            await subscriber.aclose()
+            # Write every submission already queued before the engine goes away.
+            await intake.close()
             await redis.aclose()
             await engine.dispose()
 
@@ -50,5 +85,9 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(relay.router)
     app.include_router(health.router)
     register_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.api_max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_body_bytes=settings.api_max_body_bytes,
+        path_limits={BULK_PATH: max(settings.api_max_body_bytes, BULK_MAX_BODY_BYTES)},
+    )
     return app

@@ -1,4 +1,8 @@
-"""Request dependencies as ``Annotated`` aliases: settings, sessions, Redis, the account."""
+"""Request dependencies as ``Annotated`` aliases: settings, sessions, Redis, the account.
+
+All are ``async def``: none blocks, and FastAPI runs a plain ``def`` dependency in a worker
+thread, a hop per dependency per request.
+"""
 
 from __future__ import annotations
 
@@ -9,27 +13,39 @@ from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from redis.asyncio import Redis
 
+from api.intake import IntakeWriter
+from api.waiters import Waiters
 from throttler.constants import DEFAULT_ACCOUNT
 from throttler.db import SessionFactory
 from throttler.settings import Settings
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_sessions(request: Request) -> SessionFactory:
+async def get_sessions(request: Request) -> SessionFactory:
     sessions: SessionFactory = request.app.state.sessions
     return sessions
 
 
-def get_read_sessions(request: Request) -> SessionFactory:
+async def get_read_sessions(request: Request) -> SessionFactory:
     sessions: SessionFactory = request.app.state.read_sessions
     return sessions
 
 
-def get_redis(request: Request) -> Redis:
+async def get_intake(request: Request) -> IntakeWriter:
+    intake: IntakeWriter = request.app.state.intake
+    return intake
+
+
+def get_waiters(request: Request) -> Waiters:
+    waiters: Waiters = request.app.state.waiters
+    return waiters
+
+
+async def get_redis(request: Request) -> Redis:
     redis: Redis = request.app.state.redis
     return redis
 
@@ -39,6 +55,9 @@ SessionsDep = Annotated[SessionFactory, Depends(get_sessions)]
 # Read-only work (results, readiness) never waits for SQLite's write lock.
 ReadSessionsDep = Annotated[SessionFactory, Depends(get_read_sessions)]
 RedisDep = Annotated[Redis, Depends(get_redis)]
+WaitersDep = Annotated[Waiters, Depends(get_waiters)]
+# New tasks go through the process's group-commit writer (api.intake).
+IntakeDep = Annotated[IntakeWriter, Depends(get_intake)]
 
 # auto_error=False: a missing key is only an error when API_KEYS is set, and then the
 # answer must be 401 with WWW-Authenticate. The scheme still shows in /docs.
@@ -53,7 +72,7 @@ def _unauthorized() -> HTTPException:
     )
 
 
-def get_account(
+async def get_account(
     settings: SettingsDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> str:

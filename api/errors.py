@@ -18,6 +18,7 @@ from sqlalchemy.exc import (
 )
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
+from api.intake import IntakeClosedError
 from throttler.logs import fields
 
 log = logging.getLogger(__name__)
@@ -89,3 +90,5 @@ def register_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(PoolTimeoutError, _on_unreachable)
     # TimeoutError and ConnectionRefusedError are both OSError subclasses.
     app.add_exception_handler(OSError, _on_unreachable)
+    # A submission arriving while the API shuts down: not written, so retry elsewhere.
+    app.add_exception_handler(IntakeClosedError, _on_unreachable)

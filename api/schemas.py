@@ -5,9 +5,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
+from api.submit_options import MAX_DELAY_S, MAX_PRIORITY, MIN_PRIORITY
+from throttler.constants import DEFAULT_PRIORITY
 from throttler.models import Task
+from throttler.outbox import NewTask
 from throttler.statuses import TaskStatus
 
 
@@ -47,6 +50,56 @@ class TaskPublic(BaseModel):
             started_at=task.started_at,
             finished_at=task.finished_at,
         )
+
+    @classmethod
+    def pending(cls, task: NewTask) -> TaskPublic:
+        """The view of a task just submitted (what ``from_task`` would read back)."""
+        return cls(
+            task_id=task.task_id,
+            name=task.name,
+            status=TaskStatus.PENDING,
+            result=None,
+            error=None,
+            attempts=0,
+            priority=task.priority,
+            created_at=task.created_at,
+            run_at=task.run_at,
+            queued_at=None,
+            started_at=None,
+            finished_at=None,
+        )
+
+
+# Tasks per bulk request; its body may be up to BULK_MAX_BODY_BYTES (api.body_limit).
+MAX_BULK_TASKS = 1000
+
+
+class TaskItemCreate(BaseModel):
+    """One task of a bulk submission: its kind, its own fields, and how to schedule it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: StrictStr = Field(description="A task kind, as in POST /api/v1/task/{name}.")
+    input: dict[str, Any] = Field(description="The task's own fields, as its endpoint takes them.")
+    priority: StrictInt = Field(default=DEFAULT_PRIORITY, ge=MIN_PRIORITY, le=MAX_PRIORITY)
+    delay_s: StrictInt | None = Field(default=None, ge=0, le=MAX_DELAY_S)
+    run_at: AwareDatetime | None = Field(
+        default=None, description="ISO-8601 time with a timezone; not together with delay_s."
+    )
+
+
+class TaskBatchCreate(BaseModel):
+    """Tasks accepted together: all of them, or (on any invalid item) none."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tasks: list[TaskItemCreate] = Field(min_length=1, max_length=MAX_BULK_TASKS)
+
+
+class TaskBatchPublic(BaseModel):
+    """The accepted tasks in request order, each pending."""
+
+    tasks: list[TaskPublic]
 
 
 class ErrorMessage(BaseModel):

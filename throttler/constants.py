@@ -10,3 +10,6 @@ RATE_BUCKET_KEY_PREFIX = "throttler:bucket:"
 # PostgreSQL advisory lock that makes claim transactions take turns when an in-flight cap
 # is set, so two relays cannot both count the same free slots (SQLite serializes anyway).
 CLAIM_LOCK_KEY = 0x7468726F74  # "throt"
+# Redis pub/sub channel on which workers and reconcilers announce, after the commit, the
+# id of each task they made terminal; the API wakes its long-poll waiters from it.
+FINISHED_CHANNEL = "throttler:finished"

@@ -38,6 +38,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from throttler.catalog import CATALOG, TaskSpec
 from throttler.db import SessionFactory
+from throttler.finished import publish_finished
 from throttler.logs import fields
 from throttler.models import OutboxEntry, Task, TaskEvent, utcnow
 from throttler.periodic import Periodic
@@ -108,13 +109,21 @@ def _job_keys(task_id: str) -> tuple[str, str, str]:
     return (job_key_prefix + task_id, in_progress_key_prefix + task_id, result_key_prefix + task_id)
 
 
+def _live_job_keys(task_id: str) -> tuple[str, str]:
+    # A result key alone does not keep a queued or running task alive: our runner
+    # records an outcome before its job ends, so ARQ finished the job without us (it
+    # expired, or failed before our code ran) and the task is lost. The result key must
+    # then go too, or the relay's enqueue of the same job id would be a no-op.
+    return (job_key_prefix + task_id, in_progress_key_prefix + task_id)
+
+
 async def _jobs_alive(redis: Redis, task_ids: Sequence[str]) -> dict[str, bool]:
-    """Return, per task, whether ARQ still holds any key of its job (one round trip)."""
+    """Return, per task, whether ARQ still holds its job, queued or running (one trip)."""
     if not task_ids:
         return {}
     async with redis.pipeline(transaction=False) as pipe:
         for task_id in task_ids:
-            pipe.exists(*_job_keys(task_id))
+            pipe.exists(*_live_job_keys(task_id))
         counts = await pipe.execute()
     return {task_id: int(count) > 0 for task_id, count in zip(task_ids, counts, strict=True)}
 
@@ -289,7 +298,7 @@ async def _fail(
 
 
 async def _forget_jobs(redis: Redis, *, task_ids: Sequence[str], queue_name: str) -> None:
-    """Delete what ARQ still holds of stuck jobs, so the relay's enqueue is not a no-op."""
+    """Delete what ARQ still holds of requeued jobs, so the relay's enqueue is not a no-op."""
     if not task_ids:
         return
     async with redis.pipeline(transaction=False) as pipe:
@@ -374,10 +383,11 @@ async def _apply(
                     failed.append(task_id)
             elif await _requeue(session, action, grace_cutoff=grace_cutoff, now=now):
                 requeued.append(task_id)
-                if action.reason is Reason.TIMED_OUT:
-                    stale.append(task_id)
+                stale.append(task_id)
         # Before the commit: once the task is pending, a relay may enqueue it at once.
         await _forget_jobs(redis, task_ids=stale, queue_name=settings.arq_queue_name)
+    # Committed: wake the API long-polls waiting on the tasks just failed.
+    await publish_finished(redis, task_ids=failed)
     for task_id in requeued:
         log.warning("task.requeued", extra=fields(task_id=task_id))
     for task_id in failed:

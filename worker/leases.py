@@ -19,6 +19,7 @@ from arq.constants import in_progress_key_prefix
 from arq.worker import Worker
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import WatchError
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +30,12 @@ LEASE_S = 3.0
 LEASE_REFRESH_S = 1.0
 
 # Redis is away: worth trying again (the service logs the outage, see worker.service).
+# redis-py reports a connection lost between WATCH and EXEC as a WatchError; ARQ's
+# start_jobs catches the one EXEC raises (another worker took the job) but not that one.
 REDIS_DOWN_ERRORS: tuple[type[BaseException], ...] = (
     RedisConnectionError,
     RedisTimeoutError,
+    WatchError,
     OSError,
     TimeoutError,
 )

@@ -7,18 +7,21 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
+from fastapi.exceptions import RequestValidationError
 from sqlalchemy import select
 
-from api.deps import AccountDep, ReadSessionsDep, SessionsDep
-from api.schemas import ErrorMessage, TaskPublic
+from api.bulk import new_tasks
+from api.deps import AccountDep, IntakeDep, ReadSessionsDep, WaitersDep
+from api.schemas import MAX_BULK_TASKS, ErrorMessage, TaskBatchCreate, TaskBatchPublic, TaskPublic
 from api.strict_json import StrictJSONRoute
 from api.submit_options import SubmitOptions, get_submit_options
+from api.waiters import MAX_WAIT_S, long_poll
 from throttler.catalog import CATALOG, TaskInput, TaskSpec
 from throttler.constants import API_PREFIX
 from throttler.logs import fields
 from throttler.models import TASK_ID_LENGTH, Task, utcnow
-from throttler.outbox import submit_task
+from throttler.outbox import NewTask
 
 log = logging.getLogger(__name__)
 
@@ -65,34 +68,34 @@ def _submit_endpoint(spec: TaskSpec) -> Callable[..., Awaitable[TaskPublic]]:
         request: Request,
         response: Response,
         account: AccountDep,
-        sessions: SessionsDep,
+        intake: IntakeDep,
         options: Annotated[SubmitOptions, Depends(get_submit_options)],
     ) -> TaskPublic:
         now = utcnow()
-        # One transaction: a 202 means the task, outbox row and event are all committed.
-        async with sessions.begin() as session:
-            task = await submit_task(
-                session,
-                name=spec.name,
-                account=account,
-                payload=body.model_dump(mode="json"),
-                now=now,
-                priority=options.priority,
-                host=body.limit_host(),
-                run_at=options.due_at(now),
-            )
-        response.headers["Location"] = request.url_for(RESULT_ROUTE, task_id=task.id).path
+        # The writer returns once the task, outbox row and event are committed (a batch
+        # shared with concurrent requests); a failed commit raises, so no 202 is sent.
+        task = NewTask(
+            name=spec.name,
+            account=account,
+            payload=body.model_dump(mode="json"),
+            created_at=now,
+            priority=options.priority,
+            host=body.limit_host(),
+            run_at=options.due_at(now),
+        )
+        await intake.submit([task])
+        response.headers["Location"] = request.url_for(RESULT_ROUTE, task_id=task.task_id).path
         log.info(
             "task.submitted",
             extra=fields(
-                task_id=task.id,
+                task_id=task.task_id,
                 name=spec.name,
                 account=account,
                 priority=task.priority,
                 run_at=task.run_at.isoformat() if task.run_at else None,
             ),
         )
-        return TaskPublic.from_task(task)
+        return TaskPublic.pending(task)
 
     # FastAPI takes the body schema from the signature, so give this endpoint the spec's
     # own input model: it validates with it and shows it in /docs.
@@ -120,23 +123,88 @@ for _spec in CATALOG.values():
     )
 
 
+@router.post(
+    "/tasks",
+    name="submit_tasks",
+    operation_id="submit_tasks",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=TaskBatchPublic,
+    responses={
+        202: {"description": "Accepted: every task, outbox row and event is committed."},
+        **_UNAUTHORIZED,
+        413: {"model": ErrorMessage, "description": "Request body too large."},
+        **_UNAVAILABLE,
+    },
+    summary=f"Submit up to {MAX_BULK_TASKS} tasks of any kinds at once: all or none.",
+)
+async def submit_tasks(
+    batch: TaskBatchCreate, request: Request, account: AccountDep, intake: IntakeDep
+) -> TaskBatchPublic:
+    if request.query_params:
+        # Options belong to each item; a query option would look applied and not be.
+        name = next(iter(request.query_params))
+        raise RequestValidationError(
+            [
+                {
+                    "type": "extra_forbidden",
+                    "loc": ("query", name),
+                    "msg": "Extra inputs are not permitted; give options per task",
+                    "input": request.query_params[name],
+                }
+            ]
+        )
+    # Every item is validated before anything is written; then one transaction.
+    tasks = new_tasks(batch.tasks, account=account, now=utcnow())
+    await intake.submit(tasks)
+    log.info(
+        "tasks.submitted",
+        extra=fields(count=len(tasks), account=account, first_task_id=tasks[0].task_id),
+    )
+    return TaskBatchPublic(tasks=[TaskPublic.pending(task) for task in tasks])
+
+
 @router.get(
     "/task/result/{task_id}",
     name=RESULT_ROUTE,
     operation_id=RESULT_ROUTE,
     response_model=TaskPublic,
     responses=_RESULT_RESPONSES,
-    summary="Read a task's status and result.",
+    summary="Read a task's status and result, optionally waiting for it to finish.",
 )
-async def task_result(task_id: str, account: AccountDep, sessions: ReadSessionsDep) -> TaskPublic:
+async def task_result(
+    task_id: str,
+    request: Request,
+    account: AccountDep,
+    sessions: ReadSessionsDep,
+    waiters: WaitersDep,
+    wait: Annotated[
+        float,
+        Query(
+            ge=0,
+            le=MAX_WAIT_S,
+            description=(
+                f"Long-poll: seconds (0-{MAX_WAIT_S:g}) to wait for the task to reach a "
+                "terminal status. The answer comes as soon as it does, else after `wait` "
+                "seconds with the task as it then stands. 0 (default) answers at once."
+            ),
+        ),
+    ] = 0,
+) -> TaskPublic:
     # Another account's task answers exactly like a missing one: no existence leak.
     not_found = HTTPException(status_code=status.HTTP_404_NOT_FOUND, detail="task not found")
     # Ids are printable ASCII; anything else (NUL, which PostgreSQL rejects outright) is
     # unknown without asking the database.
     if len(task_id) > TASK_ID_LENGTH or not (task_id.isascii() and task_id.isprintable()):
         raise not_found
-    async with sessions() as session:
-        task = await session.scalar(select(Task).where(Task.id == task_id, Task.account == account))
+
+    async def read() -> Task | None:
+        async with sessions() as session:
+            task: Task | None = await session.scalar(
+                select(Task).where(Task.id == task_id, Task.account == account)
+            )
+            return task
+
+    task = await long_poll(read, task_id=task_id, wait_s=wait, waiters=waiters, request=request)
     if task is None:
         raise not_found
     return TaskPublic.from_task(task)

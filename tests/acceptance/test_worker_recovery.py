@@ -116,7 +116,7 @@ async def test_killed_workers_side_effecting_job_is_not_run_again(
     started = await started_times(sessions, task_id)
     assert started[1] - killed_at < RERUN_LIMIT_S
     # The second start was refused: the effect happened exactly once.
-    assert effects.read_text().splitlines() == [f"start pid={first.process.pid}"]
+    assert effects.read_text().splitlines() == [f"start {task_id} pid={first.process.pid}"]
     assert task.attempts == 2
     assert task.error is not None
     assert "outcome of the earlier attempt is unknown" in task.error

@@ -156,7 +156,7 @@ async def test_tasks_lost_with_redis_are_requeued_and_run_exactly_once(
         assert history[history.index("requeued") :].count("started") == 1
 
 
-@pytest.mark.parametrize("prefix", [job_key_prefix, in_progress_key_prefix, result_key_prefix])
+@pytest.mark.parametrize("prefix", [job_key_prefix, in_progress_key_prefix])
 async def test_a_task_whose_job_lives_is_left_alone(
     settings: Settings, sessions: SessionFactory, redis: Redis, prefix: str
 ) -> None:
@@ -171,6 +171,22 @@ async def test_a_task_whose_job_lives_is_left_alone(
     assert (await _task(sessions, queued)).status == TaskStatus.QUEUED
     assert (await _task(sessions, running)).status == TaskStatus.RUNNING
     assert not await _has_outbox_row(sessions, queued)
+
+
+async def test_a_lone_arq_result_does_not_hide_a_lost_job(
+    settings: Settings, sessions: SessionFactory, redis: Redis
+) -> None:
+    # ARQ ended the job without our runner (e.g. "job expired" after Redis lost its data):
+    # only the result key is left, and it would turn the relay's enqueue into a no-op.
+    task_id = await _make_task(sessions, status=TaskStatus.QUEUED)
+    await redis.set(result_key_prefix + task_id, b"x")
+
+    report = await _reconcile(settings, sessions, redis)
+
+    assert report.requeued == (task_id,)
+    assert (await _task(sessions, task_id)).status == TaskStatus.PENDING
+    assert await _has_outbox_row(sessions, task_id)
+    assert not await redis.exists(result_key_prefix + task_id)
 
 
 @pytest.mark.parametrize("ago", [timedelta(seconds=1), timedelta(seconds=-0.5)])

@@ -38,6 +38,8 @@ def arq_function(definition: TaskDefinition) -> Function:
             resources_from(ctx),
             task_id=str(ctx["job_id"]),
             arq_try=int(ctx.get("job_try") or 1),
+            # ARQ's own pool: announces the outcome to API long-polls (best effort).
+            redis=ctx.get("redis"),
         )
 
     job.__qualname__ = f"run_{definition.name}"

@@ -20,8 +20,10 @@ from typing import Any
 
 from arq.worker import Retry
 from pydantic import BaseModel, ValidationError
+from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from throttler.finished import publish_finished
 from throttler.lifecycle import Attempt, record_failure, record_retry, record_success, start_attempt
 from throttler.logs import fields
 from throttler.models import utcnow
@@ -66,12 +68,18 @@ def _describe_validation(error: ValidationError) -> str:
 
 
 async def run_task(
-    definition: TaskDefinition, resources: Resources, *, task_id: str, arq_try: int = 1
+    definition: TaskDefinition,
+    resources: Resources,
+    *,
+    task_id: str,
+    arq_try: int = 1,
+    redis: Redis | None = None,
 ) -> None:
     """Run one attempt of the task ``task_id`` and record how it ended.
 
     ``arq_try`` is ARQ's count of deliveries, used only to back off while the database
-    cannot even record the start.
+    cannot even record the start. With ``redis``, a terminal outcome is announced there
+    once committed (see throttler.finished).
     """
     settings = resources.settings
     try:
@@ -107,7 +115,9 @@ async def run_task(
         extra=fields(task_id=task_id, name=definition.name, attempt=attempt.attempt),
     )
     outcome = await _attempt(definition, resources, attempt)
-    await _record(definition, resources, attempt, outcome, started=started)
+    finished = await _record(definition, resources, attempt, outcome, started=started)
+    if finished and redis is not None:
+        await publish_finished(redis, task_ids=[task_id])
 
 
 async def _attempt(definition: TaskDefinition, resources: Resources, attempt: Attempt) -> Outcome:
@@ -166,7 +176,8 @@ async def _record(
     outcome: Outcome,
     *,
     started: float,
-) -> None:
+) -> bool:
+    """Write the outcome; return True if this call made the task terminal."""
     settings = resources.settings
     common: dict[str, Any] = {
         "task_id": attempt.task_id,
@@ -196,7 +207,7 @@ async def _record(
             "task.succeeded",
             extra=fields(**log_fields, duration_ms=duration_ms(), recorded=changed),
         )
-        return
+        return changed
 
     if isinstance(outcome, Retriable):
         if definition.at_most_once:
@@ -224,7 +235,7 @@ async def _record(
             )
             if changed:
                 raise Retry(defer=defer_s)
-            return  # finished meanwhile (cancelled): nothing left to retry
+            return False  # finished meanwhile (cancelled): nothing left to retry
     else:
         error = outcome.error
 
@@ -236,3 +247,4 @@ async def _record(
         "task.failed",
         extra=fields(**log_fields, duration_ms=duration_ms(), error=error, recorded=changed),
     )
+    return changed

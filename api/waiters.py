@@ -1,0 +1,244 @@
+"""Long-poll waiters: wake the requests waiting on a task as soon as it is terminal.
+
+Each API process keeps one registry, task id to the events of the requests waiting on
+it. Two background jobs owned by the lifespan set those events:
+
+- ``FinishedListener``: ONE Redis pub/sub subscription to ``FINISHED_CHANNEL``, where
+  workers and reconcilers publish a task id once its terminal status is committed
+  (throttler.finished). It reconnects with backoff when Redis goes away.
+- ``FinishedSweep``: pub/sub loses messages (Redis restarted, subscriber reconnecting), so
+  every second ONE query asks which of all waited tasks are terminal.
+
+A waiter reads its task when it starts and again when woken or at its deadline; waiting
+itself costs the database nothing, whatever the number of waiters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from sqlalchemy import select
+from starlette.requests import Request
+
+from throttler.constants import FINISHED_CHANNEL
+from throttler.db import SessionFactory
+from throttler.logs import fields
+from throttler.models import Task
+from throttler.periodic import Periodic
+from throttler.statuses import TERMINAL_STATUSES, TaskStatus
+
+log = logging.getLogger(__name__)
+
+# The longest a client may ask the result endpoint to wait.
+MAX_WAIT_S = 30.0
+# How often the sweep asks the database which waited tasks are terminal: the longest a
+# waiter answers late when its announcement was lost.
+SWEEP_INTERVAL_S = 1.0
+# Waited ids per sweep query: well under SQLite's bound-parameter limit.
+SWEEP_BATCH_SIZE = 500
+# The listener's read timeout: how often it looks up from an idle subscription.
+LISTEN_POLL_S = 1.0
+# Pause before resubscribing after Redis went away; doubles up to the cap.
+RESUBSCRIBE_BACKOFF_S = 0.1
+RESUBSCRIBE_BACKOFF_MAX_S = 5.0
+_REDIS_DOWN_ERRORS = (RedisError, OSError, TimeoutError)
+_TERMINAL = [status.value for status in TERMINAL_STATUSES]
+
+
+class Waiters:
+    """Task id to the events of the requests waiting on it; one per API process."""
+
+    def __init__(self) -> None:
+        self._events: dict[str, set[asyncio.Event]] = {}
+
+    def __len__(self) -> int:
+        """Return the number of waiting requests."""
+        return sum(len(events) for events in self._events.values())
+
+    def task_ids(self) -> list[str]:
+        """Return the ids some request is waiting on."""
+        return list(self._events)
+
+    @contextlib.contextmanager
+    def watch(self, task_id: str) -> Iterator[asyncio.Event]:
+        """Register a waiter on ``task_id`` for the block; its event is set on wake-up."""
+        event = asyncio.Event()
+        self._events.setdefault(task_id, set()).add(event)
+        try:
+            yield event
+        finally:
+            # Runs on answer, timeout, disconnect and cancellation alike: nothing leaks.
+            events = self._events.get(task_id)
+            if events is not None:
+                events.discard(event)
+                if not events:
+                    del self._events[task_id]
+
+    def wake(self, task_ids: Iterable[str]) -> int:
+        """Set the events of every waiter on these ids; return how many were woken."""
+        woken = 0
+        for task_id in task_ids:
+            for event in self._events.get(task_id, ()):
+                event.set()
+                woken += 1
+        return woken
+
+
+class FinishedListener:
+    """Wake waiters from ``FINISHED_CHANNEL``; run until stopped, resubscribing as needed."""
+
+    def __init__(
+        self,
+        *,
+        redis: Redis,
+        waiters: Waiters,
+        poll_s: float = LISTEN_POLL_S,
+        backoff_s: float = RESUBSCRIBE_BACKOFF_S,
+        backoff_max_s: float = RESUBSCRIBE_BACKOFF_MAX_S,
+    ) -> None:
+        self.redis = redis
+        self.waiters = waiters
+        self.poll_s = poll_s
+        self.backoff_s = backoff_s
+        self.backoff_max_s = backoff_max_s
+        self._stopping = asyncio.Event()
+
+    def stop(self) -> None:
+        """Make ``run`` return within ``poll_s``.
+
+        Cancelling the task is quicker, but redis-py can swallow a cancellation that lands
+        while it connects; this flag ends the loop anyway.
+        """
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Listen until stopped; while Redis is away the sweep alone wakes waiters."""
+        delay_s = self.backoff_s
+        down_since: float | None = None
+
+        def on_subscribed() -> None:
+            nonlocal delay_s, down_since
+            delay_s = self.backoff_s
+            if down_since is not None:
+                outage_s = round(time.monotonic() - down_since, 3)
+                log.info("waiters.resubscribed", extra=fields(outage_s=outage_s))
+                down_since = None
+
+        while not self._stopping.is_set():
+            try:
+                await self._listen(on_subscribed=on_subscribed)
+            except _REDIS_DOWN_ERRORS as error:
+                if down_since is None:
+                    down_since = time.monotonic()
+                    # One line when the subscription drops, one when it is back.
+                    log.warning(
+                        "waiters.unsubscribed",
+                        extra=fields(retry_max_s=self.backoff_max_s, error=repr(error)),
+                    )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), timeout=delay_s)
+            delay_s = min(delay_s * 2, self.backoff_max_s)
+
+    async def _listen(self, *, on_subscribed: Callable[[], None]) -> None:
+        """Subscribe, then wake the waiters named by each message until an error."""
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(FINISHED_CHANNEL)
+            on_subscribed()
+            while not self._stopping.is_set():
+                message = await pubsub.get_message(
+                    ignore_subscribe_messages=True, timeout=self.poll_s
+                )
+                if message is not None and message.get("type") == "message":
+                    data = message["data"]
+                    task_id = data.decode() if isinstance(data, bytes) else str(data)
+                    self.waiters.wake([task_id])
+        finally:
+            await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
+
+
+class FinishedSweep(Periodic):
+    """Once a second, wake the waiters of tasks found terminal: lost announcements."""
+
+    name = "waiters.sweep"
+
+    def __init__(
+        self,
+        *,
+        sessions: SessionFactory,
+        waiters: Waiters,
+        interval_s: float = SWEEP_INTERVAL_S,
+        batch_size: int = SWEEP_BATCH_SIZE,
+    ) -> None:
+        super().__init__(interval_s=interval_s, log=log)
+        self.sessions = sessions
+        self.waiters = waiters
+        self.batch_size = batch_size
+
+    async def run_once(self) -> None:
+        task_ids = self.waiters.task_ids()
+        for start in range(0, len(task_ids), self.batch_size):
+            batch = task_ids[start : start + self.batch_size]
+            async with self.sessions() as session:
+                finished = await session.scalars(
+                    select(Task.id).where(Task.id.in_(batch), Task.status.in_(_TERMINAL))
+                )
+                self.waiters.wake(finished.all())
+
+
+async def long_poll(
+    read: Callable[[], Awaitable[Task | None]],
+    *,
+    task_id: str,
+    wait_s: float,
+    waiters: Waiters,
+    request: Request,
+) -> Task | None:
+    """Read the task; unless it is terminal, wait up to ``wait_s`` for it, then read again.
+
+    None means unknown (to this account). The database is read once at the start and once
+    per wake-up (a wake-up means the task is terminal) or at the deadline.
+    """
+    if wait_s <= 0:
+        return await read()
+    deadline = asyncio.get_running_loop().time() + wait_s
+    # Register before the first read: a task finishing in between still wakes this waiter.
+    with waiters.watch(task_id) as woken:
+        task = await read()
+        if task is None or TaskStatus(task.status).is_terminal:
+            return task
+        hung_up = asyncio.Event()
+        watcher = asyncio.create_task(_watch_disconnect(request, woken=woken, hung_up=hung_up))
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        await woken.wait()
+                except TimeoutError:
+                    return await read()
+                if hung_up.is_set():
+                    return task  # nobody is left to answer
+                woken.clear()
+                task = await read()
+                if task is None or TaskStatus(task.status).is_terminal:
+                    return task
+        finally:
+            watcher.cancel()
+
+
+async def _watch_disconnect(
+    request: Request, *, woken: asyncio.Event, hung_up: asyncio.Event
+) -> None:
+    """Wake the waiter once the client hangs up, so it stops waiting at once."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            hung_up.set()
+            woken.set()
+            return

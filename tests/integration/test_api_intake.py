@@ -1,0 +1,154 @@
+"""Group commit: concurrent submissions share transactions, and a 202 still means committed."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+import httpx
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+
+from api.intake import IntakeClosedError, IntakeWriter
+from throttler.db import SessionFactory
+from throttler.models import OutboxEntry, TaskEvent
+from throttler.outbox import NewTask
+from throttler.settings import Settings, sqlite_path
+from throttler.statuses import EventKind
+
+if TYPE_CHECKING:
+    from tests.integration.conftest import ApiClientFactory, RowCounter
+
+GREETING = "/api/v1/task/greeting"
+CONCURRENT = 200
+
+
+def _new_task(name: str, *, task_id: str | None = None) -> NewTask:
+    task = NewTask(
+        name="greeting",
+        account="default",
+        payload={"name": name},
+        created_at=datetime.now(UTC),
+    )
+    if task_id is None:
+        return task
+    return NewTask(
+        name=task.name,
+        account=task.account,
+        payload=task.payload,
+        created_at=task.created_at,
+        task_id=task_id,
+    )
+
+
+async def test_concurrent_submissions_are_all_committed(
+    api_client: httpx.AsyncClient, sessions: SessionFactory, row_counts: RowCounter
+) -> None:
+    responses = await asyncio.gather(
+        *(api_client.post(GREETING, json={"name": f"n{i}"}) for i in range(CONCURRENT))
+    )
+
+    assert [response.status_code for response in responses] == [202] * CONCURRENT
+    task_ids = {response.json()["task_id"] for response in responses}
+    assert len(task_ids) == CONCURRENT
+    assert await row_counts() == {
+        "tasks": CONCURRENT,
+        "outbox": CONCURRENT,
+        "task_events": CONCURRENT,
+    }
+    async with sessions() as session:
+        outboxed = set(await session.scalars(select(OutboxEntry.task_id)))
+        submitted = set(
+            await session.scalars(
+                select(TaskEvent.task_id).where(TaskEvent.event == EventKind.SUBMITTED)
+            )
+        )
+    assert outboxed == submitted == task_ids
+
+
+async def test_failed_batch_fails_every_submission_in_it_and_writes_nothing(
+    sessions: SessionFactory, row_counts: RowCounter
+) -> None:
+    writer = IntakeWriter(sessions)
+    writer.start()
+    try:
+        existing = _new_task("first")
+        await writer.submit([existing])
+        # Queued together, so written together: the duplicate id sinks the whole batch.
+        outcomes = await asyncio.gather(
+            writer.submit([_new_task("innocent")]),
+            writer.submit([_new_task("clash", task_id=existing.task_id)]),
+            writer.submit([_new_task("bystander-1"), _new_task("bystander-2")]),
+            return_exceptions=True,
+        )
+        assert all(isinstance(outcome, IntegrityError) for outcome in outcomes), outcomes
+        # The writer carries on with the next batch.
+        await writer.submit([_new_task("after")])
+    finally:
+        await writer.close()
+
+    assert await row_counts() == {"tasks": 2, "outbox": 2, "task_events": 2}
+
+
+async def test_close_writes_what_is_queued_then_refuses(
+    sessions: SessionFactory, row_counts: RowCounter
+) -> None:
+    writer = IntakeWriter(sessions)
+    writer.start()
+    pending = [asyncio.ensure_future(writer.submit([_new_task(f"n{i}")])) for i in range(5)]
+    await asyncio.sleep(0)  # let each submission reach the queue
+    await writer.close()
+
+    await asyncio.gather(*pending)
+    with pytest.raises(IntakeClosedError):
+        await writer.submit([_new_task("late")])
+    assert await row_counts() == {"tasks": 5, "outbox": 5, "task_events": 5}
+
+
+async def test_locked_database_answers_503_to_every_request_of_the_batch(
+    settings: Settings, make_api_client: ApiClientFactory, row_counts: RowCounter
+) -> None:
+    path = sqlite_path(settings.database_url)
+    if path is None:
+        pytest.skip("SQLite write lock; the PostgreSQL lock test is in test_api_unavailable")
+    impatient = Settings(
+        database_url=settings.database_url, redis_url=settings.redis_url, database_timeout_s=0.3
+    )
+    async with make_api_client(impatient) as client:
+        assert (await client.post(GREETING, json={"name": "first"})).status_code == 202
+        locker = sqlite3.connect(path, isolation_level=None)
+        try:
+            locker.execute("BEGIN IMMEDIATE")
+            responses = await asyncio.gather(
+                *(client.post(GREETING, json={"name": f"n{i}"}) for i in range(20)),
+                client.post(
+                    "/api/v1/tasks", json={"tasks": [{"name": "greeting", "input": {"name": "b"}}]}
+                ),
+            )
+        finally:
+            locker.rollback()
+            locker.close()
+        assert (await client.post(GREETING, json={"name": "after"})).status_code == 202
+
+    assert {response.status_code for response in responses} == {503}
+    assert all(int(response.headers["retry-after"]) > 0 for response in responses)
+    assert await row_counts() == {"tasks": 2, "outbox": 2, "task_events": 2}
+
+
+async def test_intake_counts_match_on_both_databases(
+    api_client: httpx.AsyncClient, sessions: SessionFactory
+) -> None:
+    bulk = {"tasks": [{"name": "greeting", "input": {"name": f"b{i}"}} for i in range(50)]}
+    responses = await asyncio.gather(
+        api_client.post("/api/v1/tasks", json=bulk),
+        *(api_client.post(GREETING, json={"name": f"s{i}"}) for i in range(50)),
+        api_client.post("/api/v1/tasks", json=bulk),
+    )
+
+    assert [response.status_code for response in responses] == [202] * 52
+    async with sessions() as session:
+        events = await session.scalar(select(func.count()).select_from(TaskEvent))
+    assert events == 150

@@ -1,0 +1,41 @@
+"""Announce finished tasks on Redis pub/sub, so API long-polls answer at once.
+
+Best effort by design: the database is the source of truth and the API also checks its
+waited tasks in the database every second, so a lost announcement (Redis away, no
+subscriber yet) costs at most that second, never a result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from throttler.constants import FINISHED_CHANNEL
+from throttler.logs import fields
+
+log = logging.getLogger(__name__)
+
+# A dead Redis must not hold a worker's job slot or a reconcile pass for long.
+PUBLISH_TIMEOUT_S = 1.0
+
+
+async def publish_finished(
+    redis: Redis, *, task_ids: Sequence[str], timeout_s: float = PUBLISH_TIMEOUT_S
+) -> None:
+    """Publish each id on ``FINISHED_CHANNEL``; call only after the terminal write commits."""
+    if not task_ids:
+        return
+    try:
+        async with asyncio.timeout(timeout_s), redis.pipeline(transaction=False) as pipe:
+            for task_id in task_ids:
+                pipe.publish(FINISHED_CHANNEL, task_id)
+            await pipe.execute()
+    except (RedisError, OSError, TimeoutError) as error:
+        log.warning(
+            "task.finish_not_announced",
+            extra=fields(task_ids=",".join(task_ids[:10]), count=len(task_ids), error=repr(error)),
+        )
