@@ -16,12 +16,10 @@ import os
 import random
 import re
 import socket
-import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -94,30 +92,6 @@ RUN_ENDS = frozenset(
 INFLIGHT_ENDS = frozenset(
     {EventKind.SUCCEEDED, EventKind.FAILED, EventKind.CANCELLED, EventKind.REQUEUED}
 )
-
-DOWNLOAD_BODY = b"chaos bytes\n" * 32
-
-
-class _FileHandler(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain")
-        self.send_header("Content-Length", str(len(DOWNLOAD_BODY)))
-        self.end_headers()
-        self.wfile.write(DOWNLOAD_BODY)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Keep test output quiet."""
-
-
-@pytest.fixture
-def file_url() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _FileHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/file.txt"
-    server.shutdown()
-    server.server_close()
 
 
 @pytest.fixture
@@ -224,14 +198,14 @@ async def _post(http: httpx.AsyncClient, name: str, body: dict[str, Any]) -> str
     raise AssertionError(f"the api kept answering 503 to {name}")
 
 
-def _requests(rng: random.Random, file_url: str) -> list[tuple[str, dict[str, Any]]]:
+def _requests(rng: random.Random, file_server: str) -> list[tuple[str, dict[str, Any]]]:
     requests: list[tuple[str, dict[str, Any]]] = []
     for index in range(MIX[GREETING]):
         requests.append((GREETING, {"name": f"chaos-{index}"}))
     for _ in range(MIX[SLEEP]):
         requests.append((SLEEP, {"duration": rng.randint(0, 1)}))
     for index in range(MIX[DOWNLOAD]):
-        requests.append((DOWNLOAD, {"url": f"{file_url}?n={index}"}))
+        requests.append((DOWNLOAD, {"url": f"{file_server}?n={index}"}))
     for _ in range(MIX[MISSILE]):
         requests.append((MISSILE, {"duration": rng.randint(0, 1)}))
     rng.shuffle(requests)
@@ -326,7 +300,7 @@ async def test_chaos_soak(
     database_url: str,
     reader: SessionFactory,
     writer: SessionFactory,
-    file_url: str,
+    file_server: str,
     redis_port: int,
     tmp_path: Path,
 ) -> None:
@@ -351,7 +325,7 @@ async def test_chaos_soak(
         "WORKER_SHUTDOWN_GRACE_S": "1",
         SIDE_EFFECT_LOG_ENV: str(effects),
     }
-    requests = _requests(rng, file_url)
+    requests = _requests(rng, file_server)
     moments = {name: rng.uniform(*CHAOS_WINDOW_S) for name in ("relay", "worker", "redis")}
     redis = start_redis_server(port=redis_port, workdir=redis_dir)
     chaos: Chaos | None = None

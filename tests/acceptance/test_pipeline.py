@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import threading
-from collections.abc import AsyncIterator, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 from sqlalchemy import select
 
+from tests.acceptance.conftest import DOWNLOAD_BODY
 from tests.acceptance.processes import Cluster, cluster
 from tests.support import event_history, event_times, max_in_window, wait_for
 from throttler.db import SessionFactory
@@ -22,30 +20,6 @@ from throttler.redis_server import free_port
 from throttler.statuses import TERMINAL_STATUSES
 
 pytestmark = pytest.mark.slow
-
-DOWNLOAD_BODY = b"throttled bytes\n" * 64
-
-
-class _FileHandler(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain")
-        self.send_header("Content-Length", str(len(DOWNLOAD_BODY)))
-        self.end_headers()
-        self.wfile.write(DOWNLOAD_BODY)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Keep test output quiet."""
-
-
-@pytest.fixture
-def file_server() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _FileHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/file.txt"
-    server.shutdown()
-    server.server_close()
 
 
 @pytest.fixture
