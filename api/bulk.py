@@ -49,15 +49,7 @@ def _validate_item(
         message = f"run_at may be at most {MAX_DELAY_S} seconds ahead"
         return None, [_item_error(index, "run_at", "less_than_equal", message, str(item.run_at))]
     options = SubmitOptions(priority=item.priority, delay_s=item.delay_s, run_at=item.run_at)
-    task = NewTask(
-        name=spec.name,
-        account=account,
-        payload=task_input.model_dump(mode="json"),
-        created_at=now,
-        priority=options.priority,
-        host=task_input.limit_host(),
-        run_at=options.due_at(now),
-    )
+    task = options.new_task(name=spec.name, task_input=task_input, account=account, now=now)
     return task, []
 
 

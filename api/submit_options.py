@@ -13,8 +13,10 @@ from fastapi import Query, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import AwareDatetime
 
+from throttler.catalog import TaskInput
 from throttler.constants import DEFAULT_PRIORITY
 from throttler.models import utcnow
+from throttler.outbox import NewTask
 
 MIN_PRIORITY = 0
 MAX_PRIORITY = 9
@@ -39,6 +41,18 @@ class SubmitOptions:
             return self.run_at.astimezone(UTC)
         # A start time already past means now.
         return None
+
+    def new_task(self, *, name: str, task_input: TaskInput, account: str, now: datetime) -> NewTask:
+        """Return the validated submission, scheduled by these options, ready to insert."""
+        return NewTask(
+            name=name,
+            account=account,
+            payload=task_input.model_dump(mode="json"),
+            created_at=now,
+            priority=self.priority,
+            host=task_input.limit_host(),
+            run_at=self.due_at(now),
+        )
 
 
 def _query_error(name: str, kind: str, message: str, value: Any) -> RequestValidationError:

@@ -13,7 +13,9 @@ from alembic.config import Config
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from throttler.models import TaskEvent
+from throttler.db import SessionFactory
+from throttler.models import TaskEvent, utcnow
+from throttler.outbox import submit_task
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -78,3 +80,19 @@ async def event_times(session: AsyncSession, event: str) -> list[float]:
     """Return the POSIX times of every event of one kind."""
     rows = await session.execute(select(TaskEvent.at).where(TaskEvent.event == event))
     return [at.timestamp() for at in rows.scalars()]
+
+
+async def submit_greetings(sessions: SessionFactory, count: int) -> list[str]:
+    """Submit ``count`` greetings in one transaction, as the API would; return their ids."""
+    ids = []
+    async with sessions.begin() as session:
+        for index in range(count):
+            task = await submit_task(
+                session,
+                name="greeting",
+                account="default",
+                payload={"name": f"n{index}"},
+                now=utcnow(),
+            )
+            ids.append(task.id)
+    return ids

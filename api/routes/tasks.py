@@ -21,7 +21,6 @@ from throttler.catalog import CATALOG, TaskInput, TaskSpec
 from throttler.constants import API_PREFIX
 from throttler.logs import fields
 from throttler.models import TASK_ID_LENGTH, Task, utcnow
-from throttler.outbox import NewTask
 
 log = logging.getLogger(__name__)
 
@@ -74,15 +73,7 @@ def _submit_endpoint(spec: TaskSpec) -> Callable[..., Awaitable[TaskPublic]]:
         now = utcnow()
         # The writer returns once the task, outbox row and event are committed (a batch
         # shared with concurrent requests); a failed commit raises, so no 202 is sent.
-        task = NewTask(
-            name=spec.name,
-            account=account,
-            payload=body.model_dump(mode="json"),
-            created_at=now,
-            priority=options.priority,
-            host=body.limit_host(),
-            run_at=options.due_at(now),
-        )
+        task = options.new_task(name=spec.name, task_input=body, account=account, now=now)
         await intake.submit([task])
         response.headers["Location"] = request.url_for(RESULT_ROUTE, task_id=task.task_id).path
         log.info(

@@ -13,7 +13,14 @@ from redis.asyncio import Redis
 from sqlalchemy import func, select
 
 from tests.acceptance.processes import cluster
-from tests.support import ROOT, event_history, event_times, max_in_window, wait_for
+from tests.support import (
+    ROOT,
+    event_history,
+    event_times,
+    max_in_window,
+    submit_greetings,
+    wait_for,
+)
 from throttler.db import SessionFactory
 from throttler.models import OutboxEntry, Task, TaskEvent, utcnow
 from throttler.outbox import count_outbox, submit_task
@@ -27,21 +34,6 @@ QUEUE = "arq:queue"
 
 def _env(settings: Settings, **extra: str) -> dict[str, str]:
     return {"DATABASE_URL": settings.database_url, "REDIS_URL": settings.redis_url, **extra}
-
-
-async def _submit(sessions: SessionFactory, count: int) -> list[str]:
-    ids = []
-    async with sessions.begin() as session:
-        for index in range(count):
-            task = await submit_task(
-                session,
-                name="greeting",
-                account="default",
-                payload={"name": f"n{index}"},
-                now=utcnow(),
-            )
-            ids.append(task.id)
-    return ids
 
 
 async def _queue_size(redis: Redis) -> int:
@@ -59,7 +51,7 @@ async def _leased_task_ids(sessions: SessionFactory) -> set[str]:
 async def test_relay_dispatches_at_the_configured_rate(
     settings: Settings, sessions: SessionFactory, redis: Redis, tmp_path: Path
 ) -> None:
-    await _submit(sessions, 200)
+    await submit_greetings(sessions, 200)
     env = _env(settings, RELAY_RATE="50", RELAY_BURST="1")
     with cluster(env=env, log_dir=tmp_path) as running:
         relay = running.start("relay")
@@ -88,7 +80,7 @@ async def test_relay_dispatches_at_the_configured_rate(
 async def test_relay_killed_before_release_loses_and_repeats_nothing(
     settings: Settings, sessions: SessionFactory, redis: Redis, tmp_path: Path
 ) -> None:
-    ids = await _submit(sessions, 20)
+    ids = await submit_greetings(sessions, 20)
     env = _env(settings, RELAY_BATCH_SIZE="5", RELAY_CLAIM_LEASE_S="1")
     with cluster(env=env, log_dir=tmp_path) as running:
         crashing = running.start("tests.acceptance.crashing_relay")
@@ -129,7 +121,7 @@ async def test_relay_killed_before_release_loses_and_repeats_nothing(
 async def test_sigterm_finishes_the_batch_and_exits_zero(
     settings: Settings, sessions: SessionFactory, redis: Redis, tmp_path: Path
 ) -> None:
-    await _submit(sessions, 100)
+    await submit_greetings(sessions, 100)
     env = _env(settings, RELAY_RATE="20", RELAY_BURST="5")
     with cluster(env=env, log_dir=tmp_path) as running:
         relay = running.start("relay")
@@ -183,7 +175,7 @@ async def test_two_relays_share_the_rate(
     tmp_path: Path,
     kill_one: bool,
 ) -> None:
-    await _submit(sessions, 400)
+    await submit_greetings(sessions, 400)
     env = _env(settings, RELAY_RATE="40", RELAY_BURST="1", RELAY_CLAIM_LEASE_S="1")
     with cluster(env=env, log_dir=tmp_path) as running:
         first = running.start("relay")

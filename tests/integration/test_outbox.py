@@ -6,33 +6,18 @@ from datetime import timedelta
 
 from sqlalchemy import func, select
 
-from tests.support import event_history
+from tests.support import event_history, submit_greetings
 from throttler.db import SessionFactory
 from throttler.lifecycle import record_success, start_attempt
 from throttler.models import OutboxEntry, Task, utcnow
-from throttler.outbox import lease, release_claimed, select_claimable, submit_task
+from throttler.outbox import lease, release_claimed, select_claimable
 from throttler.statuses import TaskStatus
-
-
-async def _submit(sessions: SessionFactory, count: int) -> list[str]:
-    ids = []
-    async with sessions.begin() as session:
-        for index in range(count):
-            task = await submit_task(
-                session,
-                name="greeting",
-                account="default",
-                payload={"name": f"n{index}"},
-                now=utcnow(),
-            )
-            ids.append(task.id)
-    return ids
 
 
 async def test_claim_marks_queued_once_and_release_empties_outbox(
     sessions: SessionFactory,
 ) -> None:
-    ids = await _submit(sessions, 3)
+    ids = await submit_greetings(sessions, 3)
     now = utcnow()
     async with sessions.begin() as session:
         claims = await select_claimable(session, limit=2, now=now)
@@ -57,7 +42,7 @@ async def test_claim_marks_queued_once_and_release_empties_outbox(
 async def test_expired_lease_is_reclaimed_without_second_queued_event(
     sessions: SessionFactory,
 ) -> None:
-    (task_id,) = await _submit(sessions, 1)
+    (task_id,) = await submit_greetings(sessions, 1)
     now = utcnow()
     async with sessions.begin() as session:
         claims = await select_claimable(session, limit=1, now=now)
@@ -75,7 +60,7 @@ async def test_expired_lease_is_reclaimed_without_second_queued_event(
 async def test_reclaimed_row_of_finished_task_is_not_enqueued_again(
     sessions: SessionFactory,
 ) -> None:
-    (task_id,) = await _submit(sessions, 1)
+    (task_id,) = await submit_greetings(sessions, 1)
     now = utcnow()
     async with sessions.begin() as session:
         claims = await select_claimable(session, limit=1, now=now)
