@@ -89,9 +89,23 @@ async def test_one_call_judges_every_key_on_redis_time(redis: Redis) -> None:
     assert CLUSTER_BUCKET_KEY == RATE_BUCKET_KEY_PREFIX + "cluster"
     # The keys expire once a full refill would have made them redundant.
     assert 0 < await redis.pttl(RATE_BUCKET_KEY_PREFIX + "host:slow.example") <= 2000
-    ahead = await limiter.admit([greetings[1]], horizon_s=0.5)
+
+
+async def test_a_token_due_within_the_horizon_is_taken_ahead(redis: Redis) -> None:
+    # One token a minute: the second is a minute away however slow the machine is.
+    limiter = RedisLimiter(
+        redis=redis, rules=RuleSet.parse("", cluster_rate_per_s=1 / 60, cluster_burst=1)
+    )
+    greetings = [Candidate(task_id=f"g{i}", name="greeting", account="a") for i in range(3)]
+    now = await limiter.admit(greetings[:2])
+    assert now.admitted == (greetings[0],)
+    assert now.ready_in_s == (0.0,)
+    assert (await limiter.admit(greetings[1:2], horizon_s=30)).admitted == ()
+    ahead = await limiter.admit(greetings[1:2], horizon_s=90)
     assert ahead.admitted == (greetings[1],)
-    assert 0 < ahead.ready_in_s[0] <= 0.011
+    assert 30 < ahead.ready_in_s[0] <= 60
+    # The reserved token is spent: the next one is two minutes away.
+    assert (await limiter.admit(greetings[2:], horizon_s=90)).admitted == ()
 
 
 async def test_two_clients_share_one_bucket(redis: Redis, redis_url: str) -> None:
