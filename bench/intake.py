@@ -13,25 +13,17 @@ import asyncio
 import json
 import os
 import re
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
-import httpx
+from bench.processes import free_port, http_server, migrate
 
-ROOT = Path(__file__).resolve().parent.parent
 GREETING = "/api/v1/task/greeting"
 BULK = "/api/v1/tasks"
 BULK_SIZE = 1000
 WARMUP_S = 1.0
-READY_TIMEOUT_S = 30.0
 _CONTENT_LENGTH = re.compile(rb"content-length: *(\d+)", re.IGNORECASE)
 
 
@@ -45,42 +37,6 @@ class Figures:
     @property
     def per_s(self) -> float:
         return self.requests / self.elapsed_s
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
-
-
-@contextmanager
-def _server(args: list[str], env: dict[str, str], port: int) -> Iterator[int]:
-    """Run a server subprocess until the block ends; yield its base URL once it answers."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            try:
-                answer = httpx.get(f"{base_url}/healthz", timeout=1.0, trust_env=False)
-                if answer.status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{args} did not start")
-            time.sleep(0.1)
-        yield port
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def _request_bytes(port: int, path: str, body: object) -> bytes:
@@ -135,17 +91,6 @@ async def _load(
     )
 
 
-def _migrate(env: dict[str, str]) -> None:
-    subprocess.run(
-        [sys.executable, "-m", "alembic", "upgrade", "head"],
-        cwd=ROOT,
-        env=env,
-        check=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-
 def _print(label: str, figures: Figures) -> None:
     print(
         f"{label:<10} {figures.per_s:9.0f} req/s  p50 {figures.p50_ms:6.1f} ms  "
@@ -160,28 +105,28 @@ def main() -> None:
     args = parser.parse_args()
     body = {"name": "bench"}
     with tempfile.TemporaryDirectory() as workdir:
-        api_port, baseline_port = _free_port(), _free_port()
+        api_port, baseline_port = free_port(), free_port()
         env = {
             **os.environ,
             "DATABASE_URL": f"sqlite+aiosqlite:///{workdir}/bench.db",
             "API_PORT": str(api_port),
             "API_KEYS": "",
         }
-        _migrate(env)
-        with _server(["bench.baseline", str(baseline_port)], env, baseline_port) as port:
+        migrate(env)
+        with http_server(["bench.baseline", str(baseline_port)], env, baseline_port):
             baseline = asyncio.run(
                 _load(
-                    port,
+                    baseline_port,
                     path=GREETING,
                     body=body,
                     connections=args.connections,
                     duration_s=args.duration_s,
                 )
             )
-        with _server(["api"], env, api_port) as port:
+        with http_server(["api"], env, api_port):
             intake = asyncio.run(
                 _load(
-                    port,
+                    api_port,
                     path=GREETING,
                     body=body,
                     connections=args.connections,
@@ -194,7 +139,9 @@ def main() -> None:
                 ]
             }
             bulk = asyncio.run(
-                _load(port, path=BULK, body=bulk_body, connections=4, duration_s=args.duration_s)
+                _load(
+                    api_port, path=BULK, body=bulk_body, connections=4, duration_s=args.duration_s
+                )
             )
     print(f"{args.connections} connections, {args.duration_s:.0f} s each, SQLite synchronous=FULL")
     _print("baseline", baseline)

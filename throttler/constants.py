@@ -13,3 +13,6 @@ CLAIM_LOCK_KEY = 0x7468726F74  # "throt"
 # Redis pub/sub channel on which workers and reconcilers announce, after the commit, the
 # id of each task they made terminal; the API wakes its long-poll waiters from it.
 FINISHED_CHANNEL = "throttler:finished"
+# Redis pub/sub channel on which the API announces, after the commit, that new tasks are
+# in the outbox; an idle relay wakes on it instead of waiting out its poll interval.
+SUBMITTED_CHANNEL = "throttler:submitted"
