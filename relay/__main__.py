@@ -11,6 +11,7 @@ from redis.exceptions import RedisError
 
 from relay.relay import BACKOFF_MAX_S, BACKOFF_MIN_S, Relay
 from throttler.db import create_engine, create_read_session_factory, create_session_factory
+from throttler.dispatches import last_dispatch_from
 from throttler.logs import configure_logging, fields
 from throttler.periodic import Periodic
 from throttler.reconcile import Reconciler
@@ -69,18 +70,23 @@ async def serve(settings: Settings, *, relay_type: type[Relay] = Relay) -> None:
         if arq is None:
             return
         sessions = create_session_factory(engine)
+        read_sessions = create_read_session_factory(engine)
         relay = relay_type(
             settings=settings,
             sessions=sessions,
             arq=arq,
-            limiter=build_limiter(redis=arq, rules=settings.limit_rules),
+            limiter=build_limiter(
+                redis=arq,
+                rules=settings.limit_rules,
+                last_dispatch=last_dispatch_from(read_sessions),
+            ),
         )
         housekeepers.extend(
             [
                 Reconciler(
                     settings=settings,
                     sessions=sessions,
-                    read_sessions=create_read_session_factory(engine),
+                    read_sessions=read_sessions,
                     redis=arq,
                 ),
                 Pruner(settings=settings, sessions=sessions),

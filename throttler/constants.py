@@ -16,3 +16,6 @@ FINISHED_CHANNEL = "throttler:finished"
 # Redis pub/sub channel on which the API announces, after the commit, that new tasks are
 # in the outbox; an idle relay wakes on it instead of waiting out its poll interval.
 SUBMITTED_CHANNEL = "throttler:submitted"
+# Redis key (no TTL) holding the moment up to which buckets missing from Redis may have
+# been drained: set when the limiter finds Redis without it (see throttler.throttle).
+RATE_DRAIN_FLOOR_KEY = "throttler:bucket-drain-floor"

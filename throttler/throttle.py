@@ -9,19 +9,27 @@ Relays speak to a ``Limiter``: ``admit(candidates)`` answers which of them may b
 dispatched now, each at which moment, and which keys turned some away until when. A
 candidate goes only when every bucket of its rules (cluster, ``task:``, ``account:``,
 ``host:``) holds a token; one that does not is skipped without holding back the rest.
+
+A bucket whose state is missing is full, unless the buckets may have been drained
+shortly before they went missing: Redis restarted empty forgets every bucket while the
+tasks it admitted are still being dispatched. So Redis also keeps a *drain floor* (no
+TTL): the latest moment the lost buckets may have been drained up to. It is set once,
+when the limiter first finds it missing, from the database's latest dispatch
+(``restart_floor``), and a missing bucket refills from empty at that moment. Buckets that
+merely expired (idle long enough to refill) are full either way.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from redis.asyncio import Redis
 
-from throttler.constants import RATE_BUCKET_KEY_PREFIX
+from throttler.constants import RATE_BUCKET_KEY_PREFIX, RATE_DRAIN_FLOOR_KEY
 from throttler.limits import EACH, LimitKey, RuleSet, Scope
 
 CLUSTER_KEY = LimitKey(scope=Scope.CLUSTER)
@@ -29,13 +37,22 @@ CLUSTER_BUCKET_KEY = RATE_BUCKET_KEY_PREFIX + str(CLUSTER_KEY)
 # Grant a token that float rounding left a hair short of whole, so that asking again
 # after ``wait_s`` always succeeds; it lets a take run at most 1e-9 tokens early.
 TOKEN_EPSILON = 1e-9
+# A cluster that dispatched within this long before its buckets went missing may still
+# have claims in flight that took tokens the database does not show yet (an uncommitted
+# claim on PostgreSQL): the floor then also covers every token the lost buckets could
+# have lent ahead (``horizon_s``).
+ACTIVE_WITHIN_S = 60.0
 
 Clock = Callable[[], float]
+# The POSIX time of the latest dispatch the database knows of; None if there is none.
+LastDispatch = Callable[[], Awaitable[float | None]]
+# The drain floor of buckets that were never drained: a missing bucket is full.
+NEVER_DRAINED = -math.inf
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class BucketState:
-    """Tokens at ``updated_s`` (negative: taken ahead); a missing state is a full bucket."""
+    """Tokens at ``updated_s`` (negative: taken ahead); a missing state: see ``refill``."""
 
     tokens: float
     updated_s: float
@@ -73,12 +90,37 @@ class Decision:
     blocked: Mapping[int, float]
 
 
+def restart_floor(*, last_dispatch_s: float | None, now_s: float, horizon_s: float) -> float:
+    """The drain floor to record when the buckets are found missing at ``now_s``.
+
+    Nothing ever dispatched: minus infinity, every bucket full. A dispatch within
+    ``ACTIVE_WITHIN_S``: assume the buckets were drained up to ``now_s + horizon_s`` (the
+    latest token any claim could have taken ahead), or up to the last dispatch if that is
+    later. An older last dispatch: the buckets were drained at most up to it.
+    """
+    if last_dispatch_s is None:
+        return NEVER_DRAINED
+    if last_dispatch_s >= now_s - ACTIVE_WITHIN_S:
+        return max(last_dispatch_s, now_s + horizon_s)
+    return last_dispatch_s
+
+
 def refill(
-    state: BucketState | None, *, now_s: float, rate_per_s: float, burst: int
+    state: BucketState | None,
+    *,
+    now_s: float,
+    rate_per_s: float,
+    burst: int,
+    drained_at_s: float = -math.inf,
 ) -> BucketState:
-    """Return the bucket as it stands at ``now_s``."""
+    """Return the bucket as it stands at ``now_s``.
+
+    A missing bucket was empty at ``drained_at_s`` (the drain floor) and has
+    refilled since; before that moment it is in debt.
+    """
     if state is None:
-        return BucketState(tokens=float(burst), updated_s=now_s)
+        tokens = min(float(burst), (now_s - drained_at_s) * rate_per_s)
+        return BucketState(tokens=tokens, updated_s=now_s)
     # A clock that steps back (another host's view, an explicit test time) refills nothing.
     elapsed_s = max(0.0, now_s - state.updated_s)
     return BucketState(
@@ -94,6 +136,7 @@ def decide(
     *,
     now_s: float,
     horizon_s: float = 0.0,
+    drained_at_s: float = -math.inf,
 ) -> Decision:
     """Admit, in order, each request whose every bucket has a token due within the horizon.
 
@@ -103,12 +146,18 @@ def decide(
     not keep refilling while the request waits for another bucket), so every bucket sees
     exactly the dispatches of a token bucket. A refused request takes nothing and does not
     stop later ones. The Lua script in ``_ADMIT_LUA`` performs these exact operations in
-    the same order.
+    the same order. A missing state refills from ``drained_at_s`` (see ``refill``).
     """
     tokens: list[float] = []
     updated: list[float] = []
     for state, bucket in zip(states, buckets, strict=True):
-        now_state = refill(state, now_s=now_s, rate_per_s=bucket.rate_per_s, burst=bucket.burst)
+        now_state = refill(
+            state,
+            now_s=now_s,
+            rate_per_s=bucket.rate_per_s,
+            burst=bucket.burst,
+            drained_at_s=drained_at_s,
+        )
         tokens.append(now_state.tokens)
         updated.append(now_state.updated_s)
     admitted: list[tuple[int, float]] = []
@@ -256,9 +305,12 @@ class UnlimitedLimiter(MemoryLimiter):
         super().__init__(rules=RuleSet(()), clock=clock)
 
 
-# KEYS: the buckets' hashes. ARGV: now_s ("" = Redis TIME), epsilon, horizon_s, bucket
+# KEYS: the buckets' hashes, then the drain floor. ARGV: now_s ("" = Redis TIME), epsilon,
+# horizon_s, the last dispatch ("" = not known yet, "-" = none), ACTIVE_WITHIN_S, bucket
 # count B, then rate and burst of each bucket, then per request: not_before_s ("" = none),
 # its bucket count k, k bucket indexes (1-based).
+# A missing floor with the last dispatch not known yet returns {"floor?"} and changes
+# nothing: the caller asks the database and calls again.
 # Numbers are written with %.17g so that they round-trip exactly (Lua's tostring keeps
 # only 14 digits) and returned as strings (Redis truncates Lua numbers to integers).
 # Returns: now, admitted count, (request index, delay) per admitted request, refused count,
@@ -274,24 +326,46 @@ else
 end
 local eps = tonumber(ARGV[2])
 local horizon = tonumber(ARGV[3])
-local nb = tonumber(ARGV[4])
+local nb = tonumber(ARGV[6])
+local floor_key = KEYS[nb + 1]
+-- drained = nil: never drained, a missing bucket is full.
+local drained = nil
+local saved_floor = redis.call('GET', floor_key)
+if saved_floor then
+  drained = tonumber(saved_floor)
+elseif ARGV[4] == '' then
+  return {'floor?'}
+else
+  if ARGV[4] ~= '-' then
+    local last = tonumber(ARGV[4])
+    drained = last
+    if last >= now - tonumber(ARGV[5]) then drained = math.max(last, now + horizon) end
+    redis.call('SET', floor_key, g(drained))
+  else
+    redis.call('SET', floor_key, '-')
+  end
+end
 local rate, burst, tokens, updated = {}, {}, {}, {}
 for b = 1, nb do
-  rate[b] = tonumber(ARGV[4 + 2 * b - 1])
-  burst[b] = tonumber(ARGV[4 + 2 * b])
+  rate[b] = tonumber(ARGV[6 + 2 * b - 1])
+  burst[b] = tonumber(ARGV[6 + 2 * b])
   local saved = redis.call('HMGET', KEYS[b], 'tokens', 'updated_s')
   if saved[1] and saved[2] then
     local elapsed = math.max(0.0, now - tonumber(saved[2]))
     tokens[b] = math.min(burst[b], tonumber(saved[1]) + elapsed * rate[b])
     updated[b] = math.max(tonumber(saved[2]), now)
   else
-    tokens[b] = burst[b]
+    if drained then
+      tokens[b] = math.min(burst[b], (now - drained) * rate[b])
+    else
+      tokens[b] = burst[b]
+    end
     updated[b] = now
   end
 end
 local admitted = {}
 local refused = {}
-local pos = 4 + 2 * nb + 1
+local pos = 6 + 2 * nb + 1
 local index = 0
 while pos <= #ARGV do
   local nbefore = ARGV[pos]
@@ -342,7 +416,8 @@ reply[#reply + 1] = #blocked / 2
 for i = 1, #blocked do reply[#reply + 1] = blocked[i] end
 for b = 1, nb do
   redis.call('HSET', KEYS[b], 'tokens', g(tokens[b]), 'updated_s', g(updated[b]))
-  -- Once idle long enough to refill, a missing key means the same as a full bucket.
+  -- Once idle long enough to refill, a missing key means the same as a full bucket
+  -- (unless the drain floor is later: then it is emptier, which errs on the safe side).
   redis.call('PEXPIRE', KEYS[b], math.ceil((burst[b] - tokens[b]) / rate[b] * 1000) + 1000)
   reply[#reply + 1] = g(tokens[b])
   reply[#reply + 1] = g(updated[b])
@@ -352,11 +427,18 @@ return reply
 
 
 class RedisLimiter:
-    """Every bucket in Redis, shared by every relay, judged in one atomic call."""
+    """Every bucket in Redis, shared by every relay, judged in one atomic call.
 
-    def __init__(self, *, redis: Redis, rules: RuleSet) -> None:
+    ``last_dispatch`` is asked (rarely: when Redis has lost the drain floor) for the
+    database's latest dispatch; without it the limiter assumes there was none.
+    """
+
+    def __init__(
+        self, *, redis: Redis, rules: RuleSet, last_dispatch: LastDispatch | None = None
+    ) -> None:
         self.rules = rules
         self._script = redis.register_script(_ADMIT_LUA)
+        self._last_dispatch = last_dispatch or _never_dispatched
 
     async def decide(
         self,
@@ -371,6 +453,8 @@ class RedisLimiter:
             "" if now_s is None else repr(float(now_s)),
             repr(TOKEN_EPSILON),
             repr(float(horizon_s)),
+            "",
+            repr(ACTIVE_WITHIN_S),
             len(buckets),
         ]
         for bucket in buckets:
@@ -378,7 +462,13 @@ class RedisLimiter:
         for request in requests:
             not_before = "" if request.not_before_s is None else repr(float(request.not_before_s))
             args += [not_before, len(request.buckets), *(b + 1 for b in request.buckets)]
-        reply = await self._script(keys=[bucket.redis_key for bucket in buckets], args=args)
+        keys = [*(bucket.redis_key for bucket in buckets), RATE_DRAIN_FLOOR_KEY]
+        reply = await self._script(keys=keys, args=args)
+        if reply[0] in (b"floor?", "floor?"):
+            # Redis lost its state (restarted empty) or this cluster is new.
+            last = await self._last_dispatch()
+            args[3] = "-" if last is None else repr(float(last))
+            reply = await self._script(keys=keys, args=args)
         now = float(reply[0])
         pos = 1
         count = int(reply[pos])
@@ -403,15 +493,21 @@ class RedisLimiter:
         return _admission(candidates, planned, decision, granted_at_s=now_s)
 
 
+async def _never_dispatched() -> float | None:
+    return None
+
+
 def has_rates(rules: RuleSet) -> bool:
     return any(rule.limit.rate_per_s is not None for rule in rules.rules)
 
 
-def build_limiter(*, redis: Redis, rules: RuleSet) -> Limiter:
+def build_limiter(
+    *, redis: Redis, rules: RuleSet, last_dispatch: LastDispatch | None = None
+) -> Limiter:
     """Return the limiter for these rules: Redis buckets, or none when no rule has a rate."""
     if not has_rates(rules):
         return UnlimitedLimiter()
-    return RedisLimiter(redis=redis, rules=rules)
+    return RedisLimiter(redis=redis, rules=rules, last_dispatch=last_dispatch)
 
 
 def max_admissible(rules: RuleSet, *, horizon_s: float) -> int | None:

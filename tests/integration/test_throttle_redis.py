@@ -8,11 +8,12 @@ import time
 import pytest
 from redis.asyncio import Redis
 
-from throttler.constants import RATE_BUCKET_KEY_PREFIX
+from throttler.constants import RATE_BUCKET_KEY_PREFIX, RATE_DRAIN_FLOOR_KEY
 from throttler.limits import LimitKey, RuleSet, Scope
 from throttler.throttle import (
     CLUSTER_BUCKET_KEY,
     CLUSTER_KEY,
+    NEVER_DRAINED,
     Bucket,
     BucketState,
     Candidate,
@@ -21,6 +22,7 @@ from throttler.throttle import (
     UnlimitedLimiter,
     build_limiter,
     decide,
+    restart_floor,
 )
 
 
@@ -43,15 +45,27 @@ def _random_buckets(rng: random.Random) -> list[Bucket]:
 async def test_lua_agrees_with_python_step_by_step(redis: Redis, seed: int) -> None:
     rng = random.Random(seed)
     buckets = _random_buckets(rng)
-    limiter = RedisLimiter(redis=redis, rules=RuleSet(()))
+    # What the database would say is the latest dispatch when Redis turns up empty.
+    last_dispatch: list[float | None] = [None]
+
+    async def latest() -> float | None:
+        return last_dispatch[0]
+
+    limiter = RedisLimiter(redis=redis, rules=RuleSet(()), last_dispatch=latest)
     states: list[BucketState | None] = [None] * len(buckets)
     # Unix-epoch-sized times, as Redis TIME gives, with gaps from none to refill-all.
     now_s = 1.7e9 + rng.uniform(0, 1e6)
-    for _ in range(150):
+    drained_at_s = NEVER_DRAINED
+    for step in range(150):
         rate = min(bucket.rate_per_s for bucket in buckets)
         now_s += rng.choice([0.0, rng.uniform(0, 2 / rate), rng.uniform(0, 5)])
         if rng.random() < 0.05:
             now_s -= rng.uniform(0, 1)  # a step back: refills nothing on either side
+        if step == 0 or rng.random() < 0.03:
+            # Redis restarted empty: every bucket and the drain floor are gone.
+            await redis.flushdb()
+            states = [None] * len(buckets)
+            last_dispatch[0] = rng.choice([None, now_s - rng.uniform(0, 200), now_s + 0.3])
         requests = [
             Request(
                 buckets=tuple(rng.sample(range(len(buckets)), rng.randint(0, len(buckets)))),
@@ -60,7 +74,18 @@ async def test_lua_agrees_with_python_step_by_step(redis: Redis, seed: int) -> N
             for _ in range(rng.choice([0, 1, 2, rng.randint(0, 40)]))
         ]
         horizon_s = rng.choice([0.0, 0.0, 0.5, rng.uniform(0, 3)])
-        expected = decide(states, buckets, requests, now_s=now_s, horizon_s=horizon_s)
+        if states == [None] * len(buckets) and not await redis.exists(RATE_DRAIN_FLOOR_KEY):
+            drained_at_s = restart_floor(
+                last_dispatch_s=last_dispatch[0], now_s=now_s, horizon_s=horizon_s
+            )
+        expected = decide(
+            states,
+            buckets,
+            requests,
+            now_s=now_s,
+            horizon_s=horizon_s,
+            drained_at_s=drained_at_s,
+        )
         got_now, got = await limiter.decide(buckets, requests, now_s=now_s, horizon_s=horizon_s)
         assert got_now == now_s
         assert got == expected, (now_s, requests)
@@ -106,6 +131,37 @@ async def test_a_token_due_within_the_horizon_is_taken_ahead(redis: Redis) -> No
     assert 30 < ahead.ready_in_s[0] <= 60
     # The reserved token is spent: the next one is two minutes away.
     assert (await limiter.admit(greetings[2:], horizon_s=90)).admitted == ()
+
+
+async def test_buckets_lost_with_redis_come_back_drained_to_the_last_dispatch(
+    redis: Redis,
+) -> None:
+    asked: list[str] = []
+
+    async def dispatched_just_now() -> float | None:
+        asked.append("db")
+        return time.time()
+
+    rules = RuleSet.parse("", cluster_rate_per_s=10, cluster_burst=5)
+    limiter = RedisLimiter(redis=redis, rules=rules, last_dispatch=dispatched_just_now)
+    greetings = [Candidate(task_id=f"g{i}", name="greeting", account="a") for i in range(5)]
+    # Redis is empty: the database says the cluster was dispatching a moment ago, so the
+    # buckets may have been drained (and lent ahead): no burst, and no token for 0.5 s.
+    first = await limiter.admit(greetings, horizon_s=0.5)
+    assert first.admitted == ()
+    assert first.blocked[CLUSTER_KEY] > 0.5
+    assert asked == ["db"]
+    assert await redis.get(RATE_DRAIN_FLOOR_KEY) is not None
+    # The floor is kept: later calls do not ask the database again.
+    await limiter.admit(greetings, horizon_s=0.5)
+    assert asked == ["db"]
+
+
+async def test_a_new_cluster_gets_its_burst_at_once(redis: Redis) -> None:
+    limiter = RedisLimiter(redis=redis, rules=RuleSet.parse("account:* rate=1/h burst=3"))
+    batch = [Candidate(task_id=f"t{i}", name="greeting", account="a") for i in range(4)]
+    assert len((await limiter.admit(batch)).admitted) == 3
+    assert await redis.get(RATE_DRAIN_FLOOR_KEY) == b"-"
 
 
 async def test_two_clients_share_one_bucket(redis: Redis, redis_url: str) -> None:

@@ -26,6 +26,7 @@ from throttler.throttle import (
     UnlimitedLimiter,
     decide,
     max_admissible,
+    restart_floor,
 )
 
 rates = st.floats(min_value=0.05, max_value=2000, allow_nan=False, allow_infinity=False)
@@ -75,13 +76,23 @@ def run(
     *,
     horizon_s: float,
     start_s: float = 1000.0,
+    lost_at: frozenset[int] = frozenset(),
 ) -> dict[int, list[float]]:
-    """Feed the pattern to ``decide``; return each bucket's dispatch times."""
+    """Feed the pattern to ``decide``; return each bucket's dispatch times.
+
+    Before each step in ``lost_at`` every bucket is lost (Redis restarted empty) and the
+    drain floor is set as the limiter sets it, from the latest dispatch so far.
+    """
     states: list[BucketState | None] = [None] * len(buckets)
     now_s = start_s
+    drained_at_s = 0.0
     dispatched: dict[int, list[float]] = defaultdict(list)
-    for gap_s, requests in pattern:
+    for step, (gap_s, requests) in enumerate(pattern):
         now_s += gap_s
+        if step in lost_at:
+            states = [None] * len(buckets)
+            last = max((t for times in dispatched.values() for t in times), default=None)
+            drained_at_s = restart_floor(last_dispatch_s=last, now_s=now_s, horizon_s=horizon_s)
         shifted = [
             Request(
                 buckets=r.buckets,
@@ -89,7 +100,9 @@ def run(
             )
             for r in requests
         ]
-        decision = decide(states, buckets, shifted, now_s=now_s, horizon_s=horizon_s)
+        decision = decide(
+            states, buckets, shifted, now_s=now_s, horizon_s=horizon_s, drained_at_s=drained_at_s
+        )
         states = list(decision.states)
         admitted = dict(decision.admitted)
         for index, request in enumerate(shifted):
@@ -113,6 +126,47 @@ def test_no_key_exceeds_rate_times_window_plus_burst(
     dispatched = run(buckets, pattern, horizon_s=horizon_s)
     for b, times in dispatched.items():
         assert_rate_bound(times, rate_per_s=buckets[b].rate_per_s, burst=buckets[b].burst)
+
+
+@given(data=st.data(), buckets=bucket_sets(), horizon_s=horizons)
+@settings(max_examples=300, deadline=None)
+def test_the_bound_holds_across_redis_losing_every_bucket(
+    data: st.DataObject, buckets: list[Bucket], horizon_s: float
+) -> None:
+    pattern = data.draw(arrival_patterns(len(buckets)))
+    lost_at = data.draw(st.sets(st.integers(0, len(pattern) - 1), min_size=1, max_size=3))
+    dispatched = run(buckets, pattern, horizon_s=horizon_s, lost_at=frozenset(lost_at))
+    for b, times in dispatched.items():
+        assert_rate_bound(times, rate_per_s=buckets[b].rate_per_s, burst=buckets[b].burst)
+
+
+def test_lost_buckets_would_come_back_full_without_the_drain_floor() -> None:
+    bucket = Bucket(key=CLUSTER_KEY, rate_per_s=10.0, burst=5)
+    asks = [Request(buckets=(0,)) for _ in range(20)]
+    before = decide([None], [bucket], asks, now_s=100.0, horizon_s=0.5)
+    # Burst now plus half a second of tokens lent ahead: the window to 100.5 s is full.
+    assert [delay for _, delay in before.admitted][-1] == pytest.approx(0.5)
+    assert len(before.admitted) == 10
+    last = 100.0 + before.admitted[-1][1]
+    forgetful = decide([None], [bucket], asks, now_s=100.1, horizon_s=0.5)
+    assert len(forgetful.admitted) == 10, "a full bucket again: 20 in 0.5 s, bound is 10"
+    floor = restart_floor(last_dispatch_s=last, now_s=100.1, horizon_s=0.5)
+    assert floor == pytest.approx(100.6)
+    safe = decide([None], [bucket], asks, now_s=100.1, horizon_s=0.5, drained_at_s=floor)
+    assert safe.admitted == ()
+    assert safe.blocked[0] == pytest.approx(0.6, abs=1e-6), "first token 0.1 s after 100.6"
+
+
+def test_a_new_or_long_idle_cluster_starts_with_full_buckets() -> None:
+    bucket = Bucket(key=CLUSTER_KEY, rate_per_s=1 / 3600, burst=4)
+    asks = [Request(buckets=(0,)) for _ in range(6)]
+    never = restart_floor(last_dispatch_s=None, now_s=5000.0, horizon_s=0.5)
+    fresh = decide([None], [bucket], asks, now_s=5000.0, drained_at_s=never)
+    assert len(fresh.admitted) == 4
+    # Last dispatch two hours ago: two tokens have come back since, no more.
+    old = restart_floor(last_dispatch_s=5000.0 - 7200, now_s=5000.0, horizon_s=0.5)
+    assert old == 5000.0 - 7200
+    assert len(decide([None], [bucket], asks, now_s=5000.0, drained_at_s=old).admitted) == 2
 
 
 @given(data=st.data(), buckets=bucket_sets(), horizon_s=horizons)
