@@ -21,6 +21,8 @@ from worker.leases import LEASE_REFRESH_S, LEASE_S, REDIS_DOWN_ERRORS, LeasedWor
 from worker.netguard import AddressPolicy, guarded_client
 from worker.taskkit import TaskBase, build_functions
 from worker.taskkit.resources import RESOURCES_KEY, Resources
+from worker.taskkit.status_writer import StatusWriter
+from worker.taskkit.transactions import open_batches
 from worker.tasks import DEFAULT_TASKS
 
 log = logging.getLogger("worker")
@@ -32,12 +34,16 @@ def worker_id() -> str:
 
 
 async def open_resources(settings: Settings) -> Resources:
-    """Create what tasks share: database engine, HTTP client, thread pool."""
+    """Create what tasks share: database engine, status writer, HTTP client, thread pool."""
     engine = create_engine(settings)
+    sessions = create_session_factory(engine)
+    identity = worker_id()
+    status = StatusWriter(open_batches(settings, engine=engine), worker_id=identity)
+    status.start_writing()
     return Resources(
         settings=settings,
         engine=engine,
-        sessions=create_session_factory(engine),
+        sessions=sessions,
         http=guarded_client(
             policy=AddressPolicy(allow_private=settings.download_allow_private),
             timeout_s=settings.download_timeout_s,
@@ -46,7 +52,8 @@ async def open_resources(settings: Settings) -> Resources:
         executor=ThreadPoolExecutor(
             max_workers=settings.worker_concurrency, thread_name_prefix="task"
         ),
-        worker_id=worker_id(),
+        worker_id=identity,
+        status=status,
     )
 
 
@@ -56,9 +63,13 @@ async def close_resources(resources: Resources) -> None:
     # finishes that call and exits; nothing new is submitted after this.
     resources.executor.shutdown(wait=False, cancel_futures=True)
     try:
-        await resources.http.aclose()
+        # Jobs are finished or cancelled by now: this writes what they handed over.
+        await resources.status.close()
     finally:
-        await resources.engine.dispose()
+        try:
+            await resources.http.aclose()
+        finally:
+            await resources.engine.dispose()
 
 
 def worker_options(

@@ -6,6 +6,11 @@ the key exists. ARQ sets that key once, for the largest function timeout + 10 s,
 SIGKILL the job waits that long. Here the key gets a short TTL at pickup and is renewed
 while the job runs: after a death it lapses within ``lease_s`` and any worker polling the
 queue takes the job.
+
+Pickup itself is batched: one atomic script call takes the in-progress keys of as many due
+jobs as there are free slots, with ARQ's own checks, where ARQ spends three round trips per
+job (see ``LeasedWorker.start_jobs``). A reply lost to a Redis failure leaves keys that
+lapse within ``lease_s``; their jobs then run as after a death.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ import logging
 from typing import Any
 
 from arq.constants import in_progress_key_prefix
+from arq.utils import timestamp_ms
 from arq.worker import Worker
+from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
@@ -60,6 +67,9 @@ class LeasedWorker(Worker):
         self.lease_refresh_s = lease_refresh_s
         # ARQ's TTL at pickup (its only use): the first lease, renewed by renew_leases.
         self.in_progress_timeout_s = lease_s
+        self._take_script: AsyncScript | None = None
+        # Set whenever a job ends and frees its slot (start_jobs waits on it when full).
+        self._slot_freed = asyncio.Event()
 
     def running_job_ids(self) -> list[str]:
         return [job_id for job_id, task in self.tasks.items() if not task.done()]
@@ -96,18 +106,84 @@ class LeasedWorker(Worker):
                 await renewer
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
-        """ARQ's start_jobs, one id at a time, giving back the job slot a Redis error strands.
+        """Start the jobs of ``job_ids`` that no one runs yet, as many as there are free slots.
 
-        ARQ takes a slot (``sem`` and ``job_counter``) before its WATCH pipeline and frees
-        it only on a WatchError or ResponseError: a lost connection there would leak the
-        slot for good, and after ``max_jobs`` outages the worker would take no more jobs.
+        ARQ's own start_jobs checks and takes each job's in-progress key in a WATCH / MULTI
+        transaction: three round trips per job, one job after another, in the poll loop.
+        Here one atomic script call (``_TAKE_LUA``, the same checks) takes a slot's worth
+        of jobs at once. Jobs this worker already runs are skipped without asking Redis:
+        each poll re-reads the head of the queue, where they sit.
+
+        A slot is taken before the call and given back for each job not started, also when
+        Redis fails mid-call (ARQ leaks the slot then). With every slot taken it waits for
+        one, as ARQ does, but returns as soon as pickups are turned off (a graceful stop),
+        so no job starts during the drain.
         """
-        for job_id in job_ids:
-            if self.job_counter >= self.max_jobs:
+        candidates = [
+            job_id
+            for job_id in (raw.decode() for raw in job_ids)
+            if (running := self.tasks.get(job_id)) is None or running.done()
+        ]
+        while candidates:
+            while self.job_counter >= self.max_jobs and self.allow_pick_jobs:
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
+            if not self.allow_pick_jobs:
                 return
+            free = self.max_jobs - self.job_counter
+            batch, candidates = candidates[:free], candidates[free:]
+            for _ in batch:
+                # Never waits: ARQ's semaphore has max_jobs + 1 places, and these are free.
+                await self.sem.acquire()
+                self.job_counter += 1
             try:
-                await super().start_jobs([job_id])
-            except REDIS_DOWN_ERRORS:
-                self.job_counter -= 1
-                self.sem.release()
+                started = await self._take(batch)
+            except BaseException:
+                self._give_back(len(batch))
                 raise
+            self._give_back(len(batch) - len(started))
+            for job_id, score in started:
+                task = self.loop.create_task(self.run_job(job_id, score))
+                task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+                self.tasks[job_id] = task
+
+    def _release_sem_dec_counter_on_complete(self) -> None:
+        super()._release_sem_dec_counter_on_complete()
+        self._slot_freed.set()
+
+    def _give_back(self, slots: int) -> None:
+        for _ in range(slots):
+            self.job_counter -= 1
+            self.sem.release()
+
+    async def _take(self, job_ids: list[str]) -> list[tuple[str, int]]:
+        """Take the in-progress key of each due job nobody runs; return them with scores."""
+        if self._take_script is None or self._take_script.registered_client is not self.pool:
+            self._take_script = self.pool.register_script(_TAKE_LUA)
+        reply = await self._take_script(
+            keys=[self.queue_name, *(in_progress_key_prefix + job_id for job_id in job_ids)],
+            args=[timestamp_ms(), int(self.in_progress_timeout_s * 1000), *job_ids],
+        )
+        pairs = iter(reply)
+        return [(raw.decode(), int(float(score))) for raw, score in zip(pairs, pairs, strict=True)]
+
+
+# KEYS: the queue, then the in-progress key of each job; ARGV: now (ms), the lease (ms),
+# then each job id. A job starts when no worker holds its in-progress key and it is still
+# in the queue and due: ARQ's own conditions in start_jobs. Returns id, score, id, ...
+_TAKE_LUA = """
+local now = tonumber(ARGV[1])
+local started = {}
+for i = 3, #ARGV do
+    local key = KEYS[i - 1]
+    if redis.call('EXISTS', key) == 0 then
+        local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
+        if score and tonumber(score) <= now then
+            redis.call('PSETEX', key, ARGV[2], '1')
+            started[#started + 1] = ARGV[i]
+            started[#started + 1] = score
+        end
+    end
+end
+return started
+"""

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from arq.constants import in_progress_key_prefix
 
-from tests.integration.worker_harness import arq_pool, dispatch, running_worker, wait_final
+from tests.integration.worker_harness import (
+    arq_pool,
+    dispatch,
+    enqueue,
+    load_task,
+    queue_task,
+    running_worker,
+    wait_final,
+)
 from tests.support import wait_for
 from throttler.db import SessionFactory
 from throttler.settings import Settings
@@ -41,4 +49,27 @@ async def test_a_job_longer_than_its_lease_runs_once_beside_an_idle_worker(
 
     assert task.status == "succeeded"
     # Renewed past its first TTL: the idle worker never took the job.
+    assert task.attempts == 1
+
+
+async def test_pickup_leaves_a_job_whose_in_progress_key_another_worker_holds(
+    settings: Settings, sessions: SessionFactory
+) -> None:
+    async with arq_pool(settings) as pool, running_worker(settings):
+        held_id = await queue_task(sessions, name="greeting", payload={"name": "held"})
+        # Another worker's lease on the job, taken before it was ever picked up here.
+        await pool.psetex(in_progress_key_prefix + held_id, 60_000, b"1")
+        await enqueue(pool, settings, name="greeting", task_id=held_id)
+        # Queued after the held job: once it is done, the held one was looked at too.
+        after_id = await dispatch(sessions, pool, settings, name="greeting", payload={"name": "a"})
+        await wait_final(sessions, after_id)
+        held = await load_task(sessions, held_id)
+        assert held.status == "queued"
+        assert held.attempts == 0
+
+        # The other worker's lease ends: the job is taken at the next poll.
+        await pool.delete(in_progress_key_prefix + held_id)
+        task = await wait_final(sessions, held_id)
+
+    assert task.status == "succeeded"
     assert task.attempts == 1

@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from throttler.db import SessionFactory
 from throttler.settings import Settings
+from worker.taskkit.status_writer import StatusWriter
 
 # The key under which on_startup stores the Resources in ARQ's ctx.
 RESOURCES_KEY = "throttler_resources"
@@ -26,6 +27,8 @@ class Resources:
     http: httpx.AsyncClient
     executor: ThreadPoolExecutor
     worker_id: str
+    # Every job's start and outcome go through it, group-committed with other jobs'.
+    status: StatusWriter
 
 
 def resources_from(ctx: dict[Any, Any]) -> Resources:

@@ -1,11 +1,12 @@
 """One attempt of one task, from ``started`` to its recorded outcome.
 
-The database, not ARQ, decides how an attempt ends: ``start_attempt`` counts the attempt,
-the task runs under our own timeout, and exactly one of ``record_success``,
-``record_retry`` (then ``raise Retry``) or ``record_failure`` follows, each in its own
-transaction. ARQ's own retry limit and timeout are only backstops set well above ours
-(see registry), because when ARQ gives up it skips our code and the task would never
-reach a terminal status.
+The database, not ARQ, decides how an attempt ends: the start counts the attempt, the
+task runs under our own timeout, and exactly one outcome follows: succeeded, retrying
+(then ``raise Retry``) or failed. Both writes go through the worker's status writer, which
+commits them together with other jobs' writes; each job still waits for its own commit.
+ARQ's own retry limit and timeout are only backstops set well above ours (see registry),
+because when ARQ gives up it skips our code and the task would never reach a terminal
+status.
 """
 
 from __future__ import annotations
@@ -13,27 +14,30 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 from arq.worker import Retry
 from pydantic import BaseModel, ValidationError
 from redis.asyncio import Redis
-from sqlalchemy.ext.asyncio import AsyncSession
 
-from throttler.finished import publish_finished
-from throttler.lifecycle import Attempt, record_failure, record_retry, record_success, start_attempt
+from throttler import lifecycle
+from throttler.lifecycle import Attempt
 from throttler.logs import fields
 from throttler.models import utcnow
+from throttler.statuses import EventKind
 from worker.taskkit.backoff import retry_delay_s
 from worker.taskkit.definition import TaskDefinition
 from worker.taskkit.errors import PermanentError
-from worker.taskkit.persist import TRANSIENT_DB_ERRORS, write_with_retry
+from worker.taskkit.persist import TRANSIENT_DB_ERRORS, retry_until_written
 from worker.taskkit.resources import Resources
+from worker.taskkit.status_writer import StatusWriterClosed
 
 log = logging.getLogger(__name__)
+
+# Why a start may not be written although the job could run later: the database is away,
+# or the worker is stopping (its status writer closed).
+_START_RETRIABLE: tuple[type[Exception], ...] = (*TRANSIENT_DB_ERRORS, StatusWriterClosed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,13 +87,11 @@ async def run_task(
     """
     settings = resources.settings
     try:
-        async with resources.sessions.begin() as session:
-            attempt = await start_attempt(
-                session, task_id=task_id, worker_id=resources.worker_id, now=utcnow()
-            )
-    except TRANSIENT_DB_ERRORS as error:
+        attempt = await resources.status.start(task_id=task_id)
+    except _START_RETRIABLE as error:
         # Nothing ran yet: let ARQ run the job again later rather than drop it, backing off
-        # so that a long outage does not use up ARQ's tries (see registry).
+        # so that a long outage does not use up ARQ's tries (see registry). A closed writer
+        # means the worker is stopping: another worker takes the job.
         defer_s = retry_delay_s(
             attempt=max(arq_try, 1),
             base_s=settings.worker_retry_backoff_s,
@@ -110,14 +112,14 @@ async def run_task(
         return
 
     started = time.monotonic()
-    log.info(
+    # At INFO one line per attempt, its outcome (with attempt and duration); the start is
+    # in task_events, and logging it too would cost a busy worker a tenth of its time.
+    log.debug(
         "task.started",
         extra=fields(task_id=task_id, name=definition.name, attempt=attempt.attempt),
     )
     outcome = await _attempt(definition, resources, attempt)
-    finished = await _record(definition, resources, attempt, outcome, started=started)
-    if finished and redis is not None:
-        await publish_finished(redis, task_ids=[task_id])
+    await _record(definition, resources, attempt, outcome, started=started, redis=redis)
 
 
 async def _attempt(definition: TaskDefinition, resources: Resources, attempt: Attempt) -> Outcome:
@@ -176,14 +178,10 @@ async def _record(
     outcome: Outcome,
     *,
     started: float,
-) -> bool:
-    """Write the outcome; return True if this call made the task terminal."""
+    redis: Redis | None,
+) -> None:
+    """Write the outcome (retried until written), then hand a retry back to ARQ."""
     settings = resources.settings
-    common: dict[str, Any] = {
-        "task_id": attempt.task_id,
-        "attempt": attempt.attempt,
-        "worker_id": resources.worker_id,
-    }
     log_fields: dict[str, Any] = {
         "task_id": attempt.task_id,
         "name": definition.name,
@@ -193,21 +191,38 @@ async def _record(
     def duration_ms() -> int:
         return round((time.monotonic() - started) * 1000)
 
-    async def write(what: str, action: Callable[[AsyncSession], Awaitable[bool]]) -> bool:
-        return await write_with_retry(
-            action, sessions=resources.sessions, task_id=attempt.task_id, what=what
+    async def write(
+        event: EventKind,
+        *,
+        result: dict[str, Any] | None = None,
+        error: str | None = None,
+        defer_s: float | None = None,
+    ) -> bool:
+        written = lifecycle.Outcome(
+            task_id=attempt.task_id,
+            event=event,
+            attempt=attempt.attempt,
+            worker_id=resources.worker_id,
+            now=utcnow(),
+            result=result,
+            error=error,
+            defer_s=defer_s,
+        )
+        return await retry_until_written(
+            lambda: resources.status.finish(written, announce=redis),
+            task_id=attempt.task_id,
+            what=event.value,
+            # finish sees its try through even when this job is cancelled meanwhile.
+            shielded=False,
         )
 
     if isinstance(outcome, Succeeded):
-        changed = await write(
-            "succeeded",
-            partial(record_success, result=outcome.result, now=utcnow(), **common),
-        )
+        changed = await write(EventKind.SUCCEEDED, result=outcome.result)
         log.info(
             "task.succeeded",
             extra=fields(**log_fields, duration_ms=duration_ms(), recorded=changed),
         )
-        return changed
+        return
 
     if isinstance(outcome, Retriable):
         if definition.at_most_once:
@@ -220,10 +235,7 @@ async def _record(
                 base_s=settings.worker_retry_backoff_s,
                 max_s=settings.worker_retry_backoff_max_s,
             )
-            changed = await write(
-                "retrying",
-                partial(record_retry, error=outcome.error, defer_s=defer_s, now=utcnow(), **common),
-            )
+            changed = await write(EventKind.RETRYING, error=outcome.error, defer_s=defer_s)
             log.warning(
                 "task.retrying",
                 extra=fields(
@@ -235,16 +247,12 @@ async def _record(
             )
             if changed:
                 raise Retry(defer=defer_s)
-            return False  # finished meanwhile (cancelled): nothing left to retry
+            return  # finished meanwhile (cancelled): nothing left to retry
     else:
         error = outcome.error
 
-    changed = await write(
-        "failed",
-        partial(record_failure, error=error, now=utcnow(), **common),
-    )
+    changed = await write(EventKind.FAILED, error=error)
     log.warning(
         "task.failed",
         extra=fields(**log_fields, duration_ms=duration_ms(), error=error, recorded=changed),
     )
-    return changed
