@@ -7,6 +7,7 @@ thread, a hop per dependency per request.
 from __future__ import annotations
 
 import hmac
+from collections.abc import Mapping
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
@@ -72,6 +73,17 @@ def _unauthorized() -> HTTPException:
     )
 
 
+def account_of_key(accounts_by_key: Mapping[str, str], presented: str) -> str | None:
+    """Return the account of the presented API key, or None for an unknown key."""
+    presented_bytes = presented.encode()
+    account: str | None = None
+    # Compare with every key, without stopping early, so timing reveals nothing.
+    for key, candidate in accounts_by_key.items():
+        if hmac.compare_digest(key.encode(), presented_bytes):
+            account = candidate
+    return account
+
+
 async def get_account(
     settings: SettingsDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
@@ -82,12 +94,7 @@ async def get_account(
         return DEFAULT_ACCOUNT
     if credentials is None:
         raise _unauthorized()
-    presented = credentials.credentials.encode()
-    account: str | None = None
-    # Compare with every key, without stopping early, so timing reveals nothing.
-    for key, candidate in accounts.items():
-        if hmac.compare_digest(key.encode(), presented):
-            account = candidate
+    account = account_of_key(accounts, credentials.credentials)
     if account is None:
         raise _unauthorized()
     return account

@@ -106,6 +106,8 @@ class StrictJSONRoute(APIRoute):
         handler = super().get_route_handler()
 
         async def strict_handler(request: Request) -> Response:
-            return await handler(StrictJSONRequest(request.scope, request.receive))
+            if not isinstance(request, StrictJSONRequest):  # a fast path may have made one
+                request = StrictJSONRequest(request.scope, request.receive)
+            return await handler(request)
 
         return strict_handler

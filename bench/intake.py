@@ -1,30 +1,59 @@
 """``python -m bench.intake``: submissions per second against a bare FastAPI endpoint.
 
-Starts ``python -m api`` (one uvicorn process) on a fresh SQLite file and the bare
-baseline app (``bench.baseline``) with the same server settings, loads each for
-``--duration-s`` with ``--connections`` concurrent keep-alive connections from this
-process, and prints requests/s, p50 and p99 for both, their ratio, and bulk tasks/s.
+Starts the bare baseline app (``bench.baseline``) and ``python -m api`` (one uvicorn
+process each, the same server settings) on a fresh SQLite file, and on PostgreSQL when
+``BENCH_POSTGRES_URL`` or ``TEST_POSTGRES_URL`` is set, all with a private Redis. Each run
+loads the baseline, then the API, with ``connections`` keep-alive connections posting one
+greeting each time, then bulk submissions of 1,000 greetings. Figures are medians over the
+runs; the baseline is measured in every run, just before the API, since the machine is
+noisy. The load comes from this process, a separate one from every server.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
 import statistics
 import tempfile
 import time
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
+import uvloop
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from bench.figures import Figure, Target, median, render
 from bench.processes import free_port, http_server, migrate
+from throttler.redis_server import start_redis_server
 
 GREETING = "/api/v1/task/greeting"
 BULK = "/api/v1/tasks"
 BULK_SIZE = 1000
-WARMUP_S = 1.0
+BULK_CONNECTIONS = 4
+POSTGRES_ENVS = ("BENCH_POSTGRES_URL", "TEST_POSTGRES_URL")
+BASELINE_NAME = "bare FastAPI endpoint"
+SUBMIT_TARGET = Target(at_least=0.6, of_baseline=True)
+P99_TARGET = Target(at_most=50)
+BULK_TARGET = Target(at_least=20_000)
 _CONTENT_LENGTH = re.compile(rb"content-length: *(\d+)", re.IGNORECASE)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Sizes:
+    duration_s: float  # of each measured load
+    warmup_s: float  # before each, unmeasured
+    runs: int
+
+
+QUICK = Sizes(duration_s=0.5, warmup_s=0.2, runs=1)
+FULL = Sizes(duration_s=3.0, warmup_s=0.5, runs=3)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -49,7 +78,13 @@ def _request_bytes(port: int, path: str, body: object) -> bytes:
 
 
 async def _load(
-    port: int, *, path: str, body: object, connections: int, duration_s: float
+    port: int,
+    *,
+    path: str,
+    body: object,
+    connections: int,
+    duration_s: float,
+    warmup_s: float = 1.0,
 ) -> Figures:
     """Post ``body`` over ``connections`` keep-alive connections; every answer must be 202.
 
@@ -76,13 +111,13 @@ async def _load(
             writer.close()
             await writer.wait_closed()
 
-    warm_until = time.monotonic() + WARMUP_S
+    warm_until = time.monotonic() + warmup_s
     await asyncio.gather(*(loop(warm_until, False) for _ in range(connections)))
     started = time.monotonic()
     until = started + duration_s
     await asyncio.gather(*(loop(until, True) for _ in range(connections)))
     elapsed_s = time.monotonic() - started
-    cuts = statistics.quantiles(latencies_s, n=100)
+    cuts = statistics.quantiles(latencies_s, n=100) if len(latencies_s) > 1 else [0.0] * 99
     return Figures(
         requests=len(latencies_s),
         elapsed_s=elapsed_s,
@@ -91,66 +126,174 @@ async def _load(
     )
 
 
-def _print(label: str, figures: Figures) -> None:
-    print(
-        f"{label:<10} {figures.per_s:9.0f} req/s  p50 {figures.p50_ms:6.1f} ms  "
-        f"p99 {figures.p99_ms:6.1f} ms  ({figures.requests} requests)"
+def _measure(port: int, *, path: str, body: object, connections: int, sizes: Sizes) -> Figures:
+    # uvloop: the load generator's own CPU is taken from the 2 cores the servers share.
+    return uvloop.run(
+        _load(
+            port,
+            path=path,
+            body=body,
+            connections=connections,
+            duration_s=sizes.duration_s,
+            warmup_s=sizes.warmup_s,
+        )
     )
+
+
+async def _admin(admin_url: str, statement: str) -> None:
+    engine = create_async_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        async with engine.connect() as connection:
+            await connection.execute(text(statement))
+    finally:
+        await engine.dispose()
+
+
+@contextlib.contextmanager
+def _postgres_database() -> Iterator[str | None]:
+    """A fresh migrated PostgreSQL database when a PostgreSQL URL is set, else None."""
+    admin_url = next((os.environ[name] for name in POSTGRES_ENVS if os.environ.get(name)), None)
+    if admin_url is None:
+        yield None
+        return
+    name = f"bench_intake_{uuid.uuid4().hex[:8]}"
+    asyncio.run(_admin(admin_url, f'CREATE DATABASE "{name}"'))
+    url = admin_url.rsplit("/", 1)[0] + f"/{name}"
+    try:
+        migrate({**os.environ, "DATABASE_URL": url})
+        yield url
+    finally:
+        asyncio.run(_admin(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def _api_env(database_url: str, redis_url: str, port: int) -> dict[str, str]:
+    return {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "API_PORT": str(port),
+        "API_KEYS": "",
+    }
+
+
+@dataclass(kw_only=True, slots=True)
+class _Series:
+    per_s: list[float]
+    p99_ms: list[float]
+
+    @classmethod
+    def empty(cls) -> _Series:
+        return cls(per_s=[], p99_ms=[])
+
+    def add(self, figures: Figures, *, items_per_request: int = 1) -> None:
+        self.per_s.append(figures.per_s * items_per_request)
+        self.p99_ms.append(figures.p99_ms)
+
+
+def measure_all(*, sizes: Sizes, connections: int) -> dict[str, _Series]:
+    """Run every load ``sizes.runs`` times; keys: baseline, sqlite, postgres, bulk."""
+    series = {name: _Series.empty() for name in ("baseline", "sqlite", "postgres", "bulk")}
+    greeting = {"name": "bench"}
+    bulk = {"tasks": [{"name": "greeting", "input": {"name": f"n{i}"}} for i in range(BULK_SIZE)]}
+    with (
+        tempfile.TemporaryDirectory() as workdir_name,
+        _postgres_database() as postgres_url,
+        contextlib.ExitStack() as servers,
+    ):
+        workdir = Path(workdir_name)
+        redis = start_redis_server(workdir=workdir / "redis")
+        servers.callback(redis.stop)
+        sqlite_url = f"sqlite+aiosqlite:///{workdir}/bench.db"
+        migrate({**os.environ, "DATABASE_URL": sqlite_url})
+        baseline_port, sqlite_port, postgres_port = free_port(), free_port(), free_port()
+        env = _api_env(sqlite_url, redis.url, sqlite_port)
+        servers.enter_context(
+            http_server(["bench.baseline", str(baseline_port)], env, baseline_port)
+        )
+        servers.enter_context(http_server(["api"], env, sqlite_port))
+        loads = [("baseline", baseline_port), ("sqlite", sqlite_port)]
+        if postgres_url is not None:
+            pg_env = _api_env(postgres_url, redis.url, postgres_port)
+            servers.enter_context(http_server(["api"], pg_env, postgres_port))
+            loads.append(("postgres", postgres_port))
+        for _ in range(sizes.runs):
+            # The baseline just before the API, in every run: the machine is noisy.
+            for key, port in loads:
+                series[key].add(
+                    _measure(
+                        port, path=GREETING, body=greeting, connections=connections, sizes=sizes
+                    )
+                )
+            measured = _measure(
+                sqlite_port, path=BULK, body=bulk, connections=BULK_CONNECTIONS, sizes=sizes
+            )
+            series["bulk"].add(measured, items_per_request=BULK_SIZE)
+    return series
+
+
+def figures_of(series: dict[str, _Series], *, sizes: Sizes, connections: int) -> list[Figure]:
+    runs = f"median of {sizes.runs}"
+    baseline = median(series["baseline"].per_s)
+    figures: list[Figure] = []
+    for key, label in (("sqlite", "SQLite"), ("postgres", "PostgreSQL")):
+        if not series[key].per_s:
+            continue
+        figures += [
+            Figure(
+                name=f"Submit, {label}",
+                value=median(series[key].per_s),
+                unit="req/s",
+                target=SUBMIT_TARGET,
+                baseline=baseline,
+                baseline_name=BASELINE_NAME,
+                note=f"{connections} connections, each 202 committed, {runs}",
+            ),
+            Figure(
+                name=f"Submit p99, {label}",
+                value=median(series[key].p99_ms),
+                unit="ms",
+                target=P99_TARGET,
+                note=f"{connections} connections, {runs}",
+            ),
+        ]
+    figures.append(
+        Figure(
+            name="Bulk, SQLite",
+            value=median(series["bulk"].per_s),
+            unit="tasks/s",
+            target=BULK_TARGET,
+            note=f"{BULK_SIZE} per request, {BULK_CONNECTIONS} connections, {runs}",
+        )
+    )
+    return figures
+
+
+def run(*, quick: bool, connections: int = 32) -> list[Figure]:
+    """Measure submission and bulk submission (``make bench`` calls this)."""
+    sizes = QUICK if quick else FULL
+    series = measure_all(sizes=sizes, connections=connections)
+    return figures_of(series, sizes=sizes, connections=connections)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration-s", type=float, default=5.0)
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--duration-s", type=float, default=FULL.duration_s)
+    parser.add_argument("--runs", type=int, default=FULL.runs)
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, one run")
     args = parser.parse_args()
-    body = {"name": "bench"}
-    with tempfile.TemporaryDirectory() as workdir:
-        api_port, baseline_port = free_port(), free_port()
-        env = {
-            **os.environ,
-            "DATABASE_URL": f"sqlite+aiosqlite:///{workdir}/bench.db",
-            "API_PORT": str(api_port),
-            "API_KEYS": "",
-        }
-        migrate(env)
-        with http_server(["bench.baseline", str(baseline_port)], env, baseline_port):
-            baseline = asyncio.run(
-                _load(
-                    baseline_port,
-                    path=GREETING,
-                    body=body,
-                    connections=args.connections,
-                    duration_s=args.duration_s,
-                )
-            )
-        with http_server(["api"], env, api_port):
-            intake = asyncio.run(
-                _load(
-                    api_port,
-                    path=GREETING,
-                    body=body,
-                    connections=args.connections,
-                    duration_s=args.duration_s,
-                )
-            )
-            bulk_body = {
-                "tasks": [
-                    {"name": "greeting", "input": {"name": f"n{i}"}} for i in range(BULK_SIZE)
-                ]
-            }
-            bulk = asyncio.run(
-                _load(
-                    api_port, path=BULK, body=bulk_body, connections=4, duration_s=args.duration_s
-                )
-            )
-    print(f"{args.connections} connections, {args.duration_s:.0f} s each, SQLite synchronous=FULL")
-    _print("baseline", baseline)
-    _print("intake", intake)
-    print(f"ratio      {intake.per_s / baseline.per_s:.0%} of the bare endpoint")
-    print(
-        f"bulk       {bulk.per_s * BULK_SIZE:9.0f} tasks/s  ({BULK_SIZE} per request, "
-        f"4 connections, p99 {bulk.p99_ms:.0f} ms)"
+    sizes = (
+        QUICK
+        if args.quick
+        else Sizes(duration_s=args.duration_s, warmup_s=FULL.warmup_s, runs=args.runs)
     )
+    series = measure_all(sizes=sizes, connections=args.connections)
+    for key, values in series.items():
+        if values.per_s:
+            rates = ", ".join(f"{value:,.0f}" for value in values.per_s)
+            p99s = ", ".join(f"{value:.1f}" for value in values.p99_ms)
+            print(f"{key:<9} per s: {rates}; p99 ms: {p99s}")
+    print(render(figures_of(series, sizes=sizes, connections=args.connections)))
 
 
 if __name__ == "__main__":

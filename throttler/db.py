@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+import sqlite3
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar, cast
 
+import aiosqlite
 from sqlalchemy import event
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.ext.asyncio import (
@@ -14,9 +17,10 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.pool import ConnectionPoolEntry
 
-from throttler.settings import Settings
+from throttler.settings import Settings, sqlite_path
 
 SessionFactory = async_sessionmaker[AsyncSession]
+T = TypeVar("T")
 # Execution option naming the BEGIN statement SQLite transactions start with.
 _SQLITE_BEGIN_OPTION = "sqlite_begin"
 
@@ -54,20 +58,56 @@ def create_read_session_factory(engine: AsyncEngine) -> SessionFactory:
     )
 
 
-def _configure_sqlite(engine: AsyncEngine, settings: Settings) -> None:
-    busy_timeout_ms = int(settings.database_timeout_s * 1000)
+async def run_on_sqlite(session: AsyncSession, work: Callable[[sqlite3.Connection], T]) -> T:
+    """Run ``work`` on the session's sqlite3 connection, in the session's transaction.
 
+    aiosqlite runs every call on its connection's own thread, and each ``await`` is a
+    round trip to it that waits behind whatever the event loop is doing (about 0.1 to 1 ms
+    under load); ``work`` runs any number of statements for one round trip. It runs on
+    that thread, so it must not touch the event loop. ``_execute`` and ``_conn`` are
+    aiosqlite internals, the same ones SQLAlchemy's aiosqlite adapter relies on.
+    """
+    connection = await session.connection()  # begins the transaction (BEGIN IMMEDIATE)
+    raw = await connection.get_raw_connection()
+    driver = cast(aiosqlite.Connection, raw.driver_connection)
+    execute = cast(Callable[..., Awaitable[T]], driver._execute)
+    return await execute(work, driver._conn)
+
+
+def connect_sqlite(settings: Settings) -> sqlite3.Connection:
+    """Open a plain sqlite3 connection to DATABASE_URL's file, set up like the engine's.
+
+    For a thread that writes on its own (the API's intake writer). As with the engine's
+    connections, nothing begins implicitly: the caller issues ``BEGIN IMMEDIATE``.
+    """
+    path = sqlite_path(settings.database_url)
+    if path is None:
+        raise ValueError(f"not a SQLite URL: {settings.database_url!r}")
+    connection = sqlite3.connect(path, timeout=settings.database_timeout_s)
+    try:
+        _set_up_sqlite(cast(DBAPIConnection, connection), settings)
+    except BaseException:
+        connection.close()
+        raise
+    return connection
+
+
+def _set_up_sqlite(dbapi_connection: DBAPIConnection, settings: Settings) -> None:
+    # Let the caller (SQLAlchemy, see _on_begin), not the driver, emit BEGIN.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    # WAL lets readers run beside the single writer; api, relay and workers share the file.
+    cursor.execute(f"PRAGMA busy_timeout={int(settings.database_timeout_s * 1000)}")
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute(f"PRAGMA synchronous={settings.sqlite_synchronous}")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def _configure_sqlite(engine: AsyncEngine, settings: Settings) -> None:
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
-        # Let SQLAlchemy, not the driver, emit BEGIN (see _on_begin).
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        # WAL lets readers run beside the single writer; api, relay and workers share the file.
-        cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute(f"PRAGMA synchronous={settings.sqlite_synchronous}")
-        cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.close()
+        _set_up_sqlite(dbapi_connection, settings)
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(connection: Any) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -12,8 +13,11 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
+from api.app import create_intake_writer
 from api.intake import IntakeClosedError, IntakeWriter
-from throttler.db import SessionFactory
+from api.intake_session import SessionIntakeWriter
+from api.intake_sqlite import SQLiteIntakeWriter
+from throttler.db import SessionFactory, connect_sqlite
 from throttler.models import OutboxEntry, TaskEvent
 from throttler.outbox import NewTask
 from throttler.settings import Settings, sqlite_path
@@ -69,34 +73,76 @@ async def test_concurrent_submissions_are_all_committed(
     assert outboxed == submitted == task_ids
 
 
+class _Gate:
+    """Holds the thread writer's first connection until the test has queued the rest.
+
+    The thread writer takes whatever is waiting the moment it looks. Behind the gate it
+    takes the first submission alone and waits in ``connect``; submissions queued then
+    form its next batch once the gate opens.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._reached = threading.Event()
+        self._open = threading.Event()
+
+    def connect(self) -> sqlite3.Connection:
+        self._reached.set()
+        self._open.wait()
+        return connect_sqlite(self._settings)
+
+    async def reached(self) -> None:
+        await asyncio.to_thread(self._reached.wait)
+
+    def open(self) -> None:
+        self._open.set()
+
+
+@pytest.mark.parametrize("kind", ["thread", "session"])
 async def test_failed_batch_fails_every_submission_in_it_and_writes_nothing(
-    sessions: SessionFactory, row_counts: RowCounter
+    kind: str, settings: Settings, sessions: SessionFactory, row_counts: RowCounter
 ) -> None:
-    writer = IntakeWriter(sessions)
+    gate = _Gate(settings)
+    writer: IntakeWriter
+    if kind == "thread":
+        if not settings.is_sqlite:
+            pytest.skip("the thread writer is SQLite's")
+        writer = SQLiteIntakeWriter(gate.connect)
+    else:
+        writer = SessionIntakeWriter(sessions)
     writer.start()
     try:
         existing = _new_task("first")
-        await writer.submit([existing])
+        first = asyncio.ensure_future(writer.submit([existing]))
+        if kind == "thread":
+            await gate.reached()
+        else:
+            await first  # then the loop queues all of the gathered ones before it looks
         # Queued together, so written together: the duplicate id sinks the whole batch.
-        outcomes = await asyncio.gather(
+        together = asyncio.gather(
             writer.submit([_new_task("innocent")]),
             writer.submit([_new_task("clash", task_id=existing.task_id)]),
             writer.submit([_new_task("bystander-1"), _new_task("bystander-2")]),
             return_exceptions=True,
         )
+        await asyncio.sleep(0)  # each reaches the queue
+        gate.open()
+        await first
+        outcomes = await together
         assert all(isinstance(outcome, IntegrityError) for outcome in outcomes), outcomes
         # The writer carries on with the next batch.
         await writer.submit([_new_task("after")])
     finally:
+        gate.open()
         await writer.close()
 
     assert await row_counts() == {"tasks": 2, "outbox": 2, "task_events": 2}
 
 
 async def test_close_writes_what_is_queued_then_refuses(
-    sessions: SessionFactory, row_counts: RowCounter
+    settings: Settings, sessions: SessionFactory, row_counts: RowCounter
 ) -> None:
-    writer = IntakeWriter(sessions)
+    writer = create_intake_writer(settings, sessions)
     writer.start()
     pending = [asyncio.ensure_future(writer.submit([_new_task(f"n{i}")])) for i in range(5)]
     await asyncio.sleep(0)  # let each submission reach the queue
