@@ -10,6 +10,7 @@ from arq.connections import ArqRedis, RedisSettings, create_pool
 from redis.exceptions import RedisError
 
 from relay.relay import BACKOFF_MAX_S, BACKOFF_MIN_S, Relay
+from throttler.constants import FINISHED_CHANNEL, SUBMITTED_CHANNEL
 from throttler.db import create_engine, create_read_session_factory, create_session_factory
 from throttler.dispatches import last_dispatch_from
 from throttler.logs import configure_logging, fields
@@ -18,6 +19,7 @@ from throttler.reconcile import Reconciler
 from throttler.retention import Pruner
 from throttler.settings import Settings, load_settings
 from throttler.throttle import build_limiter
+from throttler.wakeup import WakeupListener
 
 log = logging.getLogger("relay")
 
@@ -43,6 +45,14 @@ async def _connect_arq(settings: Settings, stopping: asyncio.Event) -> ArqRedis 
     return None
 
 
+def wakeup_channels(relay: Relay) -> list[str]:
+    """New work always; finished tasks too when a cap may be waiting for a free slot."""
+    channels = [SUBMITTED_CHANNEL]
+    if relay.caps or relay.settings.relay_max_queue_depth:
+        channels.append(FINISHED_CHANNEL)
+    return channels
+
+
 async def serve(settings: Settings, *, relay_type: type[Relay] = Relay) -> None:
     """Build the relay and its resources, run it until a signal, close everything.
 
@@ -53,6 +63,7 @@ async def serve(settings: Settings, *, relay_type: type[Relay] = Relay) -> None:
     stopping = asyncio.Event()
     relay: Relay | None = None
     housekeepers: list[Periodic] = []
+    listener: WakeupListener | None = None
 
     def on_signal() -> None:
         stopping.set()
@@ -60,6 +71,8 @@ async def serve(settings: Settings, *, relay_type: type[Relay] = Relay) -> None:
             relay.stop()
         for housekeeper in housekeepers:
             housekeeper.stop()
+        if listener is not None:
+            listener.stop()
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal)
@@ -74,6 +87,7 @@ async def serve(settings: Settings, *, relay_type: type[Relay] = Relay) -> None:
         relay = relay_type(
             settings=settings,
             sessions=sessions,
+            read_sessions=read_sessions if settings.is_sqlite else None,
             arq=arq,
             limiter=build_limiter(
                 redis=arq,
@@ -92,9 +106,14 @@ async def serve(settings: Settings, *, relay_type: type[Relay] = Relay) -> None:
                 Pruner(settings=settings, sessions=sessions),
             ]
         )
+        listener = WakeupListener(redis=arq, channels=wakeup_channels(relay), on_message=relay.wake)
         if stopping.is_set():
             return
-        await asyncio.gather(relay.run(), *(housekeeper.run() for housekeeper in housekeepers))
+        await asyncio.gather(
+            relay.run(),
+            listener.run(),
+            *(housekeeper.run() for housekeeper in housekeepers),
+        )
     finally:
         if arq is not None:
             await arq.aclose()

@@ -10,6 +10,10 @@ that is at its in-flight cap, or that the limiter found out of tokens, is left o
 next claims until it has room again, so its backlog never holds back other tasks; and the
 claim takes each account's next task in turn (``select_claimable``).
 
+Between claims an idle relay sleeps ``RELAY_POLL_INTERVAL_S``, or less: ``wake`` (called
+for each message on ``SUBMITTED_CHANNEL``, see ``throttler.wakeup``) ends the sleep as soon
+as new work is committed. A batch goes to ARQ in one Redis call (``relay.enqueue``).
+
 The limiter is asked with a horizon (``RESERVE_AHEAD_S``): it also admits tasks whose
 tokens fall due within it, each with its own moment. The task is leased with that moment
 as ``queued_at`` and enqueued at once, deferred in ARQ (``_defer_until``) to that moment.
@@ -21,7 +25,6 @@ relay only has to come back within the horizon.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import secrets
@@ -36,25 +39,31 @@ from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from relay.enqueue import BatchEnqueuer, JobSpec
+from throttler.claim import ClaimedTask, Exclusions, any_pending, select_claimable
 from throttler.db import SessionFactory
 from throttler.limits import LimitKey
 from throttler.logs import fields
 from throttler.models import utcnow
 from throttler.outbox import (
-    ClaimedTask,
-    Exclusions,
     count_inflight_by_key,
     count_leased,
     count_outbox,
     lease,
     lease_scheduled,
     release_claimed,
-    select_claimable,
     serialize_claims,
 )
 from throttler.settings import Settings
 from throttler.statuses import TaskStatus
-from throttler.throttle import CLUSTER_KEY, Candidate, InflightCaps, Limiter, max_admissible
+from throttler.throttle import (
+    CLUSTER_KEY,
+    Candidate,
+    InflightCaps,
+    Limiter,
+    has_rates,
+    max_admissible,
+)
 
 log = logging.getLogger("relay")
 
@@ -63,12 +72,16 @@ BACKOFF_MAX_S = 10.0
 LOG_EVERY_S = 1.0
 # Steps in a row that must succeed before an outage counts as over.
 STEPS_TO_RECOVER = 3
-# Enqueues in flight at once: each holds its own Redis connection (WATCH/MULTI).
-ENQUEUE_CONCURRENCY = 32
 # How far ahead a claim takes tokens. The relay comes back after half of it, so a step
 # may run that late without losing a token; queued_at is at most this far ahead of the
 # commit that records it.
 RESERVE_AHEAD_S = 0.5
+# How often claims look for leases that lapsed (a dead relay's rows): a lease lasts
+# RELAY_CLAIM_LEASE_S, so this adds at most a second to a recovery.
+RECOVER_EVERY_S = 1.0
+# Under a rate limit, how long after its claim a task may go at the earliest: longer than
+# a claim's commit plus its enqueue take, so every job is in ARQ before its moment.
+HANDOVER_LEAD_S = 0.1
 
 
 def new_relay_id() -> str:
@@ -116,15 +129,19 @@ class Relay:
         limiter: Limiter,
         clock: Callable[[], datetime] = utcnow,
         relay_id: str | None = None,
+        read_sessions: SessionFactory | None = None,
     ) -> None:
         self.settings = settings
         self.sessions = sessions
+        # For a look at the outbox before taking SQLite's write lock (None: no look).
+        self.read_sessions = read_sessions
         self.arq = arq
         self.limiter = limiter
         self.clock = clock
         self.relay_id = relay_id or new_relay_id()
         self._stopping = asyncio.Event()
-        self._enqueue_slots = asyncio.Semaphore(ENQUEUE_CONCURRENCY)
+        self._woken = asyncio.Event()
+        self._enqueuer = BatchEnqueuer(redis=arq, queue_name=settings.arq_queue_name)
         # Outbox rows of tasks handed to ARQ (or needing no enqueue), not yet deleted.
         self._unreleased: list[int] = []
         self._handing: _Handing | None = None
@@ -136,12 +153,17 @@ class Relay:
         if admissible is not None:
             self._claim_limit = min(self._claim_limit, admissible)
         self.caps = InflightCaps(self.rules)
+        self._rated = has_rates(self.rules)
         # Claims that count in-flight tasks or queue room must take turns across relays.
         self._serialize = bool(self.caps) or bool(settings.relay_max_queue_depth)
         # Keys out of tokens (limiter's answer) -> loop time they are worth asking again.
         self._blocked: dict[LimitKey, float] = {}
         self._dispatched = 0
         self._window_started = time.monotonic()
+        # Loop times of the next look for lapsed leases and of the next sweep for stray
+        # rows (a scan of the whole outbox, at the reconciler's pace): not every claim.
+        self._recover_due_at = 0.0
+        self._sweep_due_at = 0.0
 
     def stop(self) -> None:
         """Finish the batch in hand, then return from ``run``."""
@@ -174,10 +196,15 @@ class Relay:
         failing_since: float | None = None
         good_steps = 0
         while not self.stopping:
+            # A wake from here on may announce work this step's claim does not see yet.
+            self._woken.clear()
             try:
                 next_step_at = await self.step()
             except RECOVERABLE_ERRORS as error:
                 good_steps = 0
+                # Rows this step leased and could not hand over come back when their
+                # lease lapses: look for them on every step until the outage is over.
+                self._recover_due_at = 0.0
                 if failing_since is None:
                     failing_since = time.monotonic()
                     self._log_error(error, retry_in_s=backoff_s, event="relay.unavailable")
@@ -197,7 +224,12 @@ class Relay:
                 )
                 failing_since = None
             backoff_s = BACKOFF_MIN_S
-            await self._pause(next_step_at - asyncio.get_running_loop().time())
+            # New work (or a freed slot) cuts the pause short, unless the cluster bucket
+            # is what the relay waits for: then nothing could go any sooner.
+            await self._pause(
+                next_step_at - asyncio.get_running_loop().time(),
+                wakeable=CLUSTER_KEY not in self._blocked,
+            )
         try:
             await self.flush()
         except RECOVERABLE_ERRORS as error:
@@ -240,6 +272,10 @@ class Relay:
         run_at: list[datetime] = []
         backlog = None
         self._blocked = {k: until for k, until in self._blocked.items() if until > started_at}
+        recover = started_at >= self._recover_due_at
+        sweep = started_at >= self._sweep_due_at
+        if not (carried or recover or sweep) and await self._idle():
+            return Batch(to_enqueue=(), next_step_at=next_step_at)
         async with self.sessions.begin() as session:
             if carried:
                 # First, so that rows known to be in ARQ no longer count as in hand.
@@ -259,7 +295,13 @@ class Relay:
                     now=now,
                     due_by=now + timedelta(seconds=RESERVE_AHEAD_S),
                     excluding=Exclusions.of([*self._blocked, *full]),
+                    recover_lapsed=recover,
+                    sweep_strays=sweep,
                 )
+                if recover:
+                    self._recover_due_at = started_at + RECOVER_EVERY_S
+                if sweep:
+                    self._sweep_due_at = started_at + settings.reconcile_interval_s
             # Re-claimed queued tasks (a lapsed lease) already hold their slots.
             holding = frozenset(c.task_id for c in claims if c.status == TaskStatus.QUEUED)
             candidates, capped = self.caps.fit(
@@ -321,6 +363,17 @@ class Relay:
             backlog=backlog,
         )
 
+    async def _idle(self) -> bool:
+        """Whether a read-only look finds no pending task: then the claim is skipped.
+
+        An idle relay polls many times a second; on SQLite each claim would hold the
+        database's one write lock, which the API and the workers then wait for.
+        """
+        if self.read_sessions is None:
+            return False
+        async with self.read_sessions() as session:
+            return not await any_pending(session)
+
     async def _queue_room(self, session: AsyncSession, *, now: datetime) -> int | None:
         """How many more tasks ARQ's queue may take (``RELAY_MAX_QUEUE_DEPTH``); None: no cap.
 
@@ -335,14 +388,22 @@ class Relay:
         return depth - in_queue - await count_leased(session, now=now)
 
     def _candidates(self, claims: Sequence[ClaimedTask]) -> list[Candidate]:
-        """Limiter candidates for the claims that need an enqueue (finished ones do not)."""
+        """Limiter candidates for the claims that need an enqueue (finished ones do not).
+
+        Under a rate limit no task may go sooner than ``HANDOVER_LEAD_S`` from now: a
+        task whose token fell due before its job reached ARQ would become runnable late,
+        bunched with the next ones, and a window could then exceed rate·T + burst.
+        """
+        earliest_s = time.time() + HANDOVER_LEAD_S if self._rated else None
         return [
             Candidate(
                 task_id=claim.task_id,
                 name=claim.name,
                 account=claim.account,
                 host=claim.host,
-                not_before_s=claim.run_at.timestamp() if claim.run_at else None,
+                not_before_s=_latest(
+                    claim.run_at.timestamp() if claim.run_at else None, earliest_s
+                ),
             )
             for claim in claims
             if claim.needs_enqueue
@@ -353,27 +414,20 @@ class Relay:
     ) -> tuple[set[str], list[BaseException]]:
         """Hand tasks to ARQ (job id = task id), each to start no earlier than its run_at.
 
-        Return the ids handed over and the errors.
+        One Redis call for the batch. Return the ids handed over (a task ARQ already
+        held, a repeat after a crash, counts as handed over) and the errors.
         """
         when = list(run_at) or [None] * len(claims)
-        results = await asyncio.gather(
-            *(self._enqueue_one(claim, at) for claim, at in zip(claims, when, strict=True)),
-            return_exceptions=True,
-        )
-        enqueued = {c.task_id for c, result in zip(claims, results, strict=True) if result is None}
-        failures = [result for result in results if isinstance(result, BaseException)]
-        return enqueued, failures
-
-    async def _enqueue_one(self, claim: ClaimedTask, run_at: datetime | None) -> None:
-        async with self._enqueue_slots:
-            # No arguments: the worker reads the payload from the database. None back
-            # means the job or its result already exists: a repeat after a crash.
-            await self.arq.enqueue_job(
-                claim.name,
-                _job_id=claim.task_id,
-                _queue_name=self.settings.arq_queue_name,
-                _defer_until=run_at,
-            )
+        # No arguments: the worker reads the payload from the database.
+        jobs = [
+            JobSpec(job_id=claim.task_id, function=claim.name, run_at=at)
+            for claim, at in zip(claims, when, strict=True)
+        ]
+        try:
+            await self._enqueuer.enqueue(jobs)
+        except RECOVERABLE_ERRORS as error:
+            return set(), [error]
+        return {claim.task_id for claim in claims}, []
 
     async def release(self, session: AsyncSession, outbox_ids: Sequence[int]) -> None:
         """Delete outbox rows whose tasks are in ARQ (in a transaction after the claim)."""
@@ -446,12 +500,28 @@ class Relay:
         self._dispatched = 0
         self._window_started = time.monotonic()
 
-    async def _pause(self, seconds: float) -> None:
-        """Sleep, but wake at once on ``stop``."""
+    def wake(self) -> None:
+        """Cut the current pause short: new work was announced, or a slot came free."""
+        self._woken.set()
+
+    async def _pause(self, seconds: float, *, wakeable: bool = False) -> None:
+        """Sleep, but return at once on ``stop`` (and on ``wake`` when ``wakeable``)."""
         if seconds <= 0:
             return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+        waits = [self._stopping.wait()]
+        if wakeable:
+            waits.append(self._woken.wait())
+        waiters = [asyncio.ensure_future(w) for w in waits]
+        try:
+            await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+
+
+def _latest(*moments_s: float | None) -> float | None:
+    known = [moment for moment in moments_s if moment is not None]
+    return max(known) if known else None
 
 
 RECOVERABLE_ERRORS = (SQLAlchemyError, RedisError, OSError, TimeoutError, EnqueueError)

@@ -18,6 +18,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
@@ -106,6 +107,18 @@ class Task(Base):
     queued_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+# The claim order (throttler.claim): each account's pending tasks by priority, then age.
+# Partial, so it holds only the backlog however many tasks have finished.
+Index(
+    "ix_tasks_pending_turn",
+    Task.account,
+    Task.priority.desc(),
+    Task.created_at,
+    sqlite_where=text("status = 'pending'"),
+    postgresql_where=text("status = 'pending'"),
+)
 
 
 class OutboxEntry(Base):

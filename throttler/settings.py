@@ -43,7 +43,7 @@ class Settings(BaseSettings):
     relay_max_inflight: int = Field(default=0, ge=0)
     relay_limits: str = ""
     relay_max_queue_depth: int = Field(default=0, ge=0)
-    relay_batch_size: int = Field(default=100, ge=1, le=10_000)
+    relay_batch_size: int = Field(default=1000, ge=1, le=10_000)
     relay_poll_interval_s: PositiveFloat = 0.05
     relay_claim_lease_s: PositiveFloat = 15.0
 
@@ -52,7 +52,7 @@ class Settings(BaseSettings):
     retention_days: int = Field(default=0, ge=0)
 
     # Worker
-    worker_concurrency: int = Field(default=10, ge=1)
+    worker_concurrency: int = Field(default=100, ge=1)
     worker_poll_delay_s: PositiveFloat = 0.01
     worker_max_tries: int = Field(default=5, ge=1)
     worker_retry_backoff_s: NonNegativeFloat = 1.0

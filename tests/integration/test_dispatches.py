@@ -7,10 +7,11 @@ from datetime import timedelta
 import pytest
 
 from tests.support import submit_greetings
+from throttler.claim import select_claimable
 from throttler.db import SessionFactory
 from throttler.dispatches import last_dispatch_from, last_dispatch_s
 from throttler.models import utcnow
-from throttler.outbox import lease_scheduled, select_claimable
+from throttler.outbox import lease_scheduled
 
 
 async def test_nothing_dispatched_yet_is_none(sessions: SessionFactory) -> None:

@@ -17,11 +17,12 @@ from sqlalchemy import select
 
 from relay.relay import Batch, Relay
 from tests.support import event_history, wait_for
+from throttler.claim import ClaimedTask
 from throttler.db import SessionFactory, create_engine, create_session_factory
 from throttler.lifecycle import record_success, start_attempt
 from throttler.limits import RuleSet
 from throttler.models import OutboxEntry, Task, utcnow
-from throttler.outbox import ClaimedTask, count_outbox, submit_task
+from throttler.outbox import count_outbox, submit_task
 from throttler.settings import Settings
 from throttler.statuses import TaskStatus
 from throttler.throttle import Limiter, RedisLimiter, UnlimitedLimiter, build_limiter
@@ -354,3 +355,19 @@ async def test_rate_limited_relay_spaces_dispatches_by_the_token_interval(
         # Runnable in ARQ from the moment its token fell due, not before (ARQ keeps ms).
         assert info.score is not None
         assert info.score == pytest.approx(at * 1000, abs=1)
+
+
+async def test_rate_limited_jobs_reach_arq_before_their_moment(
+    settings: Settings, sessions: SessionFactory, arq: ArqRedis
+) -> None:
+    ids = await _submit(sessions, 20)
+    limiter = build_limiter(redis=arq, rules=RuleSet.parse("cluster rate=50/s"))
+    relay = _relay(settings, sessions, arq, limiter=limiter, relay_rate=50.0, relay_burst=1)
+    await _run_until_drained(relay, sessions)
+
+    for task_id in ids:
+        info = await Job(task_id, arq).info()
+        assert info is not None
+        assert info.score is not None
+        # Enqueued before the token's moment, so ARQ runs it then, not late and bunched.
+        assert info.enqueue_time.timestamp() * 1000 <= info.score

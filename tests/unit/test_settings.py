@@ -108,10 +108,10 @@ def test_defaults_are_the_documented_ones() -> None:
     assert settings.relay_limits == ""
     assert not settings.limit_rules
     assert settings.relay_max_queue_depth == 0
-    assert settings.relay_batch_size == 100
+    assert settings.relay_batch_size == 1000
     assert settings.relay_poll_interval_s == 0.05
     assert settings.relay_claim_lease_s == 15.0
-    assert settings.worker_concurrency == 10
+    assert settings.worker_concurrency == 100
     assert settings.worker_poll_delay_s == 0.01
     assert settings.worker_max_tries == 5
     assert settings.worker_retry_backoff_s == 1.0

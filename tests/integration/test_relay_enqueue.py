@@ -1,0 +1,97 @@
+"""The relay's batched enqueue against a real Redis and a real ARQ worker."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from arq import func
+from arq.connections import ArqRedis, RedisSettings, create_pool
+from arq.constants import job_key_prefix
+from arq.jobs import Job, JobStatus
+from arq.worker import Worker
+
+from relay.enqueue import BatchEnqueuer, JobSpec
+from throttler.models import utcnow
+
+QUEUE = "arq:queue"
+
+
+@pytest.fixture
+async def arq(redis_url: str) -> AsyncIterator[ArqRedis]:
+    pool = await create_pool(RedisSettings.from_dsn(redis_url))
+    yield pool
+    await pool.aclose()
+
+
+async def _echo(ctx: dict[str, Any]) -> str:
+    return f"ran {ctx['job_id']}"
+
+
+async def _run_burst_worker(arq: ArqRedis) -> None:
+    """Run an ARQ worker until the queue is empty, as ARQ's own ``burst`` mode does."""
+    worker = Worker(
+        functions=[func(_echo, name="greeting"), func(_echo, name="download")],
+        redis_pool=arq,
+        burst=True,
+        poll_delay=0.01,
+        handle_signals=False,
+    )
+    # Not worker.close(): it would close the fixture's pool (with a deprecated call).
+    await worker.main()
+
+
+async def test_a_real_worker_runs_batched_jobs(arq: ArqRedis) -> None:
+    enqueuer = BatchEnqueuer(redis=arq, queue_name=QUEUE)
+    jobs = [JobSpec(job_id=f"job-{i}", function=("greeting", "download")[i % 2]) for i in range(7)]
+    assert await enqueuer.enqueue(jobs) == [True] * 7
+
+    await _run_burst_worker(arq)
+    for job in jobs:
+        assert await Job(job.job_id, arq).result(timeout=5) == f"ran {job.job_id}"
+
+
+async def test_a_batched_job_is_stored_as_enqueue_job_stores_it(arq: ArqRedis) -> None:
+    run_at = utcnow() + timedelta(seconds=30)
+    await arq.enqueue_job("greeting", _job_id="by-arq", _queue_name=QUEUE, _defer_until=run_at)
+    enqueuer = BatchEnqueuer(redis=arq, queue_name=QUEUE)
+    assert await enqueuer.enqueue([JobSpec(job_id="batched", function="greeting", run_at=run_at)])
+
+    by_arq = await Job("by-arq", arq).info()
+    batched = await Job("batched", arq).info()
+    assert by_arq is not None
+    assert batched is not None
+    assert (batched.function, batched.args, batched.kwargs, batched.job_try, batched.score) == (
+        by_arq.function,
+        by_arq.args,
+        by_arq.kwargs,
+        by_arq.job_try,
+        by_arq.score,
+    )
+    # Expiry: a day past the start time, as ARQ sets it (the two enqueues ms apart).
+    ttl_by_arq = await arq.pttl(job_key_prefix + "by-arq")
+    ttl_batched = await arq.pttl(job_key_prefix + "batched")
+    assert abs(ttl_by_arq - ttl_batched) < 5_000
+    assert await Job("batched", arq).status() == JobStatus.deferred
+
+
+async def test_a_repeat_enqueue_is_a_no_op_while_arq_holds_the_id(arq: ArqRedis) -> None:
+    enqueuer = BatchEnqueuer(redis=arq, queue_name=QUEUE)
+    first = [JobSpec(job_id="a", function="greeting"), JobSpec(job_id="b", function="greeting")]
+    assert await enqueuer.enqueue(first) == [True, True]
+    stored = await Job("a", arq).info()
+
+    # Queued: the job key exists. A new id in the same batch still goes in.
+    again = [*first, JobSpec(job_id="c", function="greeting")]
+    assert await enqueuer.enqueue(again) == [False, False, True]
+    assert await Job("a", arq).info() == stored
+    assert await arq.zcard(QUEUE) == 3
+
+    # Finished: the result key exists, so the id is still refused, and nothing runs twice.
+    await _run_burst_worker(arq)
+    assert await enqueuer.enqueue(first) == [False, False]
+    assert await arq.zcard(QUEUE) == 0
+    # ARQ's own enqueue agrees.
+    assert await arq.enqueue_job("greeting", _job_id="a", _queue_name=QUEUE) is None
