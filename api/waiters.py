@@ -18,19 +18,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 from sqlalchemy import select
 from starlette.requests import Request
 
 from throttler.constants import FINISHED_CHANNEL
 from throttler.db import SessionFactory
-from throttler.logs import fields
 from throttler.models import Task
 from throttler.periodic import Periodic
+from throttler.pubsub import RESUBSCRIBE_BACKOFF_MAX_S, RESUBSCRIBE_BACKOFF_S, ChannelListener
 from throttler.statuses import TERMINAL_STATUSES, TaskStatus
 
 log = logging.getLogger(__name__)
@@ -44,10 +42,6 @@ SWEEP_INTERVAL_S = 1.0
 SWEEP_BATCH_SIZE = 500
 # The listener's read timeout: how often it looks up from an idle subscription.
 LISTEN_POLL_S = 1.0
-# Pause before resubscribing after Redis went away; doubles up to the cap.
-RESUBSCRIBE_BACKOFF_S = 0.1
-RESUBSCRIBE_BACKOFF_MAX_S = 5.0
-_REDIS_DOWN_ERRORS = (RedisError, OSError, TimeoutError)
 _TERMINAL = [status.value for status in TERMINAL_STATUSES]
 
 
@@ -90,7 +84,7 @@ class Waiters:
         return woken
 
 
-class FinishedListener:
+class FinishedListener(ChannelListener):
     """Wake waiters from ``FINISHED_CHANNEL``; run until stopped, resubscribing as needed."""
 
     def __init__(
@@ -102,65 +96,20 @@ class FinishedListener:
         backoff_s: float = RESUBSCRIBE_BACKOFF_S,
         backoff_max_s: float = RESUBSCRIBE_BACKOFF_MAX_S,
     ) -> None:
-        self.redis = redis
         self.waiters = waiters
-        self.poll_s = poll_s
-        self.backoff_s = backoff_s
-        self.backoff_max_s = backoff_max_s
-        self._stopping = asyncio.Event()
+        super().__init__(
+            redis=redis,
+            channels=[FINISHED_CHANNEL],
+            on_message=self._wake,
+            event="waiters",
+            log=log,
+            poll_s=poll_s,
+            backoff_s=backoff_s,
+            backoff_max_s=backoff_max_s,
+        )
 
-    def stop(self) -> None:
-        """Make ``run`` return within ``poll_s``.
-
-        Cancelling the task is quicker, but redis-py can swallow a cancellation that lands
-        while it connects; this flag ends the loop anyway.
-        """
-        self._stopping.set()
-
-    async def run(self) -> None:
-        """Listen until stopped; while Redis is away the sweep alone wakes waiters."""
-        delay_s = self.backoff_s
-        down_since: float | None = None
-
-        def on_subscribed() -> None:
-            nonlocal delay_s, down_since
-            delay_s = self.backoff_s
-            if down_since is not None:
-                outage_s = round(time.monotonic() - down_since, 3)
-                log.info("waiters.resubscribed", extra=fields(outage_s=outage_s))
-                down_since = None
-
-        while not self._stopping.is_set():
-            try:
-                await self._listen(on_subscribed=on_subscribed)
-            except _REDIS_DOWN_ERRORS as error:
-                if down_since is None:
-                    down_since = time.monotonic()
-                    # One line when the subscription drops, one when it is back.
-                    log.warning(
-                        "waiters.unsubscribed",
-                        extra=fields(retry_max_s=self.backoff_max_s, error=repr(error)),
-                    )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), timeout=delay_s)
-            delay_s = min(delay_s * 2, self.backoff_max_s)
-
-    async def _listen(self, *, on_subscribed: Callable[[], None]) -> None:
-        """Subscribe, then wake the waiters named by each message until an error."""
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-        try:
-            await pubsub.subscribe(FINISHED_CHANNEL)
-            on_subscribed()
-            while not self._stopping.is_set():
-                message = await pubsub.get_message(
-                    ignore_subscribe_messages=True, timeout=self.poll_s
-                )
-                if message is not None and message.get("type") == "message":
-                    data = message["data"]
-                    task_id = data.decode() if isinstance(data, bytes) else str(data)
-                    self.waiters.wake([task_id])
-        finally:
-            await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
+    def _wake(self, data: bytes) -> None:
+        self.waiters.wake([data.decode()])
 
 
 class FinishedSweep(Periodic):

@@ -20,24 +20,19 @@ import re
 import statistics
 import tempfile
 import time
-import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import uvloop
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from bench.figures import Figure, Target, median, render
-from bench.processes import free_port, http_server, migrate
+from bench.processes import free_port, http_server, migrate, postgres_database
 from throttler.redis_server import start_redis_server
 
 GREETING = "/api/v1/task/greeting"
 BULK = "/api/v1/tasks"
 BULK_SIZE = 1000
 BULK_CONNECTIONS = 4
-POSTGRES_ENVS = ("BENCH_POSTGRES_URL", "TEST_POSTGRES_URL")
 BASELINE_NAME = "bare FastAPI endpoint"
 SUBMIT_TARGET = Target(at_least=0.6, of_baseline=True)
 P99_TARGET = Target(at_most=50)
@@ -140,32 +135,6 @@ def _measure(port: int, *, path: str, body: object, connections: int, sizes: Siz
     )
 
 
-async def _admin(admin_url: str, statement: str) -> None:
-    engine = create_async_engine(admin_url, isolation_level="AUTOCOMMIT")
-    try:
-        async with engine.connect() as connection:
-            await connection.execute(text(statement))
-    finally:
-        await engine.dispose()
-
-
-@contextlib.contextmanager
-def _postgres_database() -> Iterator[str | None]:
-    """A fresh migrated PostgreSQL database when a PostgreSQL URL is set, else None."""
-    admin_url = next((os.environ[name] for name in POSTGRES_ENVS if os.environ.get(name)), None)
-    if admin_url is None:
-        yield None
-        return
-    name = f"bench_intake_{uuid.uuid4().hex[:8]}"
-    asyncio.run(_admin(admin_url, f'CREATE DATABASE "{name}"'))
-    url = admin_url.rsplit("/", 1)[0] + f"/{name}"
-    try:
-        migrate({**os.environ, "DATABASE_URL": url})
-        yield url
-    finally:
-        asyncio.run(_admin(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-
-
 def _api_env(database_url: str, redis_url: str, port: int) -> dict[str, str]:
     return {
         **os.environ,
@@ -197,7 +166,7 @@ def measure_all(*, sizes: Sizes, connections: int) -> dict[str, _Series]:
     bulk = {"tasks": [{"name": "greeting", "input": {"name": f"n{i}"}} for i in range(BULK_SIZE)]}
     with (
         tempfile.TemporaryDirectory() as workdir_name,
-        _postgres_database() as postgres_url,
+        postgres_database("bench_intake") as postgres_url,
         contextlib.ExitStack() as servers,
     ):
         workdir = Path(workdir_name)

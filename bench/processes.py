@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 30.0
+# Where a benchmark finds a PostgreSQL server it may create databases on.
+POSTGRES_ENVS = ("BENCH_POSTGRES_URL", "TEST_POSTGRES_URL")
 
 
 def free_port() -> int:
@@ -62,3 +69,32 @@ def http_server(args: list[str], env: Mapping[str, str], port: int) -> Iterator[
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+async def _admin(admin_url: str, statement: str) -> None:
+    engine = create_async_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        async with engine.connect() as connection:
+            await connection.execute(text(statement))
+    finally:
+        await engine.dispose()
+
+
+@contextmanager
+def postgres_database(prefix: str) -> Iterator[str | None]:
+    """A fresh migrated PostgreSQL database for the block when a POSTGRES_ENVS URL is set.
+
+    Yield its URL (None without a server); drop it afterwards, whatever happened.
+    """
+    admin_url = next((os.environ[name] for name in POSTGRES_ENVS if os.environ.get(name)), None)
+    if not admin_url:
+        yield None
+        return
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    asyncio.run(_admin(admin_url, f'CREATE DATABASE "{name}"'))
+    url = admin_url.rsplit("/", 1)[0] + f"/{name}"
+    try:
+        migrate({**os.environ, "DATABASE_URL": url})
+        yield url
+    finally:
+        asyncio.run(_admin(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))

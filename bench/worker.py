@@ -32,7 +32,7 @@ from sqlalchemy import delete, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from bench.figures import Figure, Target, median, render
-from bench.processes import ROOT, migrate
+from bench.processes import ROOT, migrate, postgres_database
 from throttler.db import create_engine, create_session_factory
 from throttler.models import Base, OutboxEntry, utcnow
 from throttler.outbox import NewTask, mark_queued, submit_tasks
@@ -40,7 +40,6 @@ from throttler.redis_server import RedisServer, start_redis_server
 from throttler.settings import Settings
 
 # The first one set names a server where the benchmark may create a database of its own.
-POSTGRES_ENVS = ("BENCH_POSTGRES_URL", "TEST_POSTGRES_URL")
 BASELINE_NAME = "ARQ no-op worker"
 TARGET = Target(at_least=0.7, of_baseline=True)
 # Rows per insert transaction while filling (keeps each statement well within limits).
@@ -229,32 +228,6 @@ async def _truncate(database_url: str) -> None:
         await engine.dispose()
 
 
-async def _admin(admin_url: str, statement: str) -> None:
-    engine = create_async_engine(admin_url, isolation_level="AUTOCOMMIT")
-    try:
-        async with engine.connect() as connection:
-            await connection.execute(text(statement))
-    finally:
-        await engine.dispose()
-
-
-@contextlib.contextmanager
-def _postgres_database() -> Iterator[str | None]:
-    """A migrated PostgreSQL database for this run when a POSTGRES_ENVS variable is set."""
-    admin_url = next((os.environ[name] for name in POSTGRES_ENVS if os.environ.get(name)), None)
-    if not admin_url:
-        yield None
-        return
-    name = f"bench_worker_{uuid.uuid4().hex[:8]}"
-    asyncio.run(_admin(admin_url, f'CREATE DATABASE "{name}"'))
-    url = admin_url.rsplit("/", 1)[0] + f"/{name}"
-    try:
-        migrate({**os.environ, "DATABASE_URL": url})
-        yield url
-    finally:
-        asyncio.run(_admin(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-
-
 def run(*, quick: bool, concurrency: int = CONCURRENCY) -> list[Figure]:
     """Measure the worker on SQLite (and PostgreSQL when a POSTGRES_ENVS variable is set)."""
     sizes = QUICK if quick else FULL
@@ -262,7 +235,10 @@ def run(*, quick: bool, concurrency: int = CONCURRENCY) -> list[Figure]:
     baseline: list[float] = []
     sqlite: list[float] = []
     postgres: list[float] = []
-    with tempfile.TemporaryDirectory() as workdir_name, _postgres_database() as postgres_url:
+    with (
+        tempfile.TemporaryDirectory() as workdir_name,
+        postgres_database("bench_worker") as postgres_url,
+    ):
         workdir = Path(workdir_name)
         redis: RedisServer = start_redis_server(workdir=workdir / "redis")
         try:

@@ -12,9 +12,7 @@ goes away (the relay meanwhile polls).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import time
 from collections.abc import Callable, Sequence
 
 from redis.asyncio import Redis
@@ -22,6 +20,12 @@ from redis.exceptions import RedisError
 
 from throttler.constants import SUBMITTED_CHANNEL
 from throttler.logs import fields
+from throttler.pubsub import (
+    LISTEN_POLL_S,
+    RESUBSCRIBE_BACKOFF_MAX_S,
+    RESUBSCRIBE_BACKOFF_S,
+    ChannelListener,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +45,8 @@ async def announce_new_work(redis: Redis, *, timeout_s: float = ANNOUNCE_TIMEOUT
         log.debug("outbox.new_work_not_announced", extra=fields(error=repr(error)))
 
 
-# How long one wait for a message lasts; also how soon ``stop`` takes effect.
-LISTEN_POLL_S = 0.5
-RESUBSCRIBE_BACKOFF_S = 0.1
-RESUBSCRIBE_BACKOFF_MAX_S = 5.0
-
-
-class WakeupListener:
-    """Call ``on_message`` for every message on ``channels`` until stopped."""
+class WakeupListener(ChannelListener):
+    """Call ``on_message()`` for every message on ``channels`` until stopped."""
 
     def __init__(
         self,
@@ -60,55 +58,13 @@ class WakeupListener:
         backoff_s: float = RESUBSCRIBE_BACKOFF_S,
         backoff_max_s: float = RESUBSCRIBE_BACKOFF_MAX_S,
     ) -> None:
-        self.redis = redis
-        self.channels = tuple(channels)
-        self.on_message = on_message
-        self.poll_s = poll_s
-        self.backoff_s = backoff_s
-        self.backoff_max_s = backoff_max_s
-        self._stopping = asyncio.Event()
-
-    def stop(self) -> None:
-        """Make ``run`` return within ``poll_s`` (a flag: redis-py may swallow a cancel)."""
-        self._stopping.set()
-
-    async def run(self) -> None:
-        """Listen until stopped; one log line when the subscription drops, one when back."""
-        delay_s = self.backoff_s
-        down_since: float | None = None
-
-        def on_subscribed() -> None:
-            nonlocal delay_s, down_since
-            delay_s = self.backoff_s
-            if down_since is not None:
-                outage_s = round(time.monotonic() - down_since, 3)
-                log.info("wakeup.resubscribed", extra=fields(outage_s=outage_s))
-                down_since = None
-
-        while not self._stopping.is_set():
-            try:
-                await self._listen(on_subscribed=on_subscribed)
-            except (RedisError, OSError, TimeoutError) as error:
-                if down_since is None:
-                    down_since = time.monotonic()
-                    log.warning(
-                        "wakeup.unsubscribed",
-                        extra=fields(retry_max_s=self.backoff_max_s, error=repr(error)),
-                    )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), timeout=delay_s)
-            delay_s = min(delay_s * 2, self.backoff_max_s)
-
-    async def _listen(self, *, on_subscribed: Callable[[], None]) -> None:
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-        try:
-            await pubsub.subscribe(*self.channels)
-            on_subscribed()
-            while not self._stopping.is_set():
-                message = await pubsub.get_message(
-                    ignore_subscribe_messages=True, timeout=self.poll_s
-                )
-                if message is not None and message.get("type") == "message":
-                    self.on_message()
-        finally:
-            await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
+        super().__init__(
+            redis=redis,
+            channels=channels,
+            on_message=lambda _data: on_message(),
+            event="wakeup",
+            log=log,
+            poll_s=poll_s,
+            backoff_s=backoff_s,
+            backoff_max_s=backoff_max_s,
+        )
