@@ -75,6 +75,22 @@ def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 
 
+def max_in_window(times_s: Sequence[float], window_s: float) -> int:
+    """Largest number of instants inside any closed window of length ``window_s``.
+
+    The rate bound's measure (at most ``rate * window + burst``), used by the benchmarks
+    and the tests alike.
+    """
+    ordered = sorted(times_s)
+    best = 0
+    start = 0
+    for end, instant in enumerate(ordered):
+        while instant - ordered[start] > window_s:
+            start += 1
+        best = max(best, end - start + 1)
+    return best
+
+
 def _number(value: float) -> str:
     if value >= 100:
         return f"{value:,.0f}"

@@ -23,7 +23,7 @@ from arq.constants import job_key_prefix
 from arq.jobs import deserialize_job_raw
 from redis import Redis
 
-from bench.figures import Figure, Target, render
+from bench.figures import Figure, Target, max_in_window, render
 from bench.processes import migrate
 from bench.relay import QUEUE, queued_jobs, relay_process
 from bench.rows import fill_backlog
@@ -43,18 +43,6 @@ class Sizes:
 
 QUICK = Sizes(duration_s=3.0)
 FULL = Sizes(duration_s=20.0)
-
-
-def max_in_window(times_s: list[float], window_s: float) -> int:
-    """Most instants inside any closed window of length ``window_s`` (as tests/support.py)."""
-    ordered = sorted(times_s)
-    best = 0
-    start = 0
-    for end, instant in enumerate(ordered):
-        while instant - ordered[start] > window_s:
-            start += 1
-        best = max(best, end - start + 1)
-    return best
 
 
 def queued_moments_s(database: Path) -> dict[str, float]:

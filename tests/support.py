@@ -64,18 +64,6 @@ async def event_history(session: AsyncSession, task_id: str) -> list[str]:
     return list(rows.scalars())
 
 
-def max_in_window(times_s: list[float], window_s: float) -> int:
-    """Largest number of instants inside any closed window of length ``window_s``."""
-    ordered = sorted(times_s)
-    best = 0
-    start = 0
-    for end, instant in enumerate(ordered):
-        while instant - ordered[start] > window_s:
-            start += 1
-        best = max(best, end - start + 1)
-    return best
-
-
 async def event_times(session: AsyncSession, event: str) -> list[float]:
     """Return the POSIX times of every event of one kind."""
     rows = await session.execute(select(TaskEvent.at).where(TaskEvent.event == event))

@@ -28,9 +28,10 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from bench.figures import max_in_window
 from tests.acceptance.processes import Cluster, Component, cluster
 from tests.acceptance.side_effect_worker import SIDE_EFFECT_LOG_ENV
-from tests.support import max_in_window, wait_for
+from tests.support import wait_for
 from throttler.catalog import CATALOG
 from throttler.db import (
     SessionFactory,

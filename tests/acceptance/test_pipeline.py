@@ -11,9 +11,10 @@ import httpx
 import pytest
 from sqlalchemy import select
 
+from bench.figures import max_in_window
 from tests.acceptance.conftest import DOWNLOAD_BODY
 from tests.acceptance.processes import Cluster, cluster
-from tests.support import event_history, event_times, max_in_window, wait_for
+from tests.support import event_history, event_times, wait_for
 from throttler.db import SessionFactory
 from throttler.models import Task
 from throttler.redis_server import free_port

@@ -12,12 +12,12 @@ from arq.jobs import Job
 from redis.asyncio import Redis
 from sqlalchemy import func, select
 
+from bench.figures import max_in_window
 from tests.acceptance.processes import cluster
 from tests.support import (
     ROOT,
     event_history,
     event_times,
-    max_in_window,
     submit_greetings,
     wait_for,
 )
