@@ -22,6 +22,7 @@ from typing import Any
 
 from sqlalchemy.exc import DBAPIError
 
+from throttler.db import connect_sqlite
 from throttler.lifecycle import Attempt, Outcome
 from throttler.settings import Settings, sqlite_path
 from throttler.statuses import TERMINAL_STATUSES, EventKind, TaskStatus
@@ -52,12 +53,9 @@ class SqliteBatches:
     """One ``sqlite3`` connection, used only by the thread that runs ``write``."""
 
     def __init__(self, settings: Settings) -> None:
-        path = sqlite_path(settings.database_url)
-        if path is None:
+        if sqlite_path(settings.database_url) is None:
             raise ValueError("SqliteBatches needs a sqlite+aiosqlite:/// DATABASE_URL")
-        self._path = path
-        self._timeout_s = settings.database_timeout_s
-        self._synchronous = settings.sqlite_synchronous
+        self._settings = settings
         self._connection: sqlite3.Connection | None = None
 
     def write(
@@ -92,17 +90,8 @@ class SqliteBatches:
 
     def _connect(self) -> sqlite3.Connection:
         if self._connection is None:
-            # The pragmas of throttler.db's engines, for the same file.
-            connection = sqlite3.connect(self._path, timeout=self._timeout_s, isolation_level=None)
-            try:
-                connection.execute(f"PRAGMA busy_timeout={int(self._timeout_s * 1000)}")
-                connection.execute("PRAGMA journal_mode=WAL")
-                connection.execute(f"PRAGMA synchronous={self._synchronous}")
-                connection.execute("PRAGMA foreign_keys=ON")
-            except BaseException:
-                connection.close()
-                raise
-            self._connection = connection
+            # Set up like throttler.db's engines (pragmas, no implicit BEGIN), same file.
+            self._connection = connect_sqlite(self._settings)
         return self._connection
 
     def _start(
