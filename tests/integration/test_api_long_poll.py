@@ -15,6 +15,7 @@ import pytest
 from fastapi import FastAPI
 from redis.asyncio import Redis
 from sqlalchemy import delete, event, update
+from sqlalchemy.orm import Session
 from starlette.types import Message
 
 from api.app import create_app
@@ -25,12 +26,12 @@ from throttler.catalog import CATALOG, GREETING
 from throttler.constants import FINISHED_CHANNEL
 from throttler.db import SessionFactory
 from throttler.finished import publish_finished
-from throttler.lifecycle import record_success, start_attempt
+from throttler.lifecycle import Outcome, record_outcomes, start_attempts
 from throttler.models import OutboxEntry, Task, utcnow
-from throttler.outbox import submit_task
+from throttler.outbox import NewTask, mark_queued, submit_task, submit_tasks
 from throttler.reconcile import reconcile_once
 from throttler.settings import Settings
-from throttler.statuses import TaskStatus
+from throttler.statuses import EventKind, TaskStatus
 
 RESULT = "/api/v1/task/result/{}"
 
@@ -93,18 +94,40 @@ async def _finish(
 
 
 async def _finish_all(sessions: SessionFactory, task_ids: list[str]) -> None:
-    async with sessions.begin() as session:
-        for task_id in task_ids:
-            attempt = await start_attempt(session, task_id=task_id, worker_id="w", now=utcnow())
-            assert attempt is not None
-            assert await record_success(
-                session,
-                task_id=task_id,
-                result={"message": "Hello, Ada!"},
+    """Start and succeed every task, as a worker's status writer does, in one transaction."""
+
+    def finish(executor: Session) -> set[str]:
+        now = utcnow()
+        attempts = start_attempts(executor, task_ids=task_ids, worker_id="w", now=now)
+        outcomes = [
+            Outcome(
+                task_id=attempt.task_id,
+                event=EventKind.SUCCEEDED,
                 attempt=attempt.attempt,
                 worker_id="w",
-                now=utcnow(),
+                now=now,
+                result={"message": "Hello, Ada!"},
             )
+            for attempt in attempts.values()
+        ]
+        return record_outcomes(executor, outcomes)
+
+    async with sessions.begin() as session:
+        assert await session.run_sync(finish) == set(task_ids)
+
+
+async def _queue_greetings(sessions: SessionFactory, count: int) -> list[str]:
+    """Queue ``count`` greetings in one transaction, as api and relay leave them."""
+    now = utcnow()
+    tasks = [
+        NewTask(name="greeting", account="default", payload={"name": f"n{i}"}, created_at=now)
+        for i in range(count)
+    ]
+    task_ids = [task.task_id for task in tasks]
+    async with sessions.begin() as session:
+        await submit_tasks(session, tasks)
+        await mark_queued(session, task_ids=task_ids, relay_id="test-relay", now=now)
+    return task_ids
 
 
 async def _get(api: Api, task_id: str, *, wait: float | str) -> tuple[httpx.Response, float]:
@@ -303,11 +326,8 @@ async def test_client_hanging_up_ends_the_wait(api: Api, sessions: SessionFactor
 async def test_many_waiters_cost_queries_per_second_not_per_waiter(
     api: Api, sessions: SessionFactory, redis: Redis
 ) -> None:
-    count = 200
-    task_ids = [
-        await queue_task(sessions, name="greeting", payload={"name": f"n{index}"})
-        for index in range(count)
-    ]
+    count = 1000
+    task_ids = await _queue_greetings(sessions, count)
     statements: list[str] = []
 
     def on_execute(*args: Any) -> None:
