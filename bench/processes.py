@@ -9,9 +9,10 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 import httpx
 from sqlalchemy import text
@@ -43,17 +44,34 @@ def migrate(env: Mapping[str, str]) -> None:
 
 
 @contextmanager
+def module_process(
+    args: Sequence[str], env: Mapping[str, str], *, output: IO[bytes] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``python -m ARGS`` from the project root until the block ends, then stop it.
+
+    Its output goes to ``output`` (discarded when None). SIGTERM first, as the services
+    expect; SIGKILL if it has not exited within half a minute.
+    """
+    target = subprocess.DEVNULL if output is None else output
+    process = subprocess.Popen(
+        [sys.executable, "-m", *args], cwd=ROOT, env=dict(env), stdout=target, stderr=target
+    )
+    try:
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextmanager
 def http_server(args: list[str], env: Mapping[str, str], port: int) -> Iterator[str]:
     """Run ``python -m ARGS`` until the block ends; yield its base URL once /healthz answers."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", *args],
-        cwd=ROOT,
-        env=dict(env),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     base_url = f"http://127.0.0.1:{port}"
-    try:
+    with module_process(args, env) as process:
         deadline = time.monotonic() + READY_TIMEOUT_S
         while True:
             try:
@@ -66,9 +84,6 @@ def http_server(args: list[str], env: Mapping[str, str], port: int) -> Iterator[
                 raise RuntimeError(f"{args} did not start")
             time.sleep(0.1)
         yield base_url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 async def _admin(admin_url: str, statement: str) -> None:

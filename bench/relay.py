@@ -35,12 +35,11 @@ from arq.connections import RedisSettings, create_pool
 from redis import Redis
 
 from bench.figures import Figure, Target, median, render
-from bench.processes import ROOT, migrate
+from bench.processes import READY_TIMEOUT_S, migrate, module_process
 from bench.rows import connect, fill_backlog, fill_finished
 from throttler.redis_server import RedisServer, start_redis_server
 
 QUEUE = "arq:queue"
-READY_TIMEOUT_S = 30.0
 DRAIN_TIMEOUT_S = 60.0
 POLL_S = 0.005
 CACHE_DIR = Path(tempfile.gettempdir()) / "arq-throttler-bench"
@@ -87,20 +86,13 @@ def _peak_rss_mb(pid: int) -> float:
 @contextmanager
 def relay_process(env: Mapping[str, str], *, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
     """Run ``python -m relay`` until the block ends; yield it once it logged its start."""
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "relay"], cwd=ROOT, env=dict(env), stdout=log, stderr=log
-        )
-    try:
+    with log_path.open("wb") as log, module_process(["relay"], env, output=log) as process:
         deadline = time.monotonic() + READY_TIMEOUT_S
         while b"relay.started" not in log_path.read_bytes():
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"relay did not start: {log_path.read_text()[-2000:]}")
             time.sleep(0.05)
         yield process
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def queued_jobs(client: Redis) -> int:

@@ -17,11 +17,10 @@ import functools
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from sqlalchemy import delete, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from bench.figures import Figure, Target, median, render
-from bench.processes import ROOT, migrate, postgres_database
+from bench.processes import migrate, module_process, postgres_database
 from throttler.db import create_engine, create_session_factory
 from throttler.models import Base, OutboxEntry, utcnow
 from throttler.outbox import NewTask, mark_queued, submit_tasks
@@ -129,26 +128,6 @@ async def _pool(redis_url: str) -> AsyncIterator[ArqRedis]:
         await pool.aclose()
 
 
-@contextlib.contextmanager
-def _process(args: list[str], env: Mapping[str, str]) -> Iterator[subprocess.Popen[bytes]]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", *args],
-        cwd=ROOT,
-        env=dict(env),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        yield process
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 async def _drain(
     pool: ArqRedis, process: subprocess.Popen[bytes], *, queue_name: str, jobs: int
 ) -> float:
@@ -195,7 +174,7 @@ async def _measure(
                 "LOG_LEVEL": "INFO",
             }
         await _enqueue(pool, queue_name=queue_name, task_ids=task_ids)
-        with _process(args, env) as process:
+        with module_process(args, env) as process:
             rate = await _drain(pool, process, queue_name=queue_name, jobs=jobs)
         if database_url is not None:
             await _check_all_succeeded(database_url, jobs=jobs)
