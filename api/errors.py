@@ -9,16 +9,11 @@ from fastapi import FastAPI, Request, status
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import (
-    DataError,
-    DBAPIError,
-    IntegrityError,
-    NotSupportedError,
-    ProgrammingError,
-)
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from api.intake import IntakeClosedError
+from throttler.db import STATEMENT_ERRORS
 from throttler.logs import fields
 
 log = logging.getLogger(__name__)
@@ -26,10 +21,6 @@ log = logging.getLogger(__name__)
 # Seconds a client should wait before retrying; the database is usually back quickly
 # (a lock released, a failover done), and a short wait spreads retries out.
 RETRY_AFTER_S = 2
-
-# Driver errors that mean our SQL or data is wrong, not that the database is away:
-# answering 503 would invite retries that can never succeed.
-_BUG_ERRORS = (IntegrityError, ProgrammingError, DataError, NotSupportedError)
 
 
 def _describe(error: Exception) -> str:
@@ -49,7 +40,9 @@ def _unavailable(request: Request, error: Exception) -> JSONResponse:
 
 
 async def _on_dbapi_error(request: Request, error: Exception) -> JSONResponse:
-    if isinstance(error, _BUG_ERRORS):
+    # Our SQL or data is wrong, not the database away: a 503 would invite retries that
+    # can never succeed.
+    if isinstance(error, STATEMENT_ERRORS):
         log.error("db.error", exc_info=error, extra=fields(path=request.url.path))
         return JSONResponse(
             {"detail": "internal error"}, status_code=status.HTTP_500_INTERNAL_SERVER_ERROR

@@ -14,31 +14,14 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from sqlalchemy.exc import (
-    DataError,
-    DBAPIError,
-    IntegrityError,
-    NotSupportedError,
-    ProgrammingError,
-)
-from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from throttler.db import SessionFactory
+from throttler.db import STATEMENT_ERRORS, TRANSIENT_DB_ERRORS, SessionFactory
 from throttler.logs import fields
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# Connection loss, lock timeouts, a full pool: worth another try after a pause.
-TRANSIENT_DB_ERRORS: tuple[type[Exception], ...] = (DBAPIError, PoolTimeoutError, OSError)
-# DBAPIError subclasses that say the statement itself is wrong: another try cannot help.
-STATEMENT_ERRORS: tuple[type[Exception], ...] = (
-    DataError,
-    IntegrityError,
-    NotSupportedError,
-    ProgrammingError,
-)
 # Pause after the first failed try; doubles after each further one, up to the cap.
 WRITE_BACKOFF_S = 0.2
 WRITE_BACKOFF_MAX_S = 2.0

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 from redis.asyncio import Redis
 
 from throttler import lifecycle
+from throttler.db import TRANSIENT_DB_ERRORS
 from throttler.lifecycle import Attempt
 from throttler.logs import fields
 from throttler.models import utcnow
@@ -29,7 +30,7 @@ from throttler.statuses import EventKind
 from worker.taskkit.backoff import retry_delay_s
 from worker.taskkit.definition import TaskDefinition
 from worker.taskkit.errors import PermanentError
-from worker.taskkit.persist import TRANSIENT_DB_ERRORS, retry_until_written
+from worker.taskkit.persist import retry_until_written
 from worker.taskkit.resources import Resources
 from worker.taskkit.status_writer import StatusWriterClosed
 

@@ -33,11 +33,11 @@ from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 
+from throttler.db import STATEMENT_ERRORS, TRANSIENT_DB_ERRORS
 from throttler.finished import publish_finished
 from throttler.lifecycle import Attempt, Outcome
 from throttler.logs import fields
 from throttler.models import utcnow
-from worker.taskkit.persist import STATEMENT_ERRORS, TRANSIENT_DB_ERRORS
 from worker.taskkit.transactions import Batches, BatchResult
 
 log = logging.getLogger(__name__)
