@@ -10,8 +10,8 @@ from typing import TypeVar
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import select, text
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
 from throttler.db import SessionFactory
 from throttler.models import TaskEvent, utcnow
@@ -32,6 +32,16 @@ def alembic_config(database_url: str) -> Config:
 def migrate(database_url: str, revision: str = "head") -> None:
     """Run ``alembic upgrade`` (call outside a running event loop)."""
     command.upgrade(alembic_config(database_url), revision)
+
+
+async def admin_execute(admin_url: str, statement: str) -> None:
+    """Run one statement outside a transaction (CREATE or DROP DATABASE on PostgreSQL)."""
+    engine = create_async_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        async with engine.connect() as connection:
+            await connection.execute(text(statement))
+    finally:
+        await engine.dispose()
 
 
 def downgrade(database_url: str, revision: str = "base") -> None:

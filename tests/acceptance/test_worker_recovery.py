@@ -10,8 +10,14 @@ from sqlalchemy import select
 
 from tests.acceptance.processes import Cluster, Component, cluster
 from tests.acceptance.side_effect_worker import SIDE_EFFECT_LOG_ENV
-from tests.integration.worker_harness import arq_pool, dispatch, wait_final, wait_status
-from tests.support import event_history, wait_for
+from tests.integration.worker_harness import (
+    arq_pool,
+    assert_refused_second_start,
+    dispatch,
+    wait_final,
+    wait_status,
+)
+from tests.support import wait_for
 from throttler.db import SessionFactory
 from throttler.models import TaskEvent
 from throttler.redis_server import free_port, start_redis_server
@@ -117,17 +123,7 @@ async def test_killed_workers_side_effecting_job_is_not_run_again(
     assert started[1] - killed_at < RERUN_LIMIT_S
     # The second start was refused: the effect happened exactly once.
     assert effects.read_text().splitlines() == [f"start {task_id} pid={first.process.pid}"]
-    assert task.attempts == 2
-    assert task.error is not None
-    assert "outcome of the earlier attempt is unknown" in task.error
-    async with sessions() as session:
-        assert await event_history(session, task_id) == [
-            "submitted",
-            "queued",
-            "started",
-            "started",
-            "failed",
-        ]
+    await assert_refused_second_start(sessions, task)
 
 
 async def test_worker_waits_for_redis_and_rides_out_a_restart(

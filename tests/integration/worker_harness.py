@@ -10,7 +10,7 @@ from typing import Any
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.worker import Worker
 
-from tests.support import wait_for
+from tests.support import event_history, wait_for
 from throttler.db import SessionFactory
 from throttler.lifecycle import get_task
 from throttler.models import Task, utcnow
@@ -127,3 +127,19 @@ async def wait_status(
     task = await wait_for(probe, timeout_s=timeout_s, message=f"task {task_id} to be {status}")
     assert task is not None
     return task
+
+
+async def assert_refused_second_start(sessions: SessionFactory, task: Task) -> None:
+    """A side-effecting task whose worker died: its second start ended it, outcome unknown."""
+    assert task.status == "failed"
+    assert task.attempts == 2
+    assert task.error is not None
+    assert "outcome of the earlier attempt is unknown" in task.error
+    async with sessions() as session:
+        assert await event_history(session, task.id) == [
+            "submitted",
+            "queued",
+            "started",
+            "started",
+            "failed",
+        ]
