@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 import pytest
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.jobs import Job
-from sqlalchemy import insert, select
+from sqlalchemy import func, insert, select
 
 from relay.relay import Relay
 from tests.support import wait_for
@@ -254,7 +254,13 @@ async def test_a_recovered_lease_is_enqueued_even_at_the_cap(
     await dead.claim()  # leased and queued, never enqueued
     assert await arq.zcard(settings.arq_queue_name) == 0
     successor, _ = make_relay(settings, sessions, arq, relay_max_inflight=2)
-    await asyncio.sleep(0.15)  # the lease is 0.1 s long: let it lapse
+
+    async def lease_lapsed() -> bool:
+        async with sessions() as session:
+            until = await session.scalar(select(func.max(OutboxEntry.claimed_until)))
+        return until is not None and until < utcnow()
+
+    await wait_for(lease_lapsed, message="the dead relay's 0.1 s lease to lapse")
     await successor.step()
     await successor.flush()
     assert sorted(await arq.zrange(settings.arq_queue_name, 0, -1)) == sorted(
