@@ -13,7 +13,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from api.intake import IntakeClosedError
-from throttler.db import STATEMENT_ERRORS
+from throttler.errors import STATEMENT_ERRORS
 from throttler.logs import fields
 
 log = logging.getLogger(__name__)

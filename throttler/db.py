@@ -9,14 +9,6 @@ from typing import Any, TypeVar, cast
 import aiosqlite
 from sqlalchemy import event
 from sqlalchemy.engine.interfaces import DBAPIConnection
-from sqlalchemy.exc import (
-    DataError,
-    DBAPIError,
-    IntegrityError,
-    NotSupportedError,
-    ProgrammingError,
-)
-from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -28,17 +20,6 @@ from sqlalchemy.pool import ConnectionPoolEntry
 from throttler.settings import Settings, sqlite_path
 
 SessionFactory = async_sessionmaker[AsyncSession]
-# Connection loss, lock timeouts, a full pool, a refused or timed-out connect (asyncpg
-# raises those as OSError, outside SQLAlchemy's wrapping): the database is away for now.
-TRANSIENT_DB_ERRORS: tuple[type[Exception], ...] = (DBAPIError, PoolTimeoutError, OSError)
-# DBAPIError subclasses that say the statement or its data is wrong, not that the database
-# is away: another try cannot help (a 500 in the API, not a 503).
-STATEMENT_ERRORS: tuple[type[Exception], ...] = (
-    DataError,
-    IntegrityError,
-    NotSupportedError,
-    ProgrammingError,
-)
 T = TypeVar("T")
 # Execution option naming the BEGIN statement SQLite transactions start with.
 _SQLITE_BEGIN_OPTION = "sqlite_begin"

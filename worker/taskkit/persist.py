@@ -16,7 +16,8 @@ from typing import TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from throttler.db import STATEMENT_ERRORS, TRANSIENT_DB_ERRORS, SessionFactory
+from throttler.db import SessionFactory
+from throttler.errors import STATEMENT_ERRORS, TRANSIENT_DB_ERRORS
 from throttler.logs import fields
 
 log = logging.getLogger(__name__)

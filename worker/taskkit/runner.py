@@ -22,7 +22,7 @@ from pydantic import BaseModel, ValidationError
 from redis.asyncio import Redis
 
 from throttler import lifecycle
-from throttler.db import TRANSIENT_DB_ERRORS
+from throttler.errors import TRANSIENT_DB_ERRORS
 from throttler.lifecycle import Attempt
 from throttler.logs import fields
 from throttler.models import utcnow

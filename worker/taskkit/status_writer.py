@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 
-from throttler.db import STATEMENT_ERRORS, TRANSIENT_DB_ERRORS
+from throttler.errors import STATEMENT_ERRORS, TRANSIENT_DB_ERRORS
 from throttler.finished import publish_finished
 from throttler.lifecycle import Attempt, Outcome
 from throttler.logs import fields
