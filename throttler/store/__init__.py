@@ -1,0 +1,1 @@
+"""The storage seam: every read and write the pipeline makes (composed by the lead)."""
