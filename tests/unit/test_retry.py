@@ -87,6 +87,20 @@ def test_an_outage_is_one_line_down_and_one_up_with_debug_between(
     assert not outage.down
 
 
+def test_retries_may_log_under_their_own_name(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger=LOG.name)
+    outage = Outage(LOG, down_event="d", up_event="u", retry_event="r")
+    for _ in range(3):
+        outage.failed(OSError("x"))
+    outage.succeeded()
+    assert _lines(caplog) == [
+        (logging.WARNING, "d"),
+        (logging.DEBUG, "r"),
+        (logging.DEBUG, "r"),
+        (logging.WARNING, "u"),
+    ]
+
+
 def test_a_flapping_dependency_stays_one_outage_until_enough_successes(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
