@@ -72,7 +72,7 @@ class WorkerService:
         self.tasks = tasks
         self.supervision = supervision or Supervision.from_settings(settings)
         # One log line when Redis goes away and one when it is back, not one per try.
-        self.redis = Outage(
+        self.redis_outage = Outage(
             log, down_event="worker.redis_unavailable", up_event="worker.redis_restored"
         )
         # Set by the first stop signal; a second one skips what is left of the grace.
@@ -141,7 +141,7 @@ class WorkerService:
             lambda: create_pool(redis_settings, default_queue_name=self.settings.arq_queue_name),
             retry_on=REDIS_ERRORS,
             backoff=self.supervision.redis_reconnect,
-            outage=self.redis,
+            outage=self.redis_outage,
             stopping=self.stopping,
         )
 
@@ -165,7 +165,7 @@ class WorkerService:
                 if time.monotonic() - started > backoff.max_s:
                     delays = backoff.delays()  # the loop ran a while: a new outage
                 delay_s = next(delays)
-                self.redis.failed(error, retry_in_s=round(delay_s, 3))
+                self.redis_outage.failed(error, retry_in_s=round(delay_s, 3))
             # Pause, then ping until Redis answers. The delays go on growing across
             # restarts, so a loop that fails at once on an error Redis answers although
             # it is up (the ping works) backs off instead of spinning.
@@ -176,9 +176,9 @@ class WorkerService:
                     await worker.pool.ping()
                 except REDIS_ERRORS as error:
                     delay_s = next(delays)
-                    self.redis.failed(error, retry_in_s=round(delay_s, 3))
+                    self.redis_outage.failed(error, retry_in_s=round(delay_s, 3))
                     continue
-                self.redis.succeeded()
+                self.redis_outage.succeeded()
                 break
 
     async def _drain(self, worker: LeasedWorker) -> None:
