@@ -111,6 +111,9 @@ class FastPlan:
     # (parameter name or None for a route-level dependency, its resolver)
     dependencies: tuple[tuple[str | None, Resolver], ...]
     route: Any  # the APIRoute (or FastAPI's per-inclusion view of it) it was read from
+    # The response model, when plain model_dump_json serializes it as FastAPI would (no
+    # include / exclude options); None otherwise.
+    plain_model: type[BaseModel] | None
 
     async def serve(self, request: StrictJSONRequest) -> Response | None:
         """Answer ``request`` by the endpoint, or None (nothing done) to leave it to FastAPI."""
@@ -131,31 +134,48 @@ class FastPlan:
             return None
         if self.request_name is not None:
             values[self.request_name] = request
-        # FastAPI's temporal response: headers (and a status) the endpoint sets on it.
-        temporal = Response()
-        del temporal.headers["content-length"]
-        temporal.status_code = None  # type: ignore[assignment]
+        temporal = _TemporalResponse()
         if self.response_name is not None:
             values[self.response_name] = temporal
         raw = await self.endpoint(**values)
         if isinstance(raw, Response):
             return raw
-        # As fastapi.routing.get_request_handler serializes it, with its JSON fast path.
-        content = await serialize_response(
-            field=route.response_field,
-            response_content=raw,
-            include=route.response_model_include,
-            exclude=route.response_model_exclude,
-            by_alias=route.response_model_by_alias,
-            exclude_unset=route.response_model_exclude_unset,
-            exclude_defaults=route.response_model_exclude_defaults,
-            exclude_none=route.response_model_exclude_none,
-            dump_json=True,
-        )
+        if type(raw) is self.plain_model:
+            # What serialize_response gives for an instance of the response model itself
+            # (not revalidated, dumped by the same pydantic-core serializer), for less.
+            content: Any = raw.model_dump_json(by_alias=route.response_model_by_alias)
+        else:
+            # As fastapi.routing.get_request_handler serializes it, with its JSON fast path.
+            content = await serialize_response(
+                field=route.response_field,
+                response_content=raw,
+                include=route.response_model_include,
+                exclude=route.response_model_exclude,
+                by_alias=route.response_model_by_alias,
+                exclude_unset=route.response_model_exclude_unset,
+                exclude_defaults=route.response_model_exclude_defaults,
+                exclude_none=route.response_model_exclude_none,
+                dump_json=True,
+            )
         status_code = temporal.status_code or route.status_code
         response = Response(content=content, media_type="application/json", status_code=status_code)
-        response.headers.raw.extend(temporal.headers.raw)
+        response.raw_headers.extend(temporal.raw_headers)
         return response
+
+
+class _TemporalResponse(Response):
+    """FastAPI's temporal response: no headers yet, no status (the route's applies).
+
+    What ``fastapi.dependencies.utils.solve_dependencies`` hands an endpoint's
+    ``Response`` parameter (``Response()`` without its content-length, status None),
+    without computing the headers it would delete.
+    """
+
+    def __init__(self) -> None:
+        self.raw_headers = []
+        self.status_code = None  # type: ignore[assignment]
+        self.background = None
+        self.body = b""
 
 
 def fast_plan(route: Any) -> FastPlan | None:
@@ -196,7 +216,22 @@ def fast_plan(route: Any) -> FastPlan | None:
         response_name=dependant.response_param_name,
         dependencies=tuple(dependencies),
         route=route,
+        plain_model=_plain_model(route),
     )
+
+
+def _plain_model(route: Any) -> type[BaseModel] | None:
+    model = route.response_model
+    options = (
+        route.response_model_include,
+        route.response_model_exclude,
+        route.response_model_exclude_unset,
+        route.response_model_exclude_defaults,
+        route.response_model_exclude_none,
+    )
+    if any(options) or not (isinstance(model, type) and issubclass(model, BaseModel)):
+        return None
+    return model
 
 
 class FastPathRoute(StrictJSONRoute):

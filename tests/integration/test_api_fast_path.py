@@ -17,8 +17,10 @@ import httpx
 import pytest
 from fastapi.dependencies.utils import solve_dependencies
 
+from api.app import create_app
 from api.fast_path import FastPathRoute, fast_plan
 from api.routes import tasks
+from api.submit_options import SubmitOptions, get_submit_options
 from throttler.settings import Settings
 
 if TYPE_CHECKING:
@@ -234,3 +236,23 @@ def test_every_submit_endpoint_has_a_fast_path_and_nothing_else_does() -> None:
     assert planned == {route.name for route in routes if "POST" in (route.methods or ())}
     assert {"submit_greeting", "submit_tasks"} <= planned
     assert "task_result" not in planned  # a path and a query parameter: FastAPI's alone
+
+
+async def test_dependency_overrides_are_honoured(settings: Settings, solved: list[str]) -> None:
+    """With an override set, FastAPI's handling (which applies it) serves every request."""
+    app = create_app(settings)
+
+    async def urgent() -> SubmitOptions:
+        return SubmitOptions(priority=9)
+
+    app.dependency_overrides[get_submit_options] = urgent
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://api.test") as client,
+    ):
+        response = await _post(client, "/api/v1/task/greeting", {"name": "Ada"}, FAST)
+
+    assert response.status_code == 202
+    assert response.json()["priority"] == 9
+    assert solved == ["/api/v1/task/greeting"]
