@@ -30,6 +30,7 @@ from fastapi import Request, Response
 from fastapi.datastructures import DefaultPlaceholder
 from fastapi.routing import _effective_route_context_var, serialize_response
 from fastapi.security.utils import get_authorization_scheme_param
+from fastapi.utils import is_body_allowed_for_status_code
 from pydantic import BaseModel
 
 from api.deps import account_of_key, get_account, get_intake, get_settings
@@ -192,6 +193,10 @@ def fast_plan(route: Any) -> FastPlan | None:
         or dependant.security_scopes_param_name
         or len(dependant.body_params) != 1
         or route.response_field is None
+        # FastAPI sends no body with these (204, 304, 1xx): leave them to it.
+        or (
+            route.status_code is not None and not is_body_allowed_for_status_code(route.status_code)
+        )
         or not isinstance(route.response_class, DefaultPlaceholder)
         or not inspect.iscoroutinefunction(dependant.call)
     ):
