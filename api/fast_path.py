@@ -32,6 +32,7 @@ from fastapi.routing import _effective_route_context_var, serialize_response
 from fastapi.security.utils import get_authorization_scheme_param
 from fastapi.utils import is_body_allowed_for_status_code
 from pydantic import BaseModel
+from starlette.datastructures import State
 
 from api.deps import account_of_key, get_account, get_intake, get_settings
 from api.strict_json import StrictJSONRequest, StrictJSONRoute
@@ -43,7 +44,8 @@ from throttler.settings import Settings
 # (it would answer with an error instead): the request goes to FastAPI.
 DECLINE: Final = object()
 
-Resolver = Callable[[Request], Any]
+# (the request, its app's state) -> the dependency's value, or DECLINE
+Resolver = Callable[[Request, State], Any]
 
 
 def plain_request(request: Request) -> bool:
@@ -72,20 +74,20 @@ def fast_account(request: Request, settings: Settings) -> str | None:
     return account_of_key(accounts, credentials)
 
 
-def _settings(request: Request) -> Any:
-    return request.app.state.settings
+def _settings(request: Request, state: State) -> Any:
+    return state.settings
 
 
-def _account(request: Request) -> Any:
-    account = fast_account(request, request.app.state.settings)
+def _account(request: Request, state: State) -> Any:
+    account = fast_account(request, state.settings)
     return DECLINE if account is None else account
 
 
-def _intake(request: Request) -> Any:
-    return request.app.state.intake
+def _intake(request: Request, state: State) -> Any:
+    return state.intake
 
 
-def _no_options(request: Request) -> Any:
+def _no_options(request: Request, state: State) -> Any:
     # A plain request has no query string: get_submit_options gives the defaults.
     return SubmitOptions()
 
@@ -123,8 +125,9 @@ class FastPlan:
         if getattr(provider, "dependency_overrides", None) or not plain_request(request):
             return None
         values: dict[str, Any] = {}
+        state = request.app.state
         for name, resolve in self.dependencies:
-            value = resolve(request)
+            value = resolve(request, state)
             if value is DECLINE:
                 return None
             if name is not None:
