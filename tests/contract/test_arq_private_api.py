@@ -10,8 +10,10 @@ The behavioural twin of these checks is in test_arq_enqueue.py and test_arq_pick
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import inspect
+import textwrap
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -132,14 +134,30 @@ async def _release_callback(worker: Worker, redis: ArqRedis) -> str | None:
 
 
 async def _in_progress_ttl(worker: Worker, redis: ArqRedis) -> str | None:
-    # LeasedWorker sets this after Worker.__init__ to its lease: it must be a plain
-    # attribute in seconds, read at pickup.
+    # LeasedWorker sets this after Worker.__init__ to its lease, on the premise that ARQ
+    # reads it only to set the in-progress key's TTL at pickup (in start_jobs).
     value = getattr(worker, "in_progress_timeout_s", None)
     if not isinstance(value, int | float):
         return f"is {value!r}, not seconds"
-    if "in_progress_timeout_s" not in inspect.getsource(Worker.start_jobs):
-        return "is no longer what start_jobs sets the in-progress key's TTL from"
+    readers = _methods_reading(Worker, "in_progress_timeout_s")
+    if readers != {"__init__", "start_jobs"}:
+        return f"is read by {sorted(readers)}; we expect only __init__ and start_jobs"
     return None
+
+
+def _methods_reading(owner: type, attribute: str) -> set[str]:
+    """The methods of ``owner`` whose code names ``self.<attribute>``."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(owner)))
+    [cls] = tree.body
+    assert isinstance(cls, ast.ClassDef)
+    return {
+        method.name
+        for method in cls.body
+        if isinstance(method, ast.FunctionDef | ast.AsyncFunctionDef)
+        and any(
+            isinstance(node, ast.Attribute) and node.attr == attribute for node in ast.walk(method)
+        )
+    }
 
 
 async def _serialize_job(worker: Worker, redis: ArqRedis) -> str | None:
