@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -101,11 +100,6 @@ class TaskBatchPublic(BaseModel):
     """The accepted tasks in request order, each pending."""
 
     tasks: list[TaskPublic]
-
-
-def batch_view_json(tasks: Sequence[NewTask]) -> str:
-    """The JSON of ``TaskBatchPublic`` for tasks just submitted."""
-    return TaskBatchPublic(tasks=[TaskPublic.pending(task) for task in tasks]).model_dump_json()
 
 
 class ErrorMessage(BaseModel):
