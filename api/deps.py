@@ -54,7 +54,7 @@ async def get_redis(request: Request) -> Redis:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionsDep = Annotated[SessionFactory, Depends(get_sessions)]
-# The API's reads (results, relay status, readiness): never wait for SQLite's write lock.
+# The API's reads (results, relay status, readiness): they never wait behind writers.
 ReadsDep = Annotated[ReadStore, Depends(get_reads)]
 RedisDep = Annotated[Redis, Depends(get_redis)]
 WaitersDep = Annotated[Waiters, Depends(get_waiters)]

@@ -55,7 +55,7 @@ RECONCILE_BATCH_SIZE = 500
 # (worker.taskkit.runner), which then records ``failed``. So a live worker ends every
 # attempt within the limit plus the time to record the outcome, which goes through the
 # status writer's commit and is retried until written (worker.taskkit.persist): each try
-# waits at most a few DATABASE_TIMEOUT_S (pool, connect, statement or SQLite busy
+# waits at most a few DATABASE_TIMEOUT_S (pool, connect, statement or lock
 # timeouts), with a pause of at most a couple of seconds between tries. The margin is
 # STUCK_MARGIN_DB_TIMEOUTS of those timeouts (about a dozen slow tries) plus
 # STUCK_MARGIN_S for the rest: started_at is stamped before the start is committed and

@@ -1,7 +1,7 @@
 """Retention: delete finished tasks, with their events, older than ``RETENTION_DAYS``.
 
-Rows go in small batches, one transaction each, so a prune never holds the database (on
-SQLite its one write lock) for long and relays keep dispatching in between.
+Rows go in small batches, one transaction each, so a prune never holds the database's
+write locks for long and relays keep dispatching in between.
 """
 
 from __future__ import annotations
