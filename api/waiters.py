@@ -25,12 +25,8 @@ from starlette.requests import Request
 
 from throttler.constants import FINISHED_CHANNEL
 from throttler.periodic import Periodic
-from throttler.pubsub import (
-    LISTEN_POLL_S,
-    RESUBSCRIBE_BACKOFF_MAX_S,
-    RESUBSCRIBE_BACKOFF_S,
-    ChannelListener,
-)
+from throttler.pubsub import LISTEN_POLL_S, ChannelListener
+from throttler.retry import REDIS_RECONNECT
 from throttler.store.reads import ReadStore, TaskView
 
 log = logging.getLogger(__name__)
@@ -90,8 +86,8 @@ class FinishedListener(ChannelListener):
         redis: Redis,
         waiters: Waiters,
         poll_s: float = LISTEN_POLL_S,
-        backoff_s: float = RESUBSCRIBE_BACKOFF_S,
-        backoff_max_s: float = RESUBSCRIBE_BACKOFF_MAX_S,
+        backoff_s: float = REDIS_RECONNECT.first_s,
+        backoff_max_s: float = REDIS_RECONNECT.max_s,
     ) -> None:
         self.waiters = waiters
         super().__init__(
