@@ -9,10 +9,9 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
-from sqlalchemy import select
 
 from api.bulk import new_tasks
-from api.deps import AccountDep, IntakeDep, ReadSessionsDep, WaitersDep
+from api.deps import AccountDep, IntakeDep, ReadsDep, WaitersDep
 from api.fast_path import FastPathRoute
 from api.schemas import (
     MAX_BULK_TASKS,
@@ -26,7 +25,8 @@ from api.waiters import MAX_WAIT_S, long_poll
 from throttler.catalog import CATALOG, TaskInput, TaskSpec
 from throttler.constants import API_PREFIX
 from throttler.logs import fields
-from throttler.models import TASK_ID_LENGTH, Task, utcnow
+from throttler.models import TASK_ID_LENGTH, utcnow
+from throttler.store.reads import TaskView
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ async def task_result(
     task_id: str,
     request: Request,
     account: AccountDep,
-    sessions: ReadSessionsDep,
+    reads: ReadsDep,
     waiters: WaitersDep,
     wait: Annotated[
         float,
@@ -202,12 +202,8 @@ async def task_result(
     if len(task_id) > TASK_ID_LENGTH or not (task_id.isascii() and task_id.isprintable()):
         raise not_found
 
-    async def read() -> Task | None:
-        async with sessions() as session:
-            task: Task | None = await session.scalar(
-                select(Task).where(Task.id == task_id, Task.account == account)
-            )
-            return task
+    async def read() -> TaskView | None:
+        return await reads.task(task_id=task_id, account=account)
 
     task = await long_poll(read, task_id=task_id, wait_s=wait, waiters=waiters, request=request)
     if task is None:
