@@ -10,10 +10,10 @@ from sqlalchemy import func, select, update
 from tests.support import wait_for
 from throttler.db import SessionFactory
 from throttler.models import OutboxEntry, Task, TaskEvent, utcnow
-from throttler.outbox import submit_task
 from throttler.retention import Pruner, prune_once
 from throttler.settings import Settings
 from throttler.statuses import TaskStatus
+from throttler.submit import submit_task
 
 
 async def _make_task(
