@@ -246,7 +246,6 @@ def _ranked(row: Any, *, whole_row: bool) -> RankedRow:
         account=row.turn_account,
         priority=row.turn_priority,
         created_at=row.age,
-        outbox_id=row.outbox_id if whole_row else 0,
         claim=_claimed(row) if whole_row else None,
     )
 
