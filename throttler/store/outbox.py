@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, ClassVar, Protocol, cast
@@ -156,6 +156,9 @@ class OutboxClaim(Protocol):
     async def count_rows(self) -> int:
         """Count rows still in the outbox (leased or not)."""
 
+    async def pending_accounts(self) -> list[str]:
+        """Every account with a pending task, in order."""
+
     async def select_claimable(
         self,
         *,
@@ -185,7 +188,7 @@ class OutboxClaim(Protocol):
 class Outbox(Protocol):
     """The relay's store: claim transactions, and the looks a relay takes outside them."""
 
-    def claiming(self) -> Any:
+    def claiming(self) -> AbstractAsyncContextManager[OutboxClaim]:
         """``async with outbox.claiming() as claim:`` one claim transaction, committed on exit."""
 
     def claim_in(self, session: AsyncSession) -> OutboxClaim:
