@@ -240,7 +240,7 @@ class Relay:
             if self._serialize:
                 await claim.serialize()
             settlement = await self._claim_in(claim, opening)
-            backlog = await self._backlog(claim, leased=len(settlement.to_lease))
+            backlog = await self._backlog(claim, opening, leased=len(settlement.to_lease))
         self._unreleased = self._unreleased[len(carried) :]
         return Batch(
             to_enqueue=settlement.to_lease,
@@ -296,9 +296,9 @@ class Relay:
             await self.release(claim, [c.outbox_id for c in finished])
         return settlement
 
-    async def _backlog(self, claim: OutboxClaim, *, leased: int) -> int | None:
+    async def _backlog(self, claim: OutboxClaim, opening: Opening, *, leased: int) -> int | None:
         """Rows left in the outbox, when a dispatch log is due (None: not counted)."""
-        if (self.clock() - self._window_started).total_seconds() < LOG_EVERY_S:
+        if (opening.started_at - self._window_started).total_seconds() < LOG_EVERY_S:
             return None
         return await claim.count_rows() - leased
 
