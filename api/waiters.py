@@ -28,7 +28,8 @@ from throttler.constants import FINISHED_CHANNEL
 from throttler.db import SessionFactory
 from throttler.models import Task
 from throttler.periodic import Periodic
-from throttler.pubsub import RESUBSCRIBE_BACKOFF_MAX_S, RESUBSCRIBE_BACKOFF_S, ChannelListener
+from throttler.pubsub import ChannelListener
+from throttler.retry import REDIS_RECONNECT
 from throttler.statuses import TERMINAL_STATUSES, TaskStatus
 
 log = logging.getLogger(__name__)
@@ -93,8 +94,8 @@ class FinishedListener(ChannelListener):
         redis: Redis,
         waiters: Waiters,
         poll_s: float = LISTEN_POLL_S,
-        backoff_s: float = RESUBSCRIBE_BACKOFF_S,
-        backoff_max_s: float = RESUBSCRIBE_BACKOFF_MAX_S,
+        backoff_s: float = REDIS_RECONNECT.first_s,
+        backoff_max_s: float = REDIS_RECONNECT.max_s,
     ) -> None:
         self.waiters = waiters
         super().__init__(

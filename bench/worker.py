@@ -32,9 +32,9 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from bench.figures import Figure, Target, median, render
 from bench.processes import migrate, module_process, postgres_database
+from devtools.redis_server import RedisServer, start_redis_server
 from throttler.db import create_engine, create_session_factory
 from throttler.models import Base, OutboxEntry, utcnow
-from throttler.redis_server import RedisServer, start_redis_server
 from throttler.settings import Settings
 from throttler.store.outbox import CoreClaim
 from throttler.submit import NewTask, submit_tasks

@@ -168,6 +168,7 @@ class Relay:
         outage = Outage(
             log,
             down_event="relay.unavailable",
+            retry_event="relay.error",
             up_event="relay.recovered",
             successes_to_recover=STEPS_TO_RECOVER,
             relay=self.relay_id,
