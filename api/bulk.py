@@ -13,7 +13,7 @@ from api.schemas import TaskItemCreate
 from api.submit_options import MAX_DELAY_S, SubmitOptions
 from throttler.catalog import CATALOG
 from throttler.constants import API_PREFIX
-from throttler.outbox import NewTask
+from throttler.submit import NewTask
 
 BULK_PATH = f"{API_PREFIX}/tasks"
 # Bodies of POST /api/v1/tasks may be this large (or API_MAX_BODY_BYTES, if larger):

@@ -9,9 +9,9 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictInt, Str
 
 from api.submit_options import MAX_DELAY_S, MAX_PRIORITY, MIN_PRIORITY
 from throttler.constants import DEFAULT_PRIORITY
-from throttler.outbox import NewTask
 from throttler.statuses import TaskStatus
 from throttler.store.reads import TaskView
+from throttler.submit import NewTask
 
 
 class TaskPublic(BaseModel):

@@ -16,7 +16,7 @@ from pydantic import AwareDatetime
 from throttler.catalog import TaskInput
 from throttler.constants import DEFAULT_PRIORITY
 from throttler.models import utcnow
-from throttler.outbox import NewTask
+from throttler.submit import NewTask
 
 MIN_PRIORITY = 0
 MAX_PRIORITY = 9

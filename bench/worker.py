@@ -35,8 +35,9 @@ from bench.processes import migrate, module_process, postgres_database
 from devtools.redis_server import RedisServer, start_redis_server
 from throttler.db import create_engine, create_session_factory
 from throttler.models import Base, OutboxEntry, utcnow
-from throttler.outbox import NewTask, mark_queued, submit_tasks
 from throttler.settings import Settings
+from throttler.store.outbox import CoreClaim
+from throttler.submit import NewTask, submit_tasks
 
 # The first one set names a server where the benchmark may create a database of its own.
 BASELINE_NAME = "ARQ no-op worker"
@@ -85,7 +86,7 @@ async def _fill_database(database_url: str, *, jobs: int) -> list[str]:
             async with sessions.begin() as session:
                 await submit_tasks(session, batch)
                 task_ids = [task.task_id for task in batch]
-                await mark_queued(session, task_ids=task_ids, relay_id="bench", now=now)
+                await CoreClaim(session).mark_queued(task_ids=task_ids, relay_id="bench", now=now)
                 # The relay deletes outbox rows once their jobs are in ARQ.
                 await session.execute(delete(OutboxEntry))
             ids.extend(task_ids)

@@ -7,17 +7,19 @@ import logging
 import signal
 
 from arq.connections import ArqRedis, RedisSettings, create_pool
-from redis.exceptions import RedisError
 
-from relay.relay import BACKOFF_MAX_S, BACKOFF_MIN_S, Relay
+from relay.relay import Relay
 from throttler.constants import FINISHED_CHANNEL, SUBMITTED_CHANNEL
-from throttler.db import create_engine, create_read_session_factory, create_session_factory
+from throttler.db import create_engine
 from throttler.dispatches import last_dispatch_from
-from throttler.logs import configure_logging, fields
+from throttler.errors import REDIS_ERRORS
+from throttler.logs import configure_logging
 from throttler.periodic import Periodic
 from throttler.reconcile import Reconciler
 from throttler.retention import Pruner
+from throttler.retry import REDIS_RECONNECT, Outage, retry_until_done
 from throttler.settings import Settings, load_settings
+from throttler.store.outbox import open_outbox
 from throttler.store.recovery import open_recovery
 from throttler.throttle import build_limiter
 from throttler.wakeup import WakeupListener
@@ -30,20 +32,13 @@ async def _connect_arq(settings: Settings, stopping: asyncio.Event) -> ArqRedis 
     redis_settings = RedisSettings.from_dsn(settings.redis_url)
     # arq's own retries sleep without listening for signals; we retry instead.
     redis_settings.conn_retries = 0
-    backoff_s = BACKOFF_MIN_S
-    while not stopping.is_set():
-        try:
-            return await create_pool(redis_settings, default_queue_name=settings.arq_queue_name)
-        except (RedisError, OSError) as error:
-            log.error(  # noqa: TRY400 - one line per failure
-                "relay.redis_unavailable",
-                extra=fields(error=f"{type(error).__name__}: {error}", retry_in_s=backoff_s),
-            )
-            try:
-                await asyncio.wait_for(stopping.wait(), timeout=backoff_s)
-            except TimeoutError:
-                backoff_s = min(backoff_s * 2, BACKOFF_MAX_S)
-    return None
+    return await retry_until_done(
+        lambda: create_pool(redis_settings, default_queue_name=settings.arq_queue_name),
+        retry_on=REDIS_ERRORS,
+        backoff=REDIS_RECONNECT,
+        outage=Outage(log, down_event="relay.redis_unavailable", up_event="relay.redis_connected"),
+        stopping=stopping,
+    )
 
 
 def wakeup_channels(relay: Relay) -> list[str]:
@@ -83,13 +78,10 @@ async def serve(settings: Settings, *, relay_type: type[Relay] = Relay) -> None:
         arq = await _connect_arq(settings, stopping)
         if arq is None:
             return
-        sessions = create_session_factory(engine)
-        read_sessions = create_read_session_factory(engine)
         recovery = open_recovery(settings, engine)
         relay = relay_type(
             settings=settings,
-            sessions=sessions,
-            read_sessions=read_sessions if settings.is_sqlite else None,
+            outbox=open_outbox(settings=settings, engine=engine),
             arq=arq,
             limiter=build_limiter(
                 redis=arq,

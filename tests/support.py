@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
 from throttler.db import SessionFactory
 from throttler.models import TaskEvent, utcnow
-from throttler.outbox import submit_task
+from throttler.submit import submit_task
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")

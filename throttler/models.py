@@ -109,7 +109,7 @@ class Task(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
-# The claim order (throttler.claim): each account's pending tasks by priority, then age.
+# The claim order (throttler.store.outbox): each account's pending tasks by priority, then age.
 # Partial, so it holds only the backlog however many tasks have finished.
 Index(
     "ix_tasks_pending_turn",

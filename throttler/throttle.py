@@ -1,9 +1,9 @@
 """The dispatch throttle: one token bucket per limited key, behind a small admission protocol.
 
 ``decide`` is the whole algorithm, pure and clock-free, so its properties are checked with
-a fake clock in microseconds. ``MemoryLimiter`` runs it in process (unit tests);
-``RedisLimiter`` runs the same arithmetic as one atomic Lua script on Redis, with Redis
-``TIME`` as the clock, so every relay on every host draws from the same buckets.
+a fake clock in microseconds. ``RedisLimiter`` runs the same arithmetic as one atomic Lua
+script on Redis, with Redis ``TIME`` as the clock, so every relay on every host draws from
+the same buckets.
 
 Relays speak to a ``Limiter``: ``admit(candidates)`` answers which of them may be
 dispatched now, each at which moment, and which keys turned some away until when. A
@@ -33,7 +33,6 @@ from throttler.constants import RATE_BUCKET_KEY_PREFIX, RATE_DRAIN_FLOOR_KEY
 from throttler.limits import EACH, LimitKey, RuleSet, Scope
 
 CLUSTER_KEY = LimitKey(scope=Scope.CLUSTER)
-CLUSTER_BUCKET_KEY = RATE_BUCKET_KEY_PREFIX + str(CLUSTER_KEY)
 # Grant a token that float rounding left a hair short of whole, so that asking again
 # after ``wait_s`` always succeeds; it lets a take run at most 1e-9 tokens early.
 TOKEN_EPSILON = 1e-9
@@ -275,34 +274,17 @@ def _admission(
     )
 
 
-class MemoryLimiter:
-    """Every bucket in this process, on an injectable POSIX clock (tests, one relay)."""
+class UnlimitedLimiter:
+    """No rate rules: admit everything, each candidate no sooner than its not-before."""
 
-    def __init__(self, *, rules: RuleSet, clock: Clock = time.time) -> None:
-        self.rules = rules
+    def __init__(self, *, clock: Clock = time.time) -> None:
         self.clock = clock
-        self.states: dict[LimitKey, BucketState] = {}
 
     async def admit(self, candidates: Sequence[Candidate], *, horizon_s: float = 0.0) -> Admission:
         now_s = self.clock()
-        planned = plan(self.rules, candidates)
-        decision = decide(
-            [self.states.get(bucket.key) for bucket in planned.buckets],
-            planned.buckets,
-            planned.requests,
-            now_s=now_s,
-            horizon_s=horizon_s,
-        )
-        for bucket, state in zip(planned.buckets, decision.states, strict=True):
-            self.states[bucket.key] = state
+        planned = plan(RuleSet(()), candidates)
+        decision = decide((), (), planned.requests, now_s=now_s, horizon_s=horizon_s)
         return _admission(candidates, planned, decision, granted_at_s=now_s)
-
-
-class UnlimitedLimiter(MemoryLimiter):
-    """No rate rules: admit everything (each candidate still waits for its not-before)."""
-
-    def __init__(self, *, clock: Clock = time.time) -> None:
-        super().__init__(rules=RuleSet(()), clock=clock)
 
 
 # KEYS: the buckets' hashes, then the drain floor. ARGV: now_s ("" = Redis TIME), epsilon,

@@ -11,18 +11,17 @@ import os
 import signal
 from collections.abc import Sequence
 
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from relay.__main__ import serve
 from relay.relay import Relay
 from throttler.logs import configure_logging
 from throttler.settings import load_settings
+from throttler.store.outbox import OutboxClaim
 
 
 class CrashingRelay(Relay):
     """Enqueue the first batch, then die exactly where a crash hurts most."""
 
-    async def release(self, session: AsyncSession, outbox_ids: Sequence[int]) -> None:
+    async def release(self, claim: OutboxClaim, outbox_ids: Sequence[int]) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 

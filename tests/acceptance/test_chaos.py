@@ -41,9 +41,9 @@ from throttler.db import (
     create_session_factory,
 )
 from throttler.models import OutboxEntry, Task, TaskEvent, utcnow
-from throttler.outbox import submit_task
 from throttler.settings import Settings
 from throttler.statuses import TERMINAL_STATUSES, EventKind, TaskStatus
+from throttler.submit import submit_task
 
 # About a minute per database; CHAOS_SOAK=0 leaves it out of a quick local run.
 CHAOS_ENV = "CHAOS_SOAK"

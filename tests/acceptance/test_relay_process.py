@@ -23,9 +23,10 @@ from tests.support import (
 )
 from throttler.db import SessionFactory
 from throttler.models import OutboxEntry, Task, TaskEvent, utcnow
-from throttler.outbox import count_outbox, submit_task
 from throttler.settings import Settings
 from throttler.statuses import EventKind, TaskStatus
+from throttler.store.outbox import CoreClaim
+from throttler.submit import submit_task
 
 pytestmark = pytest.mark.slow
 
@@ -94,13 +95,13 @@ async def test_relay_killed_before_release_loses_and_repeats_nothing(
         assert len(first_jobs) >= 5
         assert set(first_jobs) <= await _leased_task_ids(sessions)
         async with sessions() as session:
-            assert await count_outbox(session) == 20
+            assert await CoreClaim(session).count_rows() == 20
 
         relay = running.start("relay")
 
         async def drained() -> bool:
             async with sessions() as session:
-                return await count_outbox(session) == 0
+                return await CoreClaim(session).count_rows() == 0
 
         # The dead relay's leases lapse after 1 s; the new relay then takes those rows too.
         await wait_for(drained, timeout_s=30, interval_s=0.1, message="the outbox to drain")
@@ -136,7 +137,7 @@ async def test_sigterm_finishes_the_batch_and_exits_zero(
     # Every leased row was enqueued and released: the outbox holds exactly the rest.
     assert await _leased_task_ids(sessions) == set()
     async with sessions() as session:
-        outbox = await count_outbox(session)
+        outbox = await CoreClaim(session).count_rows()
         queued = await session.scalar(
             select(func.count()).select_from(Task).where(Task.status == TaskStatus.QUEUED)
         )

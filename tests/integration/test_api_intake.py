@@ -19,9 +19,9 @@ from api.intake_session import SessionIntakeWriter
 from api.intake_sqlite import SQLiteIntakeWriter
 from throttler.db import SessionFactory, connect_sqlite
 from throttler.models import OutboxEntry, TaskEvent
-from throttler.outbox import NewTask
 from throttler.settings import Settings, sqlite_path
 from throttler.statuses import EventKind
+from throttler.submit import NewTask
 
 if TYPE_CHECKING:
     from tests.integration.conftest import ApiClientFactory, RowCounter

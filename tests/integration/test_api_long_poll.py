@@ -29,11 +29,12 @@ from throttler.db import SessionFactory
 from throttler.finished import publish_finished
 from throttler.lifecycle import Outcome, record_outcomes, start_attempts
 from throttler.models import OutboxEntry, Task, utcnow
-from throttler.outbox import NewTask, mark_queued, submit_task, submit_tasks
 from throttler.reconcile import reconcile_once
 from throttler.settings import Settings
 from throttler.statuses import EventKind, TaskStatus
+from throttler.store.outbox import CoreClaim
 from throttler.store.recovery import open_recovery
+from throttler.submit import NewTask, submit_task, submit_tasks
 
 RESULT = "/api/v1/task/result/{}"
 
@@ -128,7 +129,7 @@ async def _queue_greetings(sessions: SessionFactory, count: int) -> list[str]:
     task_ids = [task.task_id for task in tasks]
     async with sessions.begin() as session:
         await submit_tasks(session, tasks)
-        await mark_queued(session, task_ids=task_ids, relay_id="test-relay", now=now)
+        await CoreClaim(session).mark_queued(task_ids=task_ids, relay_id="test-relay", now=now)
     return task_ids
 
 

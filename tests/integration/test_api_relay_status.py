@@ -14,8 +14,9 @@ import pytest
 from throttler.db import SessionFactory
 from throttler.lifecycle import record_failure, record_success, start_attempt
 from throttler.models import utcnow
-from throttler.outbox import mark_queued, submit_task
 from throttler.settings import Settings
+from throttler.store.outbox import CoreClaim
+from throttler.submit import submit_task
 
 if TYPE_CHECKING:
     from tests.integration.conftest import ApiClientFactory
@@ -62,7 +63,9 @@ async def add_task(sessions: SessionFactory, row: Row, *, now: datetime) -> str:
             host=row.host,
         )
         if row.stage is not Stage.PENDING:
-            await mark_queued(session, task_ids=[task.id], relay_id="relay-t", now=queued_at)
+            await CoreClaim(session).mark_queued(
+                task_ids=[task.id], relay_id="relay-t", now=queued_at
+            )
         if row.stage in (Stage.RUNNING, Stage.SUCCEEDED, Stage.FAILED):
             attempt = await start_attempt(session, task_id=task.id, worker_id="w", now=queued_at)
             assert attempt is not None

@@ -21,7 +21,6 @@ from tests.support import event_history, wait_for
 from throttler.catalog import CATALOG, GREETING
 from throttler.db import SessionFactory, create_engine
 from throttler.models import OutboxEntry, Task, TaskEvent, utcnow
-from throttler.outbox import submit_task
 from throttler.reconcile import (
     UNKNOWN_OUTCOME_ERROR,
     Reconciler,
@@ -31,7 +30,9 @@ from throttler.reconcile import (
 )
 from throttler.settings import Settings
 from throttler.statuses import TaskStatus
+from throttler.store.outbox import open_outbox
 from throttler.store.recovery import RecoveryStore, open_recovery
+from throttler.submit import submit_task
 from throttler.throttle import UnlimitedLimiter
 
 LONG_AGO = timedelta(minutes=5)
@@ -123,7 +124,8 @@ async def _reconcile(
 async def _run_relay_and_worker(
     settings: Settings, sessions: SessionFactory, arq: ArqRedis, task_ids: list[str]
 ) -> None:
-    relay = Relay(settings=settings, sessions=sessions, arq=arq, limiter=UnlimitedLimiter())
+    outbox = open_outbox(settings=settings, engine=sessions.kw["bind"])
+    relay = Relay(settings=settings, outbox=outbox, arq=arq, limiter=UnlimitedLimiter())
     relaying = asyncio.create_task(relay.run())
     try:
         async with running_worker(settings):

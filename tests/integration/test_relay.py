@@ -16,15 +16,16 @@ from arq.jobs import Job
 from sqlalchemy import select
 
 from relay.relay import Batch, Relay
+from tests.integration.test_relay_flow import outbox_of
 from tests.support import event_history, wait_for
-from throttler.claim import ClaimedTask
 from throttler.db import SessionFactory, create_engine, create_session_factory
 from throttler.lifecycle import record_success, start_attempt
 from throttler.limits import RuleSet
 from throttler.models import OutboxEntry, Task, utcnow
-from throttler.outbox import count_outbox, submit_task
 from throttler.settings import Settings
 from throttler.statuses import TaskStatus
+from throttler.store.outbox import ClaimedTask, CoreClaim
+from throttler.submit import submit_task
 from throttler.throttle import Limiter, RedisLimiter, UnlimitedLimiter, build_limiter
 
 NAMES = ("greeting", "download", "blocking_long_running_task", "non_blocking_long_running_task")
@@ -64,7 +65,7 @@ def _relay(
     return relay_type(
         # A fresh object, not model_copy: that would carry over a cached limit_rules.
         settings=Settings(**{**settings.model_dump(), **overrides}),
-        sessions=sessions,
+        outbox=outbox_of(settings, sessions),
         arq=arq,
         limiter=limiter or UnlimitedLimiter(),
     )
@@ -78,7 +79,7 @@ async def _statuses(sessions: SessionFactory) -> dict[str, str]:
 
 async def _outbox_size(sessions: SessionFactory) -> int:
     async with sessions() as session:
-        return await count_outbox(session)
+        return await CoreClaim(session).count_rows()
 
 
 async def _run_until_drained(relay: Relay, sessions: SessionFactory) -> None:
@@ -218,9 +219,8 @@ async def test_rate_limited_claim_leases_only_what_is_admitted(
     relay = _relay(settings, sessions, arq, limiter=limiter)
     batch = await relay.claim()
     assert [c.task_id for c in batch.to_enqueue] == ids[:2]
-    loop_now = asyncio.get_running_loop().time()
     # Next token in 100 s: the relay sleeps until then rather than polling.
-    assert batch.next_step_at - loop_now > 90
+    assert (batch.next_step_at - relay.clock()).total_seconds() > 90
     async with sessions() as session:
         unleased = await session.scalar(
             select(OutboxEntry.id).where(OutboxEntry.claimed_by.is_(None)).limit(1)

@@ -18,14 +18,15 @@ import pytest
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.jobs import Job
 from sqlalchemy import func, insert, select
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from relay.relay import Relay
 from tests.support import wait_for
 from throttler.db import SessionFactory
 from throttler.models import OutboxEntry, Task, TaskEvent, utcnow
-from throttler.outbox import count_outbox
 from throttler.settings import Settings
 from throttler.statuses import EventKind, TaskStatus
+from throttler.store.outbox import CoreClaim, CoreOutbox, open_outbox
 from throttler.throttle import Limiter, build_limiter
 
 
@@ -76,13 +77,20 @@ async def bulk_submit(sessions: SessionFactory, tasks: Sequence[NewTask]) -> lis
     return ids
 
 
+def outbox_of(settings: Settings, sessions: SessionFactory) -> CoreOutbox:
+    """The outbox store on the database ``sessions`` open."""
+    engine: AsyncEngine = sessions.kw["bind"]
+    return open_outbox(settings=settings, engine=engine)
+
+
 def make_relay(
     settings: Settings, sessions: SessionFactory, arq: ArqRedis, **overrides: object
 ) -> tuple[Relay, Settings]:
     # A fresh object, not model_copy: that would carry over a cached limit_rules.
     configured = Settings(**{**settings.model_dump(), **overrides})
     limiter: Limiter = build_limiter(redis=arq, rules=configured.limit_rules)
-    relay = Relay(settings=configured, sessions=sessions, arq=arq, limiter=limiter)
+    outbox = outbox_of(configured, sessions)
+    relay = Relay(settings=configured, outbox=outbox, arq=arq, limiter=limiter)
     return relay, configured
 
 
@@ -299,4 +307,4 @@ async def test_queue_depth_pauses_dispatch_without_taking_tokens(
     assert deepest == 5
     assert await pending_count(sessions) == 22
     async with sessions() as session:
-        assert await count_outbox(session) == 22
+        assert await CoreClaim(session).count_rows() == 22

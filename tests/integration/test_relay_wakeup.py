@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from redis.asyncio import Redis
 from devtools.redis_server import start_redis_server
 from relay.__main__ import wakeup_channels
 from relay.relay import Relay
+from tests.integration.test_relay_flow import outbox_of
 from tests.support import submit_greetings, wait_for
 from throttler.constants import FINISHED_CHANNEL, SUBMITTED_CHANNEL
 from throttler.db import SessionFactory
@@ -36,7 +38,7 @@ async def arq(redis_url: str) -> AsyncIterator[ArqRedis]:
 class _Counting(Relay):
     steps = 0
 
-    async def step(self) -> float:
+    async def step(self) -> datetime:
         next_step_at = await super().step()
         self.steps += 1
         return next_step_at
@@ -51,7 +53,9 @@ async def test_an_announcement_wakes_an_idle_relay(
     settings: Settings, sessions: SessionFactory, arq: ArqRedis
 ) -> None:
     slow = Settings(**{**settings.model_dump(), "relay_poll_interval_s": SLOW_POLL_S})
-    relay = _Counting(settings=slow, sessions=sessions, arq=arq, limiter=UnlimitedLimiter())
+    relay = _Counting(
+        settings=slow, outbox=outbox_of(slow, sessions), arq=arq, limiter=UnlimitedLimiter()
+    )
     listener = WakeupListener(redis=arq, channels=wakeup_channels(relay), on_message=relay.wake)
     running = [asyncio.create_task(relay.run()), asyncio.create_task(listener.run())]
     try:
@@ -81,7 +85,7 @@ async def test_finished_tasks_wake_the_relay_only_when_a_cap_waits_for_them(
     def channels(**overrides: object) -> list[str]:
         relay = Relay(
             settings=Settings(**{**settings.model_dump(), **overrides}),
-            sessions=sessions,
+            outbox=outbox_of(settings, sessions),
             arq=arq,
             limiter=UnlimitedLimiter(),
         )

@@ -14,9 +14,10 @@ from tests.support import event_history, wait_for
 from throttler.db import SessionFactory
 from throttler.lifecycle import get_task
 from throttler.models import Task, utcnow
-from throttler.outbox import mark_queued, submit_task
 from throttler.settings import Settings
 from throttler.statuses import TERMINAL_STATUSES
+from throttler.store.outbox import CoreClaim
+from throttler.submit import submit_task
 from worker.app import build_worker, close_worker
 from worker.taskkit import TaskBase
 from worker.tasks import DEFAULT_TASKS
@@ -73,7 +74,7 @@ async def queue_task(sessions: SessionFactory, *, name: str, payload: Mapping[st
         task = await submit_task(
             session, name=name, account="default", payload=payload, now=utcnow()
         )
-        await mark_queued(session, task_ids=[task.id], relay_id=TEST_RELAY, now=utcnow())
+        await CoreClaim(session).mark_queued(task_ids=[task.id], relay_id=TEST_RELAY, now=utcnow())
     return task.id
 
 

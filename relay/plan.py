@@ -1,0 +1,296 @@
+"""The relay step's decisions, pure: a snapshot in, a plan out; no I/O, no clock of its own.
+
+A claim (``Relay.claim``) reads what it must from the database and Redis, and asks these
+functions what to do with it, in four moments of one transaction:
+
+1. ``begin``: which keys are still blocked, whether to look for lapsed leases and stray
+   rows this time, and whether an idle look may spare the claim altogether.
+2. ``select``: how many rows to claim and which keys to leave out, given the queue room,
+   the in-flight counts and the blocked keys.
+3. ``plan``: which claimed rows to ask the limiter about (each no sooner than its
+   ``run_at`` and, under a rate limit, the handover lead), which are only released, and
+   when to step again if the limiter is not asked.
+4. ``settle``: from the limiter's admission, what to lease at which moment, which keys to
+   leave out until when, and when to step again.
+
+Every time here is on one clock, the relay's (``now``, passed in). The limiter answers on
+its own clock, Redis ``TIME``, shared by every relay and authoritative for tokens: a
+task's moment (``queued_at``, ARQ's defer) is the grant's Redis time plus its delay, so
+dispatches follow the shared buckets exactly. Only durations cross from the limiter's
+clock to the relay's: a key that has no token for ``wait_s`` is left out until the
+relay's clock, read when the admission came back, plus ``wait_s`` (less half a horizon).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from throttler.limits import LimitKey
+from throttler.statuses import TaskStatus
+from throttler.store.outbox import ClaimedTask, Exclusions
+from throttler.throttle import CLUSTER_KEY, Admission, Candidate, InflightCaps
+
+# How far ahead a claim takes tokens. The relay comes back after half of it, so a step
+# may run that late without losing a token; queued_at is at most this far ahead of the
+# commit that records it.
+RESERVE_AHEAD_S = 0.5
+# How often claims look for leases that lapsed (a dead relay's rows): a lease lasts
+# RELAY_CLAIM_LEASE_S, so this adds at most a second to a recovery.
+RECOVER_EVERY_S = 1.0
+# Under a rate limit, how long after its claim a task may go at the earliest: longer than
+# a claim's commit plus its enqueue take, so every job is in ARQ before its moment.
+HANDOVER_LEAD_S = 0.1
+# Before any step: every cadence is due.
+LONG_AGO = datetime.min.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Policy:
+    """What a relay's settings decide about its steps; fixed for the relay's life."""
+
+    caps: InflightCaps
+    # Rows worth locking per claim (batch size, or what the cluster rate admits at once).
+    claim_limit: int
+    # Whether any rule has a rate (then the handover lead applies).
+    rated: bool
+    poll_interval_s: float
+    # How often to sweep the outbox for stray rows (the reconciler's pace).
+    sweep_every_s: float
+    reserve_ahead_s: float = RESERVE_AHEAD_S
+    handover_lead_s: float = HANDOVER_LEAD_S
+    recover_every_s: float = RECOVER_EVERY_S
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Memory:
+    """What a relay carries from step to step, on its clock."""
+
+    # Keys out of tokens (the limiter's answer) -> when they are worth asking again.
+    blocked: Mapping[LimitKey, datetime] = field(default_factory=dict)
+    recover_due_at: datetime = LONG_AGO
+    sweep_due_at: datetime = LONG_AGO
+
+    @property
+    def cluster_blocked(self) -> bool:
+        """Whether the cluster bucket is what the relay waits for (nothing goes sooner)."""
+        return CLUSTER_KEY in self.blocked
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Opening:
+    """How a step starts: ``begin``'s answer."""
+
+    memory: Memory
+    started_at: datetime
+    recover_lapsed: bool
+    sweep_strays: bool
+    # Nothing to release and no recovery due: a read-only look finding no pending task
+    # may spare the claim (the relay then steps again after its poll interval).
+    may_skip_if_idle: bool
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Selection:
+    """What to claim: ``select``'s answer (``limit`` 0: claim nothing)."""
+
+    limit: int
+    due_by: datetime
+    excluding: Exclusions
+    recover_lapsed: bool
+    sweep_strays: bool
+    memory: Memory
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Snapshot:
+    """What a claim found, for ``plan``."""
+
+    claims: Sequence[ClaimedTask]
+    inflight: Mapping[LimitKey, int]
+    # How many more tasks ARQ's queue may take; None: no cap.
+    room: int | None
+    # When the claimed rows were read (the handover lead counts from here).
+    now: datetime
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Plan:
+    """What to do with the claimed rows: ``plan``'s answer."""
+
+    # To ask the limiter about, in claim order, with their moments as POSIX seconds.
+    candidates: tuple[Candidate, ...]
+    # Rows of tasks that already started or finished: leased and released, not enqueued.
+    release_only: tuple[ClaimedTask, ...]
+    # Whether a cap or the queue room left some claimed row out.
+    capped: bool
+    # A full page of claims: there may be more right now.
+    full_page: bool
+    # Every claimed row (the admission names candidates; the lease needs their rows).
+    claims: tuple[ClaimedTask, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Settlement:
+    """What the admission means: ``settle``'s answer."""
+
+    to_lease: tuple[ClaimedTask, ...]
+    # When each task in ``to_lease`` may start, on the limiter's clock: its queued_at.
+    queued_at: tuple[datetime, ...]
+    memory: Memory
+    next_step_at: datetime
+
+
+def begin(memory: Memory, *, now: datetime, carrying: bool) -> Opening:
+    """Forget blocks that ran out; decide whether this step recovers and sweeps."""
+    recover = now >= memory.recover_due_at
+    sweep = now >= memory.sweep_due_at
+    blocked = {key: until for key, until in memory.blocked.items() if until > now}
+    return Opening(
+        memory=Memory(
+            blocked=blocked, recover_due_at=memory.recover_due_at, sweep_due_at=memory.sweep_due_at
+        ),
+        started_at=now,
+        recover_lapsed=recover,
+        sweep_strays=sweep,
+        may_skip_if_idle=not (carrying or recover or sweep),
+    )
+
+
+def idle_next_step_at(policy: Policy, opening: Opening) -> datetime:
+    """When a relay whose claim was spared looks again (a wake-up may come sooner)."""
+    return opening.started_at + timedelta(seconds=policy.poll_interval_s)
+
+
+def select(
+    policy: Policy,
+    opening: Opening,
+    *,
+    now: datetime,
+    room: int | None,
+    inflight: Mapping[LimitKey, int],
+) -> Selection:
+    """How many rows to claim, due by when, leaving out blocked and full keys.
+
+    The recovery and sweep cadences restart only when a claim is made (no room: none).
+    """
+    memory = opening.memory
+    limit = policy.claim_limit if room is None else min(policy.claim_limit, max(room, 0))
+    if limit > 0:
+        memory = Memory(
+            blocked=memory.blocked,
+            recover_due_at=_next_due(
+                opening.recover_lapsed, memory.recover_due_at, opening, policy.recover_every_s
+            ),
+            sweep_due_at=_next_due(
+                opening.sweep_strays, memory.sweep_due_at, opening, policy.sweep_every_s
+            ),
+        )
+    return Selection(
+        limit=limit,
+        due_by=now + timedelta(seconds=policy.reserve_ahead_s),
+        excluding=Exclusions.of([*memory.blocked, *policy.caps.full(inflight)]),
+        recover_lapsed=opening.recover_lapsed,
+        sweep_strays=opening.sweep_strays,
+        memory=memory,
+    )
+
+
+def _next_due(done: bool, due_at: datetime, opening: Opening, every_s: float) -> datetime:
+    return opening.started_at + timedelta(seconds=every_s) if done else due_at
+
+
+def make_plan(policy: Policy, selection: Selection, snapshot: Snapshot) -> Plan:
+    """Which claimed rows to ask the limiter about, within the caps and the queue room.
+
+    Re-claimed queued tasks (a lapsed lease) already hold their in-flight slots. Under a
+    rate limit no task may go sooner than the handover lead from now: a task whose token
+    fell due before its job reached ARQ would become runnable late, bunched with the next
+    ones, and a window could then exceed rate·T + burst.
+    """
+    claims = snapshot.claims
+    earliest_s = snapshot.now.timestamp() + policy.handover_lead_s if policy.rated else None
+    wanted = [
+        Candidate(
+            task_id=claim.task_id,
+            name=claim.name,
+            account=claim.account,
+            host=claim.host,
+            not_before_s=_latest(claim.run_at.timestamp() if claim.run_at else None, earliest_s),
+        )
+        for claim in claims
+        if claim.needs_enqueue
+    ]
+    holding = frozenset(c.task_id for c in claims if c.status == TaskStatus.QUEUED)
+    candidates, capped = policy.caps.fit(
+        wanted, snapshot.inflight, room=snapshot.room, holding=holding
+    )
+    return Plan(
+        candidates=tuple(candidates),
+        release_only=tuple(claim for claim in claims if not claim.needs_enqueue),
+        capped=capped,
+        full_page=selection.limit > 0 and len(claims) == selection.limit,
+        claims=tuple(claims),
+    )
+
+
+def settle(
+    policy: Policy,
+    opening: Opening,
+    selection: Selection,
+    planned: Plan,
+    *,
+    admission: Admission | None,
+    now: datetime,
+) -> Settlement:
+    """What to lease at which moment, which keys to leave out until when, when to step again.
+
+    ``admission`` is the limiter's answer about ``planned.candidates`` (None: not asked,
+    there were none); ``now`` is the relay's clock when it came back. A key out of tokens
+    is left out until half a horizon before its next token: late by up to that much, the
+    next claim still takes it on time; meanwhile claims skip its tasks, so it holds back
+    nothing else.
+    """
+    blocked = dict(selection.memory.blocked)
+    to_lease: tuple[ClaimedTask, ...] = ()
+    queued_at: tuple[datetime, ...] = ()
+    if admission is not None:
+        by_task = {claim.task_id: claim for claim in planned.claims}
+        to_lease = tuple(by_task[candidate.task_id] for candidate in admission.admitted)
+        granted = datetime.fromtimestamp(admission.granted_at_s, UTC)
+        # queued_at is the moment the task may go: its tokens fall due, it is due.
+        queued_at = tuple(granted + timedelta(seconds=d) for d in admission.ready_in_s)
+        half_horizon = timedelta(seconds=policy.reserve_ahead_s / 2)
+        for key, wait_s in admission.blocked.items():
+            blocked[key] = now + timedelta(seconds=wait_s) - half_horizon
+    memory = Memory(
+        blocked=blocked,
+        recover_due_at=selection.memory.recover_due_at,
+        sweep_due_at=selection.memory.sweep_due_at,
+    )
+    return Settlement(
+        to_lease=to_lease,
+        queued_at=queued_at,
+        memory=memory,
+        next_step_at=_next_step_at(policy, opening, planned, blocked),
+    )
+
+
+def _next_step_at(
+    policy: Policy, opening: Opening, planned: Plan, blocked: Mapping[LimitKey, datetime]
+) -> datetime:
+    if CLUSTER_KEY in blocked:
+        # Nothing at all may go before the cluster's next token.
+        return blocked[CLUSTER_KEY]
+    if planned.full_page and not planned.capped and planned.candidates:
+        # A full page that went out (or taught us which keys to skip): there is likely
+        # more right now.
+        return opening.started_at
+    poll_at = opening.started_at + timedelta(seconds=policy.poll_interval_s)
+    return min([poll_at, *blocked.values()])
+
+
+def _latest(*moments_s: float | None) -> float | None:
+    known = [moment for moment in moments_s if moment is not None]
+    return max(known) if known else None
