@@ -6,29 +6,22 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from functools import partial
 
 from fastapi import FastAPI
 from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from api.announce import NewWorkAnnouncer
 from api.body_limit import BodyLimitMiddleware
 from api.bulk import BULK_MAX_BODY_BYTES, BULK_PATH
 from api.errors import register_error_handlers
 from api.intake import IntakeWriter
-from api.intake_session import SessionIntakeWriter
-from api.intake_sqlite import SQLiteIntakeWriter
 from api.routes import health, relay, tasks
 from api.waiters import FinishedListener, FinishedSweep, Waiters
-from throttler.db import (
-    SessionFactory,
-    connect_sqlite,
-    create_engine,
-    create_read_session_factory,
-    create_session_factory,
-)
+from throttler.db import create_engine, create_read_session_factory, create_session_factory
 from throttler.logs import fields
 from throttler.settings import Settings
+from throttler.store.intake import open_intake
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +32,10 @@ SUBSCRIBER_HEALTH_CHECK_S = 10
 
 
 def create_intake_writer(
-    settings: Settings, sessions: SessionFactory, *, announcer: NewWorkAnnouncer | None = None
+    settings: Settings, engine: AsyncEngine, *, announcer: NewWorkAnnouncer | None = None
 ) -> IntakeWriter:
-    """The group-commit writer for ``DATABASE_URL``: a thread of its own on SQLite."""
-    if settings.is_sqlite:
-        return SQLiteIntakeWriter(partial(connect_sqlite, settings), announcer=announcer)
-    return SessionIntakeWriter(sessions, announcer=announcer)
+    """The group-commit writer of new tasks, through the store's intake for ``engine``."""
+    return IntakeWriter(open_intake(settings, engine), announcer=announcer)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -63,7 +54,7 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.read_sessions = create_read_session_factory(engine)
         app.state.redis = redis
         announcer = NewWorkAnnouncer(redis)
-        intake = create_intake_writer(settings, app.state.sessions, announcer=announcer)
+        intake = create_intake_writer(settings, engine, announcer=announcer)
         intake.start()
         app.state.intake = intake
         # Long-polls: one subscription and one periodic query serve every waiter.

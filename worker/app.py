@@ -17,12 +17,12 @@ from arq.worker import Worker
 from throttler.db import create_engine, create_session_factory
 from throttler.logs import fields
 from throttler.settings import Settings
+from throttler.store.attempts import open_attempts
 from worker.leases import LEASE_REFRESH_S, LEASE_S, REDIS_DOWN_ERRORS, LeasedWorker
 from worker.netguard import AddressPolicy, guarded_client
 from worker.taskkit import TaskBase, build_functions
 from worker.taskkit.resources import RESOURCES_KEY, Resources
 from worker.taskkit.status_writer import StatusWriter
-from worker.taskkit.transactions import open_batches
 from worker.tasks import DEFAULT_TASKS
 
 log = logging.getLogger("worker")
@@ -38,7 +38,7 @@ async def open_resources(settings: Settings) -> Resources:
     engine = create_engine(settings)
     sessions = create_session_factory(engine)
     identity = worker_id()
-    status = StatusWriter(open_batches(settings, engine=engine), worker_id=identity)
+    status = StatusWriter(open_attempts(settings, engine), worker_id=identity)
     status.start_writing()
     return Resources(
         settings=settings,

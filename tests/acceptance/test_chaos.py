@@ -31,7 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from bench.figures import max_in_window
 from tests.acceptance.processes import Cluster, Component, cluster
 from tests.acceptance.side_effect_worker import SIDE_EFFECT_LOG_ENV
-from tests.support import wait_for
+from tests.support import submit_task, wait_for
 from throttler.catalog import CATALOG
 from throttler.db import (
     SessionFactory,
@@ -40,7 +40,6 @@ from throttler.db import (
     create_session_factory,
 )
 from throttler.models import OutboxEntry, Task, TaskEvent, utcnow
-from throttler.outbox import submit_task
 from throttler.redis_server import RedisServer, free_port, start_redis_server
 from throttler.settings import Settings
 from throttler.statuses import TERMINAL_STATUSES, EventKind, TaskStatus

@@ -19,11 +19,12 @@ from tests.support import (
     event_history,
     event_times,
     submit_greetings,
+    submit_task,
     wait_for,
 )
 from throttler.db import SessionFactory
 from throttler.models import OutboxEntry, Task, TaskEvent, utcnow
-from throttler.outbox import count_outbox, submit_task
+from throttler.outbox import count_outbox
 from throttler.settings import Settings
 from throttler.statuses import EventKind, TaskStatus
 

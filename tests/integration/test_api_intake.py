@@ -12,16 +12,17 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from api.app import create_intake_writer
 from api.intake import IntakeClosedError, IntakeWriter
-from api.intake_session import SessionIntakeWriter
-from api.intake_sqlite import SQLiteIntakeWriter
 from throttler.db import SessionFactory, connect_sqlite
 from throttler.models import OutboxEntry, TaskEvent
 from throttler.outbox import NewTask
 from throttler.settings import Settings, sqlite_path
 from throttler.statuses import EventKind
+from throttler.store.intake import CoreIntake
+from throttler.store.sqlite_intake import SQLiteIntake
 
 if TYPE_CHECKING:
     from tests.integration.conftest import ApiClientFactory, RowCounter
@@ -100,16 +101,15 @@ class _Gate:
 
 @pytest.mark.parametrize("kind", ["thread", "session"])
 async def test_failed_batch_fails_every_submission_in_it_and_writes_nothing(
-    kind: str, settings: Settings, sessions: SessionFactory, row_counts: RowCounter
+    kind: str, settings: Settings, engine: AsyncEngine, row_counts: RowCounter
 ) -> None:
     gate = _Gate(settings)
-    writer: IntakeWriter
     if kind == "thread":
         if not settings.is_sqlite:
             pytest.skip("the thread writer is SQLite's")
-        writer = SQLiteIntakeWriter(gate.connect)
+        writer = IntakeWriter(SQLiteIntake(settings, engine, connect=gate.connect))
     else:
-        writer = SessionIntakeWriter(sessions)
+        writer = IntakeWriter(CoreIntake(engine))
     writer.start()
     try:
         existing = _new_task("first")
@@ -140,9 +140,9 @@ async def test_failed_batch_fails_every_submission_in_it_and_writes_nothing(
 
 
 async def test_close_writes_what_is_queued_then_refuses(
-    settings: Settings, sessions: SessionFactory, row_counts: RowCounter
+    settings: Settings, engine: AsyncEngine, row_counts: RowCounter
 ) -> None:
-    writer = create_intake_writer(settings, sessions)
+    writer = create_intake_writer(settings, engine)
     writer.start()
     pending = [asyncio.ensure_future(writer.submit([_new_task(f"n{i}")])) for i in range(5)]
     await asyncio.sleep(0)  # let each submission reach the queue

@@ -21,17 +21,17 @@ from starlette.types import Message
 from api.app import create_app
 from api.waiters import SWEEP_INTERVAL_S, FinishedListener, Waiters
 from tests.integration.worker_harness import arq_pool, enqueue, queue_task, running_worker
-from tests.support import wait_for
+from tests.support import submit_task, wait_for
 from throttler.catalog import CATALOG, GREETING
 from throttler.constants import FINISHED_CHANNEL
 from throttler.db import SessionFactory
 from throttler.finished import publish_finished
-from throttler.lifecycle import Outcome, record_outcomes, start_attempts
 from throttler.models import OutboxEntry, Task, utcnow
-from throttler.outbox import NewTask, mark_queued, submit_task, submit_tasks
+from throttler.outbox import NewTask, mark_queued, submit_tasks
 from throttler.reconcile import reconcile_once
 from throttler.settings import Settings
 from throttler.statuses import EventKind, TaskStatus
+from throttler.store.attempts import Outcome, record_outcomes, start_attempts
 
 RESULT = "/api/v1/task/result/{}"
 

@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import pytest
 
+from tests.support import record_failure, record_success, start_attempt, submit_task
 from throttler.db import SessionFactory
-from throttler.lifecycle import record_failure, record_success, start_attempt
 from throttler.models import utcnow
-from throttler.outbox import mark_queued, submit_task
+from throttler.outbox import mark_queued
 from throttler.settings import Settings
 
 if TYPE_CHECKING:

@@ -6,10 +6,9 @@ from datetime import timedelta
 
 from sqlalchemy import func, select
 
-from tests.support import event_history, submit_greetings
+from tests.support import event_history, record_success, start_attempt, submit_greetings
 from throttler.claim import select_claimable
 from throttler.db import SessionFactory
-from throttler.lifecycle import record_success, start_attempt
 from throttler.models import OutboxEntry, Task, utcnow
 from throttler.outbox import lease, release_claimed
 from throttler.statuses import TaskStatus

@@ -16,11 +16,10 @@ from sqlalchemy import delete, func, select, update
 
 from relay.relay import Relay
 from tests.integration.worker_harness import arq_pool, running_worker, wait_final
-from tests.support import event_history, wait_for
+from tests.support import event_history, submit_task, wait_for
 from throttler.catalog import CATALOG, GREETING
 from throttler.db import SessionFactory, create_engine, create_session_factory
 from throttler.models import OutboxEntry, Task, TaskEvent, utcnow
-from throttler.outbox import submit_task
 from throttler.reconcile import (
     Reconciler,
     ReconcileReport,

@@ -16,13 +16,12 @@ from arq.jobs import Job
 from sqlalchemy import select
 
 from relay.relay import Batch, Relay
-from tests.support import event_history, wait_for
+from tests.support import event_history, record_success, start_attempt, submit_task, wait_for
 from throttler.claim import ClaimedTask
 from throttler.db import SessionFactory, create_engine, create_session_factory
-from throttler.lifecycle import record_success, start_attempt
 from throttler.limits import RuleSet
 from throttler.models import OutboxEntry, Task, utcnow
-from throttler.outbox import count_outbox, submit_task
+from throttler.outbox import count_outbox
 from throttler.settings import Settings
 from throttler.statuses import TaskStatus
 from throttler.throttle import Limiter, RedisLimiter, UnlimitedLimiter, build_limiter

@@ -7,10 +7,9 @@ from datetime import timedelta
 
 from sqlalchemy import func, select, update
 
-from tests.support import wait_for
+from tests.support import submit_task, wait_for
 from throttler.db import SessionFactory
 from throttler.models import OutboxEntry, Task, TaskEvent, utcnow
-from throttler.outbox import submit_task
 from throttler.retention import Pruner, prune_once
 from throttler.settings import Settings
 from throttler.statuses import TaskStatus
