@@ -37,7 +37,6 @@ from throttler.statuses import INFLIGHT_STATUSES, EventKind, TaskStatus
 # Submission lives in throttler.submit; its names stay importable from here.
 from throttler.submit import NewTask as NewTask
 from throttler.submit import new_task_id as new_task_id
-from throttler.store.intake import insert_submissions as submit_tasks
 
 _TASKS = cast(Table, Task.__table__)
 _EVENTS = cast(Table, TaskEvent.__table__)

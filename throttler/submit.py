@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-
 from throttler.constants import DEFAULT_PRIORITY
 
 # RFC 9562 version 7: 48 bits of Unix time in milliseconds, then 74 random bits (the

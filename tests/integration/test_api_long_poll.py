@@ -27,11 +27,12 @@ from throttler.constants import FINISHED_CHANNEL
 from throttler.db import SessionFactory
 from throttler.finished import publish_finished
 from throttler.models import OutboxEntry, Task, utcnow
-from throttler.outbox import NewTask, mark_queued, submit_tasks
+from throttler.outbox import NewTask, mark_queued
 from throttler.reconcile import reconcile_once
 from throttler.settings import Settings
 from throttler.statuses import EventKind, TaskStatus
 from throttler.store.attempts import Outcome, record_outcomes, start_attempts
+from throttler.store.intake import insert_submissions
 
 RESULT = "/api/v1/task/result/{}"
 
@@ -125,7 +126,7 @@ async def _queue_greetings(sessions: SessionFactory, count: int) -> list[str]:
     ]
     task_ids = [task.task_id for task in tasks]
     async with sessions.begin() as session:
-        await submit_tasks(session, tasks)
+        await insert_submissions(session, tasks)
         await mark_queued(session, task_ids=task_ids, relay_id="test-relay", now=now)
     return task_ids
 

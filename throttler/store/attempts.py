@@ -189,10 +189,7 @@ def start_attempts(
     if attempts:
         executor.execute(
             _INSERT_EVENTS,
-            [
-                started_event(attempt, worker_id=worker_id, now=now)
-                for attempt in attempts.values()
-            ],
+            [started_event(attempt, worker_id=worker_id, now=now) for attempt in attempts.values()],
         )
     return attempts
 

@@ -26,7 +26,8 @@ from typing import Any
 from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlalchemy.sql.expression import Executable
+from sqlalchemy.sql import ClauseElement
+from sqlalchemy.sql.compiler import SQLCompiler
 
 from throttler.settings import Settings
 from throttler.statuses import EventKind, TaskStatus
@@ -59,12 +60,11 @@ class _Statement:
     constants: dict[str, Any]
 
     @classmethod
-    def of(cls, statement: Executable) -> _Statement:
+    def of(cls, statement: ClauseElement) -> _Statement:
         # render_postcompile: the constant lists (the terminal statuses) as plain
         # placeholders, so the SQL is fixed; every other value is a named bindparam.
-        compiled = statement.compile(
-            dialect=_DIALECT, compile_kwargs={"render_postcompile": True}
-        )
+        compiled = statement.compile(dialect=_DIALECT, compile_kwargs={"render_postcompile": True})
+        assert isinstance(compiled, SQLCompiler)
         names = tuple(compiled.positiontup or ())
         binds = compiled.binds
         processors: list[Processor | None] = []

@@ -71,7 +71,8 @@ class _Insert:
         types = {column.key: column.type for column in table.columns}
         columns = ", ".join(quote.format_column(table.c[key]) for key in keys)
         return cls(
-            head=f"INSERT INTO {quote.format_table(table)} ({columns}) VALUES ",
+            # Only names from the table's own metadata, quoted by the dialect, go in.
+            head=f"INSERT INTO {quote.format_table(table)} ({columns}) VALUES ",  # noqa: S608
             marks="(" + ", ".join("?" * len(keys)) + ")",
             row=row,
             keys=keys,
