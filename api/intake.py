@@ -48,6 +48,7 @@ class IntakeWriter:
             name="intake",
             max_batch=max_batch_tasks,
             size=lambda submission: len(submission.tasks),
+            max_in_flight=intake.batches_in_flight,
             after_commit=self._committed,
             closed_error=IntakeClosedError,
         )

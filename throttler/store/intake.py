@@ -44,6 +44,11 @@ class Submission:
 class Intake(Protocol):
     """Where accepted tasks are written."""
 
+    # How many batches a writer may hand to ``insert`` before the first has committed:
+    # more than one where they queue for one thread of the intake's own (SQLite).
+    @property
+    def batches_in_flight(self) -> int: ...
+
     def prepare(self, tasks: Sequence[NewTask]) -> Submission:
         """Ready ``tasks`` for ``insert`` (conversions that need no database)."""
         ...
@@ -104,6 +109,11 @@ class CoreIntake:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
+
+    @property
+    def batches_in_flight(self) -> int:
+        # One at a time: a second would take a second connection and commit out of order.
+        return 1
 
     def prepare(self, tasks: Sequence[NewTask]) -> Submission:
         return Submission(tasks=tasks)

@@ -144,6 +144,13 @@ class SQLiteIntake(CoreIntake):
         super().__init__(engine)
         self._thread = SQLiteThread(settings, name="intake-writer", connect=connect)
 
+    @property
+    def batches_in_flight(self) -> int:
+        # The next batch waits on the thread's queue while one runs, so the thread goes
+        # straight on to it (throttler.group_commit): measured twice the submissions per
+        # second of one batch at a time, with the event loop busy serving requests.
+        return 2
+
     def prepare(self, tasks: Sequence[NewTask]) -> Submission:
         inserts = _inserts()
         rows = _Rows(
