@@ -42,10 +42,12 @@ class SQLiteThread:
         self._connect = connect if connect is not None else lambda: connect_sqlite(settings)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._connection: sqlite3.Connection | None = None
+        self._used = False
         self._closed = False
 
     async def transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``work`` in one transaction on the thread; return its result once committed."""
+        self._used = True
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._thread, self._transaction, work)
 
@@ -53,8 +55,9 @@ class SQLiteThread:
         if self._closed:
             return
         self._closed = True
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._thread, self._close)
+        if self._used:  # else there is no thread, nor a connection, to close
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._thread, self._close)
         self._thread.shutdown(wait=True)
 
     # --- on the thread ---------------------------------------------------------------------
