@@ -176,6 +176,6 @@ async def test_batches_in_flight_are_handed_over_without_waiting_and_commit_in_o
     # ... but no third one: both slots are taken.
     assert order == ["start first", "start second"]
     recorder.gate.set()
-    assert await asyncio.gather(first, second, third) == ["FIRST", "SECOND", "THIRD"]
+    assert list(await asyncio.gather(first, second, third)) == ["FIRST", "SECOND", "THIRD"]
     await writer.close()
     assert order.index("start third") > order.index("end first")

@@ -29,6 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 
+from throttler.models import UTCDateTime
 from throttler.settings import Settings
 from throttler.statuses import EventKind, TaskStatus
 from throttler.store.attempts import (
@@ -71,7 +72,7 @@ class _Statement:
         for name in names:
             # An expanded list's placeholders (status_1_1, ...) share their list's type.
             bind = binds[name] if name in binds else binds[name.rsplit("_", 1)[0]]
-            processors.append(bind.type.dialect_impl(_DIALECT).bind_processor(_DIALECT))
+            processors.append(_processor(bind.type))
         constants = {
             name: value if process is None else process(value)
             for name, process in zip(names, processors, strict=True)
@@ -95,6 +96,15 @@ class _Statement:
 
 
 _MISSING = object()
+
+
+def _processor(column_type: Any) -> Processor | None:
+    process: Processor | None = column_type.dialect_impl(_DIALECT).bind_processor(_DIALECT)
+    if process is not None and isinstance(column_type, UTCDateTime):
+        # A batch's starts share one moment, and its outcomes often do: each distinct
+        # moment is converted once.
+        return lru_cache(maxsize=256)(process)
+    return process
 
 
 def _ids_in_json() -> Any:
