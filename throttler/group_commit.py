@@ -70,6 +70,8 @@ class GroupCommitter(Generic[W, R]):
     ``commit`` writes a batch in one transaction and returns one result per write, in
     order. ``size`` weighs a write against ``max_batch`` (a first write always fits);
     writes with the same ``key`` never share a batch, so they commit in the order given.
+    With ``max_in_flight`` above 1, ``commit`` must run the batches it is handed in that
+    order, one after another (a single thread does), for ``key`` to keep its promise.
     ``after_commit`` runs once a committed batch's futures are resolved (announcements).
     ``closed_error`` makes the error a refused or abandoned write raises.
     """
