@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from api.announce import NewWorkAnnouncer
-from throttler.group_commit import GroupCommitter
+from throttler.group_commit import GroupCommitter, Take
 from throttler.store.intake import Intake, Submission
 from throttler.submit import NewTask
 
@@ -75,9 +75,15 @@ class IntakeWriter:
         finally:
             await self._intake.close()
 
-    async def _insert(self, batch: Sequence[Submission]) -> list[None]:
-        await self._intake.insert(batch)
-        return [None] * len(batch)
+    async def _insert(self, take: Take[Submission]) -> list[None]:
+        taken: list[Submission] = []
+
+        def take_batch() -> list[Submission]:
+            taken.extend(take())
+            return taken
+
+        await self._intake.insert(take_batch)
+        return [None] * len(taken)
 
     def _committed(self, _batch: Sequence[Submission], _results: Sequence[None]) -> None:
         if self._announcer is not None:

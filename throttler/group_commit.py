@@ -1,18 +1,21 @@
 """Group commit: concurrent writers share one transaction, each still waits for its commit.
 
 A caller hands a write to ``GroupCommitter.submit`` and awaits its result. One task takes
-every write waiting when it is free (up to ``max_batch`` by ``size``), hands them to
-``commit`` (ONE transaction, committed when it returns: where it runs, on the event loop
-or on a thread of the store's own, is the store's business), and only then resolves each
-write's future. Writes that arrive during a commit form the next batch: an idle committer
-adds no delay, a busy one shares each BEGIN/COMMIT among many writers. With ``linger_s``,
-a committer whose last batch held more than one write waits that long for the writes
-about to arrive before it commits (fewer, larger transactions under load). With
+every write waiting when it is free (up to ``max_batch`` by ``size``) and hands the batch
+to ``commit`` (ONE transaction, committed when it returns: where it runs, on the event
+loop or on a thread of the store's own, is the store's business) as ``take``, a function
+``commit`` calls once, as its transaction begins, for the batch's writes; the committer
+resolves each write's future only after ``commit`` returns. Writes that arrive during a
+commit form the next batch: an idle committer adds no delay, a busy one shares each
+BEGIN/COMMIT among many writers. With ``linger_s``, a committer whose last batch held
+more than one write waits that long for the writes about to arrive before it commits
+(fewer, larger transactions under load). With
 ``max_in_flight`` above 1, the next batch is handed to ``commit`` while the last one is
-still running: for a store that runs its transactions one after another on a thread of
-its own (SQLite), the thread then goes straight on to the next batch instead of waiting
-for the event loop to come round (which, with the loop busy serving requests, halved
-the API's submissions per second).
+still running, and writes arriving meanwhile join it until ``commit`` takes it: for a
+store that runs its transactions one after another on a thread of its own (SQLite), the
+thread goes straight on to the next batch, with every write waiting by then, instead of
+waiting for the event loop to come round (which, with the loop busy serving requests and
+an fsync per commit, cost up to half the API's submissions per second).
 
 A failed batch: on a transient error (the database away, a lock timeout) every write in
 it fails with that error and nothing of it is committed; on any other error, if
@@ -31,6 +34,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
+from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -42,6 +47,9 @@ log = logging.getLogger(__name__)
 
 W = TypeVar("W")
 R = TypeVar("R")
+
+# What ``commit`` is handed: call it once, as the transaction begins, for the writes.
+Take = Callable[[], Sequence[W]]
 
 # Writes (by ``size``) per transaction unless the owner says otherwise.
 DEFAULT_MAX_BATCH = 500
@@ -62,14 +70,26 @@ class _Batch(Generic[W, R]):
     queued: list[_Queued[W, R]] = field(default_factory=list)
     size: int = 0
     keys: set[Hashable] = field(default_factory=set)
+    # Set once ``commit`` has taken the batch (or it failed first): no write joins after.
+    live: list[_Queued[W, R]] | None = None
+    # ``take`` may run on the store's own thread while writes join on the loop.
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def seal(self) -> list[_Queued[W, R]]:
+        """The writes to commit: those not withdrawn by now; none may join after."""
+        with self.lock:
+            if self.live is None:
+                self.live = [queued for queued in self.queued if not queued.done.cancelled()]
+            return self.live
 
 
 class GroupCommitter(Generic[W, R]):
     """One writer that turns concurrent writes into shared transactions.
 
-    ``commit`` writes a batch in one transaction and returns one result per write, in
-    order. ``size`` weighs a write against ``max_batch`` (a first write always fits);
-    writes with the same ``key`` never share a batch, so they commit in the order given.
+    ``commit`` writes a batch in one transaction and returns one result per write that
+    ``take`` gave it, in order. ``size`` weighs a write against ``max_batch`` (a first
+    write always fits); writes with the same ``key`` never share a batch, so they commit
+    in the order given.
     With ``max_in_flight`` above 1, ``commit`` must run the batches it is handed in that
     order, one after another (a single thread does), for ``key`` to keep its promise.
     ``after_commit`` runs once a committed batch's futures are resolved (announcements).
@@ -78,7 +98,7 @@ class GroupCommitter(Generic[W, R]):
 
     def __init__(
         self,
-        commit: Callable[[Sequence[W]], Awaitable[Sequence[R]]],
+        commit: Callable[[Take[W]], Awaitable[Sequence[R]]],
         *,
         name: str,
         max_batch: int = DEFAULT_MAX_BATCH,
@@ -100,11 +120,17 @@ class GroupCommitter(Generic[W, R]):
         self._max_in_flight = max_in_flight
         self._slots = asyncio.Semaphore(max_in_flight)
         self._in_flight: set[asyncio.Task[None]] = set()
+        # The batch handed over but not taken yet, which new writes may join.
+        self._open: _Batch[W, R] | None = None
         self._split_failed = split_failed
         self._failure_log_level = failure_log_level
         self._after_commit = after_commit
         self._closed_error = closed_error
-        self._queue: asyncio.Queue[_Queued[W, R] | None] = asyncio.Queue()
+        # A plain deque and one waiter, not an asyncio.Queue: the queue is on every
+        # write's path, on the event loop, and its bookkeeping measured in the API's
+        # submissions per second.
+        self._queue: deque[_Queued[W, R] | None] = deque()
+        self._arrived: asyncio.Future[None] | None = None
         self._runner: asyncio.Task[None] | None = None
         self._closed = False
         # The last batch held more than one write: writes arrive faster than commits.
@@ -126,7 +152,7 @@ class GroupCommitter(Generic[W, R]):
         if not self.open:
             raise self._closed_error(f"{self._name} is closed")
         done: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Queued(write=write, done=done))
+        self._put(_Queued(write=write, done=done))
         if withdrawable:
             # Cancelling the caller cancels the future: the write is left out of its batch.
             return await done
@@ -142,9 +168,30 @@ class GroupCommitter(Generic[W, R]):
         if self._closed:
             return
         self._closed = True
-        self._queue.put_nowait(None)
+        self._put(None)
         if self._runner is not None:
             await self._runner
+
+    def _put(self, queued: _Queued[W, R] | None) -> None:
+        joining = self._open
+        if queued is not None and joining is not None and not self._queue:
+            with joining.lock:
+                if joining.live is None and self._fits(joining, queued):
+                    self._add(joining, queued)
+                    return
+        self._queue.append(queued)
+        if self._arrived is not None and not self._arrived.done():
+            self._arrived.set_result(None)
+
+    async def _next(self) -> _Queued[W, R] | None:
+        """The first queued write (or the stop marker), waiting for one if need be."""
+        while not self._queue:
+            self._arrived = asyncio.get_running_loop().create_future()
+            try:
+                await self._arrived
+            finally:
+                self._arrived = None
+        return self._queue.popleft()
 
     async def _run(self) -> None:
         try:
@@ -154,8 +201,8 @@ class GroupCommitter(Generic[W, R]):
                 await asyncio.gather(*self._in_flight, return_exceptions=True)
         # Nothing is queued after the stop marker (closed is set first), but never leave
         # a caller waiting for ever.
-        while not self._queue.empty():
-            leftover = self._queue.get_nowait()
+        while self._queue:
+            leftover = self._queue.popleft()
             if leftover is not None and not leftover.done.done():
                 leftover.done.set_exception(self._closed_error(f"{self._name} is closed"))
 
@@ -165,7 +212,7 @@ class GroupCommitter(Generic[W, R]):
         while not stopping:
             # A free slot first, then the batch: it takes every write waiting by then.
             await self._slots.acquire()
-            first = held if held is not None else await self._queue.get()
+            first = held if held is not None else await self._next()
             held = None
             if first is None:
                 self._slots.release()
@@ -179,12 +226,19 @@ class GroupCommitter(Generic[W, R]):
                 await asyncio.sleep(self._linger_s)
                 held, stopping = self._take_waiting(batch)
             self._busy = len(batch.queued) > 1
-            await self._launch(batch.queued)
+            await self._launch(batch)
+        self._open = None
         if held is not None:
             await self._slots.acquire()
-            await self._launch([held])
+            await self._launch(self._batch_of([held]))
 
-    async def _launch(self, batch: Sequence[_Queued[W, R]]) -> None:
+    def _batch_of(self, writes: Sequence[_Queued[W, R]]) -> _Batch[W, R]:
+        batch: _Batch[W, R] = _Batch()
+        for queued in writes:
+            self._add(batch, queued)
+        return batch
+
+    async def _launch(self, batch: _Batch[W, R]) -> None:
         """Write ``batch``: here and now with one slot, else beside the batch in flight."""
         if self._max_in_flight == 1:
             try:
@@ -192,6 +246,7 @@ class GroupCommitter(Generic[W, R]):
             finally:
                 self._slots.release()
             return
+        self._open = batch
         task = asyncio.create_task(self._write(batch))
         self._in_flight.add(task)
         task.add_done_callback(self._landed)
@@ -215,8 +270,8 @@ class GroupCommitter(Generic[W, R]):
     def _take_waiting(self, batch: _Batch[W, R]) -> tuple[_Queued[W, R] | None, bool]:
         """Add what is already queued (no waiting) to ``batch``; return a write that opens
         the next batch, and whether the stop marker came."""
-        while not self._queue.empty():
-            following = self._queue.get_nowait()
+        while self._queue:
+            following = self._queue.popleft()
             if following is None:
                 return None, True  # commit what came before the stop, then end
             if not self._fits(batch, following):
@@ -224,22 +279,26 @@ class GroupCommitter(Generic[W, R]):
             self._add(batch, following)
         return None, False
 
-    async def _write(self, batch: Sequence[_Queued[W, R]]) -> None:
+    async def _write(self, batch: _Batch[W, R]) -> None:
         # A write withdrawn (its caller cancelled) before its turn is not written at all.
-        live = [queued for queued in batch if not queued.done.cancelled()]
-        if not live:
+        if self._max_in_flight == 1 and not batch.seal():
             return
+
+        def take() -> list[W]:
+            return [queued.write for queued in batch.seal()]
+
         try:
-            results = await self._commit([queued.write for queued in live])
+            results = await self._commit(take)
         except Exception as error:
-            await self._failed(live, error)
+            await self._failed(batch.seal(), error)
             return
         except BaseException as error:
             # Cancelled mid-transaction: whether it committed is unknown, so no write may
             # report success.
-            for queued in live:
+            for queued in batch.seal():
                 _fail(queued, self._closed_error(str(error) or "cancelled"))
             raise
+        live = batch.seal()
         for queued, result in zip(live, results, strict=True):
             if not queued.done.done():
                 queued.done.set_result(result)
@@ -247,6 +306,8 @@ class GroupCommitter(Generic[W, R]):
             self._after_commit([queued.write for queued in live], results)
 
     async def _failed(self, live: Sequence[_Queued[W, R]], error: Exception) -> None:
+        if not live:
+            return
         if is_transient_db_error(error) or not self._split_failed or len(live) == 1:
             # Each caller decides whether to try again (the outage is logged there).
             log.log(
@@ -262,7 +323,7 @@ class GroupCommitter(Generic[W, R]):
             f"{self._name}.batch_split", extra=fields(writes=len(live), error=repr(error)[:300])
         )
         for queued in live:
-            await self._write([queued])
+            await self._write(self._batch_of([queued]))
 
 
 def _fail(queued: _Queued[W, R], error: BaseException) -> None:

@@ -75,10 +75,10 @@ async def test_concurrent_submissions_are_all_committed(
 
 
 class _Gate:
-    """Holds the thread writer's first connection until the test has queued the rest.
+    """Holds the writer thread's first COMMIT until the test has queued the rest.
 
-    The thread writer takes whatever is waiting the moment it looks. Behind the gate it
-    takes the first submission alone and waits in ``connect``; submissions queued then
+    The thread's transaction takes whatever is waiting as it begins. Behind the gate it
+    has taken the first submission alone and waits to commit it; submissions queued then
     form its next batch once the gate opens.
     """
 
@@ -88,9 +88,15 @@ class _Gate:
         self._open = threading.Event()
 
     def connect(self) -> sqlite3.Connection:
-        self._reached.set()
-        self._open.wait()
-        return connect_sqlite(self._settings)
+        connection = connect_sqlite(self._settings)
+        connection.set_trace_callback(self._on_statement)
+        return connection
+
+    def _on_statement(self, statement: str) -> None:
+        # On the writer thread, as it runs each statement.
+        if statement == "COMMIT" and not self._reached.is_set():
+            self._reached.set()
+            self._open.wait()
 
     async def reached(self) -> None:
         await asyncio.to_thread(self._reached.wait)
@@ -104,6 +110,7 @@ async def test_failed_batch_fails_every_submission_in_it_and_writes_nothing(
     kind: str, settings: Settings, engine: AsyncEngine, row_counts: RowCounter
 ) -> None:
     gate = _Gate(settings)
+    writer: IntakeWriter
     if kind == "thread":
         if not settings.is_sqlite:
             pytest.skip("the thread writer is SQLite's")

@@ -68,7 +68,7 @@ async def _insert_with_sqlalchemy(sessions: SessionFactory, task: NewTask) -> No
 async def _submit(intake: Intake, tasks: Sequence[NewTask]) -> None:
     """One request's tasks, in a transaction of their own, then the intake closed."""
     try:
-        await intake.insert([intake.prepare(tasks)])
+        await intake.insert(lambda: [intake.prepare(tasks)])
     finally:
         await intake.close()
 
@@ -173,9 +173,8 @@ async def test_outbox_keeps_submission_order(
     intake = open_intake(settings, engine)
     try:
         # Five requests in one transaction, as the intake writer batches them.
-        await intake.insert(
-            [intake.prepare(tasks[start : start + 10]) for start in range(0, 50, 10)]
-        )
+        requests = [intake.prepare(tasks[start : start + 10]) for start in range(0, 50, 10)]
+        await intake.insert(lambda: requests)
     finally:
         await intake.close()
     async with sessions() as session:

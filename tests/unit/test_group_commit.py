@@ -7,13 +7,12 @@ transactions are tested against real databases in tests/integration).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 
 import pytest
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from tests.support import wait_for
-from throttler.group_commit import CommitterClosedError, GroupCommitter
+from throttler.group_commit import CommitterClosedError, GroupCommitter, Take
 
 
 class Recorder:
@@ -27,7 +26,8 @@ class Recorder:
         self.fail_on = fail_on
         self.error = error
 
-    async def commit(self, writes: Sequence[str]) -> list[str]:
+    async def commit(self, take: Take[str]) -> list[str]:
+        writes = take()  # as the transaction begins
         self.entered.set()
         await self.gate.wait()
         if self.fail_on is not None and self.fail_on in writes:
@@ -149,33 +149,40 @@ async def test_close_commits_what_is_queued_then_refuses() -> None:
         await writer.submit("late")
 
 
-async def test_batches_in_flight_are_handed_over_without_waiting_and_commit_in_order() -> None:
+async def test_a_batch_in_flight_takes_every_write_that_arrived_before_its_turn() -> None:
     recorder = Recorder()
-    order: list[str] = []
+    handed_over = 0
+    serial = asyncio.Lock()
 
-    async def commit(writes: Sequence[str]) -> list[str]:
-        order.append(f"start {writes[0]}")
-        results = await recorder.commit(writes)
-        order.append(f"end {writes[0]}")
-        return results
+    async def commit(take: Take[str]) -> list[str]:
+        nonlocal handed_over
+        handed_over += 1
+        # Like a store's thread: one transaction after another, each taking its batch
+        # as it begins.
+        async with serial:
+            return await recorder.commit(take)
 
     writer: GroupCommitter[str, str] = GroupCommitter(commit, name="test", max_in_flight=2)
     writer.start()
-    recorder.gate.clear()
-    first = asyncio.create_task(writer.submit("first"))
-    await recorder.entered.wait()
+    first = await _held_first(recorder, writer)
     second = asyncio.create_task(writer.submit("second"))
-    # The second batch is handed over while the first is still open...
 
-    async def second_started() -> bool:
-        return "start second" in order
+    async def second_handed_over() -> bool:
+        return handed_over == 2
 
-    await wait_for(second_started, timeout_s=5, message="the second batch handed over")
-    third = asyncio.create_task(writer.submit("third"))
+    # The next batch is handed over while the first is still in its transaction...
+    await wait_for(second_handed_over, timeout_s=5, message="the second batch handed over")
+    # ... and writes arriving meanwhile join it rather than wait for a third.
+    later = [asyncio.create_task(writer.submit(name)) for name in ("third", "fourth")]
     await asyncio.sleep(0)
-    # ... but no third one: both slots are taken.
-    assert order == ["start first", "start second"]
     recorder.gate.set()
-    assert list(await asyncio.gather(first, second, third)) == ["FIRST", "SECOND", "THIRD"]
+
+    assert list(await asyncio.gather(first, second, *later)) == [
+        "FIRST",
+        "SECOND",
+        "THIRD",
+        "FOURTH",
+    ]
     await writer.close()
-    assert order.index("start third") > order.index("end first")
+    assert handed_over == 2
+    assert recorder.batches == [["first"], ["second", "third", "fourth"]]

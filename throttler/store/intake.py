@@ -8,7 +8,7 @@ against it row by row in tests/integration/store/test_intake_parity.py.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -53,10 +53,12 @@ class Intake(Protocol):
         """Ready ``tasks`` for ``insert`` (conversions that need no database)."""
         ...
 
-    async def insert(self, batch: Sequence[Submission]) -> None:
-        """Write every submission of ``batch`` in ONE transaction; return once committed.
+    async def insert(self, take: Callable[[], Sequence[Submission]]) -> None:
+        """Write the submissions ``take()`` returns in ONE transaction; return once committed.
 
-        Raises SQLAlchemy's exception for a failed transaction (nothing of it written).
+        ``take`` is called once, as the transaction begins (on whatever thread runs it):
+        a group committer's batch may grow until then. Raises SQLAlchemy's exception for
+        a failed transaction (nothing of it written).
         """
         ...
 
@@ -118,8 +120,8 @@ class CoreIntake:
     def prepare(self, tasks: Sequence[NewTask]) -> Submission:
         return Submission(tasks=tasks)
 
-    async def insert(self, batch: Sequence[Submission]) -> None:
-        tasks = [task for submission in batch for task in submission.tasks]
+    async def insert(self, take: Callable[[], Sequence[Submission]]) -> None:
+        tasks = [task for submission in take() for task in submission.tasks]
         if not tasks:
             return
         async with self._engine.begin() as connection:

@@ -146,9 +146,9 @@ class SQLiteIntake(CoreIntake):
 
     @property
     def batches_in_flight(self) -> int:
-        # The next batch waits on the thread's queue while one runs, so the thread goes
-        # straight on to it (throttler.group_commit): measured twice the submissions per
-        # second of one batch at a time, with the event loop busy serving requests.
+        # The next batch waits on the thread's queue while one runs, taking submissions
+        # until the thread starts it (throttler.group_commit): the thread goes straight
+        # on to it, as the API's own writer thread did before the committer was shared.
         return 2
 
     def prepare(self, tasks: Sequence[NewTask]) -> Submission:
@@ -160,10 +160,14 @@ class SQLiteIntake(CoreIntake):
         )
         return Submission(tasks=tasks, rows=rows)
 
-    async def insert(self, batch: Sequence[Submission]) -> None:
-        rows = [_rows_of(self, submission) for submission in batch if submission.tasks]
-        if rows:
-            await self._thread.transaction(lambda connection: _insert_rows(connection, rows))
+    async def insert(self, take: Callable[[], Sequence[Submission]]) -> None:
+        def insert_batch(connection: sqlite3.Connection) -> None:
+            # Taken here, on the thread as its transaction begins: the committer's batch
+            # takes every submission that arrived while the last transaction ran.
+            rows = [_rows_of(self, submission) for submission in take() if submission.tasks]
+            _insert_rows(connection, rows)
+
+        await self._thread.transaction(insert_batch)
 
     async def close(self) -> None:
         await self._thread.close()

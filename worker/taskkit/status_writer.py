@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 
 from throttler.finished import publish_finished
-from throttler.group_commit import GroupCommitter
+from throttler.group_commit import GroupCommitter, Take
 from throttler.models import utcnow
 from throttler.store.attempts import Attempt, Attempts, Outcome
 
@@ -136,7 +136,8 @@ class StatusWriter:
         )
         return bool(result)
 
-    async def _commit(self, writes: Sequence[_Write]) -> list[_Result]:
+    async def _commit(self, take: Take[_Write]) -> list[_Result]:
+        writes = take()
         written = await self._attempts.write(
             starts=[write.task_id for write in writes if isinstance(write, _Start)],
             outcomes=[write.outcome for write in writes if isinstance(write, _Finish)],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
 from sqlalchemy import text
@@ -108,7 +109,8 @@ def submissions() -> list[list[NewTask]]:
 async def insert_all(intake: Intake, batches: Sequence[Sequence[Sequence[NewTask]]]) -> None:
     try:
         for batch in batches:
-            await intake.insert([intake.prepare(tasks) for tasks in batch])
+            prepared = [intake.prepare(tasks) for tasks in batch]
+            await intake.insert(partial(list, prepared))
     finally:
         await intake.close()
 
@@ -148,9 +150,11 @@ async def test_a_batch_with_a_failing_submission_writes_nothing_on_either(
     async def run(override: bool) -> str:
         intake = open_intake(settings, engine) if override else CoreIntake(engine)
         try:
-            await intake.insert([intake.prepare(requests[0])])
+            await intake.insert(lambda: [intake.prepare(requests[0])])
             try:
-                await intake.insert([intake.prepare(tasks) for tasks in [*requests[1:], [clash]]])
+                await intake.insert(
+                    lambda: [intake.prepare(tasks) for tasks in [*requests[1:], [clash]]]
+                )
             except Exception as error:
                 return type(error).__name__
             return "written"
