@@ -6,7 +6,6 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from functools import partial
 
 from fastapi import FastAPI
 from redis.asyncio import Redis
@@ -16,14 +15,12 @@ from api.body_limit import BodyLimitMiddleware
 from api.bulk import BULK_MAX_BODY_BYTES, BULK_PATH
 from api.errors import register_error_handlers
 from api.intake import IntakeWriter
-from api.intake_session import SessionIntakeWriter
-from api.intake_sqlite import SQLiteIntakeWriter
 from api.routes import health, relay, tasks
 from api.waiters import FinishedListener, FinishedSweep, Waiters
-from throttler.db import SessionFactory, connect_sqlite, create_engine, create_session_factory
+from throttler.db import create_engine
 from throttler.logs import fields
 from throttler.settings import Settings
-from throttler.store.reads import open_reads
+from throttler.store import open_store
 
 log = logging.getLogger(__name__)
 
@@ -31,15 +28,6 @@ log = logging.getLogger(__name__)
 REDIS_TIMEOUT_S = 2.0
 # An idle pub/sub connection is pinged this often, so a silently dead one is replaced.
 SUBSCRIBER_HEALTH_CHECK_S = 10
-
-
-def create_intake_writer(
-    settings: Settings, sessions: SessionFactory, *, announcer: NewWorkAnnouncer | None = None
-) -> IntakeWriter:
-    """The group-commit writer for ``DATABASE_URL``: a thread of its own on SQLite."""
-    if settings.is_sqlite:
-        return SQLiteIntakeWriter(partial(connect_sqlite, settings), announcer=announcer)
-    return SessionIntakeWriter(sessions, announcer=announcer)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -53,12 +41,11 @@ def create_app(settings: Settings) -> FastAPI:
             socket_connect_timeout=REDIS_TIMEOUT_S,
             socket_timeout=REDIS_TIMEOUT_S,
         )
-        app.state.engine = engine
-        app.state.sessions = create_session_factory(engine)
-        app.state.reads = open_reads(settings, engine)
+        store = open_store(settings, engine)
+        app.state.reads = store.reads
         app.state.redis = redis
         announcer = NewWorkAnnouncer(redis)
-        intake = create_intake_writer(settings, app.state.sessions, announcer=announcer)
+        intake = IntakeWriter(store.intake, announcer=announcer)
         intake.start()
         app.state.intake = intake
         # Long-polls: one subscription and one periodic query serve every waiter.
@@ -88,6 +75,7 @@ def create_app(settings: Settings) -> FastAPI:
             await intake.close()
             await announcer.close()
             await redis.aclose()
+            await store.close()
             await engine.dispose()
 
     app = FastAPI(

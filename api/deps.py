@@ -17,7 +17,6 @@ from redis.asyncio import Redis
 from api.intake import IntakeWriter
 from api.waiters import Waiters
 from throttler.constants import DEFAULT_ACCOUNT
-from throttler.db import SessionFactory
 from throttler.settings import Settings
 from throttler.store.reads import ReadStore
 
@@ -25,11 +24,6 @@ from throttler.store.reads import ReadStore
 async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
-
-
-async def get_sessions(request: Request) -> SessionFactory:
-    sessions: SessionFactory = request.app.state.sessions
-    return sessions
 
 
 async def get_reads(request: Request) -> ReadStore:
@@ -53,7 +47,6 @@ async def get_redis(request: Request) -> Redis:
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-SessionsDep = Annotated[SessionFactory, Depends(get_sessions)]
 # The API's reads (results, relay status, readiness): they never wait behind writers.
 ReadsDep = Annotated[ReadStore, Depends(get_reads)]
 RedisDep = Annotated[Redis, Depends(get_redis)]

@@ -1,38 +1,28 @@
-"""Group commit: one writer per API process turns concurrent submissions into one transaction.
+"""The API process's one writer of new tasks: concurrent submissions share a transaction.
 
-A submit endpoint validates its request, hands the rows to ``IntakeWriter.submit`` and
-awaits the outcome. The writer takes every submission waiting at that moment (up to
-``max_batch_tasks`` rows), inserts them all in ONE transaction, commits, and only then
-resolves each submission's future. Requests that arrive while a commit runs queue up and
-form the next batch, so an idle server adds no latency and a busy one shares each
-BEGIN/COMMIT (and its fsync) among many requests.
+A submit endpoint validates its request, hands the tasks to ``IntakeWriter.submit`` and
+awaits the outcome. The writer group-commits (``throttler.group_commit``): every
+submission waiting when it is free (up to ``max_batch_tasks`` tasks) goes into ONE
+transaction through the store's intake (``throttler.store.intake``: on SQLite a thread of
+its own, on PostgreSQL one statement on the event loop), and each submission's future is
+resolved only after the commit, so a 202 is only ever sent for committed tasks.
 
 A failed batch sets its error on every submission in it: nothing of the batch is
 committed, and each request answers as if its own transaction had failed (a 503 for a
-database that cannot take the write). A 202 is only ever sent after the commit.
-
-After each commit, once its submissions are answered, the writer tells the announcer (if
-any), so that idle relays wake at once instead of at their next poll.
-
-Two writers: ``api.intake_sqlite`` (its own thread and connection) for SQLite, and
-``api.intake_session`` (SQLAlchemy sessions on the event loop) for PostgreSQL.
+database that cannot take the write). After each commit the writer tells the announcer
+(if any), so that idle relays wake at once instead of at their next poll.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from api.announce import NewWorkAnnouncer
-from throttler.logs import fields
+from throttler.group_commit import GroupCommitter, Take
+from throttler.store.intake import Intake, Submission
 from throttler.submit import NewTask
 
-log = logging.getLogger(__name__)
-
-# Rows per transaction: large enough to amortize BEGIN/COMMIT under any load, small
+# Tasks per transaction: large enough to amortize BEGIN/COMMIT under any load, small
 # enough that one batch's statements stay well within driver and SQLite limits.
 DEFAULT_MAX_BATCH_TASKS = 500
 
@@ -41,58 +31,60 @@ class IntakeClosedError(RuntimeError):
     """The writer has stopped (the API is shutting down); the submission was not written."""
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Submission:
-    """One request's tasks (written together or not at all) and the future it awaits."""
-
-    tasks: Sequence[NewTask]
-    done: asyncio.Future[None]
-
-
-class IntakeWriter(ABC):
-    """The API process's single writer of new tasks; the app lifespan starts and closes it."""
+class IntakeWriter:
+    """Group-commits submissions through ``intake``; the app lifespan starts and closes it."""
 
     def __init__(
         self,
+        intake: Intake,
         *,
         announcer: NewWorkAnnouncer | None = None,
         max_batch_tasks: int = DEFAULT_MAX_BATCH_TASKS,
     ) -> None:
+        self._intake = intake
         self._announcer = announcer
-        self._max_batch_tasks = max_batch_tasks
+        self._committer: GroupCommitter[Submission, None] = GroupCommitter(
+            self._insert,
+            name="intake",
+            max_batch=max_batch_tasks,
+            size=lambda submission: len(submission.tasks),
+            max_in_flight=intake.batches_in_flight,
+            after_commit=self._committed,
+            closed_error=IntakeClosedError,
+        )
 
-    @abstractmethod
     def start(self) -> None:
         """Start writing; call on the running loop."""
+        self._committer.start()
 
-    @abstractmethod
     async def submit(self, tasks: Sequence[NewTask]) -> None:
         """Write ``tasks`` atomically (never split across transactions); return once committed.
 
-        Raises the batch's database error when the transaction fails.
+        Raises the batch's database error when the transaction fails. A caller cancelled
+        before its batch is written (its client went away) is not written at all.
         """
+        if not self._committer.open:
+            raise IntakeClosedError("intake is closed")
+        # Converted here, as the request arrives: the batch's transaction only executes.
+        await self._committer.submit(self._intake.prepare(tasks))
 
-    @abstractmethod
     async def close(self) -> None:
         """Refuse new submissions, write every one already queued, then stop."""
+        try:
+            await self._committer.close()
+        finally:
+            await self._intake.close()
 
-    def _settle(self, batch: Sequence[Submission], error: BaseException | None) -> None:
-        """Answer every submission of a batch just written (or not): call on the loop."""
-        if error is not None:
-            log.warning(
-                "intake.batch_failed",
-                extra=fields(
-                    requests=len(batch),
-                    tasks=sum(len(submission.tasks) for submission in batch),
-                    error=repr(error)[:300],
-                ),
-            )
-        for submission in batch:
-            if submission.done.done():
-                continue  # its client went away meanwhile
-            if error is None:
-                submission.done.set_result(None)
-            else:
-                submission.done.set_exception(error)
-        if error is None and self._announcer is not None:
+    async def _insert(self, take: Take[Submission]) -> list[None]:
+        taken: list[Submission] = []
+
+        def take_batch() -> list[Submission]:
+            taken.extend(take())
+            return taken
+
+        await self._intake.insert(take_batch)
+        return [None] * len(taken)
+
+    def _committed(self, _batch: Sequence[Submission], _results: Sequence[None]) -> None:
+        if self._announcer is not None:
             self._announcer.committed()

@@ -36,8 +36,9 @@ from devtools.redis_server import RedisServer, start_redis_server
 from throttler.db import create_engine, create_session_factory
 from throttler.models import Base, OutboxEntry, utcnow
 from throttler.settings import Settings
+from throttler.store.intake import insert_submissions
 from throttler.store.outbox import CoreClaim
-from throttler.submit import NewTask, submit_tasks
+from throttler.submit import NewTask
 
 # The first one set names a server where the benchmark may create a database of its own.
 BASELINE_NAME = "ARQ no-op worker"
@@ -84,7 +85,7 @@ async def _fill_database(database_url: str, *, jobs: int) -> list[str]:
                 for i in range(start, min(start + FILL_CHUNK, jobs))
             ]
             async with sessions.begin() as session:
-                await submit_tasks(session, batch)
+                await insert_submissions(session, batch)
                 task_ids = [task.task_id for task in batch]
                 await CoreClaim(session).mark_queued(task_ids=task_ids, relay_id="bench", now=now)
                 # The relay deletes outbox rows once their jobs are in ARQ.

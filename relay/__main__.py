@@ -19,8 +19,7 @@ from throttler.reconcile import Reconciler
 from throttler.retention import Pruner
 from throttler.retry import REDIS_RECONNECT, Outage, retry_until_done
 from throttler.settings import Settings, load_settings
-from throttler.store.outbox import open_outbox
-from throttler.store.recovery import open_recovery
+from throttler.store import open_store
 from throttler.throttle import build_limiter
 from throttler.wakeup import WakeupListener
 
@@ -78,10 +77,11 @@ async def serve(settings: Settings, *, relay_type: type[Relay] = Relay) -> None:
         arq = await _connect_arq(settings, stopping)
         if arq is None:
             return
-        recovery = open_recovery(settings, engine)
+        store = open_store(settings, engine)
+        recovery = store.recovery
         relay = relay_type(
             settings=settings,
-            outbox=open_outbox(settings=settings, engine=engine),
+            outbox=store.outbox,
             arq=arq,
             limiter=build_limiter(
                 redis=arq,

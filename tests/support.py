@@ -1,21 +1,28 @@
-"""Helpers for tests: waiting on conditions, migrating databases, reading the audit trail."""
+"""Helpers for tests: waiting on conditions, migrating databases, reading the audit trail,
+and single-task writes in the caller's session (built on the store's reference)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
+from throttler.constants import DEFAULT_PRIORITY
 from throttler.db import SessionFactory
-from throttler.models import TaskEvent, utcnow
-from throttler.submit import submit_task
+from throttler.models import Task, TaskEvent, utcnow
+from throttler.statuses import EventKind
+from throttler.store.attempts import Attempt, Outcome, record_outcomes, start_attempts
+from throttler.store.intake import insert_submissions
+from throttler.submit import NewTask, new_task_id
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -94,3 +101,103 @@ async def submit_greetings(sessions: SessionFactory, count: int) -> list[str]:
             )
             ids.append(task.id)
     return ids
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Submitted:
+    """A task written by ``submit_task``."""
+
+    id: str
+    task: NewTask
+
+
+async def submit_task(
+    session: AsyncSession,
+    *,
+    name: str,
+    account: str,
+    payload: Mapping[str, Any],
+    now: datetime,
+    priority: int = DEFAULT_PRIORITY,
+    host: str | None = None,
+    run_at: datetime | None = None,
+    task_id: str | None = None,
+) -> Submitted:
+    """Insert a pending task, its outbox row and its ``submitted`` event in ``session``."""
+    task = NewTask(
+        name=name,
+        account=account,
+        payload=dict(payload),
+        created_at=now,
+        priority=priority,
+        host=host,
+        run_at=run_at,
+        task_id=task_id or new_task_id(),
+    )
+    await insert_submissions(session, [task])
+    return Submitted(id=task.task_id, task=task)
+
+
+async def start_attempt(
+    session: AsyncSession, *, task_id: str, worker_id: str, now: datetime
+) -> Attempt | None:
+    """Mark the task ``running`` and count the attempt; None if it is already final."""
+    started = await session.run_sync(
+        lambda sync: start_attempts(sync, task_ids=[task_id], worker_id=worker_id, now=now)
+    )
+    return started.get(task_id)
+
+
+async def record_outcome(session: AsyncSession, outcome: Outcome) -> bool:
+    """Write one outcome in ``session``; False if the task was already final."""
+    return bool(await session.run_sync(record_outcomes, [outcome]))
+
+
+async def record_success(
+    session: AsyncSession,
+    *,
+    task_id: str,
+    result: dict[str, Any],
+    attempt: int,
+    worker_id: str,
+    now: datetime,
+) -> bool:
+    """Store the result and mark the task ``succeeded``; False if it was already final."""
+    return await record_outcome(
+        session,
+        Outcome(
+            task_id=task_id,
+            event=EventKind.SUCCEEDED,
+            attempt=attempt,
+            worker_id=worker_id,
+            now=now,
+            result=result,
+        ),
+    )
+
+
+async def record_failure(
+    session: AsyncSession,
+    *,
+    task_id: str,
+    error: str,
+    attempt: int,
+    worker_id: str,
+    now: datetime,
+) -> bool:
+    """Store the error and mark the task ``failed``; False if it was already final."""
+    return await record_outcome(
+        session,
+        Outcome(
+            task_id=task_id,
+            event=EventKind.FAILED,
+            attempt=attempt,
+            worker_id=worker_id,
+            now=now,
+            error=error,
+        ),
+    )
+
+
+async def get_task(session: AsyncSession, *, task_id: str) -> Task | None:
+    return (await session.execute(select(Task).where(Task.id == task_id))).scalar_one_or_none()

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
-import aiosqlite
 from sqlalchemy import event
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.ext.asyncio import (
@@ -20,7 +18,6 @@ from sqlalchemy.pool import ConnectionPoolEntry
 from throttler.settings import Settings, sqlite_path
 
 SessionFactory = async_sessionmaker[AsyncSession]
-T = TypeVar("T")
 # Execution option naming the BEGIN statement SQLite transactions start with.
 _SQLITE_BEGIN_OPTION = "sqlite_begin"
 
@@ -58,26 +55,10 @@ def create_read_session_factory(engine: AsyncEngine) -> SessionFactory:
     )
 
 
-async def run_on_sqlite(session: AsyncSession, work: Callable[[sqlite3.Connection], T]) -> T:
-    """Run ``work`` on the session's sqlite3 connection, in the session's transaction.
-
-    aiosqlite runs every call on its connection's own thread, and each ``await`` is a
-    round trip to it that waits behind whatever the event loop is doing (about 0.1 to 1 ms
-    under load); ``work`` runs any number of statements for one round trip. It runs on
-    that thread, so it must not touch the event loop. ``_execute`` and ``_conn`` are
-    aiosqlite internals, the same ones SQLAlchemy's aiosqlite adapter relies on.
-    """
-    connection = await session.connection()  # begins the transaction (BEGIN IMMEDIATE)
-    raw = await connection.get_raw_connection()
-    driver = cast(aiosqlite.Connection, raw.driver_connection)
-    execute = cast(Callable[..., Awaitable[T]], driver._execute)
-    return await execute(work, driver._conn)
-
-
 def connect_sqlite(settings: Settings) -> sqlite3.Connection:
     """Open a plain sqlite3 connection to DATABASE_URL's file, set up like the engine's.
 
-    For a thread that writes on its own (the API's intake writer). As with the engine's
+    For a thread that writes on its own (throttler.store.sqlite_thread). As with the engine's
     connections, nothing begins implicitly: the caller issues ``BEGIN IMMEDIATE``.
     """
     path = sqlite_path(settings.database_url)

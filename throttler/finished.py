@@ -12,9 +12,9 @@ import logging
 from collections.abc import Sequence
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from throttler.constants import FINISHED_CHANNEL
+from throttler.errors import REDIS_ERRORS
 from throttler.logs import fields
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ async def publish_finished(
             for task_id in task_ids:
                 pipe.publish(FINISHED_CHANNEL, task_id)
             await pipe.execute()
-    except (RedisError, OSError, TimeoutError) as error:
+    except REDIS_ERRORS as error:
         log.warning(
             "task.finish_not_announced",
             extra=fields(task_ids=",".join(task_ids[:10]), count=len(task_ids), error=repr(error)),

@@ -14,16 +14,16 @@ from typing import Any
 from arq.connections import ArqRedis, RedisSettings
 from arq.worker import Worker
 
-from throttler.db import create_engine, create_session_factory
+from throttler.db import create_engine
 from throttler.errors import REDIS_ERRORS
 from throttler.logs import fields
 from throttler.settings import Settings
+from throttler.store import open_store
 from worker.leases import LEASE_REFRESH_S, LEASE_S, LeasedWorker
 from worker.netguard import AddressPolicy, guarded_client
 from worker.taskkit import TaskBase, build_functions
 from worker.taskkit.resources import RESOURCES_KEY, Resources
 from worker.taskkit.status_writer import StatusWriter
-from worker.taskkit.transactions import open_batches
 from worker.tasks import DEFAULT_TASKS
 
 log = logging.getLogger("worker")
@@ -37,14 +37,12 @@ def worker_id() -> str:
 async def open_resources(settings: Settings) -> Resources:
     """Create what tasks share: database engine, status writer, HTTP client, thread pool."""
     engine = create_engine(settings)
-    sessions = create_session_factory(engine)
     identity = worker_id()
-    status = StatusWriter(open_batches(settings, engine=engine), worker_id=identity)
+    status = StatusWriter(open_store(settings, engine).attempts, worker_id=identity)
     status.start_writing()
     return Resources(
         settings=settings,
         engine=engine,
-        sessions=sessions,
         http=guarded_client(
             policy=AddressPolicy(allow_private=settings.download_allow_private),
             timeout_s=settings.download_timeout_s,

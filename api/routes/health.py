@@ -8,11 +8,11 @@ from typing import Any
 
 from fastapi import APIRouter, Response, status
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
 from api.deps import ReadsDep, RedisDep
 from api.schemas import Liveness, Readiness
+from throttler.errors import REDIS_ERRORS
 from throttler.logs import fields
 from throttler.store.reads import ReadStore
 
@@ -49,7 +49,7 @@ async def _redis_ok(redis: Redis) -> bool:
     try:
         async with asyncio.timeout(READY_TIMEOUT_S):
             await redis.ping()
-    except (RedisError, OSError) as error:
+    except REDIS_ERRORS as error:
         log.warning("ready.redis_failed", extra=fields(error=_describe(error)))
         return False
     return True

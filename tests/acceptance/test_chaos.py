@@ -32,7 +32,7 @@ from bench.figures import max_in_window
 from devtools.redis_server import RedisServer, free_port, start_redis_server
 from tests.acceptance.processes import Cluster, Component, cluster
 from tests.acceptance.side_effect_worker import SIDE_EFFECT_LOG_ENV
-from tests.support import wait_for
+from tests.support import submit_task, wait_for
 from throttler.catalog import CATALOG
 from throttler.db import (
     SessionFactory,
@@ -43,7 +43,6 @@ from throttler.db import (
 from throttler.models import OutboxEntry, Task, TaskEvent, utcnow
 from throttler.settings import Settings
 from throttler.statuses import TERMINAL_STATUSES, EventKind, TaskStatus
-from throttler.submit import submit_task
 
 # About a minute per database; CHAOS_SOAK=0 leaves it out of a quick local run.
 CHAOS_ENV = "CHAOS_SOAK"

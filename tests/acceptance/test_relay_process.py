@@ -19,6 +19,7 @@ from tests.support import (
     event_history,
     event_times,
     submit_greetings,
+    submit_task,
     wait_for,
 )
 from throttler.db import SessionFactory
@@ -26,7 +27,6 @@ from throttler.models import OutboxEntry, Task, TaskEvent, utcnow
 from throttler.settings import Settings
 from throttler.statuses import EventKind, TaskStatus
 from throttler.store.outbox import CoreClaim
-from throttler.submit import submit_task
 
 pytestmark = pytest.mark.slow
 

@@ -12,15 +12,16 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from api.app import create_intake_writer
 from api.intake import IntakeClosedError, IntakeWriter
-from api.intake_session import SessionIntakeWriter
-from api.intake_sqlite import SQLiteIntakeWriter
 from throttler.db import SessionFactory, connect_sqlite
 from throttler.models import OutboxEntry, TaskEvent
 from throttler.settings import Settings, sqlite_path
 from throttler.statuses import EventKind
+from throttler.store import open_store
+from throttler.store.intake import CoreIntake
+from throttler.store.sqlite_intake import SQLiteIntake
 from throttler.submit import NewTask
 
 if TYPE_CHECKING:
@@ -74,10 +75,10 @@ async def test_concurrent_submissions_are_all_committed(
 
 
 class _Gate:
-    """Holds the thread writer's first connection until the test has queued the rest.
+    """Holds the writer thread's first COMMIT until the test has queued the rest.
 
-    The thread writer takes whatever is waiting the moment it looks. Behind the gate it
-    takes the first submission alone and waits in ``connect``; submissions queued then
+    The thread's transaction takes whatever is waiting as it begins. Behind the gate it
+    has taken the first submission alone and waits to commit it; submissions queued then
     form its next batch once the gate opens.
     """
 
@@ -87,9 +88,15 @@ class _Gate:
         self._open = threading.Event()
 
     def connect(self) -> sqlite3.Connection:
-        self._reached.set()
-        self._open.wait()
-        return connect_sqlite(self._settings)
+        connection = connect_sqlite(self._settings)
+        connection.set_trace_callback(self._on_statement)
+        return connection
+
+    def _on_statement(self, statement: str) -> None:
+        # On the writer thread, as it runs each statement.
+        if statement == "COMMIT" and not self._reached.is_set():
+            self._reached.set()
+            self._open.wait()
 
     async def reached(self) -> None:
         await asyncio.to_thread(self._reached.wait)
@@ -100,16 +107,16 @@ class _Gate:
 
 @pytest.mark.parametrize("kind", ["thread", "session"])
 async def test_failed_batch_fails_every_submission_in_it_and_writes_nothing(
-    kind: str, settings: Settings, sessions: SessionFactory, row_counts: RowCounter
+    kind: str, settings: Settings, engine: AsyncEngine, row_counts: RowCounter
 ) -> None:
     gate = _Gate(settings)
     writer: IntakeWriter
     if kind == "thread":
         if not settings.is_sqlite:
             pytest.skip("the thread writer is SQLite's")
-        writer = SQLiteIntakeWriter(gate.connect)
+        writer = IntakeWriter(SQLiteIntake(settings, engine, connect=gate.connect))
     else:
-        writer = SessionIntakeWriter(sessions)
+        writer = IntakeWriter(CoreIntake(engine))
     writer.start()
     try:
         existing = _new_task("first")
@@ -140,9 +147,9 @@ async def test_failed_batch_fails_every_submission_in_it_and_writes_nothing(
 
 
 async def test_close_writes_what_is_queued_then_refuses(
-    settings: Settings, sessions: SessionFactory, row_counts: RowCounter
+    settings: Settings, engine: AsyncEngine, row_counts: RowCounter
 ) -> None:
-    writer = create_intake_writer(settings, sessions)
+    writer = IntakeWriter(open_store(settings, engine).intake)
     writer.start()
     pending = [asyncio.ensure_future(writer.submit([_new_task(f"n{i}")])) for i in range(5)]
     await asyncio.sleep(0)  # let each submission reach the queue

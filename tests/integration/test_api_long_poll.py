@@ -22,19 +22,20 @@ from starlette.types import Message
 from api.app import create_app
 from api.waiters import SWEEP_INTERVAL_S, FinishedListener, Waiters
 from tests.integration.worker_harness import arq_pool, enqueue, queue_task, running_worker
-from tests.support import wait_for
+from tests.support import submit_task, wait_for
 from throttler.catalog import CATALOG, GREETING
 from throttler.constants import FINISHED_CHANNEL
 from throttler.db import SessionFactory
 from throttler.finished import publish_finished
-from throttler.lifecycle import Outcome, record_outcomes, start_attempts
 from throttler.models import OutboxEntry, Task, utcnow
 from throttler.reconcile import reconcile_once
 from throttler.settings import Settings
 from throttler.statuses import EventKind, TaskStatus
+from throttler.store.attempts import Outcome, record_outcomes, start_attempts
+from throttler.store.intake import insert_submissions
 from throttler.store.outbox import CoreClaim
 from throttler.store.recovery import open_recovery
-from throttler.submit import NewTask, submit_task, submit_tasks
+from throttler.submit import NewTask
 
 RESULT = "/api/v1/task/result/{}"
 
@@ -128,7 +129,7 @@ async def _queue_greetings(sessions: SessionFactory, count: int) -> list[str]:
     ]
     task_ids = [task.task_id for task in tasks]
     async with sessions.begin() as session:
-        await submit_tasks(session, tasks)
+        await insert_submissions(session, tasks)
         await CoreClaim(session).mark_queued(task_ids=task_ids, relay_id="test-relay", now=now)
     return task_ids
 

@@ -11,12 +11,11 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import pytest
 
+from tests.support import record_failure, record_success, start_attempt, submit_task
 from throttler.db import SessionFactory
-from throttler.lifecycle import record_failure, record_success, start_attempt
 from throttler.models import utcnow
 from throttler.settings import Settings
 from throttler.store.outbox import CoreClaim
-from throttler.submit import submit_task
 
 if TYPE_CHECKING:
     from tests.integration.conftest import ApiClientFactory

@@ -8,9 +8,8 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.support import event_history, submit_greetings
+from tests.support import event_history, record_success, start_attempt, submit_greetings
 from throttler.db import SessionFactory
-from throttler.lifecycle import record_success, start_attempt
 from throttler.models import OutboxEntry, Task, utcnow
 from throttler.settings import Settings
 from throttler.statuses import TaskStatus

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from relay.relay import Relay
 from tests.integration.worker_harness import arq_pool, running_worker, wait_final
-from tests.support import event_history, wait_for
+from tests.support import event_history, submit_task, wait_for
 from throttler.catalog import CATALOG, GREETING
 from throttler.db import SessionFactory, create_engine
 from throttler.models import OutboxEntry, Task, TaskEvent, utcnow
@@ -32,7 +32,6 @@ from throttler.settings import Settings
 from throttler.statuses import TaskStatus
 from throttler.store.outbox import open_outbox
 from throttler.store.recovery import RecoveryStore, open_recovery
-from throttler.submit import submit_task
 from throttler.throttle import UnlimitedLimiter
 
 LONG_AGO = timedelta(minutes=5)

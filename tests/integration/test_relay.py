@@ -17,15 +17,13 @@ from sqlalchemy import select
 
 from relay.relay import Batch, Relay
 from tests.integration.test_relay_flow import outbox_of
-from tests.support import event_history, wait_for
+from tests.support import event_history, record_success, start_attempt, submit_task, wait_for
 from throttler.db import SessionFactory, create_engine, create_session_factory
-from throttler.lifecycle import record_success, start_attempt
 from throttler.limits import RuleSet
 from throttler.models import OutboxEntry, Task, utcnow
 from throttler.settings import Settings
 from throttler.statuses import TaskStatus
 from throttler.store.outbox import ClaimedTask, CoreClaim
-from throttler.submit import submit_task
 from throttler.throttle import Limiter, RedisLimiter, UnlimitedLimiter, build_limiter
 
 NAMES = ("greeting", "download", "blocking_long_running_task", "non_blocking_long_running_task")

@@ -9,14 +9,13 @@ import pytest
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.support import wait_for
+from tests.support import submit_task, wait_for
 from throttler.db import SessionFactory
 from throttler.models import OutboxEntry, Task, TaskEvent, utcnow
 from throttler.retention import Pruner, prune_once
 from throttler.settings import Settings
 from throttler.statuses import TaskStatus
 from throttler.store.recovery import RecoveryStore, open_recovery
-from throttler.submit import submit_task
 
 
 @pytest.fixture

@@ -1,20 +1,24 @@
-"""Submission's SQLite fast path writes exactly the rows SQLAlchemy itself would."""
+"""Submission through the store's intake writes exactly the rows SQLAlchemy itself would."""
 
 from __future__ import annotations
 
 import sqlite3
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from sqlalchemy import func, insert, select
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from throttler.db import SessionFactory, connect_sqlite
+from throttler.db import SessionFactory
 from throttler.models import OutboxEntry, Task, TaskEvent
 from throttler.settings import Settings, sqlite_path
 from throttler.statuses import EventKind, TaskStatus
-from throttler.submit import NewTask, insert_tasks_sqlite, new_task_id, submit_tasks
+from throttler.store.intake import CoreIntake, Intake, open_intake
+from throttler.store.sqlite_intake import SQLiteIntake
+from throttler.submit import NewTask, new_task_id
 
 NOW = datetime(2026, 11, 28, 9, 0, 0, 123456, tzinfo=UTC)
 PAYLOAD = {"url": "https://bücher.example/ä?q=1", "n": 1.5, "nested": {"ok": True}}
@@ -61,6 +65,14 @@ async def _insert_with_sqlalchemy(sessions: SessionFactory, task: NewTask) -> No
         )
 
 
+async def _submit(intake: Intake, tasks: Sequence[NewTask]) -> None:
+    """One request's tasks, in a transaction of their own, then the intake closed."""
+    try:
+        await intake.insert(lambda: [intake.prepare(tasks)])
+    finally:
+        await intake.close()
+
+
 def _stored(path: str, task_id: str) -> dict[str, list[tuple[object, ...]]]:
     """Every column as SQLite holds it (text, not parsed), ids left out."""
     with sqlite3.connect(path) as connection:
@@ -81,37 +93,30 @@ def _stored(path: str, task_id: str) -> dict[str, list[tuple[object, ...]]]:
         }
 
 
-async def test_sqlite_fast_paths_store_what_sqlalchemy_stores(
-    settings: Settings, sessions: SessionFactory
+async def test_sqlite_intakes_store_what_sqlalchemy_stores(
+    settings: Settings, sessions: SessionFactory, engine: AsyncEngine
 ) -> None:
     path = sqlite_path(settings.database_url)
     if path is None:
-        pytest.skip("the fast paths are SQLite's")
-    reference, one_hop, thread = new_task_id(), new_task_id(), new_task_id()
+        pytest.skip("the stored text is SQLite's")
+    reference, core, thread = new_task_id(), new_task_id(), new_task_id()
     await _insert_with_sqlalchemy(sessions, _task(reference))
-    # The session path (one call on aiosqlite's thread) and the plain connection path
-    # (the API's intake writer).
-    async with sessions.begin() as session:
-        await submit_tasks(session, [_task(one_hop)])
-    connection = connect_sqlite(settings)
-    try:
-        connection.execute("BEGIN IMMEDIATE")
-        insert_tasks_sqlite(connection, [_task(thread)])
-        connection.execute("COMMIT")
-    finally:
-        connection.close()
+    # The store's reference and SQLite's fast path (the API's intake writer's thread).
+    await _submit(CoreIntake(engine), [_task(core)])
+    await _submit(SQLiteIntake(settings, engine), [_task(thread)])
 
     expected = _stored(str(path), reference)
     assert all(expected.values()), expected
-    assert _stored(str(path), one_hop) == expected
+    assert _stored(str(path), core) == expected
     assert _stored(str(path), thread) == expected
 
 
-async def test_many_tasks_span_several_statements(sessions: SessionFactory) -> None:
+async def test_many_tasks_span_several_statements(
+    settings: Settings, sessions: SessionFactory, engine: AsyncEngine
+) -> None:
     count = 1234  # past the rows one INSERT statement takes
     tasks = [_task(new_task_id()) for _ in range(count)]
-    async with sessions.begin() as session:
-        await submit_tasks(session, tasks)
+    await _submit(open_intake(settings, engine), tasks)
     async with sessions() as session:
         for model in (Task, OutboxEntry, TaskEvent):
             assert await session.scalar(select(func.count()).select_from(model)) == count
@@ -151,19 +156,27 @@ async def _read_back(sessions: SessionFactory, task_id: str) -> dict[str, Any]:
     }
 
 
-async def test_submit_tasks_stores_what_sqlalchemy_stores(sessions: SessionFactory) -> None:
+async def test_intake_stores_what_sqlalchemy_stores(
+    settings: Settings, sessions: SessionFactory, engine: AsyncEngine
+) -> None:
     reference, submitted = new_task_id(), new_task_id()
     await _insert_with_sqlalchemy(sessions, _task(reference))
-    async with sessions.begin() as session:
-        await submit_tasks(session, [_task(submitted)])
+    await _submit(open_intake(settings, engine), [_task(submitted)])
 
     assert await _read_back(sessions, submitted) == await _read_back(sessions, reference)
 
 
-async def test_outbox_keeps_submission_order(sessions: SessionFactory) -> None:
+async def test_outbox_keeps_submission_order(
+    settings: Settings, sessions: SessionFactory, engine: AsyncEngine
+) -> None:
     tasks = [_task(new_task_id()) for _ in range(50)]
-    async with sessions.begin() as session:
-        await submit_tasks(session, tasks)
+    intake = open_intake(settings, engine)
+    try:
+        # Five requests in one transaction, as the intake writer batches them.
+        requests = [intake.prepare(tasks[start : start + 10]) for start in range(0, 50, 10)]
+        await intake.insert(lambda: requests)
+    finally:
+        await intake.close()
     async with sessions() as session:
         in_order = list(await session.scalars(select(OutboxEntry.task_id).order_by(OutboxEntry.id)))
 

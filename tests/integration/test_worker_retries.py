@@ -18,7 +18,6 @@ import pytest
 from arq.constants import job_key_prefix, retry_key_prefix
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from tests.integration.worker_harness import (
     arq_pool,
@@ -30,14 +29,14 @@ from tests.integration.worker_harness import (
     running_worker,
     wait_final,
 )
-from tests.support import event_history, wait_for
+from tests.support import event_history, start_attempt, wait_for
 from throttler.catalog import GREETING, GreetingInput
 from throttler.db import SessionFactory
-from throttler.lifecycle import start_attempt
 from throttler.models import TaskEvent, utcnow
+from throttler.retry import Backoff
 from throttler.settings import Settings
 from worker.taskkit import PermanentError, Resources, RetriableTask, SideEffectingTask
-from worker.taskkit.persist import write_with_retry
+from worker.taskkit.persist import retry_until_written
 from worker.tasks.greeting import GreetingOutput
 
 # The greeting, but run at most once: a test-only variant of the catalog entry.
@@ -209,11 +208,11 @@ async def test_side_effecting_failure_is_not_retried(
 
 
 async def test_outcome_write_is_retried_until_written_logging_once(
-    sessions: SessionFactory, caplog: pytest.LogCaptureFixture
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     calls = 0
 
-    async def flaky_write(session: AsyncSession) -> bool:
+    async def flaky_write() -> bool:
         nonlocal calls
         calls += 1
         if calls <= 12:
@@ -221,13 +220,8 @@ async def test_outcome_write_is_retried_until_written_logging_once(
         return True
 
     caplog.set_level(logging.INFO, logger="worker.taskkit.persist")
-    assert await write_with_retry(
-        flaky_write,
-        sessions=sessions,
-        task_id="t",
-        what="succeeded",
-        backoff_s=0.001,
-        backoff_max_s=0.004,
+    assert await retry_until_written(
+        flaky_write, task_id="t", what="succeeded", backoff=Backoff(first_s=0.001, max_s=0.004)
     )
     assert calls == 13
     # One line when the trouble starts and one when it ends, not one per try.
@@ -237,18 +231,20 @@ async def test_outcome_write_is_retried_until_written_logging_once(
     ]
 
 
-async def test_outcome_write_stops_retrying_when_cancelled(sessions: SessionFactory) -> None:
+async def test_outcome_write_stops_retrying_when_cancelled() -> None:
     tries = 0
     failing = asyncio.Event()
 
-    async def down(session: AsyncSession) -> bool:
+    async def down() -> bool:
         nonlocal tries
         tries += 1
         failing.set()
         raise OperationalError("UPDATE tasks", {}, ConnectionResetError("connection lost"))
 
     writing = asyncio.create_task(
-        write_with_retry(down, sessions=sessions, task_id="t", what="succeeded", backoff_s=60)
+        retry_until_written(
+            down, task_id="t", what="succeeded", backoff=Backoff(first_s=60, max_s=60)
+        )
     )
     await failing.wait()
     writing.cancel()

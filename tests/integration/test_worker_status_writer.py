@@ -4,16 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
-import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import select
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.integration.test_worker_outages import write_lock
@@ -29,21 +24,20 @@ from tests.integration.worker_harness import (
 )
 from tests.support import event_history, wait_for
 from throttler.db import SessionFactory
-from throttler.lifecycle import Outcome, record_outcomes, start_attempts
 from throttler.models import TaskEvent, utcnow
+from throttler.retry import Backoff
 from throttler.settings import Settings
 from throttler.statuses import EventKind
+from throttler.store.attempts import Outcome, open_attempts
 from worker.taskkit.persist import retry_until_written
-from worker.taskkit.sqlite_batch import SqliteBatches
 from worker.taskkit.status_writer import StatusWriter
-from worker.taskkit.transactions import open_batches
 
 SUCCESS_EVENTS = ["submitted", "queued", "started", "succeeded"]
 
 
 @pytest.fixture
 async def writer(settings: Settings, engine: AsyncEngine) -> AsyncIterator[StatusWriter]:
-    status = StatusWriter(open_batches(settings, engine=engine), worker_id="test-worker")
+    status = StatusWriter(open_attempts(settings, engine), worker_id="test-worker")
     status.start_writing()
     yield status
     await status.close()
@@ -219,7 +213,7 @@ async def test_outcomes_handed_to_the_writer_during_an_outage_are_all_written(
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="worker.taskkit.persist")
     settings = settings.model_copy(update={"database_timeout_s": 0.05})
-    status = StatusWriter(open_batches(settings, engine=engine), worker_id="test-worker")
+    status = StatusWriter(open_attempts(settings, engine), worker_id="test-worker")
     status.start_writing()
     try:
         task_ids = [
@@ -235,8 +229,7 @@ async def test_outcomes_handed_to_the_writer_during_an_outage_are_all_written(
                         finisher(status, task_id),
                         task_id=task_id,
                         what="succeeded",
-                        backoff_s=0.01,
-                        backoff_max_s=0.05,
+                        backoff=Backoff(first_s=0.01, max_s=0.05),
                         shielded=False,
                     )
                 )
@@ -263,82 +256,6 @@ def finisher(status: StatusWriter, task_id: str) -> Callable[[], Awaitable[bool]
         return await status.finish(succeeded(task_id, result={"m": task_id}))
 
     return once
-
-
-def _rows(path: Path) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
-    connection = sqlite3.connect(path)
-    try:
-        tasks = connection.execute(
-            "SELECT id, status, attempts, result, error, started_at, finished_at FROM tasks "
-            "ORDER BY id"
-        ).fetchall()
-        events = connection.execute(
-            "SELECT task_id, at, event, detail FROM task_events ORDER BY task_id, id"
-        ).fetchall()
-    finally:
-        connection.close()
-    return tasks, events
-
-
-async def test_sqlite_batches_store_exactly_what_lifecycle_stores(
-    settings: Settings, sessions: SessionFactory, engine: AsyncEngine, tmp_path: Path
-) -> None:
-    if not settings.is_sqlite:
-        pytest.skip("the plain sqlite3 batch is the SQLite path only")
-    ids = [await queue_task(sessions, name="greeting", payload={"name": f"n{i}"}) for i in range(4)]
-    await engine.dispose()
-    source = make_url(settings.database_url).database
-    assert source is not None
-    copy = tmp_path / "copy.db"
-    shutil.copyfile(source, copy)
-
-    now = utcnow()
-    later = now + timedelta(seconds=1)
-    outcomes = [
-        Outcome(
-            task_id=ids[0],
-            event=EventKind.SUCCEEDED,
-            attempt=1,
-            worker_id="w",
-            now=later,
-            result={"message": "é ✓"},
-        ),
-        Outcome(
-            task_id=ids[1], event=EventKind.FAILED, attempt=1, worker_id="w", now=later, error="no"
-        ),
-        Outcome(
-            task_id=ids[2],
-            event=EventKind.RETRYING,
-            attempt=1,
-            worker_id="w",
-            now=later,
-            error="again",
-            defer_s=0.5,
-        ),
-    ]
-    # Through SQLAlchemy (the PostgreSQL path) on the original file...
-    async with sessions.begin() as session:
-        await session.run_sync(
-            lambda sync: start_attempts(sync, task_ids=ids, worker_id="w", now=now)
-        )
-    async with sessions.begin() as session:
-        await session.run_sync(record_outcomes, outcomes)
-    # ... and through plain sqlite3 on the copy.
-    batches = SqliteBatches(
-        settings.model_copy(update={"database_url": f"sqlite+aiosqlite:///{copy}"})
-    )
-    try:
-        started, _ = batches.write(starts=ids, outcomes=[], worker_id="w", now=now)
-        _, written = batches.write(starts=[], outcomes=outcomes, worker_id="w", now=later)
-    finally:
-        batches.close()
-
-    assert sorted(started) == sorted(ids)
-    assert written == {ids[0], ids[1], ids[2]}
-    assert _rows(copy) == _rows(Path(source))
-    # And SQLAlchemy reads the plain rows back as it reads its own.
-    async with sessions() as session:
-        assert await event_history(session, ids[0]) == SUCCESS_EVENTS
 
 
 async def test_idle_writer_refuses_writes_once_closed(writer: StatusWriter) -> None:

@@ -10,14 +10,12 @@ from typing import Any
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.worker import Worker
 
-from tests.support import event_history, wait_for
+from tests.support import event_history, get_task, submit_task, wait_for
 from throttler.db import SessionFactory
-from throttler.lifecycle import get_task
 from throttler.models import Task, utcnow
 from throttler.settings import Settings
 from throttler.statuses import TERMINAL_STATUSES
 from throttler.store.outbox import CoreClaim
-from throttler.submit import submit_task
 from worker.app import build_worker, close_worker
 from worker.taskkit import TaskBase
 from worker.tasks import DEFAULT_TASKS

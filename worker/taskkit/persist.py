@@ -1,8 +1,9 @@
 """Database writes that must not be lost: retried until written.
 
-``write_with_retry`` runs a write in its own transaction; ``retry_until_written`` retries any
-one-try write, such as handing an outcome to the worker's status writer (see
-worker.taskkit.status_writer), where it shares a transaction with other jobs' writes.
+``retry_until_written`` retries a one-try write, such as handing an outcome to the
+worker's status writer (see worker.taskkit.status_writer), where it shares a transaction
+with other jobs' writes. Delays come from ``throttler.retry.RESULT_WRITE``; an outage is
+one WARNING line as it starts and one as it ends (``throttler.retry.Outage``).
 """
 
 from __future__ import annotations
@@ -10,46 +11,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from sqlalchemy.ext.asyncio import AsyncSession
-
-from throttler.db import SessionFactory
 from throttler.errors import STATEMENT_ERRORS, TRANSIENT_DB_ERRORS
 from throttler.logs import fields
+from throttler.retry import RESULT_WRITE, Backoff, Outage, pause
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# Pause after the first failed try; doubles after each further one, up to the cap.
-WRITE_BACKOFF_S = 0.2
-WRITE_BACKOFF_MAX_S = 2.0
-
 
 class WriteAbandoned(Exception):
     """The worker is stopping and the database never took the write."""
-
-
-async def write_with_retry(
-    write: Callable[[AsyncSession], Awaitable[bool]],
-    *,
-    sessions: SessionFactory,
-    task_id: str,
-    what: str,
-    backoff_s: float = WRITE_BACKOFF_S,
-    backoff_max_s: float = WRITE_BACKOFF_MAX_S,
-) -> bool:
-    """Run ``write`` in its own transaction, retrying transient errors until it is written."""
-
-    async def once() -> bool:
-        async with sessions.begin() as session:
-            return await write(session)
-
-    return await retry_until_written(
-        once, task_id=task_id, what=what, backoff_s=backoff_s, backoff_max_s=backoff_max_s
-    )
 
 
 async def retry_until_written(
@@ -57,8 +31,7 @@ async def retry_until_written(
     *,
     task_id: str,
     what: str,
-    backoff_s: float = WRITE_BACKOFF_S,
-    backoff_max_s: float = WRITE_BACKOFF_MAX_S,
+    backoff: Backoff = RESULT_WRITE,
     shielded: bool = True,
 ) -> T:
     """Call ``write_once`` (one try, committed when it returns) until it succeeds.
@@ -88,8 +61,7 @@ async def retry_until_written(
             first_error=first_error,
             task_id=task_id,
             what=what,
-            backoff_s=backoff_s,
-            backoff_max_s=backoff_max_s,
+            backoff=backoff,
             stopping=stopping,
         )
     )
@@ -109,13 +81,17 @@ async def _write_loop(
     first_error: Exception | None,
     task_id: str,
     what: str,
-    backoff_s: float,
-    backoff_max_s: float,
+    backoff: Backoff,
     stopping: asyncio.Event,
 ) -> T:
-    failed_tries = 0
-    first_failure = 0.0
-    delay_s = backoff_s
+    outage = Outage(
+        log,
+        down_event="task.write_failing",
+        up_event="task.write_recovered",
+        task_id=task_id,
+        write=what,
+    )
+    delays = backoff.delays()
     # The failure of a try made before the loop started, if any: back off before the next.
     error = first_error
     while True:
@@ -127,44 +103,26 @@ async def _write_loop(
             except TRANSIENT_DB_ERRORS as caught:
                 error = caught
             else:
-                if failed_tries:
-                    log.info(
-                        "task.write_recovered",
-                        extra=fields(
-                            task_id=task_id,
-                            write=what,
-                            failed_tries=failed_tries,
-                            outage_s=round(time.monotonic() - first_failure, 3),
-                        ),
-                    )
+                outage.succeeded()
                 return written
-        failed_tries += 1
-        if failed_tries == 1:
-            first_failure = time.monotonic()
-            # One line when the outage starts and one when it ends, not one per try.
-            log.warning(
-                "task.write_failing",
-                extra=fields(
-                    task_id=task_id, write=what, retry_max_s=backoff_max_s, error=repr(error)
-                ),
-            )
+        delay_s = next(delays)
+        outage.failed(error, retry_in_s=round(delay_s, 3))
+        # Each try, with its count: tests and operators follow a long outage by these.
         log.debug(
             "task.write_retry",
-            extra=fields(task_id=task_id, write=what, failed_tries=failed_tries, delay_s=delay_s),
+            extra=fields(
+                task_id=task_id, write=what, failed_tries=outage.failures, delay_s=delay_s
+            ),
         )
-        if not stopping.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), timeout=delay_s)
-        if stopping.is_set():
+        if await pause(delay_s, unless=stopping):
             log.warning(
                 "task.write_abandoned",
                 extra=fields(
                     task_id=task_id,
                     write=what,
-                    failed_tries=failed_tries,
+                    failed_tries=outage.failures,
                     reason="worker stopping: the job goes back to the queue",
                 ),
             )
             raise WriteAbandoned(f"{what} for task {task_id} not written") from error
-        delay_s = min(delay_s * 2, backoff_max_s)
         error = None

@@ -9,7 +9,6 @@ from typing import Any
 import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from throttler.db import SessionFactory
 from throttler.settings import Settings
 from worker.taskkit.status_writer import StatusWriter
 
@@ -23,7 +22,6 @@ class Resources:
 
     settings: Settings
     engine: AsyncEngine
-    sessions: SessionFactory
     http: httpx.AsyncClient
     executor: ThreadPoolExecutor
     worker_id: str

@@ -21,12 +21,11 @@ from arq.worker import Retry
 from pydantic import BaseModel, ValidationError
 from redis.asyncio import Redis
 
-from throttler import lifecycle
 from throttler.errors import TRANSIENT_DB_ERRORS
-from throttler.lifecycle import Attempt
 from throttler.logs import fields
 from throttler.models import utcnow
 from throttler.statuses import EventKind
+from throttler.store.attempts import Attempt, Outcome
 from worker.taskkit.backoff import retry_delay_s
 from worker.taskkit.definition import TaskDefinition
 from worker.taskkit.errors import PermanentError
@@ -39,24 +38,6 @@ log = logging.getLogger(__name__)
 # Why a start may not be written although the job could run later: the database is away,
 # or the worker is stopping (its status writer closed).
 _START_RETRIABLE: tuple[type[Exception], ...] = (*TRANSIENT_DB_ERRORS, StatusWriterClosed)
-
-
-@dataclass(frozen=True, slots=True)
-class Succeeded:
-    result: dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class Failed:
-    error: str
-
-
-@dataclass(frozen=True, slots=True)
-class Retriable:
-    error: str
-
-
-Outcome = Succeeded | Failed | Retriable
 
 
 def describe(error: BaseException) -> str:
@@ -123,23 +104,75 @@ async def run_task(
     await _record(definition, resources, attempt, outcome, started=started, redis=redis)
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _Ending:
+    """Builds the outcome of one attempt (``throttler.store.attempts.Outcome``)."""
+
+    definition: TaskDefinition
+    resources: Resources
+    attempt: Attempt
+
+    def outcome(
+        self,
+        event: EventKind,
+        *,
+        result: dict[str, Any] | None = None,
+        error: str | None = None,
+        defer_s: float | None = None,
+    ) -> Outcome:
+        return Outcome(
+            task_id=self.attempt.task_id,
+            event=event,
+            attempt=self.attempt.attempt,
+            worker_id=self.resources.worker_id,
+            now=utcnow(),
+            result=result,
+            error=error,
+            defer_s=defer_s,
+        )
+
+    def succeeded(self, result: dict[str, Any]) -> Outcome:
+        return self.outcome(EventKind.SUCCEEDED, result=result)
+
+    def failed(self, error: str) -> Outcome:
+        return self.outcome(EventKind.FAILED, error=error)
+
+    def retriable(self, error: str) -> Outcome:
+        """Another attempt later if the task allows one, else failed."""
+        definition, attempt = self.definition, self.attempt
+        if definition.at_most_once:
+            return self.failed(f"{error} (side-effecting task: not retried)")
+        if attempt.attempt >= definition.max_tries:
+            return self.failed(f"{error} (gave up after {attempt.attempt} attempts)")
+        settings = self.resources.settings
+        defer_s = retry_delay_s(
+            attempt=attempt.attempt,
+            base_s=settings.worker_retry_backoff_s,
+            max_s=settings.worker_retry_backoff_max_s,
+        )
+        return self.outcome(EventKind.RETRYING, error=error, defer_s=defer_s)
+
+
 async def _attempt(definition: TaskDefinition, resources: Resources, attempt: Attempt) -> Outcome:
+    ending = _Ending(definition=definition, resources=resources, attempt=attempt)
     if attempt.name != definition.name:
-        return Failed(f"task is a {attempt.name!r} but ran as ARQ function {definition.name!r}")
+        return ending.failed(
+            f"task is a {attempt.name!r} but ran as ARQ function {definition.name!r}"
+        )
     if definition.at_most_once and attempt.attempt > 1:
-        return Failed(
+        return ending.failed(
             f"side-effecting task started again (attempt {attempt.attempt}): the outcome of "
             "the earlier attempt is unknown, so it is not run again"
         )
     if attempt.attempt > definition.max_tries:
         # Earlier attempts were cut short (worker killed or shut down) without an outcome.
-        return Failed(
+        return ending.failed(
             f"gave up: attempt {attempt.attempt} exceeds max_tries {definition.max_tries}"
         )
     try:
         params = definition.input_model.model_validate(attempt.payload)
     except ValidationError as error:
-        return Failed(f"invalid input: {_describe_validation(error)}")
+        return ending.failed(f"invalid input: {_describe_validation(error)}")
 
     deadline = asyncio.timeout(definition.timeout_s)
     try:
@@ -147,19 +180,20 @@ async def _attempt(definition: TaskDefinition, resources: Resources, attempt: At
             output = await definition.task.run(resources, params)
     except TimeoutError as error:
         if deadline.expired():
-            return Failed(f"timed out after {definition.timeout_s:g}s")
-        return Retriable(describe(error))
+            return ending.failed(f"timed out after {definition.timeout_s:g}s")
+        return ending.retriable(describe(error))
     except PermanentError as error:
-        return Failed(describe(error))
+        return ending.failed(describe(error))
     except Exception as error:
         log.debug("task.exception", exc_info=True, extra=fields(task_id=attempt.task_id))
-        return Retriable(describe(error))
-    return _check_output(definition, output)
+        return ending.retriable(describe(error))
+    return _check_output(ending, output)
 
 
-def _check_output(definition: TaskDefinition, output: object) -> Outcome:
+def _check_output(ending: _Ending, output: object) -> Outcome:
+    definition = ending.definition
     if not isinstance(output, definition.output_model):
-        return Failed(
+        return ending.failed(
             f"invalid output: expected {definition.output_model.__name__}, "
             f"got {type(output).__name__}"
         )
@@ -168,8 +202,8 @@ def _check_output(definition: TaskDefinition, output: object) -> Outcome:
     try:
         checked = definition.output_model.model_validate(output.model_dump(mode="json"))
     except ValidationError as error:
-        return Failed(f"invalid output: {_describe_validation(error)}")
-    return Succeeded(checked.model_dump(mode="json"))
+        return ending.failed(f"invalid output: {_describe_validation(error)}")
+    return ending.succeeded(checked.model_dump(mode="json"))
 
 
 async def _record(
@@ -182,78 +216,29 @@ async def _record(
     redis: Redis | None,
 ) -> None:
     """Write the outcome (retried until written), then hand a retry back to ARQ."""
-    settings = resources.settings
+    changed = await retry_until_written(
+        lambda: resources.status.finish(outcome, announce=redis),
+        task_id=attempt.task_id,
+        what=outcome.event.value,
+        # finish sees its try through even when this job is cancelled meanwhile.
+        shielded=False,
+    )
     log_fields: dict[str, Any] = {
         "task_id": attempt.task_id,
         "name": definition.name,
         "attempt": attempt.attempt,
+        "duration_ms": round((time.monotonic() - started) * 1000),
     }
-
-    def duration_ms() -> int:
-        return round((time.monotonic() - started) * 1000)
-
-    async def write(
-        event: EventKind,
-        *,
-        result: dict[str, Any] | None = None,
-        error: str | None = None,
-        defer_s: float | None = None,
-    ) -> bool:
-        written = lifecycle.Outcome(
-            task_id=attempt.task_id,
-            event=event,
-            attempt=attempt.attempt,
-            worker_id=resources.worker_id,
-            now=utcnow(),
-            result=result,
-            error=error,
-            defer_s=defer_s,
-        )
-        return await retry_until_written(
-            lambda: resources.status.finish(written, announce=redis),
-            task_id=attempt.task_id,
-            what=event.value,
-            # finish sees its try through even when this job is cancelled meanwhile.
-            shielded=False,
-        )
-
-    if isinstance(outcome, Succeeded):
-        changed = await write(EventKind.SUCCEEDED, result=outcome.result)
-        log.info(
-            "task.succeeded",
-            extra=fields(**log_fields, duration_ms=duration_ms(), recorded=changed),
-        )
+    if outcome.event is EventKind.SUCCEEDED:
+        log.info("task.succeeded", extra=fields(**log_fields, recorded=changed))
         return
-
-    if isinstance(outcome, Retriable):
-        if definition.at_most_once:
-            error = f"{outcome.error} (side-effecting task: not retried)"
-        elif attempt.attempt >= definition.max_tries:
-            error = f"{outcome.error} (gave up after {attempt.attempt} attempts)"
-        else:
-            defer_s = retry_delay_s(
-                attempt=attempt.attempt,
-                base_s=settings.worker_retry_backoff_s,
-                max_s=settings.worker_retry_backoff_max_s,
-            )
-            changed = await write(EventKind.RETRYING, error=outcome.error, defer_s=defer_s)
-            log.warning(
-                "task.retrying",
-                extra=fields(
-                    **log_fields,
-                    duration_ms=duration_ms(),
-                    defer_s=round(defer_s, 3),
-                    error=outcome.error,
-                ),
-            )
-            if changed:
-                raise Retry(defer=defer_s)
-            return  # finished meanwhile (cancelled): nothing left to retry
-    else:
-        error = outcome.error
-
-    changed = await write(EventKind.FAILED, error=error)
-    log.warning(
-        "task.failed",
-        extra=fields(**log_fields, duration_ms=duration_ms(), error=error, recorded=changed),
-    )
+    if outcome.event is EventKind.RETRYING:
+        assert outcome.defer_s is not None
+        log.warning(
+            "task.retrying",
+            extra=fields(**log_fields, defer_s=round(outcome.defer_s, 3), error=outcome.error),
+        )
+        if changed:
+            raise Retry(defer=outcome.defer_s)
+        return  # finished meanwhile (cancelled): nothing left to retry
+    log.warning("task.failed", extra=fields(**log_fields, error=outcome.error, recorded=changed))

@@ -1,0 +1,168 @@
+"""The intake's fast paths write exactly the reference's rows, on SQLite and PostgreSQL.
+
+The same submissions go through ``CoreIntake`` (the portable reference) and through
+the dialect's override (``open_intake``), each into the same emptied database; every
+column of every row they touch (ids and times included) is compared as the database
+holds it, unparsed: SQLite's text, PostgreSQL's values as the driver returns them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from functools import partial
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from throttler.settings import Settings
+from throttler.store.intake import CoreIntake, Intake, open_intake
+from throttler.submit import NewTask, new_task_id
+
+# Every table an intake or attempts batch writes, with the order its rows are read in.
+TABLES = {"tasks": "id", "outbox": "id", "task_events": "id"}
+Rows = dict[str, list[tuple[Any, ...]]]
+
+NOW = datetime(2026, 11, 28, 9, 0, 0, 123456, tzinfo=UTC)
+
+
+async def stored_rows(engine: AsyncEngine) -> Rows:
+    """Every column of every row, as the database holds it (no type processing)."""
+    async with engine.connect() as connection:
+        return {
+            table: [
+                tuple(row)
+                for row in await connection.exec_driver_sql(f"SELECT * FROM {table} ORDER BY {key}")
+            ]
+            for table, key in TABLES.items()
+        }
+
+
+async def empty_tables(engine: AsyncEngine) -> None:
+    """Delete every row and restart the ids, so a second run gets the first run's ids."""
+    async with engine.begin() as connection:
+        if engine.dialect.name == "postgresql":
+            await connection.execute(text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY"))
+            return
+        for table in reversed(TABLES):
+            await connection.exec_driver_sql(f"DELETE FROM {table}")
+        # INTEGER PRIMARY KEY without AUTOINCREMENT restarts at 1 on its own; with it,
+        # sqlite_sequence keeps the last id.
+        has_sequence = await connection.exec_driver_sql(
+            "SELECT count(*) FROM sqlite_master WHERE name = 'sqlite_sequence'"
+        )
+        if has_sequence.scalar():
+            await connection.exec_driver_sql("DELETE FROM sqlite_sequence")
+
+
+async def rows_of_both(
+    engine: AsyncEngine,
+    run: Callable[[bool], Awaitable[object]],
+) -> tuple[Rows, Rows, tuple[object, object]]:
+    """Run ``run(False)`` (the reference) then ``run(True)`` (the override) on the emptied
+    database; return the rows each left, and what each returned."""
+    await empty_tables(engine)
+    reference_result = await run(False)
+    reference = await stored_rows(engine)
+    await empty_tables(engine)
+    override_result = await run(True)
+    override = await stored_rows(engine)
+    return reference, override, (reference_result, override_result)
+
+
+def submissions() -> list[list[NewTask]]:
+    """Requests of every shape: one task, a bulk one, optional fields set and not."""
+    shared = [new_task_id() for _ in range(12)]
+
+    def task(index: int, **changes: Any) -> NewTask:
+        values: dict[str, Any] = {
+            "name": "greeting",
+            "account": "default",
+            "payload": {"name": f"n{index}"},
+            "created_at": NOW + timedelta(microseconds=index),
+            "task_id": shared[index],
+        }
+        values.update(changes)
+        return NewTask(**values)
+
+    return [
+        [task(0)],
+        [
+            task(
+                1,
+                name="download",
+                account="acme",
+                payload={"url": "https://bücher.example/ä?q=1", "n": 1.5, "nested": {"ok": True}},
+                priority=9,
+                host="xn--bcher-kva.example",
+                run_at=NOW + timedelta(minutes=5),
+            )
+        ],
+        # A bulk request: its tasks share one moment.
+        [task(index, created_at=NOW, priority=index % 10) for index in range(2, 10)],
+        [task(10, payload={"quote": "\"'\\", "empty": {}, "list": [1, None, "é ✓"]})],
+        [task(11, created_at=NOW.astimezone(UTC) - timedelta(days=400))],
+    ]
+
+
+async def insert_all(intake: Intake, batches: Sequence[Sequence[Sequence[NewTask]]]) -> None:
+    try:
+        for batch in batches:
+            prepared = [intake.prepare(tasks) for tasks in batch]
+            await intake.insert(partial(list, prepared))
+    finally:
+        await intake.close()
+
+
+async def test_intake_override_writes_the_reference_rows(
+    settings: Settings, engine: AsyncEngine
+) -> None:
+    requests = submissions()
+    # One transaction of one request, then one of all the others together.
+    batches = [requests[:1], requests[1:]]
+
+    async def run(override: bool) -> None:
+        intake = open_intake(settings, engine) if override else CoreIntake(engine)
+        if override:
+            assert type(intake) is not CoreIntake, "each database has its fast path"
+        await insert_all(intake, batches)
+
+    reference, override, _ = await rows_of_both(engine, run)
+
+    count = sum(len(tasks) for tasks in requests)
+    assert [len(reference[table]) for table in TABLES] == [count] * 3
+    assert override == reference
+
+
+async def test_a_batch_with_a_failing_submission_writes_nothing_on_either(
+    settings: Settings, engine: AsyncEngine
+) -> None:
+    requests = submissions()
+    clash = NewTask(
+        name="greeting",
+        account="default",
+        payload={},
+        created_at=NOW,
+        task_id=requests[0][0].task_id,
+    )
+
+    async def run(override: bool) -> str:
+        intake = open_intake(settings, engine) if override else CoreIntake(engine)
+        try:
+            await intake.insert(lambda: [intake.prepare(requests[0])])
+            try:
+                await intake.insert(
+                    lambda: [intake.prepare(tasks) for tasks in [*requests[1:], [clash]]]
+                )
+            except Exception as error:
+                return type(error).__name__
+            return "written"
+        finally:
+            await intake.close()
+
+    reference, override, (reference_error, override_error) = await rows_of_both(engine, run)
+
+    assert reference_error == override_error == "IntegrityError"
+    assert [len(reference[table]) for table in TABLES] == [1, 1, 1]
+    assert override == reference
