@@ -48,13 +48,13 @@ async def _on_dbapi_error(request: Request, error: Exception) -> JSONResponse:
             {"detail": "internal error"}, status_code=status.HTTP_500_INTERNAL_SERVER_ERROR
         )
     # OperationalError (locked, connection lost), InterfaceError, and the generic
-    # DBAPIError asyncpg raises for "too many connections" or "shutting down".
+    # DBAPIError a driver raises for "too many connections" or "shutting down".
     return _unavailable(request, error)
 
 
 async def _on_unreachable(request: Request, error: Exception) -> JSONResponse:
-    # Pool exhausted, or the connect itself failed (refused, timed out): asyncpg raises
-    # these as OSError / TimeoutError, outside SQLAlchemy's wrapping.
+    # Pool exhausted, or the connect itself failed (refused, timed out): a driver may
+    # raise these as OSError / TimeoutError, outside SQLAlchemy's wrapping.
     return _unavailable(request, error)
 
 

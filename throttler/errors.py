@@ -24,8 +24,8 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 # a refused or timed-out connect can also surface as a plain OSError or TimeoutError.
 REDIS_ERRORS: tuple[type[Exception], ...] = (RedisError, OSError, TimeoutError)
 
-# Connection loss, lock timeouts, a full pool, a refused or timed-out connect (asyncpg
-# raises those as OSError, outside SQLAlchemy's wrapping): the database is away for now.
+# Connection loss, lock timeouts, a full pool, a refused or timed-out connect (a driver
+# may raise those as OSError, outside SQLAlchemy's wrapping): the database is away for now.
 TRANSIENT_DB_ERRORS: tuple[type[Exception], ...] = (DBAPIError, PoolTimeoutError, OSError)
 # DBAPIError subclasses that say the statement or its data is wrong, not that the database
 # is away: another try cannot help (a 500 in the API, not a 503).

@@ -197,7 +197,7 @@ async def task_result(
 ) -> TaskPublic:
     # Another account's task answers exactly like a missing one: no existence leak.
     not_found = HTTPException(status_code=status.HTTP_404_NOT_FOUND, detail="task not found")
-    # Ids are printable ASCII; anything else (NUL, which PostgreSQL rejects outright) is
+    # Ids are printable ASCII; anything else (NUL, which a database may reject outright) is
     # unknown without asking the database.
     if len(task_id) > TASK_ID_LENGTH or not (task_id.isascii() and task_id.isprintable()):
         raise not_found
