@@ -41,6 +41,7 @@ def create_app(settings: Settings) -> FastAPI:
             socket_connect_timeout=REDIS_TIMEOUT_S,
             socket_timeout=REDIS_TIMEOUT_S,
         )
+        app.state.engine = engine
         store = open_store(settings, engine)
         app.state.reads = store.reads
         app.state.redis = redis
