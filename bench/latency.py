@@ -3,9 +3,10 @@
 Starts a private Redis, a fresh SQLite file and the real ``python -m api``,
 ``python -m relay`` and ``python -m worker`` (defaults: unthrottled, SQLite
 ``synchronous=FULL``), then POSTs greetings at a steady 20 per second from this process
-for a few windows. Each task's latency is ``finished_at - created_at`` as the database
-records it (both stamped by our processes on one clock); the figures are the medians over
-the windows of each window's p50 and p99.
+for a few windows, after one warm-up task has gone through every component (so the
+figures are the steady state, not process start-up). Each task's latency is
+``finished_at - created_at`` as the database records it (both stamped by our processes on
+one clock); the figures are the medians over the windows of each window's p50 and p99.
 """
 
 from __future__ import annotations
@@ -150,7 +151,10 @@ def run(*, quick: bool) -> list[Figure]:
             p99.append(_percentile(latencies, 99))
     tasks = round(sizes.window_s * RATE_PER_S)
     runs = f"median of {sizes.windows} windows" if sizes.windows > 1 else "1 window"
-    note = f"{RATE_PER_S:g} greetings/s, {tasks} per window, api+relay+worker, SQLite, {runs}"
+    note = (
+        f"{RATE_PER_S:g} greetings/s, {tasks} per window, after a warm-up task, "
+        f"api+relay+worker, SQLite, {runs}"
+    )
     return [
         Figure(name="Latency p50", value=median(p50), unit="ms", target=P50_TARGET, note=note),
         Figure(name="Latency p99", value=median(p99), unit="ms", target=P99_TARGET, note=note),
