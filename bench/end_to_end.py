@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import json
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -80,6 +81,17 @@ QUICK = Sizes(tasks=300, per_request=100, runs=1)
 FULL = Sizes(tasks=20_000, per_request=1000, runs=3)
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Drain:
+    """One side's run: the figure, and how long handing the tasks in took of it."""
+
+    tasks_per_s: float
+    handed_in_s: float  # until the last 202 (ours) or the last enqueue_job (bare ARQ)
+
+    def describe(self) -> str:
+        return f"{self.tasks_per_s:,.0f} tasks/s (handed in within {self.handed_in_s:.1f} s)"
+
+
 def _name(index: int) -> str:
     return f"n{index}"
 
@@ -106,7 +118,7 @@ def _serve_arq(*, redis_url: str) -> None:
     ).run()
 
 
-async def _bare_arq(pool: ArqRedis, *, sizes: Sizes, queue_name: str) -> float:
+async def _bare_arq(pool: ArqRedis, *, sizes: Sizes, queue_name: str) -> Drain:
     """Enqueue every greeting in gathered chunks; tasks/s until the last result."""
     warm_up = await pool.enqueue_job("greeting", name=WARM_UP_NAME)
     if warm_up is None:
@@ -120,6 +132,7 @@ async def _bare_arq(pool: ArqRedis, *, sizes: Sizes, queue_name: str) -> float:
         )
         if any(job is None for job in jobs):
             raise RuntimeError("ARQ refused a job")
+    handed_in_s = time.time() - started
     deadline = time.monotonic() + FINISH_TIMEOUT_S
     # A job leaves the queue in the transaction that stores its result.
     while await pool.zcard(queue_name):
@@ -130,13 +143,13 @@ async def _bare_arq(pool: ArqRedis, *, sizes: Sizes, queue_name: str) -> float:
     if len(results) != sizes.tasks + 1 or not all(result.success for result in results):
         raise RuntimeError(f"{len(results)} results for {sizes.tasks + 1} jobs, or a failure")
     finished = max(result.finish_time for result in results).timestamp()
-    return sizes.tasks / (finished - started)
+    return Drain(tasks_per_s=sizes.tasks / (finished - started), handed_in_s=handed_in_s)
 
 
-def measure_bare_arq(*, redis: RedisServer, sizes: Sizes, log_path: Path) -> float:
+def measure_bare_arq(*, redis: RedisServer, sizes: Sizes, log_path: Path) -> Drain:
     queue_name = Settings().arq_queue_name
 
-    async def measure() -> float:
+    async def measure() -> Drain:
         pool = await create_pool(RedisSettings.from_dsn(redis.url))
         try:
             await pool.flushall()
@@ -221,7 +234,7 @@ async def _wait_succeeded(engine: AsyncEngine, *, count: int) -> float:
     return _utc_timestamp(last)
 
 
-async def _ours(base_url: str, database_url: str, *, sizes: Sizes) -> float:
+async def _ours(base_url: str, database_url: str, *, sizes: Sizes) -> Drain:
     bodies = _bulk_bodies(sizes)
     warm_up = json.dumps({"tasks": [{"name": "greeting", "input": {"name": WARM_UP_NAME}}]})
     engine = create_async_engine(database_url)
@@ -234,10 +247,11 @@ async def _ours(base_url: str, database_url: str, *, sizes: Sizes) -> float:
             await _wait_succeeded(engine, count=1)
             started = time.time()
             await _post_all(client, bodies)
+            handed_in_s = time.time() - started
             finished = await _wait_succeeded(engine, count=sizes.tasks + 1)
     finally:
         await engine.dispose()
-    return sizes.tasks / (finished - started)
+    return Drain(tasks_per_s=sizes.tasks / (finished - started), handed_in_s=handed_in_s)
 
 
 def _component_env(database_url: str, redis_url: str, port: int) -> dict[str, str]:
@@ -267,7 +281,7 @@ def pipeline(env: Mapping[str, str], *, port: int, code_dir: Path, workdir: Path
 
 def measure_ours(
     database_url: str, *, redis: RedisServer, sizes: Sizes, code_dir: Path, workdir: Path
-) -> float:
+) -> Drain:
     """One run of our pipeline on a migrated, empty database: tasks/s."""
     client = Redis.from_url(redis.url)
     try:
@@ -284,7 +298,10 @@ def measure_ours(
 
 
 def run(*, quick: bool, code_dir: Path = ROOT, sizes: Sizes | None = None) -> list[Figure]:
-    """Measure bare ARQ, then our pipeline on SQLite (and PostgreSQL), ``runs`` times."""
+    """Measure bare ARQ, then our pipeline on SQLite (and PostgreSQL), ``runs`` times.
+
+    Each run's figures also go to stderr, since the machine is noisy.
+    """
     sizes = sizes or (QUICK if quick else FULL)
     bare: list[float] = []
     ours: dict[str, list[float]] = {"SQLite": [], "PostgreSQL": []}
@@ -293,27 +310,30 @@ def run(*, quick: bool, code_dir: Path = ROOT, sizes: Sizes | None = None) -> li
         redis = start_redis_server(workdir=workdir / "redis")
         try:
             for index in range(sizes.runs):
-                bare.append(
-                    measure_bare_arq(redis=redis, sizes=sizes, log_path=workdir / "arq.log")
-                )
+                drains = {
+                    "bare ARQ": measure_bare_arq(
+                        redis=redis, sizes=sizes, log_path=workdir / "arq.log"
+                    )
+                }
                 sqlite_url = f"sqlite+aiosqlite:///{workdir}/run{index}.db"
                 migrate({**os.environ, "DATABASE_URL": sqlite_url}, code_dir=code_dir)
-                ours["SQLite"].append(
-                    measure_ours(
-                        sqlite_url, redis=redis, sizes=sizes, code_dir=code_dir, workdir=workdir
-                    )
+                drains["SQLite"] = measure_ours(
+                    sqlite_url, redis=redis, sizes=sizes, code_dir=code_dir, workdir=workdir
                 )
                 with postgres_database("bench_e2e", code_dir=code_dir) as postgres_url:
                     if postgres_url is not None:
-                        ours["PostgreSQL"].append(
-                            measure_ours(
-                                postgres_url,
-                                redis=redis,
-                                sizes=sizes,
-                                code_dir=code_dir,
-                                workdir=workdir,
-                            )
+                        drains["PostgreSQL"] = measure_ours(
+                            postgres_url,
+                            redis=redis,
+                            sizes=sizes,
+                            code_dir=code_dir,
+                            workdir=workdir,
                         )
+                line = "; ".join(f"{label} {drain.describe()}" for label, drain in drains.items())
+                bare.append(drains.pop("bare ARQ").tasks_per_s)
+                for label, drain in drains.items():
+                    ours[label].append(drain.tasks_per_s)
+                print(f"# end_to_end run {index + 1}: {line}", file=sys.stderr, flush=True)
         finally:
             redis.stop()
     runs = f"median of {sizes.runs}" if sizes.runs > 1 else "1 run"
