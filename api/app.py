@@ -20,15 +20,10 @@ from api.intake_session import SessionIntakeWriter
 from api.intake_sqlite import SQLiteIntakeWriter
 from api.routes import health, relay, tasks
 from api.waiters import FinishedListener, FinishedSweep, Waiters
-from throttler.db import (
-    SessionFactory,
-    connect_sqlite,
-    create_engine,
-    create_read_session_factory,
-    create_session_factory,
-)
+from throttler.db import SessionFactory, connect_sqlite, create_engine, create_session_factory
 from throttler.logs import fields
 from throttler.settings import Settings
+from throttler.store.reads import open_reads
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +55,7 @@ def create_app(settings: Settings) -> FastAPI:
         )
         app.state.engine = engine
         app.state.sessions = create_session_factory(engine)
-        app.state.read_sessions = create_read_session_factory(engine)
+        app.state.reads = open_reads(settings, engine)
         app.state.redis = redis
         announcer = NewWorkAnnouncer(redis)
         intake = create_intake_writer(settings, app.state.sessions, announcer=announcer)
@@ -75,7 +70,7 @@ def create_app(settings: Settings) -> FastAPI:
             health_check_interval=SUBSCRIBER_HEALTH_CHECK_S,
         )
         listener = FinishedListener(redis=subscriber, waiters=waiters)
-        sweep = FinishedSweep(sessions=app.state.read_sessions, waiters=waiters)
+        sweep = FinishedSweep(reads=app.state.reads, waiters=waiters)
         app.state.waiters = waiters
         background = [asyncio.create_task(listener.run()), asyncio.create_task(sweep.run())]
         try:

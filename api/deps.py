@@ -1,4 +1,4 @@
-"""Request dependencies as ``Annotated`` aliases: settings, sessions, Redis, the account.
+"""Request dependencies as ``Annotated`` aliases: settings, sessions, stores, Redis, the account.
 
 All are ``async def``: none blocks, and FastAPI runs a plain ``def`` dependency in a worker
 thread, a hop per dependency per request.
@@ -19,6 +19,7 @@ from api.waiters import Waiters
 from throttler.constants import DEFAULT_ACCOUNT
 from throttler.db import SessionFactory
 from throttler.settings import Settings
+from throttler.store.reads import ReadStore
 
 
 async def get_settings(request: Request) -> Settings:
@@ -31,9 +32,9 @@ async def get_sessions(request: Request) -> SessionFactory:
     return sessions
 
 
-async def get_read_sessions(request: Request) -> SessionFactory:
-    sessions: SessionFactory = request.app.state.read_sessions
-    return sessions
+async def get_reads(request: Request) -> ReadStore:
+    reads: ReadStore = request.app.state.reads
+    return reads
 
 
 async def get_intake(request: Request) -> IntakeWriter:
@@ -53,8 +54,8 @@ async def get_redis(request: Request) -> Redis:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionsDep = Annotated[SessionFactory, Depends(get_sessions)]
-# Read-only work (results, readiness) never waits for SQLite's write lock.
-ReadSessionsDep = Annotated[SessionFactory, Depends(get_read_sessions)]
+# The API's reads (results, relay status, readiness): they never wait behind writers.
+ReadsDep = Annotated[ReadStore, Depends(get_reads)]
 RedisDep = Annotated[Redis, Depends(get_redis)]
 WaitersDep = Annotated[Waiters, Depends(get_waiters)]
 # New tasks go through the process's group-commit writer (api.intake).

@@ -1,88 +1,24 @@
 """Count, per limited key, the tasks waiting, in flight and recently dispatched.
 
-One grouped query per scope kind (task name, account, host) plus one for the totals,
-however many keys there are.
+Which keys to show comes from the limit rules; the counts come from the read store in one
+grouped query per scope kind (task name, account, host) plus one for the totals, however
+many keys there are.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
 from datetime import datetime, timedelta
-from typing import Any
-
-from sqlalchemy import ColumnElement, Integer, Select, case, func, literal_column, select, union_all
-from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import QueryableAttribute
 
 from api.schemas import KeyStatus, LimitPublic, RelayStatus, StatusTotals
 from throttler.limits import EACH, LimitKey, Rule, RuleSet, Scope
-from throttler.models import Task, TaskEvent
-from throttler.statuses import INFLIGHT_STATUSES, EventKind, TaskStatus
+from throttler.store.reads import KeyCounts, ReadStore, ScopeCountsQuery
 
 DISPATCH_WINDOW_S = 60.0
-
-_INFLIGHT = [status.value for status in INFLIGHT_STATUSES]
-_LIVE = [TaskStatus.PENDING.value, *_INFLIGHT]
-_COLUMNS: dict[Scope, QueryableAttribute[Any]] = {
-    Scope.TASK: Task.name,
-    Scope.ACCOUNT: Task.account,
-    Scope.HOST: Task.host,
-}
+_SCOPES = (Scope.TASK, Scope.ACCOUNT, Scope.HOST)
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Counts:
-    backlog: int = 0
-    inflight: int = 0
-    dispatched: int = 0
-
-
-def _counts_query(
-    key: ColumnElement[Any] | QueryableAttribute[Any],
-    *,
-    filters: list[ColumnElement[bool]],
-    since: datetime,
-) -> Select[str | None, int | None, int | None, int | None]:
-    """Backlog, in-flight and recent dispatches grouped by ``key``, in one statement."""
-    # Constants are inlined: PostgreSQL cannot type a bound parameter in a UNION column.
-    zero: ColumnElement[int] = literal_column("0", Integer)
-    one: ColumnElement[int] = literal_column("1", Integer)
-    live = select(
-        key.label("key"),
-        case((Task.status == TaskStatus.PENDING.value, 1), else_=0).label("backlog"),
-        case((Task.status.in_(_INFLIGHT), 1), else_=0).label("inflight"),
-        zero.label("dispatched"),
-    ).where(Task.status.in_(_LIVE), *filters)
-    recent = (
-        select(key.label("key"), zero, zero, one)
-        .select_from(TaskEvent)
-        .join(Task, Task.id == TaskEvent.task_id)
-        .where(TaskEvent.event == EventKind.QUEUED.value, TaskEvent.at >= since, *filters)
-    )
-    rows = union_all(live, recent).subquery()
-    sums: Select[str | None, int | None, int | None, int | None] = select(
-        rows.c.key, func.sum(rows.c.backlog), func.sum(rows.c.inflight), func.sum(rows.c.dispatched)
-    ).group_by(rows.c.key)
-    return sums
-
-
-async def _grouped_counts(
-    session: AsyncSession,
-    key: ColumnElement[Any] | QueryableAttribute[Any],
-    *,
-    filters: list[ColumnElement[bool]],
-    since: datetime,
-) -> dict[str | None, Counts]:
-    rows = await session.execute(_counts_query(key, filters=filters, since=since))
-    return {
-        value: Counts(
-            backlog=int(backlog or 0), inflight=int(inflight or 0), dispatched=int(dispatched or 0)
-        )
-        for value, backlog, inflight, dispatched in rows
-    }
-
-
-def _key_status(key: LimitKey, rule: Rule, counts: Counts) -> KeyStatus:
+def _key_status(key: LimitKey, rule: Rule, counts: KeyCounts) -> KeyStatus:
     limit = rule.limit
     return KeyStatus(
         key=str(key),
@@ -98,60 +34,72 @@ def _key_status(key: LimitKey, rule: Rule, counts: Counts) -> KeyStatus:
     )
 
 
-async def _scope_statuses(
-    session: AsyncSession,
-    *,
-    scope: Scope,
-    rules: list[Rule],
-    account: str | None,
-    since: datetime,
-) -> list[KeyStatus]:
-    """Every specific rule of one scope, and each active value of its ``*`` rule."""
-    column = _COLUMNS[scope]
+def _visible_rules(rules: RuleSet, scope: Scope, *, account: str | None) -> list[Rule]:
+    """The rules of one scope kind the caller may see."""
+    scope_rules = [rule for rule in rules.rules if rule.scope is scope]
     if scope is Scope.ACCOUNT and account is not None:
         # An account sees only its own account key, never another account's limits.
-        rules = [rule for rule in rules if rule.value in (account, EACH)]
-    each = next((rule for rule in rules if rule.is_each), None)
-    specific = {rule.value: rule for rule in rules if rule.value is not None and not rule.is_each}
-    if each is None and not specific:
+        scope_rules = [rule for rule in scope_rules if rule.value in (account, EACH)]
+    return scope_rules
+
+
+def _specific(rules: list[Rule]) -> dict[str, Rule]:
+    return {rule.value: rule for rule in rules if rule.value is not None and not rule.is_each}
+
+
+def _each(rules: list[Rule]) -> Rule | None:
+    return next((rule for rule in rules if rule.is_each), None)
+
+
+def _counts_query(scope: Scope, rules: list[Rule]) -> ScopeCountsQuery | None:
+    """Every value of a scope with a ``*`` rule, else only its specific rules' values."""
+    specific = _specific(rules)
+    if _each(rules) is not None:
+        return ScopeCountsQuery(scope=scope)
+    if specific:
+        return ScopeCountsQuery(scope=scope, only=frozenset(specific))
+    return None
+
+
+def _scope_statuses(
+    scope: Scope, rules: list[Rule], counts: Mapping[str, KeyCounts] | None
+) -> list[KeyStatus]:
+    """Every specific rule of one scope, and each active value of its ``*`` rule."""
+    if counts is None:
         return []
-    filters: list[ColumnElement[bool]] = [column.is_not(None)]
-    if account is not None:
-        filters.append(Task.account == account)
-    if each is None:
-        filters.append(column.in_(list(specific)))
-    counts = await _grouped_counts(session, column, filters=filters, since=since)
+    each = _each(rules)
+    specific = _specific(rules)
     values = set(specific)
     if each is not None:
-        values.update(value for value in counts if value is not None)
+        values.update(counts)
     statuses = []
     for value in sorted(values):
         rule = specific.get(value, each)
         if rule is not None:
             key = LimitKey(scope=scope, value=value)
-            statuses.append(_key_status(key, rule, counts.get(value, Counts())))
+            statuses.append(_key_status(key, rule, counts.get(value, KeyCounts())))
     return statuses
 
 
 async def relay_status(
-    session: AsyncSession, *, rules: RuleSet, account: str | None, now: datetime
+    reads: ReadStore, *, rules: RuleSet, account: str | None, now: datetime
 ) -> RelayStatus:
     """Count each limited key's tasks; with ``account``, only that account's tasks."""
-    since = now - timedelta(seconds=DISPATCH_WINDOW_S)
-    filters: list[ColumnElement[bool]] = [] if account is None else [Task.account == account]
-    everything = await _grouped_counts(
-        session, literal_column("'all'"), filters=filters, since=since
+    visible = {scope: _visible_rules(rules, scope, account=account) for scope in _SCOPES}
+    queries = [
+        query
+        for scope, scope_rules in visible.items()
+        if (query := _counts_query(scope, scope_rules)) is not None
+    ]
+    counts = await reads.relay_counts(
+        scopes=queries, account=account, since=now - timedelta(seconds=DISPATCH_WINDOW_S)
     )
-    totals = next(iter(everything.values()), Counts())
+    keys: list[KeyStatus] = []
+    for scope, scope_rules in visible.items():
+        keys += _scope_statuses(scope, scope_rules, counts.by_scope.get(scope))
     cluster_key = LimitKey(scope=Scope.CLUSTER)
     cluster_rule = rules.rule_for(cluster_key)
-    keys: list[KeyStatus] = []
-    for scope in (Scope.TASK, Scope.ACCOUNT, Scope.HOST):
-        scope_rules = [rule for rule in rules.rules if rule.scope is scope]
-        if scope_rules:
-            keys += await _scope_statuses(
-                session, scope=scope, rules=scope_rules, account=account, since=since
-            )
+    totals = counts.totals
     return RelayStatus(
         account=account,
         as_of=now,

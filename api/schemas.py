@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -10,9 +9,9 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictInt, Str
 
 from api.submit_options import MAX_DELAY_S, MAX_PRIORITY, MIN_PRIORITY
 from throttler.constants import DEFAULT_PRIORITY
-from throttler.models import Task
 from throttler.outbox import NewTask
 from throttler.statuses import TaskStatus
+from throttler.store.reads import TaskView
 
 
 class TaskPublic(BaseModel):
@@ -36,11 +35,11 @@ class TaskPublic(BaseModel):
     finished_at: datetime | None
 
     @classmethod
-    def from_task(cls, task: Task) -> TaskPublic:
+    def from_task(cls, task: TaskView) -> TaskPublic:
         return cls(
-            task_id=task.id,
+            task_id=task.task_id,
             name=task.name,
-            status=TaskStatus(task.status),
+            status=task.status,
             result=task.result,
             error=task.error,
             attempts=task.attempts,
@@ -101,11 +100,6 @@ class TaskBatchPublic(BaseModel):
     """The accepted tasks in request order, each pending."""
 
     tasks: list[TaskPublic]
-
-
-def batch_view_json(tasks: Sequence[NewTask]) -> str:
-    """The JSON of ``TaskBatchPublic`` for tasks just submitted."""
-    return TaskBatchPublic(tasks=[TaskPublic.pending(task) for task in tasks]).model_dump_json()
 
 
 class ErrorMessage(BaseModel):

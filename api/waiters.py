@@ -7,7 +7,7 @@ it. Two background jobs owned by the lifespan set those events:
   workers and reconcilers publish a task id once its terminal status is committed
   (throttler.finished). It reconnects with backoff when Redis goes away.
 - ``FinishedSweep``: pub/sub loses messages (Redis restarted, subscriber reconnecting), so
-  every second ONE query asks which of all waited tasks are terminal.
+  every second ONE read (a statement per 500 ids) asks which waited tasks are terminal.
 
 A waiter reads its task when it starts and again when woken or at its deadline; waiting
 itself costs the database nothing, whatever the number of waiters.
@@ -21,15 +21,13 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 
 from redis.asyncio import Redis
-from sqlalchemy import select
 from starlette.requests import Request
 
 from throttler.constants import FINISHED_CHANNEL
-from throttler.db import SessionFactory
-from throttler.models import Task
 from throttler.periodic import Periodic
-from throttler.pubsub import RESUBSCRIBE_BACKOFF_MAX_S, RESUBSCRIBE_BACKOFF_S, ChannelListener
-from throttler.statuses import TERMINAL_STATUSES, TaskStatus
+from throttler.pubsub import LISTEN_POLL_S, ChannelListener
+from throttler.retry import REDIS_RECONNECT
+from throttler.store.reads import ReadStore, TaskView
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +36,6 @@ MAX_WAIT_S = 30.0
 # How often the sweep asks the database which waited tasks are terminal: the longest a
 # waiter answers late when its announcement was lost.
 SWEEP_INTERVAL_S = 1.0
-# Waited ids per sweep query: well under SQLite's bound-parameter limit.
-SWEEP_BATCH_SIZE = 500
-# The listener's read timeout: how often it looks up from an idle subscription.
-LISTEN_POLL_S = 1.0
-_TERMINAL = [status.value for status in TERMINAL_STATUSES]
 
 
 class Waiters:
@@ -93,8 +86,8 @@ class FinishedListener(ChannelListener):
         redis: Redis,
         waiters: Waiters,
         poll_s: float = LISTEN_POLL_S,
-        backoff_s: float = RESUBSCRIBE_BACKOFF_S,
-        backoff_max_s: float = RESUBSCRIBE_BACKOFF_MAX_S,
+        backoff_s: float = REDIS_RECONNECT.first_s,
+        backoff_max_s: float = REDIS_RECONNECT.max_s,
     ) -> None:
         self.waiters = waiters
         super().__init__(
@@ -118,37 +111,26 @@ class FinishedSweep(Periodic):
     name = "waiters.sweep"
 
     def __init__(
-        self,
-        *,
-        sessions: SessionFactory,
-        waiters: Waiters,
-        interval_s: float = SWEEP_INTERVAL_S,
-        batch_size: int = SWEEP_BATCH_SIZE,
+        self, *, reads: ReadStore, waiters: Waiters, interval_s: float = SWEEP_INTERVAL_S
     ) -> None:
         super().__init__(interval_s=interval_s, log=log)
-        self.sessions = sessions
+        self.reads = reads
         self.waiters = waiters
-        self.batch_size = batch_size
 
     async def run_once(self) -> None:
         task_ids = self.waiters.task_ids()
-        for start in range(0, len(task_ids), self.batch_size):
-            batch = task_ids[start : start + self.batch_size]
-            async with self.sessions() as session:
-                finished = await session.scalars(
-                    select(Task.id).where(Task.id.in_(batch), Task.status.in_(_TERMINAL))
-                )
-                self.waiters.wake(finished.all())
+        if task_ids:
+            self.waiters.wake(await self.reads.terminal_task_ids(task_ids))
 
 
 async def long_poll(
-    read: Callable[[], Awaitable[Task | None]],
+    read: Callable[[], Awaitable[TaskView | None]],
     *,
     task_id: str,
     wait_s: float,
     waiters: Waiters,
     request: Request,
-) -> Task | None:
+) -> TaskView | None:
     """Read the task; unless it is terminal, wait up to ``wait_s`` for it, then read again.
 
     None means unknown (to this account). The database is read once at the start and once
@@ -160,7 +142,7 @@ async def long_poll(
     # Register before the first read: a task finishing in between still wakes this waiter.
     with waiters.watch(task_id) as woken:
         task = await read()
-        if task is None or TaskStatus(task.status).is_terminal:
+        if task is None or task.status.is_terminal:
             return task
         hung_up = asyncio.Event()
         watcher = asyncio.create_task(_watch_disconnect(request, woken=woken, hung_up=hung_up))
@@ -175,7 +157,7 @@ async def long_poll(
                     return task  # nobody is left to answer
                 woken.clear()
                 task = await read()
-                if task is None or TaskStatus(task.status).is_terminal:
+                if task is None or task.status.is_terminal:
                     return task
         finally:
             watcher.cancel()

@@ -31,7 +31,7 @@ import uvloop
 
 from bench.figures import Figure, Target, median, render
 from bench.processes import free_port, http_server, migrate, postgres_database
-from throttler.redis_server import start_redis_server
+from devtools.redis_server import start_redis_server
 
 GREETING = "/api/v1/task/greeting"
 BULK = "/api/v1/tasks"

@@ -28,7 +28,7 @@ import httpx
 
 from bench.figures import Figure, Target, median, render
 from bench.processes import ROOT, free_port, http_server, migrate
-from throttler.redis_server import start_redis_server
+from devtools.redis_server import start_redis_server
 
 RATE_PER_S = 20.0
 GREETING = "/api/v1/task/greeting"

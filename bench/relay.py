@@ -37,7 +37,7 @@ from redis import Redis
 from bench.figures import Figure, Target, median, render
 from bench.processes import READY_TIMEOUT_S, migrate, module_process
 from bench.rows import connect, fill_backlog, fill_finished
-from throttler.redis_server import RedisServer, start_redis_server
+from devtools.redis_server import RedisServer, start_redis_server
 
 QUEUE = "arq:queue"
 DRAIN_TIMEOUT_S = 60.0

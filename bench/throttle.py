@@ -27,7 +27,7 @@ from bench.figures import Figure, Target, max_in_window, render
 from bench.processes import migrate
 from bench.relay import QUEUE, queued_jobs, relay_process
 from bench.rows import fill_backlog
-from throttler.redis_server import start_redis_server
+from devtools.redis_server import start_redis_server
 
 RATE_PER_S = 2000
 BURST = 1

@@ -32,10 +32,10 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from bench.figures import Figure, Target, median, render
 from bench.processes import migrate, module_process, postgres_database
+from devtools.redis_server import RedisServer, start_redis_server
 from throttler.db import create_engine, create_session_factory
 from throttler.models import Base, OutboxEntry, utcnow
 from throttler.outbox import NewTask, mark_queued, submit_tasks
-from throttler.redis_server import RedisServer, start_redis_server
 from throttler.settings import Settings
 
 # The first one set names a server where the benchmark may create a database of its own.

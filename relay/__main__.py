@@ -18,6 +18,7 @@ from throttler.periodic import Periodic
 from throttler.reconcile import Reconciler
 from throttler.retention import Pruner
 from throttler.settings import Settings, load_settings
+from throttler.store.recovery import open_recovery
 from throttler.throttle import build_limiter
 from throttler.wakeup import WakeupListener
 
@@ -84,6 +85,7 @@ async def serve(settings: Settings, *, relay_type: type[Relay] = Relay) -> None:
             return
         sessions = create_session_factory(engine)
         read_sessions = create_read_session_factory(engine)
+        recovery = open_recovery(settings, engine)
         relay = relay_type(
             settings=settings,
             sessions=sessions,
@@ -92,18 +94,13 @@ async def serve(settings: Settings, *, relay_type: type[Relay] = Relay) -> None:
             limiter=build_limiter(
                 redis=arq,
                 rules=settings.limit_rules,
-                last_dispatch=last_dispatch_from(read_sessions),
+                last_dispatch=last_dispatch_from(recovery),
             ),
         )
         housekeepers.extend(
             [
-                Reconciler(
-                    settings=settings,
-                    sessions=sessions,
-                    read_sessions=read_sessions,
-                    redis=arq,
-                ),
-                Pruner(settings=settings, sessions=sessions),
+                Reconciler(settings=settings, store=recovery, redis=arq),
+                Pruner(settings=settings, store=recovery),
             ]
         )
         listener = WakeupListener(redis=arq, channels=wakeup_channels(relay), on_message=relay.wake)

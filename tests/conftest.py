@@ -19,10 +19,10 @@ from redis.asyncio import Redis
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from devtools.redis_server import RedisServer, start_redis_server
 from tests.support import admin_execute, migrate
 from throttler.db import SessionFactory, create_engine, create_session_factory
 from throttler.models import Base
-from throttler.redis_server import RedisServer, start_redis_server
 from throttler.settings import Settings
 
 POSTGRES_ENV = "TEST_POSTGRES_URL"

@@ -102,15 +102,41 @@ class DurationInput(TaskInput):
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class TaskSpec:
-    """What the api needs to know about a task kind."""
+    """Everything about a task kind that more than one part reads: the one source of it.
+
+    The API validates input with ``input_model``; the worker's task class takes its
+    limits from here (``class Greeting(RetriableTask[...], spec=GREETING)``, see
+    worker.taskkit.base); the reconciler reads ``timeout_s`` and ``side_effecting``.
+    Which errors end a task at once is not per kind: ``PermanentError`` (or a timeout)
+    fails it, any other error is retried (worker.taskkit.runner).
+    """
 
     name: str
     input_model: type[TaskInput]
     summary: str
-    # Runs at most once: recovery never re-runs an attempt that may have started.
+    # Runs at most once: never retried, never started a second time, and recovery never
+    # re-runs an attempt that may have started.
     side_effecting: bool = False
+    # Lets a side-effecting task be retried and restarted anyway (it knows how to dedupe);
+    # the reconciler still treats it as side-effecting.
+    retry_side_effects: bool = False
     # Time limit of one attempt; None means the worker default (TASK_TIMEOUT_S).
     timeout_s: float | None = None
+    # Attempts before the task fails; None means the worker default (WORKER_MAX_TRIES).
+    max_tries: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.timeout_s is not None and not self.timeout_s > 0:
+            raise ValueError(f"{self.name}: timeout_s must be > 0, got {self.timeout_s}")
+        if self.max_tries is not None and self.max_tries < 1:
+            raise ValueError(f"{self.name}: max_tries must be >= 1, got {self.max_tries}")
+        if self.retry_side_effects and not self.side_effecting:
+            raise ValueError(f"{self.name}: retry_side_effects needs side_effecting")
+
+    @property
+    def at_most_once(self) -> bool:
+        """Never started twice and never retried: side-effecting and not opted out."""
+        return self.side_effecting and not self.retry_side_effects
 
 
 GREETING = TaskSpec(name="greeting", input_model=GreetingInput, summary="Say hello to someone.")

@@ -3,18 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from abc import ABC, abstractmethod
 
-from redis.exceptions import RedisError
-from sqlalchemy.exc import SQLAlchemyError
-
-from throttler.logs import fields
-
-# A pass that fails for these is logged and tried again next interval; anything else is
-# a bug and ends the loop.
-RECOVERABLE_ERRORS = (SQLAlchemyError, RedisError, OSError, TimeoutError)
+from throttler.errors import RECOVERABLE_ERRORS
+from throttler.retry import Outage, pause
 
 
 class Periodic(ABC):
@@ -40,17 +33,20 @@ class Periodic(ABC):
         return self._stopping.is_set()
 
     async def run(self) -> None:
-        """Run passes until ``stop``; a failed pass is logged and retried next interval."""
+        """Run passes until ``stop``; a failed pass is logged and retried next interval.
+
+        Only ``RECOVERABLE_ERRORS`` (Redis or the database away) are retried: anything
+        else is a bug and ends the loop. An outage logs one line as passes start failing
+        (``<name>.error``) and one when a pass works again (``<name>.recovered``).
+        """
+        outage = Outage(
+            self.log, down_event=f"{self.name}.error", up_event=f"{self.name}.recovered"
+        )
         while not self.stopping:
             try:
                 await self.run_once()
             except RECOVERABLE_ERRORS as error:
-                self.log.error(  # noqa: TRY400 - one line per failure, no traceback
-                    f"{self.name}.error",
-                    extra=fields(
-                        error=f"{type(error).__name__}: {error}".splitlines()[0],
-                        retry_in_s=self.interval_s,
-                    ),
-                )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), timeout=self.interval_s)
+                outage.failed(error, retry_in_s=self.interval_s)
+            else:
+                outage.succeeded()
+            await pause(self.interval_s, unless=self._stopping)

@@ -9,29 +9,25 @@ line when the subscription drops and one when it is back.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import dataclasses
 import logging
-import time
 from collections.abc import Callable, Sequence
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
-from throttler.logs import fields
+from throttler.errors import REDIS_ERRORS
+from throttler.retry import REDIS_RECONNECT, Outage, pause
 
 # How long one wait for a message lasts; also how soon ``stop`` takes effect.
 LISTEN_POLL_S = 0.5
-# Pause before resubscribing after Redis went away; doubles up to the cap.
-RESUBSCRIBE_BACKOFF_S = 0.1
-RESUBSCRIBE_BACKOFF_MAX_S = 5.0
-REDIS_DOWN_ERRORS = (RedisError, OSError, TimeoutError)
 
 
 class ChannelListener:
     """Call ``on_message(data)`` for every message on ``channels`` until stopped.
 
     ``event`` names the log lines (``<event>.unsubscribed``, ``<event>.resubscribed``),
-    written to ``log``.
+    written to ``log``. Resubscribes follow ``REDIS_RECONNECT``; ``backoff_s`` and
+    ``backoff_max_s`` shorten it (tests).
     """
 
     def __init__(
@@ -43,8 +39,8 @@ class ChannelListener:
         event: str,
         log: logging.Logger,
         poll_s: float = LISTEN_POLL_S,
-        backoff_s: float = RESUBSCRIBE_BACKOFF_S,
-        backoff_max_s: float = RESUBSCRIBE_BACKOFF_MAX_S,
+        backoff_s: float = REDIS_RECONNECT.first_s,
+        backoff_max_s: float = REDIS_RECONNECT.max_s,
     ) -> None:
         self.redis = redis
         self.channels = tuple(channels)
@@ -52,8 +48,7 @@ class ChannelListener:
         self.event = event
         self.log = log
         self.poll_s = poll_s
-        self.backoff_s = backoff_s
-        self.backoff_max_s = backoff_max_s
+        self.backoff = dataclasses.replace(REDIS_RECONNECT, first_s=backoff_s, max_s=backoff_max_s)
         self._stopping = asyncio.Event()
 
     def stop(self) -> None:
@@ -66,30 +61,23 @@ class ChannelListener:
 
     async def run(self) -> None:
         """Listen until stopped; one log line when the subscription drops, one when back."""
-        delay_s = self.backoff_s
-        down_since: float | None = None
+        outage = Outage(
+            self.log, down_event=f"{self.event}.unsubscribed", up_event=f"{self.event}.resubscribed"
+        )
+        delays = self.backoff.delays()
 
         def on_subscribed() -> None:
-            nonlocal delay_s, down_since
-            delay_s = self.backoff_s
-            if down_since is not None:
-                outage_s = round(time.monotonic() - down_since, 3)
-                self.log.info(f"{self.event}.resubscribed", extra=fields(outage_s=outage_s))
-                down_since = None
+            nonlocal delays
+            delays = self.backoff.delays()
+            outage.succeeded()
 
         while not self._stopping.is_set():
             try:
                 await self._listen(on_subscribed=on_subscribed)
-            except REDIS_DOWN_ERRORS as error:
-                if down_since is None:
-                    down_since = time.monotonic()
-                    self.log.warning(
-                        f"{self.event}.unsubscribed",
-                        extra=fields(retry_max_s=self.backoff_max_s, error=repr(error)),
-                    )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), timeout=delay_s)
-            delay_s = min(delay_s * 2, self.backoff_max_s)
+            except REDIS_ERRORS as error:
+                delay_s = next(delays)
+                outage.failed(error, retry_in_s=round(delay_s, 3))
+                await pause(delay_s, unless=self._stopping)
 
     async def _listen(self, *, on_subscribed: Callable[[], None]) -> None:
         """Subscribe, then hand over each message until an error or ``stop``."""

@@ -64,7 +64,8 @@ class Outage:
     """Log one line when something starts failing and one when it works again.
 
     ``successes_to_recover`` successes in a row end an outage (a flapping dependency
-    stays one outage). Failures in between log at DEBUG.
+    stays one outage). Failures in between log at DEBUG, as ``retry_event`` if given
+    (``down_event`` otherwise), so a loop keeps the names its operators grep for.
     """
 
     def __init__(
@@ -73,12 +74,14 @@ class Outage:
         *,
         down_event: str,
         up_event: str,
+        retry_event: str | None = None,
         successes_to_recover: int = 1,
         **context: Any,
     ) -> None:
         self.log = log
         self.down_event = down_event
         self.up_event = up_event
+        self.retry_event = retry_event or down_event
         self.successes_to_recover = successes_to_recover
         self.context = context
         self.down_since: float | None = None
@@ -94,13 +97,13 @@ class Outage:
         self._successes = 0
         self.failures += 1
         described = f"{type(error).__name__}: {error}".splitlines()[0]
-        level = logging.DEBUG
+        level, event = logging.DEBUG, self.retry_event
         if self.down_since is None:
             self.down_since = time.monotonic()
-            level = logging.WARNING
+            level, event = logging.WARNING, self.down_event
         self.log.log(
             level,
-            self.down_event,
+            event,
             extra=fields(
                 **self.context,
                 error=described,

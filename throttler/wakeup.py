@@ -16,16 +16,12 @@ import logging
 from collections.abc import Callable, Sequence
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from throttler.constants import SUBMITTED_CHANNEL
+from throttler.errors import REDIS_ERRORS
 from throttler.logs import fields
-from throttler.pubsub import (
-    LISTEN_POLL_S,
-    RESUBSCRIBE_BACKOFF_MAX_S,
-    RESUBSCRIBE_BACKOFF_S,
-    ChannelListener,
-)
+from throttler.pubsub import LISTEN_POLL_S, ChannelListener
+from throttler.retry import REDIS_RECONNECT
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +37,7 @@ async def announce_new_work(redis: Redis, *, timeout_s: float = ANNOUNCE_TIMEOUT
     try:
         async with asyncio.timeout(timeout_s):
             await redis.publish(SUBMITTED_CHANNEL, b"1")
-    except (RedisError, OSError, TimeoutError) as error:
+    except REDIS_ERRORS as error:
         log.debug("outbox.new_work_not_announced", extra=fields(error=repr(error)))
 
 
@@ -55,8 +51,8 @@ class WakeupListener(ChannelListener):
         channels: Sequence[str],
         on_message: Callable[[], None],
         poll_s: float = LISTEN_POLL_S,
-        backoff_s: float = RESUBSCRIBE_BACKOFF_S,
-        backoff_max_s: float = RESUBSCRIBE_BACKOFF_MAX_S,
+        backoff_s: float = REDIS_RECONNECT.first_s,
+        backoff_max_s: float = REDIS_RECONNECT.max_s,
     ) -> None:
         super().__init__(
             redis=redis,

@@ -15,9 +15,10 @@ from arq.connections import ArqRedis, RedisSettings
 from arq.worker import Worker
 
 from throttler.db import create_engine, create_session_factory
+from throttler.errors import REDIS_ERRORS
 from throttler.logs import fields
 from throttler.settings import Settings
-from worker.leases import LEASE_REFRESH_S, LEASE_S, REDIS_DOWN_ERRORS, LeasedWorker
+from worker.leases import LEASE_REFRESH_S, LEASE_S, LeasedWorker
 from worker.netguard import AddressPolicy, guarded_client
 from worker.taskkit import TaskBase, build_functions
 from worker.taskkit.resources import RESOURCES_KEY, Resources
@@ -159,7 +160,7 @@ async def close_worker(worker: Worker) -> None:
         )
         try:
             await worker.close()
-        except REDIS_DOWN_ERRORS as error:
+        except REDIS_ERRORS as error:
             log.warning("worker.close_without_redis", extra=fields(error=repr(error)))
             if worker.on_shutdown is not None:
                 await worker.on_shutdown(worker.ctx)

@@ -24,9 +24,8 @@ from arq.constants import in_progress_key_prefix
 from arq.utils import timestamp_ms
 from arq.worker import Worker
 from redis.commands.core import AsyncScript
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.exceptions import WatchError
+
+from throttler.errors import REDIS_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -35,17 +34,6 @@ log = logging.getLogger(__name__)
 # worker could start the same job; the lease bounds how late a dead worker's job re-runs.
 LEASE_S = 3.0
 LEASE_REFRESH_S = 1.0
-
-# Redis is away: worth trying again (the service logs the outage, see worker.service).
-# redis-py reports a connection lost between WATCH and EXEC as a WatchError; ARQ's
-# start_jobs catches the one EXEC raises (another worker took the job) but not that one.
-REDIS_DOWN_ERRORS: tuple[type[BaseException], ...] = (
-    RedisConnectionError,
-    RedisTimeoutError,
-    WatchError,
-    OSError,
-    TimeoutError,
-)
 
 
 class LeasedWorker(Worker):
@@ -91,8 +79,9 @@ class LeasedWorker(Worker):
             await asyncio.sleep(self.lease_refresh_s)
             try:
                 await self.renew_leases()
-            except REDIS_DOWN_ERRORS as error:
-                # The poll loop fails on the same outage and the service logs it once.
+            except REDIS_ERRORS as error:
+                # Redis is away: the poll loop fails on the same outage and the service
+                # logs it once (worker.service).
                 log.debug("worker.lease_renewal_failed", exc_info=error)
 
     async def main(self) -> None:

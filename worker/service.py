@@ -19,17 +19,17 @@ from typing import Any
 
 from arq.connections import ArqRedis, RedisSettings, create_pool
 
+from throttler.errors import REDIS_ERRORS
 from throttler.logs import fields
+from throttler.retry import REDIS_RECONNECT, Backoff, Outage, pause, retry_until_done
 from throttler.settings import Settings
 from worker.app import build_worker, close_worker
-from worker.leases import LEASE_REFRESH_S, LEASE_S, REDIS_DOWN_ERRORS, LeasedWorker
+from worker.leases import LEASE_REFRESH_S, LEASE_S, LeasedWorker
 from worker.taskkit import TaskBase
 from worker.tasks import DEFAULT_TASKS
 
 log = logging.getLogger("worker")
 
-REDIS_RETRY_S = 0.25
-REDIS_RETRY_MAX_S = 5.0
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # How long ARQ's loop gets to leave by itself at a stop before it is cancelled.
 LOOP_EXIT_S = 5.0
@@ -41,9 +41,8 @@ class Supervision:
 
     # After a stop signal: how long running jobs may take before they are cancelled.
     shutdown_grace_s: float
-    # Pause between Redis connection attempts: doubles from the first to the cap.
-    redis_retry_s: float = REDIS_RETRY_S
-    redis_retry_max_s: float = REDIS_RETRY_MAX_S
+    # Pauses between Redis connection attempts.
+    redis_reconnect: Backoff = REDIS_RECONNECT
     # The in-progress lease of each running job, and how often it is renewed.
     lease_s: float = LEASE_S
     lease_refresh_s: float = LEASE_REFRESH_S
@@ -59,32 +58,6 @@ class Supervision:
         )
 
 
-class RedisState:
-    """Log one line when Redis goes away and one when it is back, not one per try."""
-
-    def __init__(self, *, retry_max_s: float) -> None:
-        self.available = True
-        self.retry_max_s = retry_max_s
-        self.down_since = 0.0
-
-    def down(self, error: BaseException) -> None:
-        if self.available:
-            self.available = False
-            self.down_since = time.monotonic()
-            log.warning(
-                "worker.redis_unavailable",
-                extra=fields(error=repr(error), retry_max_s=self.retry_max_s),
-            )
-
-    def up(self) -> None:
-        if not self.available:
-            self.available = True
-            log.info(
-                "worker.redis_restored",
-                extra=fields(outage_s=round(time.monotonic() - self.down_since, 3)),
-            )
-
-
 class WorkerService:
     """One worker process: a LeasedWorker, restarted across Redis outages, stopped gently."""
 
@@ -98,7 +71,10 @@ class WorkerService:
         self.settings = settings
         self.tasks = tasks
         self.supervision = supervision or Supervision.from_settings(settings)
-        self.redis = RedisState(retry_max_s=self.supervision.redis_retry_max_s)
+        # One log line when Redis goes away and one when it is back, not one per try.
+        self.redis_outage = Outage(
+            log, down_event="worker.redis_unavailable", up_event="worker.redis_restored"
+        )
         # Set by the first stop signal; a second one skips what is left of the grace.
         self.stopping = asyncio.Event()
         self.hurry = asyncio.Event()
@@ -156,35 +132,18 @@ class WorkerService:
                 await loop_task
             await close_worker(worker)
 
-    async def _wait_retry(self, delay_s: float) -> bool:
-        """Sleep ``delay_s`` unless a stop comes first; return whether to go on."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.stopping.wait(), timeout=delay_s)
-        return not self.stopping.is_set()
-
-    def _next_delay(self, delay_s: float) -> float:
-        return min(delay_s * 2, self.supervision.redis_retry_max_s)
-
     async def _connect(self) -> ArqRedis | None:
         """Open the Redis pool, retrying until Redis answers; None if stopped first."""
         redis_settings = RedisSettings.from_dsn(self.settings.redis_url)
         # Our loop retries for ever with backoff and logs once; ARQ's gives up after 5 tries.
         redis_settings.conn_retries = 0
-        delay_s = self.supervision.redis_retry_s
-        while not self.stopping.is_set():
-            try:
-                pool = await create_pool(
-                    redis_settings, default_queue_name=self.settings.arq_queue_name
-                )
-            except REDIS_DOWN_ERRORS as error:
-                self.redis.down(error)
-                if not await self._wait_retry(delay_s):
-                    return None
-                delay_s = self._next_delay(delay_s)
-                continue
-            self.redis.up()
-            return pool
-        return None
+        return await retry_until_done(
+            lambda: create_pool(redis_settings, default_queue_name=self.settings.arq_queue_name),
+            retry_on=REDIS_ERRORS,
+            backoff=self.supervision.redis_reconnect,
+            outage=self.redis_outage,
+            stopping=self.stopping,
+        )
 
     async def _supervise(self, worker: LeasedWorker) -> None:
         """Run ARQ's loop; after a Redis outage wait for Redis, then run the loop again.
@@ -194,24 +153,32 @@ class WorkerService:
         the queue until its lease lapses and a worker re-runs it (the re-run finds the
         task final in the database and skips it).
         """
+        backoff = self.supervision.redis_reconnect
+        delays = backoff.delays()
         while True:
+            started = time.monotonic()
             worker.main_task = asyncio.create_task(worker.main())
             try:
                 await worker.main_task
                 return
-            except REDIS_DOWN_ERRORS as error:
-                self.redis.down(error)
-            delay_s = self.supervision.redis_retry_s
+            except REDIS_ERRORS as error:
+                if time.monotonic() - started > backoff.max_s:
+                    delays = backoff.delays()  # the loop ran a while: a new outage
+                delay_s = next(delays)
+                self.redis_outage.failed(error, retry_in_s=round(delay_s, 3))
+            # Pause, then ping until Redis answers. The delays go on growing across
+            # restarts, so a loop that fails at once on an error Redis answers although
+            # it is up (the ping works) backs off instead of spinning.
             while True:
-                if not await self._wait_retry(delay_s):
+                if await pause(delay_s, unless=self.stopping):
                     return
                 try:
                     await worker.pool.ping()
-                except REDIS_DOWN_ERRORS as error:
-                    self.redis.down(error)
-                    delay_s = self._next_delay(delay_s)
+                except REDIS_ERRORS as error:
+                    delay_s = next(delays)
+                    self.redis_outage.failed(error, retry_in_s=round(delay_s, 3))
                     continue
-                self.redis.up()
+                self.redis_outage.succeeded()
                 break
 
     async def _drain(self, worker: LeasedWorker) -> None:

@@ -9,13 +9,12 @@ from typing import Any
 from fastapi import APIRouter, Response, status
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
-from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
-from api.deps import ReadSessionsDep, RedisDep
+from api.deps import ReadsDep, RedisDep
 from api.schemas import Liveness, Readiness
-from throttler.db import SessionFactory
 from throttler.logs import fields
+from throttler.store.reads import ReadStore
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +35,10 @@ async def healthz() -> Liveness:
     return Liveness(status=OK)
 
 
-async def _database_ok(sessions: SessionFactory) -> bool:
+async def _database_ok(reads: ReadStore) -> bool:
     try:
-        async with asyncio.timeout(READY_TIMEOUT_S), sessions() as session:
-            await session.execute(text("SELECT 1"))
+        async with asyncio.timeout(READY_TIMEOUT_S):
+            await reads.ping()
     except (SQLAlchemyError, OSError) as error:  # TimeoutError is an OSError
         log.warning("ready.database_failed", extra=fields(error=_describe(error)))
         return False
@@ -67,8 +66,8 @@ _NOT_READY: dict[int | str, dict[str, Any]] = {
     responses=_NOT_READY,
     summary="The database and Redis both answer.",
 )
-async def readyz(sessions: ReadSessionsDep, redis: RedisDep, response: Response) -> Readiness:
-    database_ok, redis_ok = await asyncio.gather(_database_ok(sessions), _redis_ok(redis))
+async def readyz(reads: ReadsDep, redis: RedisDep, response: Response) -> Readiness:
+    database_ok, redis_ok = await asyncio.gather(_database_ok(reads), _redis_ok(redis))
     if not (database_ok and redis_ok):
         response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
     return Readiness(

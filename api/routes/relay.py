@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from api.deps import AccountDep, ReadSessionsDep, SettingsDep
+from api.deps import AccountDep, ReadsDep, SettingsDep
 from api.relay_status import relay_status
 from api.schemas import ErrorMessage, RelayStatus
 from throttler.constants import API_PREFIX
@@ -29,9 +29,8 @@ router = APIRouter(prefix=API_PREFIX, tags=["relay"])
     summary="Backlog, in-flight and recent dispatches per limited key.",
 )
 async def get_relay_status(
-    account: AccountDep, settings: SettingsDep, sessions: ReadSessionsDep
+    account: AccountDep, settings: SettingsDep, reads: ReadsDep
 ) -> RelayStatus:
     # With API keys the view is the caller's: counts over its own tasks only.
     scoped = account if settings.accounts_by_key else None
-    async with sessions() as session:
-        return await relay_status(session, rules=settings.limit_rules, account=scoped, now=utcnow())
+    return await relay_status(reads, rules=settings.limit_rules, account=scoped, now=utcnow())

@@ -9,28 +9,24 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
-from sqlalchemy import select
 
 from api.bulk import new_tasks
-from api.deps import AccountDep, IntakeDep, ReadSessionsDep, WaitersDep
-from api.fast_path import FastPathRoute, fast_account, fast_path, plain_request
-from api.intake import IntakeWriter
+from api.deps import AccountDep, IntakeDep, ReadsDep, WaitersDep
+from api.fast_path import FastPathRoute
 from api.schemas import (
     MAX_BULK_TASKS,
     ErrorMessage,
     TaskBatchCreate,
     TaskBatchPublic,
     TaskPublic,
-    batch_view_json,
 )
-from api.strict_json import StrictJSONRequest
 from api.submit_options import SubmitOptions, get_submit_options
 from api.waiters import MAX_WAIT_S, long_poll
 from throttler.catalog import CATALOG, TaskInput, TaskSpec
 from throttler.constants import API_PREFIX
 from throttler.logs import fields
-from throttler.models import TASK_ID_LENGTH, Task, utcnow
-from throttler.submit import NewTask
+from throttler.models import TASK_ID_LENGTH, utcnow
+from throttler.store.reads import TaskView
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +63,8 @@ _RESULT_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 # Strict JSON bodies: NaN, duplicate keys, deep nesting and non-UTF-8 get a 422. The
-# submit endpoints serve their ordinary requests by a fast path (api.fast_path).
+# submit endpoints' plain requests call them without FastAPI's dependency solving
+# (api.fast_path); everything else goes through FastAPI.
 router = APIRouter(prefix=API_PREFIX, tags=["tasks"], route_class=FastPathRoute)
 
 
@@ -77,22 +74,18 @@ def _location(request: Request, task_id: str) -> str:
     return root_path + API_PREFIX + RESULT_PATH.format(task_id=task_id)
 
 
-def _accepted(body: str, *, location: str | None = None) -> Response:
-    headers = {"Location": location} if location is not None else None
-    return Response(
-        body, status_code=status.HTTP_202_ACCEPTED, headers=headers, media_type="application/json"
-    )
-
-
 def _submit_endpoint(spec: TaskSpec) -> Callable[..., Awaitable[TaskPublic]]:
-    """Build the POST handler for one task kind, with its fast path."""
+    """Build the POST handler for one task kind."""
 
-    async def accept(
-        task_input: TaskInput, *, account: str, options: SubmitOptions, intake: IntakeWriter
-    ) -> NewTask:
-        task = options.new_task(
-            name=spec.name, task_input=task_input, account=account, now=utcnow()
-        )
+    async def submit(
+        body: TaskInput,
+        request: Request,
+        response: Response,
+        account: AccountDep,
+        intake: IntakeDep,
+        options: Annotated[SubmitOptions, Depends(get_submit_options)],
+    ) -> TaskPublic:
+        task = options.new_task(name=spec.name, task_input=body, account=account, now=utcnow())
         # The writer returns once the task, outbox row and event are committed (a batch
         # shared with concurrent requests); a failed commit raises, so no 202 is sent.
         await intake.submit([task])
@@ -106,33 +99,6 @@ def _submit_endpoint(spec: TaskSpec) -> Callable[..., Awaitable[TaskPublic]]:
                 run_at=task.run_at.isoformat() if task.run_at else None,
             ),
         )
-        return task
-
-    async def serve_fast(request: StrictJSONRequest) -> Response | None:
-        account = fast_account(request, request.app.state.settings)
-        if account is None or not plain_request(request):
-            return None
-        try:
-            task_input = spec.input_model.model_validate(await request.json())
-        except ValueError:  # invalid JSON or input: FastAPI gives the 422
-            return None
-        task = await accept(
-            task_input, account=account, options=SubmitOptions(), intake=request.app.state.intake
-        )
-        return _accepted(
-            TaskPublic.pending(task).model_dump_json(), location=_location(request, task.task_id)
-        )
-
-    @fast_path(serve_fast)
-    async def submit(
-        body: TaskInput,
-        request: Request,
-        response: Response,
-        account: AccountDep,
-        intake: IntakeDep,
-        options: Annotated[SubmitOptions, Depends(get_submit_options)],
-    ) -> TaskPublic:
-        task = await accept(body, account=account, options=options, intake=intake)
         response.headers["Location"] = _location(request, task.task_id)
         return TaskPublic.pending(task)
 
@@ -162,32 +128,6 @@ for _spec in CATALOG.values():
     )
 
 
-async def _accept_batch(
-    batch: TaskBatchCreate, *, account: str, intake: IntakeWriter
-) -> list[NewTask]:
-    # Every item is validated before anything is written; then one transaction.
-    tasks = new_tasks(batch.tasks, account=account, now=utcnow())
-    await intake.submit(tasks)
-    log.info(
-        "tasks.submitted",
-        extra=fields(count=len(tasks), account=account, first_task_id=tasks[0].task_id),
-    )
-    return tasks
-
-
-async def _submit_tasks_fast(request: StrictJSONRequest) -> Response | None:
-    account = fast_account(request, request.app.state.settings)
-    if account is None or not plain_request(request):
-        return None
-    try:
-        batch = TaskBatchCreate.model_validate(await request.json())
-    except ValueError:  # invalid JSON or batch: FastAPI gives the 422
-        return None
-    # An invalid item raises the endpoint's own 422 here, as it would there.
-    tasks = await _accept_batch(batch, account=account, intake=request.app.state.intake)
-    return _accepted(batch_view_json(tasks))
-
-
 @router.post(
     "/tasks",
     name="submit_tasks",
@@ -202,7 +142,6 @@ async def _submit_tasks_fast(request: StrictJSONRequest) -> Response | None:
     },
     summary=f"Submit up to {MAX_BULK_TASKS} tasks of any kinds at once: all or none.",
 )
-@fast_path(_submit_tasks_fast)
 async def submit_tasks(
     batch: TaskBatchCreate, request: Request, account: AccountDep, intake: IntakeDep
 ) -> TaskBatchPublic:
@@ -219,7 +158,13 @@ async def submit_tasks(
                 }
             ]
         )
-    tasks = await _accept_batch(batch, account=account, intake=intake)
+    # Every item is validated before anything is written; then one transaction.
+    tasks = new_tasks(batch.tasks, account=account, now=utcnow())
+    await intake.submit(tasks)
+    log.info(
+        "tasks.submitted",
+        extra=fields(count=len(tasks), account=account, first_task_id=tasks[0].task_id),
+    )
     return TaskBatchPublic(tasks=[TaskPublic.pending(task) for task in tasks])
 
 
@@ -235,7 +180,7 @@ async def task_result(
     task_id: str,
     request: Request,
     account: AccountDep,
-    sessions: ReadSessionsDep,
+    reads: ReadsDep,
     waiters: WaitersDep,
     wait: Annotated[
         float,
@@ -257,12 +202,8 @@ async def task_result(
     if len(task_id) > TASK_ID_LENGTH or not (task_id.isascii() and task_id.isprintable()):
         raise not_found
 
-    async def read() -> Task | None:
-        async with sessions() as session:
-            task: Task | None = await session.scalar(
-                select(Task).where(Task.id == task_id, Task.account == account)
-            )
-            return task
+    async def read() -> TaskView | None:
+        return await reads.task(task_id=task_id, account=account)
 
     task = await long_poll(read, task_id=task_id, wait_s=wait, waiters=waiters, request=request)
     if task is None:

@@ -12,6 +12,7 @@ only its resources and its input.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 from contextvars import ContextVar
 from pathlib import Path
@@ -44,11 +45,15 @@ async def _run_task_with_id(
         _current_task_id.reset(token)
 
 
-class LaunchMissile(SideEffectingTask[DurationInput, DurationOutput]):
+# The blocking task's catalog entry (name and input), made side-effecting, with the
+# worker's default time limit.
+LAUNCH_MISSILE = dataclasses.replace(BLOCKING_LONG_RUNNING, side_effecting=True, timeout_s=None)
+
+
+class LaunchMissile(SideEffectingTask[DurationInput, DurationOutput], spec=LAUNCH_MISSILE):
     """Record the effect, then take ``duration`` seconds: killing the worker meanwhile
     leaves the outcome unknown."""
 
-    name = BLOCKING_LONG_RUNNING.name
     output_model = DurationOutput
 
     async def run(self, resources: Resources, params: DurationInput) -> DurationOutput:

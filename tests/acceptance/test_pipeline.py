@@ -12,12 +12,12 @@ import pytest
 from sqlalchemy import select
 
 from bench.figures import max_in_window
+from devtools.redis_server import free_port
 from tests.acceptance.conftest import DOWNLOAD_BODY
 from tests.acceptance.processes import Cluster, cluster
 from tests.support import event_history, event_times, wait_for
 from throttler.db import SessionFactory
 from throttler.models import Task
-from throttler.redis_server import free_port
 from throttler.statuses import TERMINAL_STATUSES
 
 pytestmark = pytest.mark.slow

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
+from devtools.redis_server import free_port, start_redis_server
 from tests.acceptance.processes import Cluster, Component, cluster
 from tests.acceptance.side_effect_worker import SIDE_EFFECT_LOG_ENV
 from tests.integration.worker_harness import (
@@ -20,7 +21,6 @@ from tests.integration.worker_harness import (
 from tests.support import wait_for
 from throttler.db import SessionFactory
 from throttler.models import TaskEvent
-from throttler.redis_server import free_port, start_redis_server
 from throttler.settings import Settings
 from worker.leases import LEASE_S
 

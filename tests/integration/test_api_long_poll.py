@@ -15,6 +15,7 @@ import pytest
 from fastapi import FastAPI
 from redis.asyncio import Redis
 from sqlalchemy import delete, event, update
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session
 from starlette.types import Message
 
@@ -32,6 +33,7 @@ from throttler.outbox import NewTask, mark_queued, submit_task, submit_tasks
 from throttler.reconcile import reconcile_once
 from throttler.settings import Settings
 from throttler.statuses import EventKind, TaskStatus
+from throttler.store.recovery import open_recovery
 
 RESULT = "/api/v1/task/result/{}"
 
@@ -435,7 +437,7 @@ async def test_listener_stops_promptly_even_while_connecting(
 
 
 async def test_reconciler_announces_the_tasks_it_fails(
-    settings: Settings, sessions: SessionFactory, redis: Redis
+    settings: Settings, engine: AsyncEngine, sessions: SessionFactory, redis: Redis
 ) -> None:
     side_effecting = {**CATALOG, "greeting": dataclasses.replace(GREETING, side_effecting=True)}
     long_ago = utcnow() - timedelta(minutes=5)
@@ -453,7 +455,11 @@ async def test_reconciler_announces_the_tasks_it_fails(
     await listener.subscribe(FINISHED_CHANNEL)
     try:
         report = await reconcile_once(
-            sessions=sessions, redis=redis, settings=settings, now=utcnow(), catalog=side_effecting
+            store=open_recovery(settings, engine),
+            redis=redis,
+            settings=settings,
+            now=utcnow(),
+            catalog=side_effecting,
         )
         assert report.failed == (task.id,)
 

@@ -12,12 +12,12 @@ from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.constants import job_key_prefix
 from redis.asyncio import Redis
 
+from devtools.redis_server import start_redis_server
 from relay.__main__ import wakeup_channels
 from relay.relay import Relay
 from tests.support import submit_greetings, wait_for
 from throttler.constants import FINISHED_CHANNEL, SUBMITTED_CHANNEL
 from throttler.db import SessionFactory
-from throttler.redis_server import start_redis_server
 from throttler.settings import Settings
 from throttler.throttle import UnlimitedLimiter
 from throttler.wakeup import WakeupListener, announce_new_work

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
+import pytest
 from sqlalchemy import func, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.support import wait_for
 from throttler.db import SessionFactory
@@ -14,6 +16,12 @@ from throttler.outbox import submit_task
 from throttler.retention import Pruner, prune_once
 from throttler.settings import Settings
 from throttler.statuses import TaskStatus
+from throttler.store.recovery import RecoveryStore, open_recovery
+
+
+@pytest.fixture
+def recovery(settings: Settings, engine: AsyncEngine) -> RecoveryStore:
+    return open_recovery(settings, engine)
 
 
 async def _make_task(
@@ -43,7 +51,9 @@ async def _remaining(sessions: SessionFactory) -> tuple[set[str], int, int]:
     return ids, events, outbox
 
 
-async def test_prunes_old_terminal_tasks_with_their_events(sessions: SessionFactory) -> None:
+async def test_prunes_old_terminal_tasks_with_their_events(
+    sessions: SessionFactory, recovery: RecoveryStore
+) -> None:
     old = [
         await _make_task(sessions, status=status, finished_days_ago=10)
         for status in (TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED) * 2
@@ -53,42 +63,48 @@ async def test_prunes_old_terminal_tasks_with_their_events(sessions: SessionFact
     pending = await _make_task(sessions, status=TaskStatus.PENDING, finished_days_ago=None)
     running = await _make_task(sessions, status=TaskStatus.RUNNING, finished_days_ago=None)
 
-    pruned = await prune_once(sessions=sessions, retention_days=7, now=utcnow(), batch_size=4)
+    pruned = await prune_once(store=recovery, retention_days=7, now=utcnow(), batch_size=4)
 
     assert pruned == len(old)
     ids, events, outbox = await _remaining(sessions)
     assert ids == {recent, pending, running}
     assert events == 3  # one `submitted` each
     assert outbox == 3
-    assert await prune_once(sessions=sessions, retention_days=7, now=utcnow()) == 0
+    assert await prune_once(store=recovery, retention_days=7, now=utcnow()) == 0
 
 
-async def test_max_batches_bounds_one_call(sessions: SessionFactory) -> None:
+async def test_max_batches_bounds_one_call(
+    sessions: SessionFactory, recovery: RecoveryStore
+) -> None:
     for _ in range(5):
         await _make_task(sessions, status=TaskStatus.SUCCEEDED, finished_days_ago=10)
 
     first = await prune_once(
-        sessions=sessions, retention_days=1, now=utcnow(), batch_size=2, max_batches=1
+        store=recovery, retention_days=1, now=utcnow(), batch_size=2, max_batches=1
     )
-    rest = await prune_once(sessions=sessions, retention_days=1, now=utcnow(), batch_size=2)
+    rest = await prune_once(store=recovery, retention_days=1, now=utcnow(), batch_size=2)
 
     assert (first, rest) == (2, 3)
 
 
-async def test_zero_days_keeps_everything(sessions: SessionFactory) -> None:
+async def test_zero_days_keeps_everything(
+    sessions: SessionFactory, recovery: RecoveryStore
+) -> None:
     task_id = await _make_task(sessions, status=TaskStatus.SUCCEEDED, finished_days_ago=3650)
 
-    assert await prune_once(sessions=sessions, retention_days=0, now=utcnow()) == 0
+    assert await prune_once(store=recovery, retention_days=0, now=utcnow()) == 0
     assert (await _remaining(sessions))[0] == {task_id}
 
 
-async def test_concurrent_pruners_delete_each_task_once(sessions: SessionFactory) -> None:
+async def test_concurrent_pruners_delete_each_task_once(
+    sessions: SessionFactory, recovery: RecoveryStore
+) -> None:
     for _ in range(30):
         await _make_task(sessions, status=TaskStatus.FAILED, finished_days_ago=10)
 
     counts = await asyncio.gather(
         *(
-            prune_once(sessions=sessions, retention_days=1, now=utcnow(), batch_size=4)
+            prune_once(store=recovery, retention_days=1, now=utcnow(), batch_size=4)
             for _ in range(3)
         )
     )
@@ -97,11 +113,13 @@ async def test_concurrent_pruners_delete_each_task_once(sessions: SessionFactory
     assert await _remaining(sessions) == (set(), 0, 0)
 
 
-async def test_pruner_loop(settings: Settings, sessions: SessionFactory) -> None:
+async def test_pruner_loop(
+    settings: Settings, sessions: SessionFactory, recovery: RecoveryStore
+) -> None:
     task_id = await _make_task(sessions, status=TaskStatus.SUCCEEDED, finished_days_ago=10)
     pruner = Pruner(
         settings=settings.model_copy(update={"retention_days": 2}),
-        sessions=sessions,
+        store=recovery,
         interval_s=0.05,
     )
     running = asyncio.create_task(pruner.run())

@@ -1,12 +1,13 @@
 """Retries, permanent failures and at-most-once tasks, with test-only task classes.
 
-Test tasks reuse a catalog name (and so its input model); each test registers only its
-own class with the worker it runs.
+Test tasks reuse a catalog entry (and so its name and input model), or a variant of it;
+each test registers only its own class with the worker it runs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import uuid
 from collections import Counter
@@ -30,7 +31,7 @@ from tests.integration.worker_harness import (
     wait_final,
 )
 from tests.support import event_history, wait_for
-from throttler.catalog import GreetingInput
+from throttler.catalog import GREETING, GreetingInput
 from throttler.db import SessionFactory
 from throttler.lifecycle import start_attempt
 from throttler.models import TaskEvent, utcnow
@@ -39,11 +40,13 @@ from worker.taskkit import PermanentError, Resources, RetriableTask, SideEffecti
 from worker.taskkit.persist import write_with_retry
 from worker.tasks.greeting import GreetingOutput
 
+# The greeting, but run at most once: a test-only variant of the catalog entry.
+SIDE_EFFECTING_GREETING = dataclasses.replace(GREETING, side_effecting=True)
 
-class FailsTwice(RetriableTask[GreetingInput, GreetingOutput]):
+
+class FailsTwice(RetriableTask[GreetingInput, GreetingOutput], spec=GREETING):
     """Raise on the first two calls for a name, then greet."""
 
-    name = "greeting"
     output_model = GreetingOutput
     calls: ClassVar[Counter[str]] = Counter()
 
@@ -54,24 +57,21 @@ class FailsTwice(RetriableTask[GreetingInput, GreetingOutput]):
         return GreetingOutput(message=f"Hello, {params.name}!")
 
 
-class AlwaysFails(RetriableTask[GreetingInput, GreetingOutput]):
-    name = "greeting"
+class AlwaysFails(RetriableTask[GreetingInput, GreetingOutput], spec=GREETING):
     output_model = GreetingOutput
 
     async def run(self, resources: Resources, params: GreetingInput) -> GreetingOutput:
         raise ConnectionError("still down")
 
 
-class RefusesPermanently(RetriableTask[GreetingInput, GreetingOutput]):
-    name = "greeting"
+class RefusesPermanently(RetriableTask[GreetingInput, GreetingOutput], spec=GREETING):
     output_model = GreetingOutput
 
     async def run(self, resources: Resources, params: GreetingInput) -> GreetingOutput:
         raise PermanentError(f"{params.name} does not exist")
 
 
-class ReturnsWrongOutput(RetriableTask[GreetingInput, GreetingOutput]):
-    name = "greeting"
+class ReturnsWrongOutput(RetriableTask[GreetingInput, GreetingOutput], spec=GREETING):
     output_model = GreetingOutput
 
     async def run(self, resources: Resources, params: GreetingInput) -> GreetingOutput:
@@ -80,10 +80,9 @@ class ReturnsWrongOutput(RetriableTask[GreetingInput, GreetingOutput]):
         return GreetingOutput.model_construct(**broken)
 
 
-class SendsEmail(SideEffectingTask[GreetingInput, GreetingOutput]):
+class SendsEmail(SideEffectingTask[GreetingInput, GreetingOutput], spec=SIDE_EFFECTING_GREETING):
     """Pretend to send an email; fail if the name says so."""
 
-    name = "greeting"
     output_model = GreetingOutput
     sent: ClassVar[list[str]] = []
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -9,6 +10,7 @@ from arq.jobs import Job, JobStatus
 
 from tests.integration.worker_harness import arq_pool, dispatch, running_worker, wait_final
 from tests.support import event_history, wait_for
+from throttler.catalog import BLOCKING_LONG_RUNNING
 from throttler.db import SessionFactory
 from throttler.settings import Settings
 from worker.taskkit import TaskBase
@@ -68,10 +70,10 @@ async def test_blocking_task_does_not_stall_the_worker(
     assert greeting.finished_at < blocking.finished_at
 
 
-class QuickBlockingTask(BlockingLongRunningTask):
+class QuickBlockingTask(
+    BlockingLongRunningTask, spec=dataclasses.replace(BLOCKING_LONG_RUNNING, timeout_s=0.5)
+):
     """The blocking task with a time limit short enough to pass in a test."""
-
-    timeout_s = 0.5
 
 
 async def test_blocking_task_past_its_timeout_fails_and_worker_keeps_serving(

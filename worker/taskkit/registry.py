@@ -17,7 +17,7 @@ from worker.taskkit.runner import run_task
 # reach a terminal status. Our runner decides from the database attempt count; ARQ's
 # limit only has to stay out of the way, including restarts after shutdowns, worker
 # deaths and database outages at start (each counts as an ARQ try; see runner for the
-# backoff between those, up to WORKER_RETRY_BACKOFF_MAX_S each).
+# backoff between those, up to settings.worker_retry_backoff_max_s each).
 ARQ_TRIES_HEADROOM = 10_000
 # ARQ's timeout would end the job in ARQ (removed from the queue, our code cut short)
 # while the task is still ``running`` in the database. Our runner enforces the task's own

