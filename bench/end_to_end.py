@@ -55,7 +55,7 @@ from bench.processes import (
     module_process,
     postgres_database,
 )
-from throttler.redis_server import RedisServer, start_redis_server
+from devtools.redis_server import RedisServer, start_redis_server
 from throttler.settings import Settings
 
 BULK = "/api/v1/tasks"
