@@ -65,7 +65,7 @@ BASELINE_NAME = "bare ARQ: enqueue_job + ARQ worker"
 TARGET = Target(at_least=0.9, of_baseline=True)
 FINISH_TIMEOUT_S = 300.0
 # How often completion is checked: the end time comes from the recorded stamps, not
-# from the poll, so polling rarely costs no precision.
+# from the poll, so a slow poll loses no precision.
 POLL_S = 0.2
 WARM_UP_NAME = "warm-up"
 
