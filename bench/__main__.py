@@ -15,9 +15,9 @@ import sys
 import time
 from collections.abc import Callable
 
-from bench.figures import Figure, render
+from bench.figures import Figure, render, summary
 
-BENCHMARKS = ("intake", "relay", "worker", "latency", "throttle")
+BENCHMARKS = ("intake", "relay", "worker", "latency", "throttle", "end_to_end")
 
 
 def _runner(name: str) -> Callable[..., list[Figure]]:
@@ -47,8 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         figures.extend(measured)
     print(f"Machine: {machine()}; {time.monotonic() - started:.0f} s in all.\n")
     print(render(figures))
-    met = sum(figure.met for figure in figures)
-    print(f"\n{met} of {len(figures)} targets met.")
+    print(f"\n{summary(figures)}")
     return 0
 
 

@@ -29,10 +29,14 @@ def create_app() -> FastAPI:
     return app
 
 
+def serve(app: FastAPI, *, port: int) -> None:
+    """Serve ``app`` as ``python -m api`` serves ours: one uvicorn process, its defaults
+    (uvloop and httptools when installed), no log config, no server header."""
+    uvicorn.run(app, host="127.0.0.1", port=port, log_config=None, server_header=False)
+
+
 def main() -> None:
-    uvicorn.run(
-        create_app(), host="127.0.0.1", port=int(sys.argv[1]), log_config=None, server_header=False
-    )
+    serve(create_app(), port=int(sys.argv[1]))
 
 
 if __name__ == "__main__":

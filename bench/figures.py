@@ -9,12 +9,20 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Target:
-    """A bound on a figure, absolute or as a ratio to the figure's baseline."""
+    """A bound on a figure, absolute or as a ratio to the figure's baseline.
+
+    With neither bound the row is information only (a second baseline to read the
+    figure against): it shows "-" as its target and is left out of the count of targets.
+    """
 
     at_least: float | None = None
     at_most: float | None = None
     # The bound applies to value / baseline (a fraction, 0.6 = 60 %), not to the value.
     of_baseline: bool = False
+
+    @property
+    def bounded(self) -> bool:
+        return self.at_least is not None or self.at_most is not None
 
     def judged(self, value: float, baseline: float | None) -> float | None:
         """The number the bound applies to; None when a ratio has no baseline."""
@@ -43,7 +51,7 @@ class Target:
             parts.append(f">= {bound(self.at_least)}")
         if self.at_most is not None:
             parts.append(f"<= {bound(self.at_most)}")
-        return " and ".join(parts) or "-"
+        return " and ".join(parts) or "- (information)"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -62,6 +70,13 @@ class Figure:
     @property
     def met(self) -> bool:
         return self.target.met(self.value, self.baseline)
+
+    @property
+    def verdict(self) -> str:
+        """The table's Met column: yes, NO, or "-" for a row without a target."""
+        if not self.target.bounded:
+            return "-"
+        return "yes" if self.met else "NO"
 
     @property
     def ratio(self) -> float | None:
@@ -115,6 +130,16 @@ def render(figures: Sequence[Figure]) -> str:
         name = f"{figure.name} ({figure.note})" if figure.note else figure.name
         lines.append(
             f"| {name} | {_number(figure.value)} {figure.unit} | {baseline} | {ratio} "
-            f"| {figure.target.describe(figure.unit)} | {'yes' if figure.met else 'NO'} |"
+            f"| {figure.target.describe(figure.unit)} | {figure.verdict} |"
         )
     return "\n".join(lines)
+
+
+def summary(figures: Sequence[Figure]) -> str:
+    """The line under the table: how many of the rows with a target met it."""
+    judged = [figure for figure in figures if figure.target.bounded]
+    met = sum(figure.met for figure in judged)
+    line = f"{met} of {len(judged)} targets met."
+    if len(judged) < len(figures):
+        line += f" ({len(figures) - len(judged)} rows for information, without a target.)"
+    return line

@@ -1,12 +1,16 @@
-"""``python -m bench.intake``: submissions per second against a bare FastAPI endpoint.
+"""``python -m bench.intake``: submissions per second against the seed's design.
 
-Starts the bare baseline app (``bench.baseline``) and ``python -m api`` (one uvicorn
-process each, the same server settings) on a fresh SQLite file, and on PostgreSQL when
-``BENCH_POSTGRES_URL`` or ``TEST_POSTGRES_URL`` is set, all with a private Redis. Each run
-loads the baseline, then the API, with ``connections`` keep-alive connections posting one
+Starts, one uvicorn process each with the same server settings, the bare baseline app
+(``bench.baseline``: validates and answers, writing nothing), the seed's design
+(``bench.seed_design``: validates and enqueues straight into ARQ, no database) and
+``python -m api`` on a fresh SQLite file, and on PostgreSQL when ``BENCH_POSTGRES_URL`` or
+``TEST_POSTGRES_URL`` is set, all with a private Redis. Each run loads the bare endpoint,
+the seed's design, then the API, with ``connections`` keep-alive connections posting one
 greeting each time, then bulk submissions of 1,000 greetings. Figures are medians over the
-runs; the baseline is measured in every run, just before the API, since the machine is
-noisy. The load comes from this process, a separate one from every server.
+runs; the baselines are measured in every run, just before the API, since the machine is
+noisy. Durable submission is judged against the seed's design (as fast, while durable);
+the ratio to the bare endpoint is shown for information. The load comes from this process,
+a separate one from every server.
 """
 
 from __future__ import annotations
@@ -33,8 +37,11 @@ GREETING = "/api/v1/task/greeting"
 BULK = "/api/v1/tasks"
 BULK_SIZE = 1000
 BULK_CONNECTIONS = 4
-BASELINE_NAME = "bare FastAPI endpoint"
-SUBMIT_TARGET = Target(at_least=0.6, of_baseline=True)
+BARE_NAME = "bare FastAPI endpoint"
+SEED_NAME = "seed design: FastAPI + enqueue_job, no database"
+# Durable submission at least the rate of the design it replaced (issue 8).
+SUBMIT_TARGET = Target(at_least=1.0, of_baseline=True)
+INFORMATION = Target()
 P99_TARGET = Target(at_most=50)
 BULK_TARGET = Target(at_least=20_000)
 _CONTENT_LENGTH = re.compile(rb"content-length: *(\d+)", re.IGNORECASE)
@@ -160,8 +167,8 @@ class _Series:
 
 
 def measure_all(*, sizes: Sizes, connections: int) -> dict[str, _Series]:
-    """Run every load ``sizes.runs`` times; keys: baseline, sqlite, postgres, bulk."""
-    series = {name: _Series.empty() for name in ("baseline", "sqlite", "postgres", "bulk")}
+    """Run every load ``sizes.runs`` times; keys: bare, seed, sqlite, postgres, bulk."""
+    series = {name: _Series.empty() for name in ("bare", "seed", "sqlite", "postgres", "bulk")}
     greeting = {"name": "bench"}
     bulk = {"tasks": [{"name": "greeting", "input": {"name": f"n{i}"}} for i in range(BULK_SIZE)]}
     with (
@@ -174,19 +181,21 @@ def measure_all(*, sizes: Sizes, connections: int) -> dict[str, _Series]:
         servers.callback(redis.stop)
         sqlite_url = f"sqlite+aiosqlite:///{workdir}/bench.db"
         migrate({**os.environ, "DATABASE_URL": sqlite_url})
-        baseline_port, sqlite_port, postgres_port = free_port(), free_port(), free_port()
+        bare_port, seed_port = free_port(), free_port()
+        sqlite_port, postgres_port = free_port(), free_port()
         env = _api_env(sqlite_url, redis.url, sqlite_port)
+        servers.enter_context(http_server(["bench.baseline", str(bare_port)], env, bare_port))
         servers.enter_context(
-            http_server(["bench.baseline", str(baseline_port)], env, baseline_port)
+            http_server(["bench.seed_design", str(seed_port), redis.url], env, seed_port)
         )
         servers.enter_context(http_server(["api"], env, sqlite_port))
-        loads = [("baseline", baseline_port), ("sqlite", sqlite_port)]
+        loads = [("bare", bare_port), ("seed", seed_port), ("sqlite", sqlite_port)]
         if postgres_url is not None:
             pg_env = _api_env(postgres_url, redis.url, postgres_port)
             servers.enter_context(http_server(["api"], pg_env, postgres_port))
             loads.append(("postgres", postgres_port))
         for _ in range(sizes.runs):
-            # The baseline just before the API, in every run: the machine is noisy.
+            # The baselines just before the API, in every run: the machine is noisy.
             for key, port in loads:
                 series[key].add(
                     _measure(
@@ -202,20 +211,31 @@ def measure_all(*, sizes: Sizes, connections: int) -> dict[str, _Series]:
 
 def figures_of(series: dict[str, _Series], *, sizes: Sizes, connections: int) -> list[Figure]:
     runs = f"median of {sizes.runs}"
-    baseline = median(series["baseline"].per_s)
+    bare = median(series["bare"].per_s)
+    seed = median(series["seed"].per_s)
     figures: list[Figure] = []
     for key, label in (("sqlite", "SQLite"), ("postgres", "PostgreSQL")):
         if not series[key].per_s:
             continue
+        rate = median(series[key].per_s)
         figures += [
             Figure(
                 name=f"Submit, {label}",
-                value=median(series[key].per_s),
+                value=rate,
                 unit="req/s",
                 target=SUBMIT_TARGET,
-                baseline=baseline,
-                baseline_name=BASELINE_NAME,
+                baseline=seed,
+                baseline_name=SEED_NAME,
                 note=f"{connections} connections, each 202 committed, {runs}",
+            ),
+            Figure(
+                name=f"Submit, {label}, against a bare endpoint",
+                value=rate,
+                unit="req/s",
+                target=INFORMATION,
+                baseline=bare,
+                baseline_name=BARE_NAME,
+                note="the same runs; the ceiling of one uvicorn process writing nothing",
             ),
             Figure(
                 name=f"Submit p99, {label}",

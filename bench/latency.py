@@ -3,9 +3,10 @@
 Starts a private Redis, a fresh SQLite file and the real ``python -m api``,
 ``python -m relay`` and ``python -m worker`` (defaults: unthrottled, SQLite
 ``synchronous=FULL``), then POSTs greetings at a steady 20 per second from this process
-for a few windows. Each task's latency is ``finished_at - created_at`` as the database
-records it (both stamped by our processes on one clock); the figures are the medians over
-the windows of each window's p50 and p99.
+for a few windows, after one warm-up task has gone through every component (so the
+figures are the steady state, not process start-up). Each task's latency is
+``finished_at - created_at`` as the database records it (both stamped by our processes on
+one clock); the figures are the medians over the windows of each window's p50 and p99.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ RATE_PER_S = 20.0
 GREETING = "/api/v1/task/greeting"
 FINISH_TIMEOUT_S = 30.0
 POLL_S = 0.05
+# Issue 8's bounds, in steady state (after the warm-up task).
+P50_TARGET = Target(at_most=20)
+P99_TARGET = Target(at_most=50)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -147,14 +151,13 @@ def run(*, quick: bool) -> list[Figure]:
             p99.append(_percentile(latencies, 99))
     tasks = round(sizes.window_s * RATE_PER_S)
     runs = f"median of {sizes.windows} windows" if sizes.windows > 1 else "1 window"
-    note = f"{RATE_PER_S:g} greetings/s, {tasks} per window, api+relay+worker, SQLite, {runs}"
+    note = (
+        f"{RATE_PER_S:g} greetings/s, {tasks} per window, after a warm-up task, "
+        f"api+relay+worker, SQLite, {runs}"
+    )
     return [
-        Figure(
-            name="Latency p50", value=median(p50), unit="ms", target=Target(at_most=20), note=note
-        ),
-        Figure(
-            name="Latency p99", value=median(p99), unit="ms", target=Target(at_most=100), note=note
-        ),
+        Figure(name="Latency p50", value=median(p50), unit="ms", target=P50_TARGET, note=note),
+        Figure(name="Latency p99", value=median(p99), unit="ms", target=P99_TARGET, note=note),
     ]
 
 

@@ -1,4 +1,10 @@
-"""What the benchmarks share: free ports, migrated databases, servers run as subprocesses."""
+"""What the benchmarks share: free ports, migrated databases, servers run as subprocesses.
+
+Processes run the code of ``code_dir`` (this checkout unless told otherwise): its
+directory is the working directory and ``PYTHONPATH``, ahead of the editable install of
+this checkout, so one harness can measure another checkout of the project (say, the code
+before a change) with this interpreter.
+"""
 
 from __future__ import annotations
 
@@ -31,12 +37,20 @@ def free_port() -> int:
     return port
 
 
-def migrate(env: Mapping[str, str]) -> None:
-    """Bring the database of ``env["DATABASE_URL"]`` to the latest schema."""
+def code_env(env: Mapping[str, str], code_dir: Path) -> dict[str, str]:
+    """``env`` for a process that must import the project from ``code_dir``."""
+    if code_dir.resolve() == ROOT:
+        return dict(env)
+    # Another checkout: never write bytecode into it (it may be read-only).
+    return {**env, "PYTHONPATH": str(code_dir.resolve()), "PYTHONDONTWRITEBYTECODE": "1"}
+
+
+def migrate(env: Mapping[str, str], *, code_dir: Path = ROOT) -> None:
+    """Bring the database of ``env["DATABASE_URL"]`` to ``code_dir``'s latest schema."""
     subprocess.run(
         [sys.executable, "-m", "alembic", "upgrade", "head"],
-        cwd=ROOT,
-        env=dict(env),
+        cwd=code_dir,
+        env=code_env(env, code_dir),
         check=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -45,16 +59,24 @@ def migrate(env: Mapping[str, str]) -> None:
 
 @contextmanager
 def module_process(
-    args: Sequence[str], env: Mapping[str, str], *, output: IO[bytes] | None = None
+    args: Sequence[str],
+    env: Mapping[str, str],
+    *,
+    output: IO[bytes] | None = None,
+    code_dir: Path = ROOT,
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """Run ``python -m ARGS`` from the project root until the block ends, then stop it.
+    """Run ``python -m ARGS`` from ``code_dir`` until the block ends, then stop it.
 
     Its output goes to ``output`` (discarded when None). SIGTERM first, as the services
     expect; SIGKILL if it has not exited within half a minute.
     """
     target = subprocess.DEVNULL if output is None else output
     process = subprocess.Popen(
-        [sys.executable, "-m", *args], cwd=ROOT, env=dict(env), stdout=target, stderr=target
+        [sys.executable, "-m", *args],
+        cwd=code_dir,
+        env=code_env(env, code_dir),
+        stdout=target,
+        stderr=target,
     )
     try:
         yield process
@@ -68,10 +90,12 @@ def module_process(
 
 
 @contextmanager
-def http_server(args: list[str], env: Mapping[str, str], port: int) -> Iterator[str]:
+def http_server(
+    args: list[str], env: Mapping[str, str], port: int, *, code_dir: Path = ROOT
+) -> Iterator[str]:
     """Run ``python -m ARGS`` until the block ends; yield its base URL once /healthz answers."""
     base_url = f"http://127.0.0.1:{port}"
-    with module_process(args, env) as process:
+    with module_process(args, env, code_dir=code_dir) as process:
         deadline = time.monotonic() + READY_TIMEOUT_S
         while True:
             try:
@@ -96,8 +120,8 @@ async def _admin(admin_url: str, statement: str) -> None:
 
 
 @contextmanager
-def postgres_database(prefix: str) -> Iterator[str | None]:
-    """A fresh migrated PostgreSQL database for the block when a POSTGRES_ENVS URL is set.
+def postgres_database(prefix: str, *, code_dir: Path = ROOT) -> Iterator[str | None]:
+    """A fresh PostgreSQL database, at ``code_dir``'s schema, when a POSTGRES_ENVS URL is set.
 
     Yield its URL (None without a server); drop it afterwards, whatever happened.
     """
@@ -109,7 +133,7 @@ def postgres_database(prefix: str) -> Iterator[str | None]:
     asyncio.run(_admin(admin_url, f'CREATE DATABASE "{name}"'))
     url = admin_url.rsplit("/", 1)[0] + f"/{name}"
     try:
-        migrate({**os.environ, "DATABASE_URL": url})
+        migrate({**os.environ, "DATABASE_URL": url}, code_dir=code_dir)
         yield url
     finally:
         asyncio.run(_admin(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))

@@ -42,7 +42,8 @@ from throttler.submit import NewTask
 
 # The first one set names a server where the benchmark may create a database of its own.
 BASELINE_NAME = "ARQ no-op worker"
-TARGET = Target(at_least=0.7, of_baseline=True)
+# Issue 8: status writes cost no throughput against ARQ running jobs that do nothing.
+TARGET = Target(at_least=1.0, of_baseline=True)
 # Rows per insert transaction while filling (keeps each statement well within limits).
 FILL_CHUNK = 1000
 DRAIN_TIMEOUT_S = 120.0
