@@ -117,6 +117,40 @@ def _far_future() -> str:
     return (datetime.now(UTC) + timedelta(seconds=MAX_DELAY_S + 3600)).isoformat()
 
 
+def _soon() -> str:
+    """A start time well inside MAX_DELAY_S, so only its spelling can make it invalid."""
+    return (datetime.now(UTC) + timedelta(hours=1)).replace(microsecond=0, tzinfo=None).isoformat()
+
+
+# Spellings of small valid integers that pydantic's lax mode would take: an integer option is
+# plain ASCII decimal digits only (no sign, separator, fraction, exponent or whitespace).
+LAX_INTEGERS = [
+    "5.0",
+    "0_5",
+    "+5",
+    "-0",
+    "5e0",
+    " 5",
+    "5 ",
+    "5\n",
+    "0x5",
+    "\uff15",  # FULLWIDTH DIGIT FIVE
+    "\u0665",  # ARABIC-INDIC DIGIT FIVE
+]
+# run_at is ISO-8601 with a timezone only: never a bare epoch number, never padded.
+LAX_TIMES = {
+    "epoch": "1700000000",
+    "epoch-fraction": "1700000000.5",
+    "epoch-soon": str(int(datetime.now(UTC).timestamp()) + 3600),
+    "leading-space": f" {_soon()}Z",
+    "trailing-space": f"{_soon()}Z ",
+    "trailing-newline": f"{_soon()}Z\n",
+    "space-before-zone": f"{_soon()} Z",
+    "space-for-t": _soon().replace("T", " ") + "Z",
+}
+# Each option given twice, with a value that is valid once: the repeat alone is the error.
+VALID_ONCE = {"priority": "5", "delay_s": "10", "run_at": f"{_soon()}Z"}
+
 # (id, query parameters, the parameter the 422 must name)
 INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("priority-word", {"priority": "high"}, "priority"),
@@ -128,11 +162,17 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("delay-over-max", {"delay_s": MAX_DELAY_S + 1}, "delay_s"),
     ("delay-word", {"delay_s": "soon"}, "delay_s"),
     ("delay-fraction", {"delay_s": "0.5"}, "delay_s"),
+    ("delay-underscore", {"delay_s": "1_000"}, "delay_s"),
     ("run-at-naive", {"run_at": "2030-01-01T10:00:00"}, "run_at"),
     ("run-at-garbage", {"run_at": "tomorrow"}, "run_at"),
     ("run-at-too-far", {"run_at": _far_future()}, "run_at"),
     ("delay-and-run-at", {"delay_s": 5, "run_at": "2030-01-01T10:00:00Z"}, "run_at"),
     ("unknown-option", {"delay": 30}, "delay"),
+    *[(f"priority-{value!r}", {"priority": value}, "priority") for value in LAX_INTEGERS],
+    *[(f"delay-{value!r}", {"delay_s": value}, "delay_s") for value in LAX_INTEGERS],
+    *[(f"run-at-{name}", {"run_at": value}, "run_at") for name, value in LAX_TIMES.items()],
+    *[(f"{name}-twice", {name: [value, value]}, name) for name, value in VALID_ONCE.items()],
+    ("unknown-option-twice", {"delay": [30, 30]}, "delay"),
 ]
 
 
@@ -168,3 +208,35 @@ async def test_options_appear_in_openapi(api_client: httpx.AsyncClient) -> None:
     assert {parameter["name"] for parameter in parameters} >= {"priority", "delay_s", "run_at"}
     view = schema["components"]["schemas"]["TaskPublic"]["properties"]
     assert {"priority", "run_at"} <= set(view)
+
+
+async def test_repeated_option_message_says_so(api_client: httpx.AsyncClient) -> None:
+    response = await api_client.post(GREETING, params={"priority": ["9", "1"]}, json={"name": "A"})
+
+    assert response.status_code == 422
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["query", "priority"]
+    assert "more than once" in error["msg"]
+
+
+@pytest.mark.parametrize(
+    ("params", "priority", "delay_s"),
+    [
+        ({"priority": "07"}, 7, None),
+        ({"delay_s": "0030"}, 5, 30),
+        ({"priority": "0", "delay_s": "0"}, 0, None),
+    ],
+)
+async def test_plain_decimal_digits_are_accepted(
+    api_client: httpx.AsyncClient, params: dict[str, str], priority: int, delay_s: int | None
+) -> None:
+    response = await api_client.post(GREETING, params=params, json={"name": "A"})
+
+    assert response.status_code == 202, response.text
+    view = response.json()
+    assert view["priority"] == priority
+    if delay_s is None:
+        assert view["run_at"] is None
+    else:
+        run_at = datetime.fromisoformat(view["run_at"])
+        assert run_at - datetime.fromisoformat(view["created_at"]) == timedelta(seconds=delay_s)
