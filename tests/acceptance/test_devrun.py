@@ -370,3 +370,36 @@ def test_without_any_redis_server_it_says_what_to_install(tmp_path: Path) -> Non
     assert "Traceback" not in result.stdout + result.stderr
     assert not (tmp_path / "arq_throttler.db").exists(), "nothing may start without Redis"
     assert not (tmp_path / ".run").exists(), "nothing may be created without a redis-server"
+
+
+def _make_dry_run(target: str, venv: Path) -> list[str]:
+    """The commands `make <target>` would run on a machine without a virtualenv yet."""
+    result = subprocess.run(
+        ["make", "--dry-run", target, f"VENV={venv}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return result.stdout.splitlines()
+
+
+def _installed_extras(commands: list[str]) -> set[str]:
+    return {
+        match[1]
+        for command in commands
+        if "pip install" in command
+        for match in re.finditer(r"-e '\.\[(\w+)\]'", command)
+    }
+
+
+def test_make_run_installs_only_what_running_needs(tmp_path: Path) -> None:
+    """`make run` installs the package and its run extra; the dev tools come with test/lint."""
+    venv = tmp_path / "venv"
+    run_commands = _make_dry_run("run", venv)
+    assert _installed_extras(run_commands) == {"run"}, run_commands
+    assert run_commands[-1].endswith(f"python -m {DEVRUN_MODULE}"), run_commands
+    for target in ("install", "test", "lint", "bench"):
+        commands = _make_dry_run(target, venv)
+        assert "dev" in _installed_extras(commands), (target, commands)
