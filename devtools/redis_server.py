@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,9 +78,16 @@ class RedisServer:
 
 
 def start_redis_server(
-    *, port: int | None = None, workdir: Path, startup_timeout_s: float = 10.0
+    *,
+    port: int | None = None,
+    workdir: Path,
+    startup_timeout_s: float = 10.0,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> RedisServer:
-    """Start redis-server on ``port`` (a free one by default); wait until it answers PING."""
+    """Start redis-server on ``port`` (a free one by default); wait until it answers PING.
+
+    ``preexec_fn`` runs in the child before exec (`make run` ties Redis's life to its own).
+    """
     binary = find_redis_server()  # first: without one, nothing is created
     port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -105,6 +113,7 @@ def start_redis_server(
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
+            preexec_fn=preexec_fn,
         )
     server = RedisServer(port=port, process=process)
     deadline = time.monotonic() + startup_timeout_s

@@ -4,16 +4,24 @@ a worker with prefixed logs.
 Each component runs in its own process group, so a Ctrl-C in the terminal reaches only
 this supervisor (and the Redis it started, which is shielded from SIGINT); the
 supervisor then stops every component exactly once with SIGTERM, waits a grace period,
-kills what is left, and stops Redis last so components can shut down cleanly.
+kills what is left, and stops Redis last so components can shut down cleanly. Each
+component has its own grace: the worker's is the grace it promises its running jobs
+(WORKER_SHUTDOWN_GRACE_S) plus a margin. Should the supervisor itself be killed, Linux
+sends SIGTERM to every process it started (PR_SET_PDEATHSIG), Redis included.
+
+The API port is checked before anything starts: a taken port is one line, not a banner
+followed by a crash.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -35,7 +43,11 @@ from throttler.settings import Settings, load_settings
 COMPONENTS = ("api", "relay", "worker")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RUN_DIR_NAME = ".run"
+# Seconds from SIGTERM to SIGKILL: api and relay stop within a second or two.
 STOP_GRACE_S = 10.0
+# Added to WORKER_SHUTDOWN_GRACE_S: the worker cancels what is still running at its grace,
+# then writes those outcomes and closes its pools.
+WORKER_STOP_MARGIN_S = 10.0
 POLL_INTERVAL_S = 0.1
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 PREFIX_WIDTH = 6
@@ -138,7 +150,7 @@ def start_private_redis(run_dir: Path) -> RedisServer:
     # Redis keeps SIGINT blocked, so a terminal Ctrl-C cannot stop it before the
     # components that use it; it is stopped last, with SIGTERM.
     with sigint_blocked():
-        server = start_redis_server(workdir=run_dir)
+        server = start_redis_server(workdir=run_dir, preexec_fn=_die_with_parent())
     log.info(
         "devrun.redis_started",
         extra=fields(
@@ -165,7 +177,10 @@ def apply_migrations(database_url: str) -> None:
 
 
 def _die_with_parent() -> Callable[[], None] | None:
-    """Return a pre-exec hook asking Linux to SIGTERM the child if this process dies."""
+    """Return a pre-exec hook asking Linux to SIGTERM the child if this process dies.
+
+    Linux ties the signal to the thread that forked: call it (and fork) from the main thread.
+    """
     if not sys.platform.startswith("linux"):
         return None
     libc = ctypes.CDLL(None, use_errno=True)
@@ -222,21 +237,58 @@ def _signal_group(process: subprocess.Popen[bytes], signum: signal.Signals) -> N
         os.killpg(process.pid, signum)
 
 
-def stop_children(children: list[Child], stop: StopSignals) -> None:
-    """SIGTERM each live component once, wait the grace period, then SIGKILL the rest."""
+def stop_grace_s(name: str, settings: Settings) -> float:
+    """Seconds ``name`` gets between SIGTERM and SIGKILL."""
+    if name == "worker":
+        return settings.worker_shutdown_grace_s + WORKER_STOP_MARGIN_S
+    return STOP_GRACE_S
+
+
+def check_api_port_free(settings: Settings) -> None:
+    """Fail in one line, before anything starts, when the API's address is taken."""
+    host = settings.api_host or "0.0.0.0"  # noqa: S104 - uvicorn's meaning of an empty host
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # As uvicorn binds: SO_REUSEADDR, so a port in TIME_WAIT counts as free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, settings.api_port))
+        except OSError as error:
+            if error.errno != errno.EADDRINUSE:
+                raise DevRunError(
+                    f"cannot listen on {host}:{settings.api_port} ({error.strerror}): "
+                    f"set API_HOST/API_PORT"
+                ) from error
+            raise DevRunError(
+                f"port {settings.api_port} on {host} is already in use: set API_PORT to a "
+                f"free port, e.g. API_PORT={settings.api_port + 1} make run"
+            ) from error
+
+
+def stop_children(children: list[Child], stop: StopSignals, settings: Settings) -> None:
+    """SIGTERM each live component once, wait its grace period, then SIGKILL it."""
+    started = time.monotonic()
     for child in children:
         if child.process.poll() is None:
             log.info("devrun.stopping", extra=fields(component=child.name, pid=child.process.pid))
             _signal_group(child.process, signal.SIGTERM)
-    deadline = time.monotonic() + STOP_GRACE_S
-    while any(child.process.poll() is None for child in children):
-        if time.monotonic() > deadline or stop.forced.wait(POLL_INTERVAL_S):
+    deadlines = {child.name: started + stop_grace_s(child.name, settings) for child in children}
+    while not stop.forced.is_set():
+        now = time.monotonic()
+        waiting = [
+            child
+            for child in children
+            if child.process.poll() is None and now < deadlines[child.name]
+        ]
+        if not waiting:
             break
+        for child in children:
+            if child.process.poll() is None and now >= deadlines[child.name]:
+                _kill(child)
+        stop.forced.wait(POLL_INTERVAL_S)
     for child in children:
         if child.process.poll() is None:
-            log.warning("devrun.killing", extra=fields(component=child.name, pid=child.process.pid))
-            _signal_group(child.process, signal.SIGKILL)
-            child.process.wait()
+            _kill(child)
         log.info(
             "devrun.stopped",
             extra=fields(component=child.name, exit_code=child.process.returncode),
@@ -245,6 +297,12 @@ def stop_children(children: list[Child], stop: StopSignals) -> None:
         if child.pump.ident is not None:  # started
             # A grandchild holding the pipe open must not keep us here.
             child.pump.join(timeout=1.0)
+
+
+def _kill(child: Child) -> None:
+    log.warning("devrun.killing", extra=fields(component=child.name, pid=child.process.pid))
+    _signal_group(child.process, signal.SIGKILL)
+    child.process.wait()
 
 
 def supervise(children: list[Child], redis: RedisServer | None, stop: StopSignals) -> str | None:
@@ -263,6 +321,7 @@ def run(settings: Settings, console: Console, stop: StopSignals) -> int:
     redis: RedisServer | None = None
     children: list[Child] = []
     try:
+        check_api_port_free(settings)
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"
         if "redis_url" not in settings.model_fields_set:
@@ -305,7 +364,7 @@ def run(settings: Settings, console: Console, stop: StopSignals) -> int:
         return 1
     finally:
         stop.starting = False
-        stop_children(children, stop)
+        stop_children(children, stop, settings)
         if redis is not None:
             redis.stop()
             log.info("devrun.redis_stopped", extra=fields(exit_code=redis.process.returncode))

@@ -11,8 +11,10 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import suppress
 from dataclasses import dataclass
@@ -208,21 +210,115 @@ async def test_make_run_serves_a_greeting_and_stops_cleanly_on_ctrl_c(
         assert int(stopped[1]) in {0, -signal.SIGTERM}, output[-4000:]
 
 
-def test_a_component_that_dies_stops_the_rest(tmp_path: Path, devrun_factory: list[DevRun]) -> None:
+async def _start_healthy(devrun_factory: list[DevRun], workdir: Path, **settings: str) -> DevRun:
+    """A devrun serving on a free port, every component and its Redis started."""
+    port = free_port()
+    run = _start(devrun_factory, workdir, _fresh_environment(API_PORT=str(port), **settings))
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5.0) as client:
+        await _wait_until_healthy(run, client)
+    assert set(run.pids()) == {*COMPONENTS, "redis"}, run.output()[-4000:]
+    return run
+
+
+async def _wait_gone(run: DevRun, pids: dict[str, int], *, timeout_s: float) -> None:
+    async def gone() -> bool:
+        return not any(_is_running(pid) for pid in pids.values())
+
+    try:
+        await wait_for(gone, timeout_s=timeout_s, interval_s=0.1, message="devrun's processes")
+    except AssertionError:
+        alive = {name: pid for name, pid in pids.items() if _is_running(pid)}
+        raise AssertionError(f"still running: {alive}\n{run.output()[-4000:]}") from None
+
+
+async def test_a_component_that_dies_stops_the_rest(
+    tmp_path: Path, devrun_factory: list[DevRun]
+) -> None:
+    run = await _start_healthy(devrun_factory, tmp_path / "dies")
+    pids = run.pids()
+    os.kill(pids["relay"], signal.SIGKILL)
+    try:
+        code = run.process.wait(timeout=STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"devrun kept running:\n{run.output()[-4000:]}") from None
+    assert code != 0
+    output = run.output()
+    assert f"relay exited with code {-signal.SIGKILL}" in output, output[-4000:]
+    _assert_nothing_left(run, pids)
+
+
+def test_a_taken_api_port_stops_before_anything_starts(tmp_path: Path) -> None:
+    """One line naming API_PORT, exit 1; no banner, no Redis, no component."""
     with socket.socket() as taken:
-        # The API port is taken, so the api exits at start; devrun must stop the others.
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        run = _start(devrun_factory, tmp_path / "busy", _fresh_environment(API_PORT=str(port)))
-        try:
-            code = run.process.wait(timeout=STARTUP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"devrun kept running:\n{run.output()[-4000:]}") from None
-    assert code != 0
+        started_at = time.monotonic()
+        result = subprocess.run(
+            [sys.executable, "-m", DEVRUN_MODULE],
+            cwd=tmp_path,
+            env=_fresh_environment(API_PORT=str(port)),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=STARTUP_TIMEOUT_S,
+            check=False,
+        )
+        elapsed_s = time.monotonic() - started_at
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    lines = output.strip().splitlines()
+    assert len(lines) == 1, output
+    assert f"port {port}" in lines[0], output
+    assert "API_PORT" in lines[0], output
+    assert "Traceback" not in output
+    assert not (tmp_path / ".run").exists(), "Redis must not start when the port is taken"
+    assert not (tmp_path / "arq_throttler.db").exists(), "nothing may start"
+    assert elapsed_s < 10, f"took {elapsed_s:.1f}s to say the port is taken"
+
+
+async def test_ctrl_c_lets_a_running_task_finish_within_the_workers_grace(
+    tmp_path: Path, devrun_factory: list[DevRun]
+) -> None:
+    """A task longer than api's and relay's grace finishes: the worker gets its own grace."""
+    port = free_port()
+    workdir = tmp_path / "grace"
+    run = _start(devrun_factory, workdir, _fresh_environment(API_PORT=str(port)))
+    task_s = 12  # longer than the 10 s devrun gave every component before issue 9
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5.0) as client:
+        await _wait_until_healthy(run, client)
+        response = await client.post(
+            "/api/v1/task/non_blocking_long_running_task", json={"duration": task_s}
+        )
+        assert response.status_code == 202, response.text
+        task_id = response.json()["task_id"]
+
+        async def running() -> bool:
+            view = (await client.get(f"/api/v1/task/result/{task_id}")).json()
+            return bool(view["status"] == "running")
+
+        await wait_for(running, timeout_s=30.0, interval_s=0.05, message="the task running")
+    run.interrupt()
+    try:
+        code = run.process.wait(timeout=STOP_TIMEOUT_S + task_s)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"devrun kept running:\n{run.output()[-4000:]}") from None
     output = run.output()
-    assert "api exited with code" in output, output[-4000:]
-    _assert_nothing_left(run, run.pids())
+    assert code == 0, output[-4000:]
+    assert "devrun.killing" not in output, output[-4000:]
+    with sqlite3.connect(workdir / "arq_throttler.db") as database:
+        (status,) = database.execute("SELECT status FROM tasks WHERE id = ?", (task_id,)).fetchone()
+    assert status == "succeeded", output[-4000:]
+
+
+async def test_killing_the_supervisor_takes_its_redis_and_components_along(
+    tmp_path: Path, devrun_factory: list[DevRun]
+) -> None:
+    run = await _start_healthy(devrun_factory, tmp_path / "orphans")
+    pids = run.pids()
+    os.kill(run.process.pid, signal.SIGKILL)  # the supervisor only, not its group
+    run.process.wait()
+    await _wait_gone(run, pids, timeout_s=STOP_TIMEOUT_S)
 
 
 @pytest.mark.parametrize(("variable", "value"), [("RELAY_RATE", "abc"), ("API_PORT", "70000")])
@@ -274,3 +370,36 @@ def test_without_any_redis_server_it_says_what_to_install(tmp_path: Path) -> Non
     assert "Traceback" not in result.stdout + result.stderr
     assert not (tmp_path / "arq_throttler.db").exists(), "nothing may start without Redis"
     assert not (tmp_path / ".run").exists(), "nothing may be created without a redis-server"
+
+
+def _make_dry_run(target: str, venv: Path) -> list[str]:
+    """The commands `make <target>` would run on a machine without a virtualenv yet."""
+    result = subprocess.run(
+        ["make", "--dry-run", target, f"VENV={venv}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return result.stdout.splitlines()
+
+
+def _installed_extras(commands: list[str]) -> set[str]:
+    return {
+        match[1]
+        for command in commands
+        if "pip install" in command
+        for match in re.finditer(r"-e '\.\[(\w+)\]'", command)
+    }
+
+
+def test_make_run_installs_only_what_running_needs(tmp_path: Path) -> None:
+    """`make run` installs the package and its run extra; the dev tools come with test/lint."""
+    venv = tmp_path / "venv"
+    run_commands = _make_dry_run("run", venv)
+    assert _installed_extras(run_commands) == {"run"}, run_commands
+    assert run_commands[-1].endswith(f"python -m {DEVRUN_MODULE}"), run_commands
+    for target in ("install", "test", "lint", "bench"):
+        commands = _make_dry_run(target, venv)
+        assert "dev" in _installed_extras(commands), (target, commands)

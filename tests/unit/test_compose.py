@@ -8,6 +8,8 @@ import importlib.util
 import json
 import re
 import shlex
+import subprocess
+import sys
 import tomllib
 from fnmatch import fnmatch
 from pathlib import Path
@@ -22,6 +24,14 @@ from tests.support import ROOT
 from throttler.settings import Settings
 
 COMPOSE_FILE = ROOT / "docker-compose.yml"
+ENV_EXAMPLE = ROOT / ".env.example"
+# The Compose specification's schema as check-jsonschema ships it (no network needed).
+CHECK_JSONSCHEMA = [sys.executable, "-m", "check_jsonschema", "--builtin-schema"]
+COMPOSE_SCHEMA = "vendor.compose-spec"
+LOOPBACK_HOSTS = {"127.0.0.1", "::1", "[::1]", "localhost"}
+# A Compose duration: a sequence of number+unit, e.g. 1m30s (compose-spec "Duration").
+DURATION_PART = re.compile(r"(?P<number>\d+(?:\.\d+)?)(?P<unit>h|ms|us|m|s)")
+DURATION_UNIT_S = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, "us": 0.000001}
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 PYPROJECT = ROOT / "pyproject.toml"
@@ -271,6 +281,96 @@ def test_compose_loader_refuses_a_key_named_twice_as_compose_does() -> None:
         yaml.load("env:\n  A: 1\n  B: 2\n  A: 1\n", Loader=ComposeLoader)
     merged = yaml.load("x: &x {A: 1}\ny:\n  <<: *x\n  A: 2\n", Loader=ComposeLoader)
     assert merged["y"] == {"A": 2}, "overriding a merged key is allowed"
+
+
+def _validate_as_compose_does(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CHECK_JSONSCHEMA, COMPOSE_SCHEMA, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_compose_file_passes_the_compose_specification_schema() -> None:
+    result = _validate_as_compose_does(COMPOSE_FILE)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_schema_check_refuses_a_key_named_twice(tmp_path: Path) -> None:
+    """The check above can fail: the duplicate Compose v2 rejected is caught here too."""
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text(
+        "services:\n  api:\n    image: x\n    environment:\n      A: '1'\n      A: '2'\n"
+    )
+    result = _validate_as_compose_does(broken)
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert "duplicate" in (result.stdout + result.stderr).lower()
+
+
+def _compose_variables() -> dict[str, str]:
+    """Every variable the compose file interpolates, with the default it falls back to."""
+    found: dict[str, str] = {}
+    for match in INTERPOLATION.finditer(COMPOSE_FILE.read_text()):
+        default = match["default"] or ""
+        assert found.setdefault(match["name"], default) == default, (
+            f"{match['name']} has two defaults in docker-compose.yml"
+        )
+    return found
+
+
+def _env_example() -> dict[str, str]:
+    """``NAME=value`` lines of .env.example; each must follow a one-line comment."""
+    entries: dict[str, str] = {}
+    previous = ""
+    for line in ENV_EXAMPLE.read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, equals, value = line.partition("=")
+            assert equals, f".env.example: {line!r} is not NAME=value"
+            comment = f".env.example: {name} needs a one-line comment above it"
+            assert previous.startswith("# "), comment
+            assert previous.removeprefix("# ").strip(), comment
+            assert name not in entries, f".env.example names {name} twice"
+            entries[name] = value
+        previous = line
+    return entries
+
+
+def test_env_example_lists_exactly_the_variables_compose_uses_with_their_defaults() -> None:
+    assert _env_example() == _compose_variables()
+
+
+def _duration_s(duration: str) -> float:
+    parts = list(DURATION_PART.finditer(duration))
+    assert parts, f"{duration!r} is not a Compose duration"
+    assert "".join(part[0] for part in parts) == duration, f"{duration!r} is not a duration"
+    return sum(float(part["number"]) * DURATION_UNIT_S[part["unit"]] for part in parts)
+
+
+def test_duration_parser_reads_compose_durations() -> None:
+    assert _duration_s("40s") == 40.0
+    assert _duration_s("1m30s") == 90.0
+    assert _duration_s("1h") == 3600.0
+    assert _duration_s("1500ms") == 1.5
+
+
+def test_worker_stop_grace_outlasts_its_shutdown_grace() -> None:
+    """Compose's SIGKILL must come after the worker's promised grace, with a margin."""
+    stop_grace_s = _duration_s(_interpolate(_services()["worker"]["stop_grace_period"]))
+    shutdown_grace_s = Settings.model_fields["worker_shutdown_grace_s"].default
+    assert stop_grace_s >= shutdown_grace_s + 5, (
+        f"compose kills the worker {stop_grace_s}s after SIGTERM; it promises {shutdown_grace_s}s"
+    )
+
+
+def test_api_is_published_on_loopback_only_by_default() -> None:
+    """Without API_KEYS anyone who reaches the port can submit tasks: not the network."""
+    mappings = [_interpolate(port) for port in _services()["api"]["ports"]]
+    assert mappings == ["127.0.0.1:8000:8000"]
+    for mapping in mappings:
+        host = mapping.rsplit(":", 2)[0]
+        assert host in LOOPBACK_HOSTS, f"the API is published on {host!r} by default"
 
 
 # The image: only the runtime.
