@@ -54,6 +54,8 @@ class Backoff:
 # The policies in use, in one place.
 # Redis connects and pub/sub resubscribes: back quickly after a blip, at most every 5 s.
 REDIS_RECONNECT = Backoff(first_s=0.1, max_s=5.0)
+# A worker pinging Redis while it is away: work resumes within max_s of Redis answering.
+REDIS_PROBE = Backoff(first_s=0.1, max_s=0.5)
 # A relay step that failed (database or Redis away).
 RELAY_STEP = Backoff(first_s=0.1, max_s=10.0)
 # A worker's write of a start or an outcome: it must get through, soon after the outage.

@@ -26,6 +26,7 @@ from arq.worker import Worker
 from redis.commands.core import AsyncScript
 
 from throttler.errors import REDIS_ERRORS
+from throttler.logs import fields
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,30 @@ class LeasedWorker(Worker):
             renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await renewer
+
+    async def run_job(self, job_id: str, score: int) -> None:
+        """Run one job as ARQ does; a Redis error in ARQ's own bookkeeping ends it quietly.
+
+        ARQ reads the job from Redis before it runs and writes its end after (finish_job);
+        a job that ends while Redis is away fails that last step. ARQ keeps the error in
+        the job's task and its poll loop re-raises it (``t.result()``) at a later poll,
+        after Redis is back: one stale error per such job, each one taken for a new outage.
+        Here the error stays with the job. The outcome is already in the database (the
+        task wrote it); the job's keys in Redis go with its lease, which lapses within
+        ``lease_s`` (a re-run finds the task final and skips it). Redis being away is
+        judged and logged by the service, by a ping.
+        """
+        try:
+            await super().run_job(job_id, score)
+        except REDIS_ERRORS as error:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                # Cancelled at a stop: ARQ's hand-back of the job to the queue failed.
+                log.warning(
+                    "worker.job_not_handed_back", extra=fields(task_id=job_id, error=repr(error))
+                )
+                return
+            log.debug("worker.job_bookkeeping_failed", extra=fields(task_id=job_id), exc_info=error)
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         """Start the jobs of ``job_ids`` that no one runs yet, as many as there are free slots.

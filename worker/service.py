@@ -21,7 +21,7 @@ from arq.connections import ArqRedis, RedisSettings, create_pool
 
 from throttler.errors import REDIS_ERRORS
 from throttler.logs import fields
-from throttler.retry import REDIS_RECONNECT, Backoff, Outage, pause, retry_until_done
+from throttler.retry import REDIS_PROBE, Backoff, Outage, pause, retry_until_done
 from throttler.settings import Settings
 from worker.app import build_worker, close_worker
 from worker.leases import LEASE_REFRESH_S, LEASE_S, LeasedWorker
@@ -41,8 +41,8 @@ class Supervision:
 
     # After a stop signal: how long running jobs may take before they are cancelled.
     shutdown_grace_s: float
-    # Pauses between Redis connection attempts.
-    redis_reconnect: Backoff = REDIS_RECONNECT
+    # Pauses between Redis connection attempts and pings while Redis is away.
+    redis_reconnect: Backoff = REDIS_PROBE
     # The in-progress lease of each running job, and how often it is renewed.
     lease_s: float = LEASE_S
     lease_refresh_s: float = LEASE_REFRESH_S
@@ -74,6 +74,10 @@ class WorkerService:
         # One log line when Redis goes away and one when it is back, not one per try.
         self.redis_outage = Outage(
             log, down_event="worker.redis_unavailable", up_event="worker.redis_restored"
+        )
+        # ARQ's loop failing on Redis errors while Redis answers pings: not an outage.
+        self.loop_failing = Outage(
+            log, down_event="worker.loop_failing", up_event="worker.loop_recovered"
         )
         # Set by the first stop signal; a second one skips what is left of the grace.
         self.stopping = asyncio.Event()
@@ -146,40 +150,50 @@ class WorkerService:
         )
 
     async def _supervise(self, worker: LeasedWorker) -> None:
-        """Run ARQ's loop; after a Redis outage wait for Redis, then run the loop again.
+        """Run ARQ's loop; after it fails on a Redis error, wait for Redis, then run it again.
 
         Jobs already running are separate tasks and carry on through an outage; ARQ's
-        final Redis step for a job that ends meanwhile fails, and the job then stays in
-        the queue until its lease lapses and a worker re-runs it (the re-run finds the
-        task final in the database and skips it).
+        final Redis step for a job that ends meanwhile fails, the job keeps that error to
+        itself (``LeasedWorker.run_job``), and its keys go with its lease.
+
+        Whether Redis is away is judged by a ping, not by the loop's error: an outage is
+        logged when a ping fails and ends when one answers. The pings come at most
+        ``redis_reconnect.max_s`` apart, so pickups resume within that of Redis answering.
         """
         backoff = self.supervision.redis_reconnect
         delays = backoff.delays()
         while True:
-            started = time.monotonic()
             worker.main_task = asyncio.create_task(worker.main())
+            ended, _ = await asyncio.wait({worker.main_task}, timeout=backoff.max_s)
+            if not ended:
+                # The loop runs: a later failure starts the pauses afresh.
+                self.loop_failing.succeeded()
+                delays = backoff.delays()
             try:
                 await worker.main_task
                 return
             except REDIS_ERRORS as error:
-                if time.monotonic() - started > backoff.max_s:
-                    delays = backoff.delays()  # the loop ran a while: a new outage
-                delay_s = next(delays)
-                self.redis_outage.failed(error, retry_in_s=round(delay_s, 3))
-            # Pause, then ping until Redis answers. The delays go on growing across
-            # restarts, so a loop that fails at once on an error Redis answers although
-            # it is up (the ping works) backs off instead of spinning.
+                loop_error = error
             while True:
-                if await pause(delay_s, unless=self.stopping):
-                    return
                 try:
                     await worker.pool.ping()
                 except REDIS_ERRORS as error:
                     delay_s = next(delays)
                     self.redis_outage.failed(error, retry_in_s=round(delay_s, 3))
+                    if await pause(delay_s, unless=self.stopping):
+                        return
                     continue
-                self.redis_outage.succeeded()
                 break
+            if self.redis_outage.down:
+                self.redis_outage.succeeded()
+                continue
+            # Redis answers, yet the loop failed on a Redis error (a reply it refuses, as
+            # from a full Redis): not an outage. Restart after a pause that grows while
+            # this repeats, so a loop that fails at once does not spin.
+            delay_s = next(delays)
+            self.loop_failing.failed(loop_error, retry_in_s=round(delay_s, 3))
+            if await pause(delay_s, unless=self.stopping):
+                return
 
     async def _drain(self, worker: LeasedWorker) -> None:
         """Stop pickups, let running jobs finish within the grace, cancel the rest."""

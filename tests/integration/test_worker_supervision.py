@@ -10,6 +10,7 @@ from typing import cast
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from devtools.redis_server import free_port
 from tests.support import wait_for
 from throttler.retry import Backoff
 from throttler.settings import Settings
@@ -53,9 +54,14 @@ async def test_a_loop_that_fails_while_redis_answers_backs_off_instead_of_spinni
     gaps_s = [later - earlier for earlier, later in itertools.pairwise(worker.starts)]
     # 0.01, 0.02, 0.04, then the cap: the pause grows although every ping succeeds.
     assert all(gap_s >= CAP_S * 0.9 for gap_s in gaps_s[3:7]), gaps_s
+    # Redis is judged by the ping, not by the loop's error: no outage, a failing loop.
+    assert not service.redis_outage.down
+    assert service.loop_failing.down
 
 
-async def test_a_stop_ends_the_wait_for_redis_at_once(redis_url: str) -> None:
+async def test_a_stop_ends_the_wait_for_redis_at_once() -> None:
+    # Nothing listens there: the loop fails and so does the ping, a Redis outage.
+    redis_url = f"redis://127.0.0.1:{free_port()}/0"
     supervision = Supervision(shutdown_grace_s=1.0, redis_reconnect=Backoff(first_s=30, max_s=30))
     service = WorkerService(Settings(redis_url=redis_url), supervision=supervision)
     worker = LoopFailingWhileRedisAnswers(Redis.from_url(redis_url))
