@@ -374,13 +374,16 @@ def test_without_any_redis_server_it_says_what_to_install(tmp_path: Path) -> Non
 
 def _make_dry_run(target: str, venv: Path) -> list[str]:
     """The commands `make <target>` would run on a machine without a virtualenv yet."""
+    # Run as from a shell, not as a sub-make of `make test` (which would print directories).
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
     result = subprocess.run(
-        ["make", "--dry-run", target, f"VENV={venv}"],
+        ["make", "--dry-run", "--no-print-directory", target, f"VENV={venv}"],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=60,
         check=True,
+        env=env,
     )
     return result.stdout.splitlines()
 
