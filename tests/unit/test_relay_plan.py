@@ -11,7 +11,6 @@ handover lead and the task's ``run_at``; lapsed leases are looked for once per c
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -21,51 +20,20 @@ from hypothesis import strategies as st
 
 from relay import plan
 from relay.plan import Memory, Policy, Snapshot
+from tests.memory_limiter import MemoryLimiter
 from throttler.limits import LimitKey, RuleSet, Scope
 from throttler.statuses import TaskStatus
 from throttler.store.outbox import ClaimedTask, Exclusions
 from throttler.throttle import (
     CLUSTER_KEY,
     Admission,
-    BucketState,
     Candidate,
     InflightCaps,
-    decide,
     has_rates,
     max_admissible,
 )
-from throttler.throttle import plan as plan_buckets
 
 START = datetime(2030, 1, 1, tzinfo=UTC)
-
-
-class FakeLimiter:
-    """``decide`` with every bucket in memory, on the test's fake clock."""
-
-    def __init__(self, rules: RuleSet) -> None:
-        self.rules = rules
-        self.states: dict[LimitKey, BucketState] = {}
-
-    def admit(
-        self, candidates: Sequence[Candidate], *, now: datetime, horizon_s: float
-    ) -> Admission:
-        now_s = now.timestamp()
-        planned = plan_buckets(self.rules, candidates)
-        decision = decide(
-            [self.states.get(bucket.key) for bucket in planned.buckets],
-            planned.buckets,
-            planned.requests,
-            now_s=now_s,
-            horizon_s=horizon_s,
-        )
-        for bucket, state in zip(planned.buckets, decision.states, strict=True):
-            self.states[bucket.key] = state
-        return Admission(
-            admitted=tuple(candidates[i] for i, _ in decision.admitted),
-            ready_in_s=tuple(delay for _, delay in decision.admitted),
-            blocked={planned.buckets[b].key: wait for b, wait in decision.blocked.items()},
-            granted_at_s=now_s,
-        )
 
 
 @dataclass(kw_only=True)
@@ -213,7 +181,7 @@ def test_a_relay_driven_by_the_plan_keeps_every_limit(
         poll_interval_s=0.5,
         sweep_every_s=30.0,
     )
-    limiter = FakeLimiter(rules)
+    limiter = MemoryLimiter(rules=rules)
     world = World()
     memory = Memory()
     now = START
@@ -255,7 +223,9 @@ def test_a_relay_driven_by_the_plan_keeps_every_limit(
                 assert candidate.not_before_s is not None
                 assert candidate.not_before_s >= claim.run_at.timestamp()
         admission = (
-            limiter.admit(planned.candidates, now=now, horizon_s=policy.reserve_ahead_s)
+            limiter.admit_at(
+                planned.candidates, now_s=now.timestamp(), horizon_s=policy.reserve_ahead_s
+            )
             if planned.candidates
             else None
         )

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Callable, Sequence
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.memory_limiter import MemoryLimiter
 from throttler.limits import LimitKey, RuleSet, Scope
 from throttler.throttle import (
     CLUSTER_KEY,
-    Admission,
     Bucket,
     BucketState,
     Candidate,
@@ -27,7 +26,6 @@ from throttler.throttle import (
     UnlimitedLimiter,
     decide,
     max_admissible,
-    plan,
     restart_floor,
 )
 
@@ -315,37 +313,9 @@ def _candidate(
     return Candidate(task_id=f"t{i}", name=name, account=account, host=host)
 
 
-class _MemoryLimiter:
-    """``decide`` with every bucket in this process, on a fake clock (the Redis one's twin)."""
-
-    def __init__(self, *, rules: RuleSet, clock: Callable[[], float]) -> None:
-        self.rules = rules
-        self.clock = clock
-        self.states: dict[LimitKey, BucketState] = {}
-
-    async def admit(self, candidates: Sequence[Candidate], *, horizon_s: float = 0.0) -> Admission:
-        now_s = self.clock()
-        planned = plan(self.rules, candidates)
-        decision = decide(
-            [self.states.get(bucket.key) for bucket in planned.buckets],
-            planned.buckets,
-            planned.requests,
-            now_s=now_s,
-            horizon_s=horizon_s,
-        )
-        for bucket, state in zip(planned.buckets, decision.states, strict=True):
-            self.states[bucket.key] = state
-        return Admission(
-            admitted=tuple(candidates[i] for i, _ in decision.admitted),
-            ready_in_s=tuple(delay for _, delay in decision.admitted),
-            blocked={planned.buckets[b].key: wait for b, wait in decision.blocked.items()},
-            granted_at_s=now_s,
-        )
-
-
 async def test_memory_limiter_skips_a_blocked_host_without_blocking_others() -> None:
     now = [100.0]
-    limiter = _MemoryLimiter(
+    limiter = MemoryLimiter(
         rules=RuleSet.parse("host:* rate=1/s", cluster_rate_per_s=10, cluster_burst=5),
         clock=lambda: now[0],
     )
