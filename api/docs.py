@@ -45,6 +45,14 @@ _basic = HTTPBasic(auto_error=False, realm=DOCS_REALM)
 _bearer = HTTPBearer(auto_error=False)
 
 
+async def _presented_key(request: Request) -> str | None:
+    basic = await _basic(request)  # a malformed Basic header is a 401 already
+    if basic is not None:
+        return basic.password
+    bearer = await _bearer(request)
+    return bearer.credentials if bearer is not None else None
+
+
 class DocsKeyCheck:
     """Let a request through only with a key of API_KEYS, as Basic password or bearer token."""
 
@@ -52,9 +60,7 @@ class DocsKeyCheck:
         self._accounts_by_key = accounts_by_key
 
     async def __call__(self, request: Request) -> None:
-        basic = await _basic(request)
-        bearer = None if basic is not None else await _bearer(request)
-        key = basic.password if basic is not None else bearer.credentials if bearer else None
+        key = await _presented_key(request)
         if key is None or account_of_key(self._accounts_by_key, key) is None:
             raise HTTPException(
                 status_code=status.HTTP_401_UNAUTHORIZED,
@@ -88,6 +94,8 @@ def mount_docs(app: FastAPI, settings: Settings) -> None:
     ``app`` must be built with ``openapi_url``, ``docs_url`` and ``redoc_url`` set to None,
     so that FastAPI's own, unprotected and CDN-loading routes are not there as well.
     """
+    if app.openapi_url or app.docs_url or app.redoc_url:
+        raise ValueError("build the app with openapi_url, docs_url and redoc_url set to None")
     access = settings.docs_access
     if access == "off":
         return

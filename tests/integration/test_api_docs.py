@@ -75,6 +75,7 @@ CREDENTIALS: dict[str, tuple[dict[str, str], bool]] = {
     "basic-wrong": (_basic("", KEY + "x"), False),
     "basic-key-as-user": (_basic(KEY, ""), False),
     "bearer-wrong": ({"Authorization": "Bearer nope"}, False),
+    "other-scheme": ({"Authorization": f"Token {KEY}"}, False),
     "basic-malformed": ({"Authorization": "Basic %%%"}, False),
 }
 
