@@ -11,10 +11,10 @@ host's rule (its own, else ``host:*``, as the relay does):
   relay's claim lock; a worker cannot take a slot of another host halfway through a
   task. The error names the host and tells the submitter to submit the final URL;
 - a rule with a rate: the worker takes a token from the very Redis bucket the relays
-  use (``RedisLimiter.decide``, same key, same arithmetic), ahead of time if the token
-  is due within the time the download has left, and waits for it. A token that cannot
-  come in time is not taken; the attempt fails retriably and the task is tried again
-  after its backoff.
+  use (``RedisLimiter.decide``, same key, same arithmetic), waiting until the bucket
+  holds one if it is empty. A token that cannot come within the time the download has
+  left is not waited for; the attempt fails retriably and the task is tried again after
+  its backoff.
 
 A hop to the task's own host, or to a host already paid for in this attempt, takes
 nothing: a ``host:`` limit counts downloads, the relay charged this one for its host,
@@ -41,6 +41,8 @@ from throttler.throttle import Bucket, RedisLimiter, Request
 from worker.taskkit.errors import PermanentError, RetriableError
 
 log = logging.getLogger("worker.hop_limits")
+# Shortest wait before asking the bucket again, so that float rounding cannot spin.
+_MIN_WAIT_S = 0.001
 
 
 class RedirectRefused(PermanentError):
@@ -124,16 +126,20 @@ class HopLimits:
             rate_per_s=limit.rate_per_s,
             burst=limit.burst,
         )
-        _now_s, decision = await self.limiter.decide(
-            [bucket], [Request(buckets=(0,))], horizon_s=max(0.0, time_left_s)
-        )
-        if not decision.admitted:
-            wait_s = decision.blocked.get(0, 0.0)
-            raise RetriableError(
-                f"redirect to {target}: host {key}'s rate limit has no token for "
-                f"{wait_s:.1f}s, more than the download has left; trying again later"
-            )
-        ((_index, delay_s),) = decision.admitted
-        log.debug("download.hop_token", extra=fields(host=key, delay_s=round(delay_s, 3)))
-        if delay_s > 0:
-            await asyncio.sleep(delay_s)
+        loop = asyncio.get_running_loop()
+        deadline_s = loop.time() + time_left_s
+        while True:
+            # No horizon (no token taken ahead): a limiter that finds the drain floor gone
+            # sets it to now plus its horizon, and the download's whole time left would
+            # stall every relay's buckets that long. Wait here instead, then ask again.
+            _now_s, decision = await self.limiter.decide([bucket], [Request(buckets=(0,))])
+            if decision.admitted:
+                return
+            wait_s = max(decision.blocked.get(0, 0.0), _MIN_WAIT_S)
+            if wait_s > deadline_s - loop.time():
+                raise RetriableError(
+                    f"redirect to {target}: host {key}'s rate limit has no token for "
+                    f"{wait_s:.1f}s, more than the download has left; trying again later"
+                )
+            log.debug("download.hop_waits", extra=fields(host=key, wait_s=round(wait_s, 3)))
+            await asyncio.sleep(wait_s)

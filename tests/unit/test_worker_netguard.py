@@ -91,9 +91,11 @@ def test_the_refusal_says_only_that_the_address_is_not_allowed(
     # The task's error is read by the submitter: it must not tell what an internal name
     # resolves to, nor what kind of address it is. The operator's log keeps both.
     addresses = [ipaddress.ip_address("10.1.2.3")]
-    with caplog.at_level(logging.INFO, logger="worker.netguard"):
-        with pytest.raises(AddressRefused) as refused:
-            check_addresses("intranet.example", addresses, AddressPolicy())
+    with (
+        caplog.at_level(logging.INFO, logger="worker.netguard"),
+        pytest.raises(AddressRefused) as refused,
+    ):
+        check_addresses("intranet.example", addresses, AddressPolicy())
     message = str(refused.value)
     assert message == "refused to connect to intranet.example: its address is not allowed"
     assert "10.1.2.3" not in message
