@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 TABLE_PRIVILEGES = "SELECT, INSERT, UPDATE, DELETE"
 # The writes a revoke takes away in the tests and probes (issue 9, item 6).
 REVOKED_WRITES = "INSERT, UPDATE"
+_END_SESSIONS = text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = :name")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -31,15 +32,21 @@ class AppRole:
     @property
     def url(self) -> str:
         """``admin_url`` with this role as the user (local trust authentication)."""
-        return make_url(self.admin_url).set(username=self.name, password=None).render_as_string(
-            hide_password=False
+        return (
+            make_url(self.admin_url)
+            .set(username=self.name, password=None)
+            .render_as_string(hide_password=False)
         )
 
-    async def execute(self, *statements: str) -> None:
-        """Run statements as the superuser on the role's database, each committed."""
+    async def execute(self, *statements: str, end_sessions: bool = False) -> None:
+        """Run statements as the superuser on the role's database, each committed; with
+        ``end_sessions``, first end the role's open sessions (their next connections then
+        start afresh, as after a failover)."""
         engine = create_async_engine(self.admin_url, isolation_level="AUTOCOMMIT")
         try:
             async with engine.connect() as connection:
+                if end_sessions:
+                    await connection.execute(_END_SESSIONS, {"name": self.name})
                 for statement in statements:
                     await connection.execute(text(statement))
         finally:
@@ -51,23 +58,24 @@ class AppRole:
         )
 
     async def grant_writes(self) -> None:
-        await self.execute(f'GRANT {REVOKED_WRITES} ON ALL TABLES IN SCHEMA public TO "{self.name}"')
+        await self.execute(
+            f'GRANT {REVOKED_WRITES} ON ALL TABLES IN SCHEMA public TO "{self.name}"'
+        )
 
     async def set_read_only(self, read_only: bool) -> None:
-        """Make the role's sessions read-only (or not), as a standby's are; the role's
-        open sessions are ended so that their next connections take the setting."""
+        """Make the role's sessions read-only (or not), as a standby's are."""
+        setting = "on" if read_only else "off"
         await self.execute(
-            f'ALTER ROLE "{self.name}" SET default_transaction_read_only = '
-            f"{'on' if read_only else 'off'}",
-            f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{self.name}'",
+            f'ALTER ROLE "{self.name}" SET default_transaction_read_only = {setting}',
         )
+        # The role's open sessions keep their setting: end them, so that the next ones
+        # take it, as the sessions of a server that became a standby would have ended.
+        await self.execute(end_sessions=True)
 
     async def drop(self) -> None:
         """End the role's sessions, take back what it was granted, and drop it."""
         await self.execute(
-            f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{self.name}'",
-            f'DROP OWNED BY "{self.name}"',
-            f'DROP ROLE IF EXISTS "{self.name}"',
+            f'DROP OWNED BY "{self.name}"', f'DROP ROLE IF EXISTS "{self.name}"', end_sessions=True
         )
 
 
