@@ -72,7 +72,8 @@ _PG_ENVIRONMENT_CODES = frozenset(
 )
 # SQLite primary result codes (the low byte of the extended code) that describe the file
 # or the machine, not the statement: permission, busy, locked, out of memory, read-only,
-# interrupted, I/O error, corrupt, disk full, cannot open, lock protocol, no large files.
+# interrupted, I/O error, corrupt, disk full, cannot open, lock protocol, schema changed
+# by another connection, no large files.
 _SQLITE_ENVIRONMENT_CODES = frozenset(
     {
         sqlite3.SQLITE_PERM,
@@ -86,6 +87,7 @@ _SQLITE_ENVIRONMENT_CODES = frozenset(
         sqlite3.SQLITE_FULL,
         sqlite3.SQLITE_CANTOPEN,
         sqlite3.SQLITE_PROTOCOL,
+        sqlite3.SQLITE_SCHEMA,
         sqlite3.SQLITE_NOLFS,
     }
 )
