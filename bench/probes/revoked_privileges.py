@@ -74,7 +74,7 @@ async def _submit(base_url: str, seconds: float, answers: Counter[str], ids: lis
 async def _logged(path: Path, line: str, *, timeout_s: float = 60.0) -> None:
     """Wait until a component's log holds ``line`` (it has started)."""
     deadline = time.monotonic() + timeout_s
-    while line not in path.read_text(errors="replace"):
+    while line not in await asyncio.to_thread(path.read_text, errors="replace"):
         if time.monotonic() > deadline:
             raise RuntimeError(f"{path.name}: no {line!r} within {timeout_s:g} s")
         await asyncio.sleep(0.1)
