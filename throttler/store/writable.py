@@ -7,7 +7,8 @@ submission then fails. Each check here asks what a write needs, without writing:
 
 - SQLite: the file system is writable and has room (``statvfs``: the read-only flag,
   and ``MIN_FREE_BYTES`` free), and the write lock can be taken now (``BEGIN IMMEDIATE``
-  then ``ROLLBACK`` on a connection of its own, waiting at most ``LOCK_WAIT_S``). A
+  then ``ROLLBACK`` on a connection of its own, waiting as a write would, for
+  ``DATABASE_TIMEOUT_S``, but at most ``MAX_LOCK_WAIT_S``). A
   rolled-back write would not do for a full disk: in WAL mode nothing reaches the disk
   before COMMIT, so only the free space can tell, and a threshold is a judgement: below
   1 MiB the next commits (their pages in the WAL) may not fit.
@@ -38,9 +39,10 @@ from throttler.settings import Settings, sqlite_path
 
 # Below this much free space on the SQLite file's file system, the next commits may fail.
 MIN_FREE_BYTES = 1 << 20
-# How long the SQLite check waits for the write lock: a commit in progress elsewhere
-# takes milliseconds; a lock held longer than this means writers are queuing.
-LOCK_WAIT_S = 0.5
+# The longest the SQLite check waits for the write lock (a write waits DATABASE_TIMEOUT_S):
+# well within the probe's own timeout (api.routes.health); commits elsewhere take
+# milliseconds, so a lock not free within this means writers are stuck behind a holder.
+MAX_LOCK_WAIT_S = 1.0
 # How long one result stands: probes come every few seconds, often from several callers.
 CACHE_S = 1.0
 
@@ -58,8 +60,9 @@ def _describe(error: BaseException) -> str:
 class SqliteWriteCheck:
     """Room on the file system and the write lock, on a connection of its own."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, lock_wait_s: float) -> None:
         self._path = path
+        self._lock_wait_s = lock_wait_s
 
     async def blocker(self) -> str | None:
         return await asyncio.to_thread(self._blocker)
@@ -79,7 +82,7 @@ class SqliteWriteCheck:
             connection = sqlite3.connect(
                 f"{self._path.resolve().as_uri()}?mode=rw",
                 uri=True,
-                timeout=LOCK_WAIT_S,
+                timeout=self._lock_wait_s,
                 isolation_level=None,
             )
             try:
@@ -164,5 +167,10 @@ class CachedWriteCheck:
 def open_write_check(settings: Settings, engine: AsyncEngine) -> WriteCheck:
     """The check for ``DATABASE_URL``'s database, cached."""
     path = sqlite_path(settings.database_url)
-    check: WriteCheck = PostgresWriteCheck(engine) if path is None else SqliteWriteCheck(path)
+    check: WriteCheck
+    if path is None:
+        check = PostgresWriteCheck(engine)
+    else:
+        lock_wait_s = min(settings.database_timeout_s, MAX_LOCK_WAIT_S)
+        check = SqliteWriteCheck(path, lock_wait_s=lock_wait_s)
     return CachedWriteCheck(check)
