@@ -68,8 +68,15 @@ _PG_ENVIRONMENT_CODES = frozenset(
         "40P01",  # deadlock_detected
         "55006",  # object_in_use
         "55P03",  # lock_not_available
+        # The schema is not at head (migrations not run yet, or a rollout ahead of them):
+        # ``alembic upgrade head``, not a code fix, ends it.
+        "42P01",  # undefined_table
+        "42703",  # undefined_column
     }
 )
+# SQLite reports a missing table or column with its generic SQLITE_ERROR, which a syntax
+# error shares: only the message tells the schema's state from the statement's fault.
+_SQLITE_SCHEMA_BEHIND = ("no such table:", "no such column:")
 # SQLite primary result codes (the low byte of the extended code) that describe the file
 # or the machine, not the statement: permission, busy, locked, out of memory, read-only,
 # interrupted, I/O error, corrupt, disk full, cannot open, lock protocol, schema changed
@@ -102,6 +109,8 @@ def _environment_by_code(driver_error: BaseException) -> bool | None:
         return sqlstate[:2] in _PG_ENVIRONMENT_CLASSES or sqlstate in _PG_ENVIRONMENT_CODES
     code = getattr(driver_error, "sqlite_errorcode", None)
     if isinstance(code, int):
+        if code == sqlite3.SQLITE_ERROR:
+            return str(driver_error).startswith(_SQLITE_SCHEMA_BEHIND)
         return code & 0xFF in _SQLITE_ENVIRONMENT_CODES
     return None
 

@@ -49,6 +49,9 @@ def sqlite_error(path: Path, *statements: str, setup: tuple[str, ...] = ()) -> s
         asyncpg.exceptions.LockNotAvailableError("could not obtain lock"),
         asyncpg.exceptions.DeadlockDetectedError("deadlock detected"),
         asyncpg.exceptions.QueryCanceledError("canceling statement due to statement timeout"),
+        # The schema behind the code: migrations not run yet.
+        asyncpg.exceptions.UndefinedTableError('relation "tasks" does not exist'),
+        asyncpg.exceptions.UndefinedColumnError('column "keys" does not exist'),
     ],
     ids=lambda error: type(error).__name__,
 )
@@ -60,7 +63,6 @@ def test_postgres_errors_of_the_environment_are_transient(error: Exception) -> N
 @pytest.mark.parametrize(
     "error",
     [
-        asyncpg.exceptions.UndefinedColumnError('column "nope" does not exist'),
         asyncpg.exceptions.PostgresSyntaxError("syntax error"),
         asyncpg.exceptions.UniqueViolationError("duplicate key"),
         asyncpg.exceptions.UntranslatableCharacterError("unsupported Unicode escape sequence"),
@@ -111,6 +113,17 @@ def test_sqlite_statement_errors_are_not(tmp_path: Path) -> None:
 
     assert not is_transient_db_error(wrapped(syntax))
     assert not is_transient_db_error(wrapped(constraint))
+
+
+def test_sqlite_schema_behind_the_code_is_transient(tmp_path: Path) -> None:
+    """An unmigrated database is the environment's state: 503 until ``alembic upgrade``."""
+    path = tmp_path / "db.sqlite"
+    no_table = sqlite_error(path, "SELECT id FROM tasks")
+    no_column = sqlite_error(path, "CREATE TABLE tasks (id TEXT)", "SELECT keys FROM tasks")
+
+    assert (no_table.sqlite_errorname, no_column.sqlite_errorname) == ("SQLITE_ERROR",) * 2
+    assert is_transient_db_error(wrapped(no_table))
+    assert is_transient_db_error(wrapped(no_column))
 
 
 def test_errors_without_a_code_are_judged_by_their_class() -> None:
