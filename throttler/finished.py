@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 from throttler.constants import FINISHED_CHANNEL
 from throttler.errors import REDIS_ERRORS
 from throttler.logs import fields
+from throttler.retry import Outage
 
 log = logging.getLogger(__name__)
 
@@ -23,10 +24,30 @@ log = logging.getLogger(__name__)
 PUBLISH_TIMEOUT_S = 1.0
 
 
+def announce_outage() -> Outage:
+    """One WARNING when announcements start failing and one when they go through again.
+
+    For a publisher that announces round after round (a worker's status writer): while
+    Redis is away each round fails, and a line per round would bury the one that matters.
+    """
+    return Outage(
+        log,
+        down_event="task.finish_not_announced",
+        up_event="task.finish_announced_again",
+    )
+
+
 async def publish_finished(
-    redis: Redis, *, task_ids: Sequence[str], timeout_s: float = PUBLISH_TIMEOUT_S
+    redis: Redis,
+    *,
+    task_ids: Sequence[str],
+    timeout_s: float = PUBLISH_TIMEOUT_S,
+    outage: Outage | None = None,
 ) -> None:
-    """Publish each id on ``FINISHED_CHANNEL``; call only after the terminal write commits."""
+    """Publish each id on ``FINISHED_CHANNEL``; call only after the terminal write commits.
+
+    A failure is logged through ``outage`` when given, else as a WARNING of its own.
+    """
     if not task_ids:
         return
     try:
@@ -35,7 +56,13 @@ async def publish_finished(
                 pipe.publish(FINISHED_CHANNEL, task_id)
             await pipe.execute()
     except REDIS_ERRORS as error:
+        if outage is not None:
+            outage.failed(error)
+            return
         log.warning(
             "task.finish_not_announced",
             extra=fields(task_ids=",".join(task_ids[:10]), count=len(task_ids), error=repr(error)),
         )
+        return
+    if outage is not None:
+        outage.succeeded()

@@ -43,9 +43,10 @@ async def test_outage_with_running_jobs_is_one_outage_and_work_resumes_at_once(
                         pool,
                         settings,
                         name="non_blocking_long_running_task",
-                        payload={"duration": 2},
+                        # Staggered: each ends in a round of announcements of its own.
+                        payload={"duration": 2 + index},
                     )
-                    for _ in range(JOBS_IN_OUTAGE)
+                    for index in range(JOBS_IN_OUTAGE)
                 ]
             for job_id in job_ids:
                 await wait_status(sessions, job_id, "running")
@@ -81,5 +82,7 @@ async def test_outage_with_running_jobs_is_one_outage_and_work_resumes_at_once(
     print(f"pickup {pickup_s:.3f}s after Redis answered; {unavailable=} {restored=}")
     # One line as Redis goes and one as it is back, not one per job that ended meanwhile.
     assert (unavailable, restored) == (1, 1), log[-5000:]
+    # Nor one per round of finished tasks that could not be announced.
+    assert log.count("task.finish_not_announced") == 1, log[-5000:]
     assert pickup_s < PICKUP_LIMIT_S, log[-5000:]
     assert "Traceback" not in log

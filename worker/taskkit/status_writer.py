@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
-from throttler.finished import publish_finished
+from throttler.finished import announce_outage, publish_finished
 from throttler.group_commit import GroupCommitter, Take
 from throttler.models import utcnow
 from throttler.store.attempts import Attempt, Attempts, Outcome
@@ -102,6 +102,7 @@ class StatusWriter:
         )
         self._to_announce: dict[int, tuple[Redis, list[str]]] = {}
         self._announcer: asyncio.Task[None] | None = None
+        self._announce_outage = announce_outage()
 
     def start_writing(self) -> None:
         """Start the writer task on the running loop."""
@@ -174,4 +175,4 @@ class StatusWriter:
         while self._to_announce:
             rounds, self._to_announce = self._to_announce, {}
             for redis, task_ids in rounds.values():
-                await publish_finished(redis, task_ids=task_ids)
+                await publish_finished(redis, task_ids=task_ids, outage=self._announce_outage)
