@@ -467,3 +467,46 @@ async def test_a_relay_late_with_its_batch_releases_later_never_bunched(
     # And each task's queued_at is its job's moment (the late ones' new one).
     for task_id, (_, score) in arrivals.items():
         assert score == pytest.approx(queued_at[task_id], abs=1)
+
+
+async def test_late_jobs_of_a_relay_that_died_come_back_with_their_lease(
+    settings: Settings, sessions: SessionFactory, arq: ArqRedis
+) -> None:
+    ids = await _submit(sessions, 3)
+    rules = RuleSet.parse("cluster rate=20/s burst=1")
+    dead = _relay(
+        settings,
+        sessions,
+        arq,
+        limiter=build_limiter(redis=arq, rules=rules),
+        relay_type=_Stalled,
+        relay_rate=20.0,
+        relay_burst=1,
+        relay_claim_lease_s=0.2,
+    )
+    # It claims, comes to Redis after the moments, is told so, and dies before retiming.
+    batch = await dead.claim()
+    handed = await dead.enqueue(batch.to_enqueue, run_at=batch.run_at)
+    assert handed.enqueued == set()
+    assert sorted(c.task_id for c in handed.late) == sorted(ids)
+    assert await arq.zcard(settings.arq_queue_name) == 0
+
+    # Once the lease lapses, another relay claims the rows and admits them afresh.
+    successor = _relay(
+        settings,
+        sessions,
+        arq,
+        limiter=build_limiter(redis=arq, rules=rules),
+        relay_rate=20.0,
+        relay_burst=1,
+    )
+    await _run_until_drained(successor, sessions)
+    queued_at = await _queued_at_ms(sessions)
+    for task_id in ids:
+        reached_ms, score_ms = await _arrival_ms(arq, task_id)
+        assert reached_ms <= score_ms
+        # A re-claimed queued task keeps its first queued_at; it goes later, never sooner.
+        assert score_ms >= queued_at[task_id]
+    async with sessions() as session:
+        for task_id in ids:
+            assert await event_history(session, task_id) == ["submitted", "queued"]
