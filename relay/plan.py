@@ -49,9 +49,10 @@ RECOVER_EVERY_S = 1.0
 # a claim's commit plus its enqueue take, so every job is in ARQ before its moment. The
 # least lead: a relay whose handovers take longer stretches it (``next_lead``).
 HANDOVER_LEAD_S = 0.1
-# The most a retime's lead may stretch to (a claim's stops at half a horizon, so that
-# steady claims still take every token).
-MAX_RETIME_LEAD_S = 5.0
+# The most the lead may stretch to. Tokens are taken that much further ahead (the
+# horizon grows with the lead, ``horizon_for``), so queued_at may lie up to RESERVE_AHEAD_S
+# plus this ahead of its commit: well within the reconciler's grace (the claim lease).
+MAX_LEAD_S = 2.0
 # What share of the lead an on-time handover keeps when less would do: it shrinks back
 # over a few dozen handovers rather than at once (a loaded machine stays loaded a while).
 LEAD_DECAY = 0.9
@@ -74,13 +75,7 @@ class Policy:
     reserve_ahead_s: float = RESERVE_AHEAD_S
     handover_lead_s: float = HANDOVER_LEAD_S
     recover_every_s: float = RECOVER_EVERY_S
-    max_retime_lead_s: float = MAX_RETIME_LEAD_S
-
-    @property
-    def max_lead_s(self) -> float:
-        """A claim's longest lead: the relay comes back half a horizon on, and its next
-        claim's tokens must still fall due after this claim's lead (none lost)."""
-        return self.reserve_ahead_s / 2
+    max_lead_s: float = MAX_LEAD_S
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -143,6 +138,8 @@ class Plan:
 
     # To ask the limiter about, in claim order, with their moments as POSIX seconds.
     candidates: tuple[Candidate, ...]
+    # How far ahead to ask the limiter for tokens (``horizon_for`` the lead).
+    horizon_s: float
     # Rows of tasks that already started or finished: leased and released, not enqueued.
     release_only: tuple[ClaimedTask, ...]
     # Whether a cap or the queue room left some claimed row out.
@@ -241,6 +238,7 @@ def make_plan(policy: Policy, selection: Selection, snapshot: Snapshot) -> Plan:
     )
     return Plan(
         candidates=tuple(candidates),
+        horizon_s=horizon_for(policy, lead_s),
         release_only=tuple(claim for claim in claims if not claim.needs_enqueue),
         capped=capped,
         full_page=selection.limit > 0 and len(claims) == selection.limit,
@@ -261,9 +259,9 @@ def settle(
 
     ``admission`` is the limiter's answer about ``planned.candidates`` (None: not asked,
     there were none); ``now`` is the relay's clock when it came back. A key out of tokens
-    is left out until half a horizon before its next token: late by up to that much, the
-    next claim still takes it on time; meanwhile claims skip its tasks, so it holds back
-    nothing else.
+    is left out until half a horizon before its next token (half a horizon and the lead's
+    stretch, when the horizon grew with the lead): late by up to that much, the next claim
+    still takes it on time; meanwhile claims skip its tasks, so it holds back nothing else.
     """
     blocked = dict(selection.memory.blocked)
     to_lease: tuple[ClaimedTask, ...] = ()
@@ -272,9 +270,9 @@ def settle(
         by_task = {claim.task_id: claim for claim in planned.claims}
         to_lease = tuple(by_task[candidate.task_id] for candidate in admission.admitted)
         queued_at = _moments(admission)
-        half_horizon = timedelta(seconds=policy.reserve_ahead_s / 2)
+        early = timedelta(seconds=planned.horizon_s - policy.reserve_ahead_s / 2)
         for key, wait_s in admission.blocked.items():
-            blocked[key] = now + timedelta(seconds=wait_s) - half_horizon
+            blocked[key] = now + timedelta(seconds=wait_s) - early
     memory = Memory(
         blocked=blocked,
         recover_due_at=selection.memory.recover_due_at,
@@ -302,16 +300,27 @@ def _next_step_at(
     return min([poll_at, *blocked.values()])
 
 
-def next_lead(policy: Policy, lead_s: float, *, handover_s: float, most_s: float) -> float:
+def next_lead(policy: Policy, lead_s: float, *, handover_s: float) -> float:
     """The handover lead after a handover that took ``handover_s`` (rows read to enqueued).
 
-    Twice what it took, within the policy's least lead and ``most_s``: it stretches at
-    once when a handover runs long, and shrinks back by ``LEAD_DECAY`` per handover.
+    Twice what it took, within the policy's least and most lead: it stretches at once
+    when a handover runs long, and shrinks back by ``LEAD_DECAY`` per handover.
     """
+    most_s = policy.max_lead_s
     wanted = min(most_s, max(policy.handover_lead_s, 2.0 * handover_s))
     if wanted >= lead_s:
         return wanted
     return min(most_s, max(wanted, lead_s * LEAD_DECAY))
+
+
+def horizon_for(policy: Policy, lead_s: float) -> float:
+    """How far ahead a claim (or a retime) with this lead takes tokens.
+
+    The reserve horizon, stretched by as much as the lead is: a relay comes back half a
+    horizon on, when the tokens it took still reach a lead past its next claim, so a
+    longer lead loses no token (the bucket caps what it could hoard at the lead's moment).
+    """
+    return policy.reserve_ahead_s + max(0.0, lead_s - policy.handover_lead_s)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -331,11 +340,6 @@ def retime_candidates(
     """Ask again for tasks whose jobs missed their moments, each a lead from ``now``."""
     earliest_s = now.timestamp() + lead_s
     return tuple(_candidate(claim, earliest_s) for claim in late)
-
-
-def retime_horizon_s(policy: Policy, lead_s: float) -> float:
-    """How far ahead a retime takes tokens: past its lead by a horizon, as a claim does."""
-    return lead_s + policy.reserve_ahead_s
 
 
 def retime(late: Sequence[ClaimedTask], admission: Admission) -> Retiming:

@@ -23,13 +23,14 @@ relay only has to come back within the horizon.
 
 A job must also reach ARQ before its moment, or ARQ would start it late, together with
 the next ones. The handover lead (``plan.HANDOVER_LEAD_S``, stretched by ``plan.next_lead``
-to twice what the relay's handovers take) covers the claim's commit and the enqueue; a
-handover that still runs late (a starved or stopped process) is caught by the enqueue
-script, which adds no job whose moment is past (``relay.enqueue``). The relay then asks
-the limiter again for those tasks (new tokens, after every grant so far, a longer lead
-ahead), moves their queued_at under its lease, and enqueues them at the new moments
-(``_hand_over``): a slow relay releases later, never faster. Dying in between leaves the
-rows leased; once the lease lapses a relay claims and admits them afresh.
+to twice what the relay's handovers take, the horizon with it) covers the claim's commit
+and the enqueue; a handover that still runs late (a starved or stopped process) is
+caught by the enqueue script, which adds no job whose moment is past (``relay.enqueue``).
+The relay then asks the limiter again for those tasks (new tokens, after every grant so
+far, a longer lead ahead), moves their queued_at under its lease, and enqueues them at
+the new moments (``_hand_over``): a slow relay releases later, never faster. Dying in
+between leaves the rows leased; once the lease lapses a relay claims and admits them
+afresh.
 """
 
 from __future__ import annotations
@@ -306,9 +307,7 @@ class Relay:
         planned = plan.make_plan(self.policy, selection, snapshot)
         admission = None
         if planned.candidates:
-            admission = await self.limiter.admit(
-                planned.candidates, horizon_s=self.policy.reserve_ahead_s
-            )
+            admission = await self.limiter.admit(planned.candidates, horizon_s=planned.horizon_s)
         settlement = plan.settle(
             self.policy, opening, selection, planned, admission=admission, now=self.clock()
         )
@@ -387,17 +386,13 @@ class Relay:
         if started is None or not self.policy.rated:
             return handed
         took_s = (self.clock() - started).total_seconds()
-        self._lead_s = plan.next_lead(
-            self.policy, self._lead_s, handover_s=took_s, most_s=self.policy.max_lead_s
-        )
+        self._lead_s = plan.next_lead(self.policy, self._lead_s, handover_s=took_s)
         enqueued, late, errors = set(handed.enqueued), handed.late, list(handed.errors)
         lead_s = self._lead_s
         for _ in range(RETIME_ATTEMPTS):
             if not late or errors:
                 break
-            lead_s = plan.next_lead(
-                self.policy, lead_s, handover_s=took_s, most_s=self.policy.max_retime_lead_s
-            )
+            lead_s = plan.next_lead(self.policy, lead_s, handover_s=took_s)
             started = self.clock()
             try:
                 handed = await self._retime(late, now=started, lead_s=lead_s)
@@ -425,7 +420,7 @@ class Relay:
         """
         candidates = plan.retime_candidates(late, now=now, lead_s=lead_s)
         admission = await self.limiter.admit(
-            candidates, horizon_s=plan.retime_horizon_s(self.policy, lead_s)
+            candidates, horizon_s=plan.horizon_for(self.policy, lead_s)
         )
         retiming = plan.retime(late, admission)
         if not retiming.to_enqueue:

@@ -152,6 +152,7 @@ steps_strategy = st.lists(
         st.integers(0, 4),  # tasks that finish before the step
         st.sampled_from([0.0, 0.01, 0.1, 0.3, 1.0, 5.0]),  # seconds the relay comes back late
         st.booleans(),  # whether it comes back early (a wake-up) instead
+        st.sampled_from([None, 0.1, 0.6, 2.0]),  # the handover lead (None: the least)
     ),
     min_size=1,
     max_size=30,
@@ -169,7 +170,7 @@ def test_a_relay_driven_by_the_plan_keeps_every_limit(
     rules: RuleSet,
     depth: int | None,
     batch: int,
-    steps: list[tuple[list[tuple[str, str, str, float | None]], int, float, bool]],
+    steps: list[tuple[list[tuple[str, str, str, float | None]], int, float, bool, float | None]],
 ) -> None:
     caps = InflightCaps(rules)
     claim_limit = batch
@@ -188,7 +189,7 @@ def test_a_relay_driven_by_the_plan_keeps_every_limit(
     memory = Memory()
     now = START
     last_recover: datetime | None = None
-    for arriving, finishing, late_s, woken in steps:
+    for arriving, finishing, late_s, woken, lead in steps:
         for name, account, host, run_in_s in arriving:
             run_at = None if run_in_s is None else now + timedelta(seconds=run_in_s)
             world.submit(name, account, host if name == "download" else None, run_at)
@@ -211,23 +212,25 @@ def test_a_relay_driven_by_the_plan_keeps_every_limit(
         claims = world.select(
             limit=selection.limit, due_by=selection.due_by, excluding=selection.excluding
         )
-        snapshot = Snapshot(claims=claims, inflight=inflight, room=room, now=now)
+        snapshot = Snapshot(claims=claims, inflight=inflight, room=room, now=now, lead_s=lead)
         planned = plan.make_plan(policy, selection, snapshot)
+        lead_s = policy.handover_lead_s if lead is None else lead
+        # The horizon stretches with the lead, so the tokens reach a lead past the next claim.
+        assert planned.horizon_s == pytest.approx(
+            policy.reserve_ahead_s + lead_s - policy.handover_lead_s
+        )
         # A blocked key's tasks are never offered.
         for candidate in planned.candidates:
             claim = next(c for c in claims if c.task_id == candidate.task_id)
             assert not _keys_of(claim) & set(opening.memory.blocked)
             if policy.rated:
-                lead_s = now.timestamp() + policy.handover_lead_s
                 assert candidate.not_before_s is not None
-                assert candidate.not_before_s >= lead_s
+                assert candidate.not_before_s >= now.timestamp() + lead_s
             if claim.run_at is not None:
                 assert candidate.not_before_s is not None
                 assert candidate.not_before_s >= claim.run_at.timestamp()
         admission = (
-            limiter.admit_at(
-                planned.candidates, now_s=now.timestamp(), horizon_s=policy.reserve_ahead_s
-            )
+            limiter.admit_at(planned.candidates, now_s=now.timestamp(), horizon_s=planned.horizon_s)
             if planned.candidates
             else None
         )
@@ -244,10 +247,11 @@ def test_a_relay_driven_by_the_plan_keeps_every_limit(
         for key, count in world.counts(caps).items():
             cap = caps.cap(key)
             assert cap is None or count <= cap
-        half = timedelta(seconds=policy.reserve_ahead_s / 2)
+        # Half a horizon before the next token, and the lead's stretch.
+        early = timedelta(seconds=planned.horizon_s - policy.reserve_ahead_s / 2)
         if admission is not None:
             for key, wait_s in admission.blocked.items():
-                assert settlement.memory.blocked[key] == now + timedelta(seconds=wait_s) - half
+                assert settlement.memory.blocked[key] == now + timedelta(seconds=wait_s) - early
         blocked = settlement.memory.blocked
         if CLUSTER_KEY in blocked:
             assert settlement.next_step_at == blocked[CLUSTER_KEY]
@@ -367,13 +371,13 @@ def test_a_block_lapses_half_a_horizon_before_the_token() -> None:
 @given(
     lead_s=st.floats(0.0, 10.0),
     handover_s=st.floats(0.0, 10.0),
-    most_s=st.sampled_from([0.25, 5.0]),
+    most_s=st.sampled_from([0.25, 2.0]),
 )
 def test_the_lead_stretches_to_twice_a_handover_within_its_bounds(
     lead_s: float, handover_s: float, most_s: float
 ) -> None:
-    policy = _policy(rated=True)
-    lead = plan.next_lead(policy, lead_s, handover_s=handover_s, most_s=most_s)
+    policy = _policy(rated=True, max_lead_s=most_s)
+    lead = plan.next_lead(policy, lead_s, handover_s=handover_s)
     assert policy.handover_lead_s <= lead <= most_s
     wanted = min(most_s, max(policy.handover_lead_s, 2 * handover_s))
     # Never short of twice the handover (up to the bound) ...
@@ -463,7 +467,7 @@ def test_late_handovers_are_retimed_so_releases_keep_the_buckets(
             for r in rows
         ]
         admission = limiter.admit_at(
-            candidates, now_s=now.timestamp(), horizon_s=policy.reserve_ahead_s
+            candidates, now_s=now.timestamp(), horizon_s=plan.horizon_for(policy, lead_s)
         )
         admitted = {c.task_id for c in admission.admitted}
         batch = tuple(r.claim for r in rows if r.claim.task_id in admitted)
@@ -472,9 +476,7 @@ def test_late_handovers_are_retimed_so_releases_keep_the_buckets(
                 row.leased_until = now
         moments = plan._moments(admission)
         done_s = now.timestamp() + handover_s
-        leads[relay] = plan.next_lead(
-            policy, lead_s, handover_s=handover_s, most_s=policy.max_lead_s
-        )
+        leads[relay] = plan.next_lead(policy, lead_s, handover_s=handover_s)
         handovers.append((done_s, relay, batch, moments, 0))
     handovers.sort(key=lambda h: h[0])
     while handovers:
@@ -508,12 +510,10 @@ def _resolve(
         # Left leased (a lapsed lease would bring them back).
         return
     now = datetime.fromtimestamp(done_s, UTC)
-    lead_s = plan.next_lead(
-        policy, leads[relay], handover_s=retime_s, most_s=policy.max_retime_lead_s
-    )
+    lead_s = plan.next_lead(policy, leads[relay], handover_s=retime_s)
     candidates = plan.retime_candidates(late, now=now, lead_s=lead_s)
     admission = limiter.admit_at(
-        candidates, now_s=done_s, horizon_s=plan.retime_horizon_s(policy, lead_s)
+        candidates, now_s=done_s, horizon_s=plan.horizon_for(policy, lead_s)
     )
     retiming = plan.retime(late, admission)
     assert {c.task_id for c in retiming.to_enqueue} | {c.task_id for c in retiming.refused} == {

@@ -1,0 +1,1 @@
+"""Probes: small scripts that print one figure each (``python -m bench.probes.NAME``)."""
