@@ -21,7 +21,7 @@ from tests.integration.test_relay_flow import outbox_of
 from tests.support import event_history, record_success, start_attempt, submit_task, wait_for
 from throttler.db import SessionFactory, create_engine, create_session_factory
 from throttler.limits import RuleSet
-from throttler.models import OutboxEntry, Task, utcnow
+from throttler.models import OutboxEntry, Task, TaskEvent, utcnow
 from throttler.settings import Settings
 from throttler.statuses import TaskStatus
 from throttler.store.outbox import ClaimedTask, CoreClaim
@@ -464,9 +464,17 @@ async def test_a_relay_late_with_its_batch_releases_later_never_bunched(
     # interval apart (less ARQ's rounding to ms), both relays' together.
     runnable = sorted(max(at, score) for at, score in arrivals.values())
     assert min(b - a for a, b in itertools.pairwise(runnable)) >= 1000 / rate - 1
-    # And each task's queued_at is its job's moment (the late ones' new one).
-    for task_id, (_, score) in arrivals.items():
-        assert score == pytest.approx(queued_at[task_id], abs=1)
+    # And each task's queued_at, and its one queued event, is its job's moment (the late
+    # ones' new one).
+    async with sessions() as session:
+        rows = await session.execute(
+            select(TaskEvent.task_id, TaskEvent.at).where(TaskEvent.event == "queued")
+        )
+        events = [(task_id, round(at.timestamp() * 1000)) for task_id, at in rows]
+    assert sorted(task_id for task_id, _ in events) == sorted(ids)
+    for task_id, at in events:
+        assert arrivals[task_id][1] == pytest.approx(queued_at[task_id], abs=1)
+        assert at == queued_at[task_id]
 
 
 async def test_late_jobs_of_a_relay_that_died_come_back_with_their_lease(

@@ -545,7 +545,8 @@ class CoreClaim:
 
         The lease stretches to the new moments, so no other relay takes the rows meanwhile;
         a row another relay took once the lease lapsed is left alone (it enqueues the task
-        itself). queued_at stays the moment the task may go, which the drain floor reads.
+        itself). queued_at (and the queued event's time) stays the moment the task may go,
+        which the drain floor reads.
         """
         if not claims:
             return set()
@@ -565,6 +566,20 @@ class CoreClaim:
             if claim.outbox_id in kept
         ]
         if moved:
+            # The task's latest queued event says when it was queued: the same moment.
+            await self.session.execute(
+                update(_EVENTS)
+                .where(
+                    _EVENTS.c.task_id == bindparam("b_task_id"),
+                    _EVENTS.c.event == EventKind.QUEUED,
+                    _EVENTS.c.at
+                    == select(_TASKS.c.queued_at)
+                    .where(_TASKS.c.id == bindparam("b_task_id"))
+                    .scalar_subquery(),
+                )
+                .values(at=bindparam("b_queued_at")),
+                moved,
+            )
             await self.session.execute(
                 update(_TASKS)
                 .where(_TASKS.c.id == bindparam("b_task_id"), _TASKS.c.status == TaskStatus.QUEUED)
