@@ -49,9 +49,10 @@ RECOVER_EVERY_S = 1.0
 # a claim's commit plus its enqueue take, so every job is in ARQ before its moment. The
 # least lead: a relay whose handovers take longer stretches it (``next_lead``).
 HANDOVER_LEAD_S = 0.1
-# The most the lead may stretch to. Tokens are taken that much further ahead (the
-# horizon grows with the lead, ``horizon_for``), so queued_at may lie up to RESERVE_AHEAD_S
-# plus this ahead of its commit: well within the reconciler's grace (the claim lease).
+# The most the lead may stretch to (a relay stopped for longer is late again, and retimes
+# again). Tokens are taken that much further ahead (the horizon grows with the lead,
+# ``horizon_for``), so queued_at may lie up to RESERVE_AHEAD_S plus this ahead of its
+# commit.
 MAX_LEAD_S = 2.0
 # What share of the lead an on-time handover keeps when less would do: it shrinks back
 # over a few dozen handovers rather than at once (a loaded machine stays loaded a while).
@@ -269,7 +270,7 @@ def settle(
     if admission is not None:
         by_task = {claim.task_id: claim for claim in planned.claims}
         to_lease = tuple(by_task[candidate.task_id] for candidate in admission.admitted)
-        queued_at = _moments(admission)
+        queued_at = moments(admission)
         early = timedelta(seconds=planned.horizon_s - policy.reserve_ahead_s / 2)
         for key, wait_s in admission.blocked.items():
             blocked[key] = now + timedelta(seconds=wait_s) - early
@@ -330,7 +331,8 @@ class Retiming:
     to_enqueue: tuple[ClaimedTask, ...]
     # Each task's new moment, on the limiter's clock: its new queued_at.
     queued_at: tuple[datetime, ...]
-    # Refused by the limiter: left leased, they come back when the lease lapses.
+    # Refused by the limiter (its buckets lent further ahead than the horizon): to ask
+    # again, still leased.
     refused: tuple[ClaimedTask, ...]
 
 
@@ -349,13 +351,13 @@ def retime(late: Sequence[ClaimedTask], admission: Admission) -> Retiming:
     chosen = {claim.task_id for claim in admitted}
     return Retiming(
         to_enqueue=admitted,
-        queued_at=_moments(admission),
+        queued_at=moments(admission),
         refused=tuple(claim for claim in late if claim.task_id not in chosen),
     )
 
 
-def _moments(admission: Admission) -> tuple[datetime, ...]:
-    # The moment a task may go: its tokens fall due, it is due.
+def moments(admission: Admission) -> tuple[datetime, ...]:
+    """When each admitted candidate may go: its tokens fall due, it is due."""
     granted = datetime.fromtimestamp(admission.granted_at_s, UTC)
     return tuple(granted + timedelta(seconds=d) for d in admission.ready_in_s)
 

@@ -474,7 +474,7 @@ def test_late_handovers_are_retimed_so_releases_keep_the_buckets(
         for row in rows:
             if row.claim.task_id in admitted:
                 row.leased_until = now
-        moments = plan._moments(admission)
+        moments = plan.moments(admission)
         done_s = now.timestamp() + handover_s
         leads[relay] = plan.next_lead(policy, lead_s, handover_s=handover_s)
         handovers.append((done_s, relay, batch, moments, 0))
