@@ -53,7 +53,7 @@ HANDOVER_LEAD_S = 0.1
 # again). Tokens are taken that much further ahead (the horizon grows with the lead,
 # ``horizon_for``), so queued_at may lie up to RESERVE_AHEAD_S plus this ahead of its
 # commit.
-MAX_LEAD_S = 2.0
+MAX_LEAD_S = 5.0
 # What share of the lead an on-time handover keeps when less would do: it shrinks back
 # over a few dozen handovers rather than at once (a loaded machine stays loaded a while).
 LEAD_DECAY = 0.9
