@@ -1,1 +1,1 @@
-"""Probes: small scripts that print one figure each (``python -m bench.probes.NAME``)."""
+"""Small reproducible probes: one figure each, measured on this or another checkout."""
