@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -57,6 +58,8 @@ WINDOW_MS = 1000
 SHORT_WINDOWS_MS = (10, 100)
 POLL_S = 0.1
 INSERT_CHUNK = 5_000
+# With --pause-s: how long after the backlog's commit the first relay is stopped.
+PAUSE_AFTER_S = 2.0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -161,7 +164,9 @@ def arrivals(client: Redis) -> list[Arrival]:
 
 
 @contextmanager
-def _relay(env: dict[str, str], *, log_path: Path, code_dir: Path) -> Iterator[None]:
+def _relay(
+    env: dict[str, str], *, log_path: Path, code_dir: Path
+) -> Iterator[subprocess.Popen[bytes]]:
     """Run ``python -m relay`` from ``code_dir`` until the block ends, once it has started."""
     with (
         log_path.open("wb") as log,
@@ -172,7 +177,7 @@ def _relay(env: dict[str, str], *, log_path: Path, code_dir: Path) -> Iterator[N
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"relay did not start: {log_path.read_text()[-2000:]}")
             time.sleep(0.05)
-        yield
+        yield process
 
 
 @contextmanager
@@ -188,7 +193,14 @@ def burners(count: int) -> Iterator[None]:
 
 
 def measure(
-    *, jobs: int, relays: int, rate: float, burst: int, load: int, code_dir: Path
+    *,
+    jobs: int,
+    relays: int,
+    rate: float,
+    burst: int,
+    load: int,
+    code_dir: Path,
+    pause_s: float = 0.0,
 ) -> Figures:
     with ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
@@ -210,10 +222,18 @@ def measure(
             "LOG_LEVEL": "INFO",
         }
         logs = [workdir / f"relay-{index}.log" for index in range(relays)]
-        for log_path in logs:
+        started = [
             stack.enter_context(_relay(env, log_path=log_path, code_dir=code_dir))
+            for log_path in logs
+        ]
         stack.enter_context(burners(load))
         _fill_backlog(database_url, count=jobs)
+        if pause_s:
+            # A relay stopped wherever it is (mid-handover, most likely) and resumed.
+            time.sleep(PAUSE_AFTER_S)
+            started[0].send_signal(signal.SIGSTOP)
+            time.sleep(pause_s)
+            started[0].send_signal(signal.SIGCONT)
         deadline = time.monotonic() + jobs / rate * 4 + 120
         while cast(int, client.zcard(QUEUE)) < jobs:
             if time.monotonic() > deadline:
@@ -251,6 +271,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--burners", type=int, default=4, help="CPU-bound processes (the load)")
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument(
+        "--pause-s",
+        type=float,
+        default=0.0,
+        help=f"SIGSTOP the first relay {PAUSE_AFTER_S:g} s into the drain for this long",
+    )
+    parser.add_argument(
         "--code-dir",
         type=Path,
         default=ROOT,
@@ -260,6 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"{args.relays} relays from {args.code_dir}, PostgreSQL, RELAY_RATE={args.rate:g} "
         f"RELAY_BURST={args.burst}, {args.burners} CPU burners, {args.jobs} jobs, "
+        f"pause {args.pause_s:g} s, "
         f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}"
     )
     for run in range(args.runs):
@@ -270,6 +297,7 @@ def main(argv: list[str] | None = None) -> None:
             burst=args.burst,
             load=args.burners,
             code_dir=args.code_dir,
+            pause_s=args.pause_s,
         )
         print(
             f"run {run + 1}: {figures.late} of {figures.jobs} jobs reached Redis after their "
