@@ -5,6 +5,12 @@ One Lua script per batch does the same per job, atomically: skip it while
 ``arq:job:ID`` or ``arq:result:ID`` exists (ARQ's dedup, so a repeat after a crash is a
 no-op), else ``PSETEX`` the job serialized by ``arq.jobs.serialize_job`` with ARQ's
 expiry and ``ZADD`` it to the queue with its run time in ms as the score.
+
+A job placed ``on_time`` (with a ``run_at``) must become runnable no earlier than that:
+the script reads Redis ``TIME`` once, after its adds, when the batch is about to become
+visible to ARQ, and takes back (``DEL`` + ``ZREM``, unseen by anyone) each such job
+whose score is already past: ARQ would run it at once, bunched with its neighbours,
+instead of at its moment. The caller learns it is ``LATE`` and gives it a new moment.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from enum import Enum
 
 from arq.connections import ArqRedis
 from arq.constants import job_key_prefix, result_key_prefix
@@ -20,25 +27,53 @@ from arq.utils import timestamp_ms, to_unix_ms
 
 # KEYS: the queue, then per job its job key and its result key.
 # ARGV: the count P of distinct serialized jobs, those P payloads, then per job:
-# job id, score (ms), expiry (ms), payload index (1-based).
-# Returns one flag per job: 1 enqueued, 0 skipped (its job or result key exists).
+# job id, score (ms), expiry (ms), payload index (1-based), on time ("1": added only if
+# its score is not past by the script's end; "0": always).
+# Returns one flag per job: 1 enqueued, 0 skipped (its job or result key exists),
+# 2 late (on time, score past: not added).
 _ENQUEUE_LUA = """
 local queue = KEYS[1]
 local payloads = tonumber(ARGV[1])
-local added = {}
+local flags = {}
+local timed = false
 local jobs = (#KEYS - 1) / 2
 for i = 0, jobs - 1 do
-  local a = 1 + payloads + 4 * i
+  local a = 1 + payloads + 5 * i
   if redis.call('EXISTS', KEYS[2 + 2 * i], KEYS[3 + 2 * i]) == 0 then
     redis.call('PSETEX', KEYS[2 + 2 * i], ARGV[a + 3], ARGV[1 + tonumber(ARGV[a + 4])])
     redis.call('ZADD', queue, ARGV[a + 2], ARGV[a + 1])
-    added[i + 1] = 1
+    flags[i + 1] = 1
+    if ARGV[a + 5] == '1' then timed = true end
   else
-    added[i + 1] = 0
+    flags[i + 1] = 0
   end
 end
-return added
+if timed then
+  -- After the adds: ARQ sees the batch only once the script ends, so this is the
+  -- earliest any job of it can start (microseconds; 2^53 holds them exactly).
+  local t = redis.call('TIME')
+  local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  for i = 0, jobs - 1 do
+    local a = 1 + payloads + 5 * i
+    if flags[i + 1] == 1 and ARGV[a + 5] == '1' and tonumber(ARGV[a + 2]) * 1000 < now_us then
+      redis.call('DEL', KEYS[2 + 2 * i])
+      redis.call('ZREM', queue, ARGV[a + 1])
+      flags[i + 1] = 2
+    end
+  end
+end
+return flags
 """
+
+
+class Outcome(Enum):
+    """What the script did with one job."""
+
+    ADDED = 1
+    # Its job or result key exists: ARQ already has (or had) this job id.
+    HELD = 0
+    # Placed ``on_time`` with a run time already past: not added.
+    LATE = 2
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -60,7 +95,15 @@ class BatchEnqueuer:
         self._script = redis.register_script(_ENQUEUE_LUA)
 
     async def enqueue(self, jobs: Sequence[JobSpec]) -> list[bool]:
-        """Enqueue ``jobs`` in one atomic call; per job, False if ARQ already held its id."""
+        """Enqueue ``jobs`` in one atomic call; per job, whether it was added."""
+        return [outcome is Outcome.ADDED for outcome in await self.place(jobs)]
+
+    async def place(self, jobs: Sequence[JobSpec], *, on_time: bool = False) -> list[Outcome]:
+        """Enqueue ``jobs`` in one atomic call; per job, what became of it.
+
+        ``on_time``: a job with a ``run_at`` is added only if ARQ gets it no later than
+        that (else ``Outcome.LATE``).
+        """
         if not jobs:
             return []
         enqueue_time_ms = timestamp_ms()
@@ -87,6 +130,7 @@ class BatchEnqueuer:
             # ARQ's rule: the job key outlives its start time by expires_extra_ms.
             expires_ms = score_ms - enqueue_time_ms + self.redis.expires_extra_ms
             keys += [job_key_prefix + job.job_id, result_key_prefix + job.job_id]
-            per_job += [job.job_id, score_ms, expires_ms, index]
+            timed = on_time and job.run_at is not None
+            per_job += [job.job_id, score_ms, expires_ms, index, int(timed)]
         flags = await self._script(keys=keys, args=[len(payloads), *payloads, *per_job])
-        return [bool(int(flag)) for flag in flags]
+        return [Outcome(int(flag)) for flag in flags]

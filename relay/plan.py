@@ -13,6 +13,12 @@ functions what to do with it, in four moments of one transaction:
 4. ``settle``: from the limiter's admission, what to lease at which moment, which keys to
    leave out until when, and when to step again.
 
+And after the enqueue, when it came late (``relay.enqueue``: a job whose moment was past
+when it reached Redis is not added): ``next_lead`` stretches the handover lead to what
+the handovers take, and ``retime_candidates`` / ``retime`` give the late tasks new
+moments from the limiter (new tokens, after every grant so far, a lead ahead). A slow
+relay so releases later, never faster: the old tokens go unused.
+
 Every time here is on one clock, the relay's (``now``, passed in). The limiter answers on
 its own clock, Redis ``TIME``, shared by every relay and authoritative for tokens: a
 task's moment (``queued_at``, ARQ's defer) is the grant's Redis time plus its delay, so
@@ -40,8 +46,17 @@ RESERVE_AHEAD_S = 0.5
 # RELAY_CLAIM_LEASE_S, so this adds at most a second to a recovery.
 RECOVER_EVERY_S = 1.0
 # Under a rate limit, how long after its claim a task may go at the earliest: longer than
-# a claim's commit plus its enqueue take, so every job is in ARQ before its moment.
+# a claim's commit plus its enqueue take, so every job is in ARQ before its moment. The
+# least lead: a relay whose handovers take longer stretches it (``next_lead``).
 HANDOVER_LEAD_S = 0.1
+# The most the lead may stretch to (a relay stopped for longer is late again, and retimes
+# again). Tokens are taken that much further ahead (the horizon grows with the lead,
+# ``horizon_for``), so queued_at may lie up to RESERVE_AHEAD_S plus this ahead of its
+# commit.
+MAX_LEAD_S = 5.0
+# What share of the lead an on-time handover keeps when less would do: it shrinks back
+# over a few dozen handovers rather than at once (a loaded machine stays loaded a while).
+LEAD_DECAY = 0.9
 # Before any step: every cadence is due.
 LONG_AGO = datetime.min.replace(tzinfo=UTC)
 
@@ -61,6 +76,7 @@ class Policy:
     reserve_ahead_s: float = RESERVE_AHEAD_S
     handover_lead_s: float = HANDOVER_LEAD_S
     recover_every_s: float = RECOVER_EVERY_S
+    max_lead_s: float = MAX_LEAD_S
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -113,6 +129,8 @@ class Snapshot:
     room: int | None
     # When the claimed rows were read (the handover lead counts from here).
     now: datetime
+    # The handover lead (``next_lead``); None: the policy's least.
+    lead_s: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -121,6 +139,8 @@ class Plan:
 
     # To ask the limiter about, in claim order, with their moments as POSIX seconds.
     candidates: tuple[Candidate, ...]
+    # How far ahead to ask the limiter for tokens (``horizon_for`` the lead).
+    horizon_s: float
     # Rows of tasks that already started or finished: leased and released, not enqueued.
     release_only: tuple[ClaimedTask, ...]
     # Whether a cap or the queue room left some claimed row out.
@@ -210,24 +230,16 @@ def make_plan(policy: Policy, selection: Selection, snapshot: Snapshot) -> Plan:
     ones, and a window could then exceed rate·T + burst.
     """
     claims = snapshot.claims
-    earliest_s = snapshot.now.timestamp() + policy.handover_lead_s if policy.rated else None
-    wanted = [
-        Candidate(
-            task_id=claim.task_id,
-            name=claim.name,
-            account=claim.account,
-            host=claim.host,
-            not_before_s=_latest(claim.run_at.timestamp() if claim.run_at else None, earliest_s),
-        )
-        for claim in claims
-        if claim.needs_enqueue
-    ]
+    lead_s = policy.handover_lead_s if snapshot.lead_s is None else snapshot.lead_s
+    earliest_s = snapshot.now.timestamp() + lead_s if policy.rated else None
+    wanted = [_candidate(claim, earliest_s) for claim in claims if claim.needs_enqueue]
     holding = frozenset(c.task_id for c in claims if c.status == TaskStatus.QUEUED)
     candidates, capped = policy.caps.fit(
         wanted, snapshot.inflight, room=snapshot.room, holding=holding
     )
     return Plan(
         candidates=tuple(candidates),
+        horizon_s=horizon_for(policy, lead_s),
         release_only=tuple(claim for claim in claims if not claim.needs_enqueue),
         capped=capped,
         full_page=selection.limit > 0 and len(claims) == selection.limit,
@@ -248,9 +260,9 @@ def settle(
 
     ``admission`` is the limiter's answer about ``planned.candidates`` (None: not asked,
     there were none); ``now`` is the relay's clock when it came back. A key out of tokens
-    is left out until half a horizon before its next token: late by up to that much, the
-    next claim still takes it on time; meanwhile claims skip its tasks, so it holds back
-    nothing else.
+    is left out until half a horizon before its next token (half a horizon and the lead's
+    stretch, when the horizon grew with the lead): late by up to that much, the next claim
+    still takes it on time; meanwhile claims skip its tasks, so it holds back nothing else.
     """
     blocked = dict(selection.memory.blocked)
     to_lease: tuple[ClaimedTask, ...] = ()
@@ -258,12 +270,10 @@ def settle(
     if admission is not None:
         by_task = {claim.task_id: claim for claim in planned.claims}
         to_lease = tuple(by_task[candidate.task_id] for candidate in admission.admitted)
-        granted = datetime.fromtimestamp(admission.granted_at_s, UTC)
-        # queued_at is the moment the task may go: its tokens fall due, it is due.
-        queued_at = tuple(granted + timedelta(seconds=d) for d in admission.ready_in_s)
-        half_horizon = timedelta(seconds=policy.reserve_ahead_s / 2)
+        queued_at = moments(admission)
+        early = timedelta(seconds=planned.horizon_s - policy.reserve_ahead_s / 2)
         for key, wait_s in admission.blocked.items():
-            blocked[key] = now + timedelta(seconds=wait_s) - half_horizon
+            blocked[key] = now + timedelta(seconds=wait_s) - early
     memory = Memory(
         blocked=blocked,
         recover_due_at=selection.memory.recover_due_at,
@@ -289,6 +299,77 @@ def _next_step_at(
         return opening.started_at
     poll_at = opening.started_at + timedelta(seconds=policy.poll_interval_s)
     return min([poll_at, *blocked.values()])
+
+
+def next_lead(policy: Policy, lead_s: float, *, handover_s: float) -> float:
+    """The handover lead after a handover that took ``handover_s`` (rows read to enqueued).
+
+    Twice what it took, within the policy's least and most lead: it stretches at once
+    when a handover runs long, and shrinks back by ``LEAD_DECAY`` per handover.
+    """
+    most_s = policy.max_lead_s
+    wanted = min(most_s, max(policy.handover_lead_s, 2.0 * handover_s))
+    if wanted >= lead_s:
+        return wanted
+    return min(most_s, max(wanted, lead_s * LEAD_DECAY))
+
+
+def horizon_for(policy: Policy, lead_s: float) -> float:
+    """How far ahead a claim (or a retime) with this lead takes tokens.
+
+    The reserve horizon, stretched by as much as the lead is: a relay comes back half a
+    horizon on, when the tokens it took still reach a lead past its next claim, so a
+    longer lead loses no token (the bucket caps what it could hoard at the lead's moment).
+    """
+    return policy.reserve_ahead_s + max(0.0, lead_s - policy.handover_lead_s)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Retiming:
+    """New moments for tasks whose jobs came late: ``retime``'s answer."""
+
+    to_enqueue: tuple[ClaimedTask, ...]
+    # Each task's new moment, on the limiter's clock: its new queued_at.
+    queued_at: tuple[datetime, ...]
+    # Refused by the limiter (its buckets lent further ahead than the horizon): to ask
+    # again, still leased.
+    refused: tuple[ClaimedTask, ...]
+
+
+def retime_candidates(
+    late: Sequence[ClaimedTask], *, now: datetime, lead_s: float
+) -> tuple[Candidate, ...]:
+    """Ask again for tasks whose jobs missed their moments, each a lead from ``now``."""
+    earliest_s = now.timestamp() + lead_s
+    return tuple(_candidate(claim, earliest_s) for claim in late)
+
+
+def retime(late: Sequence[ClaimedTask], admission: Admission) -> Retiming:
+    """The late tasks' new moments: their new tokens' (the old ones go unused)."""
+    by_task = {claim.task_id: claim for claim in late}
+    admitted = tuple(by_task[candidate.task_id] for candidate in admission.admitted)
+    chosen = {claim.task_id for claim in admitted}
+    return Retiming(
+        to_enqueue=admitted,
+        queued_at=moments(admission),
+        refused=tuple(claim for claim in late if claim.task_id not in chosen),
+    )
+
+
+def moments(admission: Admission) -> tuple[datetime, ...]:
+    """When each admitted candidate may go: its tokens fall due, it is due."""
+    granted = datetime.fromtimestamp(admission.granted_at_s, UTC)
+    return tuple(granted + timedelta(seconds=d) for d in admission.ready_in_s)
+
+
+def _candidate(claim: ClaimedTask, earliest_s: float | None) -> Candidate:
+    return Candidate(
+        task_id=claim.task_id,
+        name=claim.name,
+        account=claim.account,
+        host=claim.host,
+        not_before_s=_latest(claim.run_at.timestamp() if claim.run_at else None, earliest_s),
+    )
 
 
 def _latest(*moments_s: float | None) -> float | None:

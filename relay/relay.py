@@ -20,6 +20,17 @@ as ``queued_at`` and enqueued at once, deferred in ARQ (``_defer_until``) to tha
 So dispatches follow the token bucket exactly however slow a transaction or a busy event
 loop is (an fsync-bound SQLite commit takes 10-30 ms, longer than a token at 50/s): a
 relay only has to come back within the horizon.
+
+A job must also reach ARQ before its moment, or ARQ would start it late, together with
+the next ones. The handover lead (``plan.HANDOVER_LEAD_S``, stretched by ``plan.next_lead``
+to twice what the relay's handovers take, the horizon with it) covers the claim's commit
+and the enqueue; a handover that still runs late (a starved or stopped process) is
+caught by the enqueue script, which adds no job whose moment is past (``relay.enqueue``).
+The relay then asks the limiter again for those tasks (new tokens, after every grant so
+far, a longer lead ahead), moves their queued_at under its lease, and enqueues them at
+the new moments (``_hand_over``): a slow relay releases later, never faster. Dying in
+between leaves the rows leased; once the lease lapses a relay claims and admits them
+afresh.
 """
 
 from __future__ import annotations
@@ -30,13 +41,13 @@ import os
 import secrets
 import socket
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from arq.connections import ArqRedis
 
 from relay import plan
-from relay.enqueue import BatchEnqueuer, JobSpec
+from relay.enqueue import BatchEnqueuer, JobSpec, Outcome
 from relay.plan import Memory, Opening, Policy, Settlement, Snapshot
 from throttler.errors import RECOVERABLE_ERRORS
 from throttler.logs import fields
@@ -49,6 +60,9 @@ from throttler.throttle import InflightCaps, Limiter, has_rates, max_admissible
 log = logging.getLogger("relay")
 
 LOG_EVERY_S = 1.0
+# Times a handover asks for new moments for jobs that came late before it leaves them to
+# their lease (each time with a longer lead: twice what the last attempt took).
+RETIME_ATTEMPTS = 5
 # Steps in a row that must succeed before an outage counts as over.
 STEPS_TO_RECOVER = 3
 
@@ -77,6 +91,19 @@ class Batch:
     # When, on the relay's clock, another step is worth taking.
     next_step_at: datetime
     backlog: int | None = None
+    # When the claim read its rows, on the relay's clock: the handover lead counts from here.
+    read_at: datetime | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Handover:
+    """What became of tasks handed to ARQ."""
+
+    # Task ids in ARQ now (a task ARQ already held, a repeat after a crash, counts).
+    enqueued: set[str] = field(default_factory=set)
+    # Not added: their moments were past when the jobs reached Redis.
+    late: tuple[ClaimedTask, ...] = ()
+    errors: list[BaseException] = field(default_factory=list)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -84,7 +111,7 @@ class _Handing:
     """A claimed batch on its way into ARQ."""
 
     batch: Batch
-    task: asyncio.Task[tuple[set[str], list[BaseException]]]
+    task: asyncio.Task[Handover]
 
 
 class Relay:
@@ -135,7 +162,10 @@ class Relay:
         # Claims that count in-flight tasks or queue room must take turns across relays.
         self._serialize = bool(self.caps) or bool(settings.relay_max_queue_depth)
         self._memory = Memory()
+        # The handover lead of the next claim (``plan.next_lead``).
+        self._lead_s = self.policy.handover_lead_s
         self._dispatched = 0
+        self._retimed = 0
         self._window_started = self.clock()
 
     def stop(self) -> None:
@@ -216,7 +246,7 @@ class Relay:
             # Idle: the next dispatch log covers only the busy time after this.
             self._window_started = self.clock()
         if batch.to_enqueue:
-            handed = asyncio.create_task(self.enqueue(batch.to_enqueue, run_at=batch.run_at))
+            handed = asyncio.create_task(self._hand_over(batch))
             self._handing = _Handing(batch=batch, task=handed)
         failed = await self._settle(previous)
         pause_s = (batch.next_step_at - self.clock()).total_seconds()
@@ -240,7 +270,7 @@ class Relay:
                 await self.release(claim, carried)
             if self._serialize:
                 await claim.serialize()
-            settlement = await self._claim_in(claim, opening)
+            settlement, read_at = await self._claim_in(claim, opening)
             backlog = await self._backlog(claim, opening, leased=len(settlement.to_lease))
         self._unreleased = self._unreleased[len(carried) :]
         return Batch(
@@ -248,10 +278,14 @@ class Relay:
             run_at=settlement.queued_at,
             next_step_at=settlement.next_step_at,
             backlog=backlog,
+            read_at=read_at,
         )
 
-    async def _claim_in(self, claim: OutboxClaim, opening: Opening) -> Settlement:
-        """Select, admit and lease inside the claim transaction; release finished rows."""
+    async def _claim_in(self, claim: OutboxClaim, opening: Opening) -> tuple[Settlement, datetime]:
+        """Select, admit and lease inside the claim transaction; release finished rows.
+
+        Returns the settlement and when the rows were read (on the relay's clock).
+        """
         now = self.clock()
         room = await self._queue_room(claim, now=now)
         inflight = await claim.count_inflight_by_key(scopes=self.caps.scopes)
@@ -267,13 +301,13 @@ class Relay:
                 recover_lapsed=selection.recover_lapsed,
                 sweep_strays=selection.sweep_strays,
             )
-        snapshot = Snapshot(claims=claims, inflight=inflight, room=room, now=self.clock())
+        snapshot = Snapshot(
+            claims=claims, inflight=inflight, room=room, now=self.clock(), lead_s=self._lead_s
+        )
         planned = plan.make_plan(self.policy, selection, snapshot)
         admission = None
         if planned.candidates:
-            admission = await self.limiter.admit(
-                planned.candidates, horizon_s=self.policy.reserve_ahead_s
-            )
+            admission = await self.limiter.admit(planned.candidates, horizon_s=planned.horizon_s)
         settlement = plan.settle(
             self.policy, opening, selection, planned, admission=admission, now=self.clock()
         )
@@ -295,7 +329,7 @@ class Relay:
                 lease_s=lease_s,
             )
             await self.release(claim, [c.outbox_id for c in finished])
-        return settlement
+        return settlement, snapshot.now
 
     async def _backlog(self, claim: OutboxClaim, opening: Opening, *, leased: int) -> int | None:
         """Rows left in the outbox, when a dispatch log is due (None: not counted)."""
@@ -318,11 +352,11 @@ class Relay:
 
     async def enqueue(
         self, claims: Sequence[ClaimedTask], *, run_at: Sequence[datetime | None] = ()
-    ) -> tuple[set[str], list[BaseException]]:
+    ) -> Handover:
         """Hand tasks to ARQ (job id = task id), each to start no earlier than its run_at.
 
-        One Redis call for the batch. Return the ids handed over (a task ARQ already
-        held, a repeat after a crash, counts as handed over) and the errors.
+        One Redis call for the batch. Under a rate limit a job whose run_at is past when
+        it reaches Redis is not added: it comes back as late.
         """
         when = list(run_at) or [None] * len(claims)
         # No arguments: the worker reads the payload from the database.
@@ -331,10 +365,85 @@ class Relay:
             for claim, at in zip(claims, when, strict=True)
         ]
         try:
-            await self._enqueuer.enqueue(jobs)
+            outcomes = await self._enqueuer.place(jobs, on_time=self.policy.rated)
         except RECOVERABLE_ERRORS as error:
-            return set(), [error]
-        return {claim.task_id for claim in claims}, []
+            return Handover(errors=[error])
+        late = tuple(c for c, o in zip(claims, outcomes, strict=True) if o is Outcome.LATE)
+        enqueued = {
+            c.task_id for c, o in zip(claims, outcomes, strict=True) if o is not Outcome.LATE
+        }
+        return Handover(enqueued=enqueued, late=late)
+
+    async def _hand_over(self, batch: Batch) -> Handover:
+        """Enqueue a claimed batch; give the jobs that came late new moments, and again.
+
+        Each handover's duration stretches (or relaxes) the next claims' lead; a retime's
+        lead is twice what the last attempt took. What is still late after
+        ``RETIME_ATTEMPTS`` stays leased, and comes back once the lease lapses.
+        """
+        handed = await self.enqueue(batch.to_enqueue, run_at=batch.run_at)
+        started = batch.read_at
+        if started is None or not self.policy.rated:
+            return handed
+        took_s = (self.clock() - started).total_seconds()
+        self._lead_s = plan.next_lead(self.policy, self._lead_s, handover_s=took_s)
+        enqueued, late, errors = set(handed.enqueued), handed.late, list(handed.errors)
+        lead_s = self._lead_s
+        for _ in range(RETIME_ATTEMPTS):
+            if not late or errors:
+                break
+            lead_s = plan.next_lead(self.policy, lead_s, handover_s=took_s)
+            started = self.clock()
+            try:
+                handed = await self._retime(late, now=started, lead_s=lead_s)
+            except RECOVERABLE_ERRORS as error:
+                errors.append(error)
+                break
+            took_s = (self.clock() - started).total_seconds()
+            enqueued |= handed.enqueued
+            late = handed.late
+            errors += handed.errors
+        if late:
+            log.warning(
+                "relay.late",
+                extra=fields(relay=self.relay_id, count=len(late), lead_s=round(lead_s, 3)),
+            )
+        return Handover(enqueued=enqueued, late=late, errors=errors)
+
+    async def _retime(
+        self, late: Sequence[ClaimedTask], *, now: datetime, lead_s: float
+    ) -> Handover:
+        """New tokens and moments for late tasks; record them under the lease; enqueue.
+
+        The new queued_at is written before the enqueue, so it never understates when a
+        task may go (the drain floor reads it).
+        """
+        candidates = plan.retime_candidates(late, now=now, lead_s=lead_s)
+        admission = await self.limiter.admit(
+            candidates, horizon_s=plan.horizon_for(self.policy, lead_s)
+        )
+        retiming = plan.retime(late, admission)
+        if not retiming.to_enqueue:
+            # Refused (the buckets lent further ahead than the horizon): ask again.
+            return Handover(late=retiming.refused)
+        async with self.outbox.claiming() as claim:
+            kept = await claim.retime(
+                claims=retiming.to_enqueue,
+                queued_at=retiming.queued_at,
+                relay_id=self.relay_id,
+                lease_s=self.settings.relay_claim_lease_s,
+            )
+        moving = [
+            (c, at)
+            for c, at in zip(retiming.to_enqueue, retiming.queued_at, strict=True)
+            if c.outbox_id in kept
+        ]
+        self._retimed += len(moving)
+        handed = await self.enqueue([c for c, _ in moving], run_at=[at for _, at in moving])
+        # Rows another relay took meanwhile are its to enqueue: neither handed nor late.
+        return Handover(
+            enqueued=handed.enqueued, late=(*retiming.refused, *handed.late), errors=handed.errors
+        )
 
     async def release(self, claim: OutboxClaim, outbox_ids: Sequence[int]) -> None:
         """Delete outbox rows whose tasks are in ARQ (in a transaction after the claim)."""
@@ -356,7 +465,8 @@ class Relay:
         """Wait for a batch's enqueue; queue its rows for release; describe any failure."""
         if handing is None:
             return None
-        enqueued, failures = await handing.task
+        handed = await handing.task
+        enqueued, failures = handed.enqueued, handed.errors
         to_enqueue = handing.batch.to_enqueue
         self._unreleased.extend(c.outbox_id for c in to_enqueue if c.task_id in enqueued)
         self._count(len(enqueued), handing.batch.backlog)
@@ -393,10 +503,13 @@ class Relay:
                     backlog="?" if backlog is None else backlog,
                     # Keys out of tokens right now, e.g. "host:a.example,task:download".
                     blocked=",".join(sorted(str(key) for key in self._memory.blocked)[:5]) or "-",
+                    # Jobs that reached Redis after their moments and were given new ones.
+                    retimed=self._retimed,
                     relay=self.relay_id,
                 ),
             )
         self._dispatched = 0
+        self._retimed = 0
         self._window_started = self.clock()
 
     def wake(self) -> None:

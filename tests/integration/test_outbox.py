@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.support import event_history, record_success, start_attempt, submit_greetings
 from throttler.db import SessionFactory
-from throttler.models import OutboxEntry, Task, utcnow
+from throttler.models import OutboxEntry, Task, TaskEvent, utcnow
 from throttler.settings import Settings
 from throttler.statuses import TaskStatus
 from throttler.store.outbox import CoreOutbox, open_outbox
@@ -83,3 +83,36 @@ async def test_reclaimed_row_of_finished_task_is_not_enqueued_again(
         (claim,) = await tx.select_claimable(limit=1, now=now + timedelta(seconds=5))
         assert not claim.needs_enqueue
         assert await start_attempt(tx.session, task_id=task_id, worker_id="w", now=utcnow()) is None
+
+
+async def test_retime_moves_only_rows_still_leased_to_the_relay(
+    sessions: SessionFactory, outbox: CoreOutbox
+) -> None:
+    ids = await submit_greetings(sessions, 2)
+    now = utcnow()
+    async with outbox.claiming() as tx:
+        claims = await tx.select_claimable(limit=2, now=now)
+        await tx.lease(claims=claims, queued_at=[now, now], relay_id="slow", lease_s=1)
+    # The second row's lease lapsed and another relay took it meanwhile.
+    async with outbox.claiming() as tx:
+        await tx.lease(claims=claims[1:], queued_at=[now], relay_id="other", lease_s=30)
+
+    later = now + timedelta(seconds=3)
+    async with outbox.claiming() as tx:
+        kept = await tx.retime(claims=claims, queued_at=[later, later], relay_id="slow", lease_s=5)
+    assert kept == {claims[0].outbox_id}
+
+    async with sessions() as session:
+        rows = await session.execute(select(Task.id, Task.queued_at))
+        queued_at = {task_id: at for task_id, at in rows}
+        assert queued_at == {ids[0]: later, ids[1]: now}
+        (event_at,) = await session.scalars(
+            select(TaskEvent.at).where(TaskEvent.task_id == ids[0], TaskEvent.event == "queued")
+        )
+        assert event_at == later
+        until = await session.scalar(
+            select(OutboxEntry.claimed_until).where(OutboxEntry.id == claims[0].outbox_id)
+        )
+        # The lease covers the new moment.
+        assert until == later + timedelta(seconds=5)
+        assert await event_history(session, ids[0]) == ["submitted", "queued"]

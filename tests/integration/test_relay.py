@@ -6,8 +6,9 @@ import asyncio
 import itertools
 import logging
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, cast
 
 import pytest
 from arq.connections import ArqRedis, RedisSettings, create_pool
@@ -20,11 +21,14 @@ from tests.integration.test_relay_flow import outbox_of
 from tests.support import event_history, record_success, start_attempt, submit_task, wait_for
 from throttler.db import SessionFactory, create_engine, create_session_factory
 from throttler.limits import RuleSet
-from throttler.models import OutboxEntry, Task, utcnow
+from throttler.models import OutboxEntry, Task, TaskEvent, utcnow
 from throttler.settings import Settings
 from throttler.statuses import TaskStatus
 from throttler.store.outbox import ClaimedTask, CoreClaim
 from throttler.throttle import Limiter, RedisLimiter, UnlimitedLimiter, build_limiter
+
+if TYPE_CHECKING:
+    from relay.relay import Handover
 
 NAMES = ("greeting", "download", "blocking_long_running_task", "non_blocking_long_running_task")
 
@@ -122,7 +126,7 @@ class _Recording(Relay):
 
     async def enqueue(
         self, claims: Sequence[ClaimedTask], *, run_at: Sequence[datetime | None] = ()
-    ) -> tuple[set[str], list[BaseException]]:
+    ) -> Handover:
         self.__dict__.setdefault("handed", []).extend(claims)
         return await super().enqueue(claims, run_at=run_at)
 
@@ -134,8 +138,8 @@ async def test_recovered_lease_is_not_enqueued_twice(
     # A relay that claimed and enqueued, then died before releasing its rows.
     dead = _relay(settings, sessions, arq, relay_claim_lease_s=0.2)
     batch = await dead.claim()
-    enqueued, failures = await dead.enqueue(batch.to_enqueue)
-    assert (enqueued, failures) == (set(ids), [])
+    handed = await dead.enqueue(batch.to_enqueue)
+    assert (handed.enqueued, handed.errors) == (set(ids), [])
     first_enqueue = {task_id: (await Job(task_id, arq).info()) for task_id in ids}
 
     # The lapsed leases come back as queued tasks and go to ARQ again, where they are no-ops.
@@ -355,6 +359,30 @@ async def test_rate_limited_relay_spaces_dispatches_by_the_token_interval(
         assert info.score == pytest.approx(at * 1000, abs=1)
 
 
+async def _arrival_ms(arq: ArqRedis, task_id: str) -> tuple[int, int]:
+    """When the job's enqueue ran in Redis, and its score (ms): from Redis itself.
+
+    The enqueue sets the job key's expiry to ``score - enqueue_time + expires_extra_ms``
+    from the moment it runs (ARQ's rule), so Redis's absolute expiry, less that, is the
+    moment the job (and its ZADD, in the same atomic call) reached Redis.
+    """
+    info = await Job(task_id, arq).info()
+    assert info is not None
+    assert info.score is not None
+    # redis-py types PEXPIRETIME as sync only.
+    expiry = cast("Awaitable[int]", arq.pexpiretime(job_key_prefix + task_id))
+    expires_at_ms = int(await expiry)
+    enqueue_time_ms = round(info.enqueue_time.timestamp() * 1000)
+    ttl_ms = info.score - enqueue_time_ms + arq.expires_extra_ms
+    return expires_at_ms - ttl_ms, info.score
+
+
+async def _queued_at_ms(sessions: SessionFactory) -> dict[str, int]:
+    async with sessions() as session:
+        rows = await session.execute(select(Task.id, Task.queued_at))
+        return {task_id: round(at.timestamp() * 1000) for task_id, at in rows if at is not None}
+
+
 async def test_rate_limited_jobs_reach_arq_before_their_moment(
     settings: Settings, sessions: SessionFactory, arq: ArqRedis
 ) -> None:
@@ -363,9 +391,130 @@ async def test_rate_limited_jobs_reach_arq_before_their_moment(
     relay = _relay(settings, sessions, arq, limiter=limiter, relay_rate=50.0, relay_burst=1)
     await _run_until_drained(relay, sessions)
 
+    queued_at = await _queued_at_ms(sessions)
     for task_id in ids:
-        info = await Job(task_id, arq).info()
-        assert info is not None
-        assert info.score is not None
-        # Enqueued before the token's moment, so ARQ runs it then, not late and bunched.
-        assert info.enqueue_time.timestamp() * 1000 <= info.score
+        reached_ms, score_ms = await _arrival_ms(arq, task_id)
+        # In Redis no later than its moment however loaded the machine (a job that came
+        # late was given a new moment), so ARQ runs it then, not late and bunched.
+        assert reached_ms <= score_ms
+        # Runnable at its queued_at (a re-timed task's too), not before.
+        assert score_ms == pytest.approx(queued_at[task_id], abs=1)
+
+
+class _Stalled(Relay):
+    """Hands its first batch to ARQ only once every moment in it has passed.
+
+    As a relay starved of CPU (or stopped) between its claim and its enqueue.
+    """
+
+    stalled = False
+
+    async def enqueue(
+        self, claims: Sequence[ClaimedTask], *, run_at: Sequence[datetime | None] = ()
+    ) -> Handover:
+        if not self.stalled:
+            self.stalled = True
+            last_s = max(at.timestamp() for at in run_at if at is not None)
+
+            async def passed() -> bool:
+                seconds, micros = await self.arq.time()
+                return bool(seconds + micros / 1e6 > last_s + 0.1)
+
+            await wait_for(passed, message="the batch's moments to pass")
+        return await super().enqueue(claims, run_at=run_at)
+
+
+async def test_a_relay_late_with_its_batch_releases_later_never_bunched(
+    settings: Settings, sessions: SessionFactory, arq: ArqRedis
+) -> None:
+    rate = 20.0
+    ids = await _submit(sessions, 22)
+    rules = RuleSet.parse(f"cluster rate={rate:g}/s burst=1")
+
+    def relay(relay_type: type[Relay]) -> Relay:
+        limiter = build_limiter(redis=arq, rules=rules)
+        return _relay(
+            settings,
+            sessions,
+            arq,
+            limiter=limiter,
+            relay_type=relay_type,
+            relay_rate=rate,
+            relay_burst=1,
+        )
+
+    stalled, other = relay(_Stalled), relay(Relay)
+    # The stalled relay claims a batch and holds it past its moments; meanwhile another
+    # relay takes the next tokens and hands its tasks over on time.
+    await stalled.step()
+    running = asyncio.create_task(other.run())
+    try:
+        await stalled.flush()
+        await wait_for(lambda: _is_empty(sessions), timeout_s=30, message="the outbox to drain")
+    finally:
+        other.stop()
+        await asyncio.wait_for(running, timeout=10)
+
+    queued_at = await _queued_at_ms(sessions)
+    arrivals = {task_id: await _arrival_ms(arq, task_id) for task_id in ids}
+    # Every job reached Redis (its ZADD ran) no later than its score: none runnable late.
+    late = {i: (at, score) for i, (at, score) in arrivals.items() if at > score}
+    assert late == {}
+    # So the runnable moments, max(ZADD time, score), are the granted ones: one token
+    # interval apart (less ARQ's rounding to ms), both relays' together.
+    runnable = sorted(max(at, score) for at, score in arrivals.values())
+    assert min(b - a for a, b in itertools.pairwise(runnable)) >= 1000 / rate - 1
+    # And each task's queued_at, and its one queued event, is its job's moment (the late
+    # ones' new one).
+    async with sessions() as session:
+        rows = await session.execute(
+            select(TaskEvent.task_id, TaskEvent.at).where(TaskEvent.event == "queued")
+        )
+        events = [(task_id, round(at.timestamp() * 1000)) for task_id, at in rows]
+    assert sorted(task_id for task_id, _ in events) == sorted(ids)
+    for task_id, at in events:
+        assert arrivals[task_id][1] == pytest.approx(queued_at[task_id], abs=1)
+        assert at == queued_at[task_id]
+
+
+async def test_late_jobs_of_a_relay_that_died_come_back_with_their_lease(
+    settings: Settings, sessions: SessionFactory, arq: ArqRedis
+) -> None:
+    ids = await _submit(sessions, 3)
+    rules = RuleSet.parse("cluster rate=20/s burst=1")
+    dead = _relay(
+        settings,
+        sessions,
+        arq,
+        limiter=build_limiter(redis=arq, rules=rules),
+        relay_type=_Stalled,
+        relay_rate=20.0,
+        relay_burst=1,
+        relay_claim_lease_s=0.2,
+    )
+    # It claims, comes to Redis after the moments, is told so, and dies before retiming.
+    batch = await dead.claim()
+    handed = await dead.enqueue(batch.to_enqueue, run_at=batch.run_at)
+    assert handed.enqueued == set()
+    assert sorted(c.task_id for c in handed.late) == sorted(ids)
+    assert await arq.zcard(settings.arq_queue_name) == 0
+
+    # Once the lease lapses, another relay claims the rows and admits them afresh.
+    successor = _relay(
+        settings,
+        sessions,
+        arq,
+        limiter=build_limiter(redis=arq, rules=rules),
+        relay_rate=20.0,
+        relay_burst=1,
+    )
+    await _run_until_drained(successor, sessions)
+    queued_at = await _queued_at_ms(sessions)
+    for task_id in ids:
+        reached_ms, score_ms = await _arrival_ms(arq, task_id)
+        assert reached_ms <= score_ms
+        # A re-claimed queued task keeps its first queued_at; it goes later, never sooner.
+        assert score_ms >= queued_at[task_id]
+    async with sessions() as session:
+        for task_id in ids:
+            assert await event_history(session, task_id) == ["submitted", "queued"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -13,7 +13,7 @@ from arq.constants import job_key_prefix
 from arq.jobs import Job, JobStatus
 from arq.worker import Worker
 
-from relay.enqueue import BatchEnqueuer, JobSpec
+from relay.enqueue import BatchEnqueuer, JobSpec, Outcome
 from throttler.models import utcnow
 
 QUEUE = "arq:queue"
@@ -95,3 +95,25 @@ async def test_a_repeat_enqueue_is_a_no_op_while_arq_holds_the_id(arq: ArqRedis)
     assert await arq.zcard(QUEUE) == 0
     # ARQ's own enqueue agrees.
     assert await arq.enqueue_job("greeting", _job_id="a", _queue_name=QUEUE) is None
+
+
+async def test_an_on_time_job_whose_moment_is_past_is_not_added(arq: ArqRedis) -> None:
+    enqueuer = BatchEnqueuer(redis=arq, queue_name=QUEUE)
+    seconds, micros = await arq.time()
+    now = datetime.fromtimestamp(seconds + micros / 1e6, UTC)
+    jobs = [
+        JobSpec(job_id="past", function="greeting", run_at=now - timedelta(milliseconds=5)),
+        JobSpec(job_id="ahead", function="greeting", run_at=now + timedelta(seconds=30)),
+        JobSpec(job_id="now", function="greeting"),
+    ]
+    await arq.enqueue_job("greeting", _job_id="held", _queue_name=QUEUE)
+    held = JobSpec(job_id="held", function="greeting", run_at=now - timedelta(seconds=1))
+    outcomes = await enqueuer.place([*jobs, held], on_time=True)
+    # Late: taken back in the same atomic call, so ARQ never saw it. A job without a
+    # run_at goes at once (nothing to be late for); one ARQ holds stays as it is.
+    assert outcomes == [Outcome.LATE, Outcome.ADDED, Outcome.ADDED, Outcome.HELD]
+    assert await arq.exists(job_key_prefix + "past") == 0
+    assert await arq.zscore(QUEUE, "past") is None
+    assert await arq.zscore(QUEUE, "held") is not None
+    # Without on_time the past job goes in, as enqueue_job would put it (runnable at once).
+    assert await enqueuer.place(jobs[:1]) == [Outcome.ADDED]

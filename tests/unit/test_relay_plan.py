@@ -7,6 +7,8 @@ exceeded; a blocked key's pending tasks are never offered; the relay comes back 
 than its poll interval or the first blocked key's time (half a horizon before its token),
 unless the cluster bucket itself is what it waits for; every moment respects the
 handover lead and the task's ``run_at``; lapsed leases are looked for once per cadence.
+Relays whose handovers run late have those jobs retimed (``next_lead``, ``retime``):
+whatever the delays, what becomes runnable keeps every bucket.
 """
 
 from __future__ import annotations
@@ -150,6 +152,7 @@ steps_strategy = st.lists(
         st.integers(0, 4),  # tasks that finish before the step
         st.sampled_from([0.0, 0.01, 0.1, 0.3, 1.0, 5.0]),  # seconds the relay comes back late
         st.booleans(),  # whether it comes back early (a wake-up) instead
+        st.sampled_from([None, 0.1, 0.6, 2.0]),  # the handover lead (None: the least)
     ),
     min_size=1,
     max_size=30,
@@ -167,7 +170,7 @@ def test_a_relay_driven_by_the_plan_keeps_every_limit(
     rules: RuleSet,
     depth: int | None,
     batch: int,
-    steps: list[tuple[list[tuple[str, str, str, float | None]], int, float, bool]],
+    steps: list[tuple[list[tuple[str, str, str, float | None]], int, float, bool, float | None]],
 ) -> None:
     caps = InflightCaps(rules)
     claim_limit = batch
@@ -186,7 +189,7 @@ def test_a_relay_driven_by_the_plan_keeps_every_limit(
     memory = Memory()
     now = START
     last_recover: datetime | None = None
-    for arriving, finishing, late_s, woken in steps:
+    for arriving, finishing, late_s, woken, lead in steps:
         for name, account, host, run_in_s in arriving:
             run_at = None if run_in_s is None else now + timedelta(seconds=run_in_s)
             world.submit(name, account, host if name == "download" else None, run_at)
@@ -209,23 +212,25 @@ def test_a_relay_driven_by_the_plan_keeps_every_limit(
         claims = world.select(
             limit=selection.limit, due_by=selection.due_by, excluding=selection.excluding
         )
-        snapshot = Snapshot(claims=claims, inflight=inflight, room=room, now=now)
+        snapshot = Snapshot(claims=claims, inflight=inflight, room=room, now=now, lead_s=lead)
         planned = plan.make_plan(policy, selection, snapshot)
+        lead_s = policy.handover_lead_s if lead is None else lead
+        # The horizon stretches with the lead, so the tokens reach a lead past the next claim.
+        assert planned.horizon_s == pytest.approx(
+            policy.reserve_ahead_s + lead_s - policy.handover_lead_s
+        )
         # A blocked key's tasks are never offered.
         for candidate in planned.candidates:
             claim = next(c for c in claims if c.task_id == candidate.task_id)
             assert not _keys_of(claim) & set(opening.memory.blocked)
             if policy.rated:
-                lead_s = now.timestamp() + policy.handover_lead_s
                 assert candidate.not_before_s is not None
-                assert candidate.not_before_s >= lead_s
+                assert candidate.not_before_s >= now.timestamp() + lead_s
             if claim.run_at is not None:
                 assert candidate.not_before_s is not None
                 assert candidate.not_before_s >= claim.run_at.timestamp()
         admission = (
-            limiter.admit_at(
-                planned.candidates, now_s=now.timestamp(), horizon_s=policy.reserve_ahead_s
-            )
+            limiter.admit_at(planned.candidates, now_s=now.timestamp(), horizon_s=planned.horizon_s)
             if planned.candidates
             else None
         )
@@ -242,10 +247,11 @@ def test_a_relay_driven_by_the_plan_keeps_every_limit(
         for key, count in world.counts(caps).items():
             cap = caps.cap(key)
             assert cap is None or count <= cap
-        half = timedelta(seconds=policy.reserve_ahead_s / 2)
+        # Half a horizon before the next token, and the lead's stretch.
+        early = timedelta(seconds=planned.horizon_s - policy.reserve_ahead_s / 2)
         if admission is not None:
             for key, wait_s in admission.blocked.items():
-                assert settlement.memory.blocked[key] == now + timedelta(seconds=wait_s) - half
+                assert settlement.memory.blocked[key] == now + timedelta(seconds=wait_s) - early
         blocked = settlement.memory.blocked
         if CLUSTER_KEY in blocked:
             assert settlement.next_step_at == blocked[CLUSTER_KEY]
@@ -360,3 +366,162 @@ def test_a_block_lapses_half_a_horizon_before_the_token() -> None:
     # Once its time passes, the key is asked again.
     after = plan.begin(settled.memory, now=START + timedelta(seconds=2.75), carrying=False)
     assert after.memory.blocked == {}
+
+
+@given(
+    lead_s=st.floats(0.0, 10.0),
+    handover_s=st.floats(0.0, 10.0),
+    most_s=st.sampled_from([0.25, 2.0]),
+)
+def test_the_lead_stretches_to_twice_a_handover_within_its_bounds(
+    lead_s: float, handover_s: float, most_s: float
+) -> None:
+    policy = _policy(rated=True, max_lead_s=most_s)
+    lead = plan.next_lead(policy, lead_s, handover_s=handover_s)
+    assert policy.handover_lead_s <= lead <= most_s
+    wanted = min(most_s, max(policy.handover_lead_s, 2 * handover_s))
+    # Never short of twice the handover (up to the bound) ...
+    assert lead >= wanted
+    # ... and it shrinks back gradually when less would do.
+    if wanted < lead_s:
+        assert lead >= min(most_s, lead_s * plan.LEAD_DECAY)
+
+
+def _feasible(moments: list[float], *, rate: float, burst: int) -> bool:
+    """Whether a token bucket (full at first) could have released at these moments.
+
+    Moments are datetimes (microseconds) turned to POSIX floats: a few microseconds
+    of slack.
+    """
+    tokens, last = float(burst), None
+    slack = rate * 4e-6
+    for moment in sorted(moments):
+        if last is not None:
+            tokens = min(float(burst), tokens + (moment - last) * rate)
+        tokens -= 1.0
+        last = moment
+        if tokens < -slack:
+            return False
+    return True
+
+
+@given(
+    rate=st.sampled_from([5.0, 20.0, 300.0]),
+    burst=st.sampled_from([1, 3]),
+    download_rate=st.sampled_from([None, 2.0]),
+    # Per claim: which relay, seconds since the previous claim, how long its handover
+    # takes, and how long each retime of it takes.
+    claims=st.lists(
+        st.tuples(
+            st.integers(0, 2),
+            st.sampled_from([0.0, 0.05, 0.25, 0.6]),
+            st.sampled_from([0.01, 0.05, 0.3, 1.0, 3.0]),
+            st.sampled_from([0.01, 0.2, 2.0, 8.0]),
+        ),
+        min_size=1,
+        max_size=25,
+    ),
+)
+@settings(max_examples=200, deadline=None)
+def test_late_handovers_are_retimed_so_releases_keep_the_buckets(
+    rate: float,
+    burst: int,
+    download_rate: float | None,
+    claims: list[tuple[int, float, float, float]],
+) -> None:
+    """Relays that hand over late, each by its own delay: what becomes runnable when.
+
+    A job reaching ARQ after its moment is not added (the enqueue script); it is retimed
+    from the limiter on the same fake clock. Whatever the delays, the runnable moments
+    of every bucket are a token bucket's, and a retimed job goes a lead after its retime.
+    """
+    text = f"cluster rate={rate:g}/s burst={burst}"
+    if download_rate is not None:
+        text += f"; task:download rate={download_rate:g}/s"
+    rules = RuleSet.parse(text)
+    policy = _policy(rated=True)
+    limiter = MemoryLimiter(rules=rules)
+    world = World()
+    for i in range(len(claims) * 4):
+        world.submit(("greeting", "download")[i % 2], "a", None, None)
+    runnable: dict[str, float] = {}
+    leads = [policy.handover_lead_s] * 3
+    # (time, relay, tasks, their moments, handover or retime duration, attempt) to resolve.
+    handovers: list[tuple[float, int, tuple[ClaimedTask, ...], tuple[datetime, ...], int]] = []
+    now = START
+    for relay, gap_s, handover_s, retime_s in claims:
+        now += timedelta(seconds=gap_s)
+        # Resolve every handover that completes before this claim, in time order.
+        handovers.sort(key=lambda h: h[0])
+        while handovers and handovers[0][0] <= now.timestamp():
+            _resolve(handovers.pop(0), policy, limiter, runnable, leads, handovers, retime_s)
+        rows = [row for row in world.rows.values() if row.leased_until is None][:4]
+        lead_s = leads[relay]
+        candidates = [
+            Candidate(
+                task_id=r.claim.task_id,
+                name=r.claim.name,
+                account="a",
+                not_before_s=now.timestamp() + lead_s,
+            )
+            for r in rows
+        ]
+        admission = limiter.admit_at(
+            candidates, now_s=now.timestamp(), horizon_s=plan.horizon_for(policy, lead_s)
+        )
+        admitted = {c.task_id for c in admission.admitted}
+        batch = tuple(r.claim for r in rows if r.claim.task_id in admitted)
+        for row in rows:
+            if row.claim.task_id in admitted:
+                row.leased_until = now
+        moments = plan.moments(admission)
+        done_s = now.timestamp() + handover_s
+        leads[relay] = plan.next_lead(policy, lead_s, handover_s=handover_s)
+        handovers.append((done_s, relay, batch, moments, 0))
+    handovers.sort(key=lambda h: h[0])
+    while handovers:
+        _resolve(handovers.pop(0), policy, limiter, runnable, leads, handovers, 0.01)
+        handovers.sort(key=lambda h: h[0])
+
+    assert _feasible(list(runnable.values()), rate=rate, burst=burst)
+    if download_rate is not None:
+        downloads = [at for task_id, at in runnable.items() if int(task_id[1:]) % 2 == 0]
+        assert _feasible(downloads, rate=download_rate, burst=1)
+
+
+def _resolve(
+    handover: tuple[float, int, tuple[ClaimedTask, ...], tuple[datetime, ...], int],
+    policy: Policy,
+    limiter: MemoryLimiter,
+    runnable: dict[str, float],
+    leads: list[float],
+    handovers: list[tuple[float, int, tuple[ClaimedTask, ...], tuple[datetime, ...], int]],
+    retime_s: float,
+) -> None:
+    """The jobs reach Redis at ``done_s``: on time, runnable at their moments; late: retimed."""
+    done_s, relay, batch, moments, attempt = handover
+    late = []
+    for claim, moment in zip(batch, moments, strict=True):
+        if moment.timestamp() >= done_s:
+            runnable[claim.task_id] = moment.timestamp()
+        else:
+            late.append(claim)
+    if not late or attempt >= 5:
+        # Left leased (a lapsed lease would bring them back).
+        return
+    now = datetime.fromtimestamp(done_s, UTC)
+    lead_s = plan.next_lead(policy, leads[relay], handover_s=retime_s)
+    candidates = plan.retime_candidates(late, now=now, lead_s=lead_s)
+    admission = limiter.admit_at(
+        candidates, now_s=done_s, horizon_s=plan.horizon_for(policy, lead_s)
+    )
+    retiming = plan.retime(late, admission)
+    assert {c.task_id for c in retiming.to_enqueue} | {c.task_id for c in retiming.refused} == {
+        c.task_id for c in late
+    }
+    for at in retiming.queued_at:
+        # New moments a lead after the retime: later, never sooner.
+        assert at.timestamp() >= done_s + lead_s - 1e-6
+    handovers.append(
+        (done_s + retime_s, relay, retiming.to_enqueue, retiming.queued_at, attempt + 1)
+    )

@@ -183,6 +183,19 @@ class OutboxClaim(Protocol):
     ) -> None:
         """Lease rows to this relay; mark each pending task ``queued`` at its own moment."""
 
+    async def retime(
+        self,
+        *,
+        claims: Sequence[ClaimedTask],
+        queued_at: Sequence[datetime],
+        relay_id: str,
+        lease_s: float,
+    ) -> set[int]:
+        """Give queued tasks new moments, where their rows are still leased to this relay.
+
+        Returns the outbox ids it moved: only those may be enqueued at the new moments.
+        """
+
     async def mark_queued(self, *, task_ids: Sequence[str], relay_id: str, now: datetime) -> None:
         """Move pending tasks to ``queued`` and record one ``queued`` event each."""
 
@@ -519,6 +532,61 @@ class CoreClaim:
         ]
         if pending:
             await self._mark_queued_at(pending, relay_id=relay_id)
+
+    async def retime(
+        self,
+        *,
+        claims: Sequence[ClaimedTask],
+        queued_at: Sequence[datetime],
+        relay_id: str,
+        lease_s: float,
+    ) -> set[int]:
+        """Move tasks whose jobs came late to their new moments, before they are enqueued.
+
+        The lease stretches to the new moments, so no other relay takes the rows meanwhile;
+        a row another relay took once the lease lapsed is left alone (it enqueues the task
+        itself). queued_at (and the queued event's time) stays the moment the task may go,
+        which the drain floor reads.
+        """
+        if not claims:
+            return set()
+        result = await self.session.execute(
+            update(OutboxEntry)
+            .where(
+                OutboxEntry.id.in_([claim.outbox_id for claim in claims]),
+                OutboxEntry.claimed_by == relay_id,
+            )
+            .values(claimed_until=max(queued_at) + timedelta(seconds=lease_s))
+            .returning(OutboxEntry.id)
+        )
+        kept = set(result.scalars())
+        moved = [
+            {"b_task_id": claim.task_id, "b_queued_at": at}
+            for claim, at in zip(claims, queued_at, strict=True)
+            if claim.outbox_id in kept
+        ]
+        if moved:
+            # The task's latest queued event says when it was queued: the same moment.
+            await self.session.execute(
+                update(_EVENTS)
+                .where(
+                    _EVENTS.c.task_id == bindparam("b_task_id"),
+                    _EVENTS.c.event == EventKind.QUEUED,
+                    _EVENTS.c.at
+                    == select(_TASKS.c.queued_at)
+                    .where(_TASKS.c.id == bindparam("b_task_id"))
+                    .scalar_subquery(),
+                )
+                .values(at=bindparam("b_queued_at")),
+                moved,
+            )
+            await self.session.execute(
+                update(_TASKS)
+                .where(_TASKS.c.id == bindparam("b_task_id"), _TASKS.c.status == TaskStatus.QUEUED)
+                .values(queued_at=bindparam("b_queued_at")),
+                moved,
+            )
+        return kept
 
     async def mark_queued(self, *, task_ids: Sequence[str], relay_id: str, now: datetime) -> None:
         if task_ids:
