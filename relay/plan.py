@@ -36,7 +36,7 @@ from datetime import UTC, datetime, timedelta
 from throttler.limits import LimitKey
 from throttler.statuses import TaskStatus
 from throttler.store.outbox import ClaimedTask, Exclusions
-from throttler.throttle import CLUSTER_KEY, Admission, Candidate, InflightCaps
+from throttler.throttle import CLUSTER_KEY, TAKE_AHEAD_LIMIT_S, Admission, Candidate, InflightCaps
 
 # How far ahead a claim takes tokens. The relay comes back after half of it, so a step
 # may run that late without losing a token; queued_at is at most this far ahead of the
@@ -321,7 +321,9 @@ def horizon_for(policy: Policy, lead_s: float) -> float:
     horizon on, when the tokens it took still reach a lead past its next claim, so a
     longer lead loses no token (the bucket caps what it could hoard at the lead's moment).
     """
-    return policy.reserve_ahead_s + max(0.0, lead_s - policy.handover_lead_s)
+    stretched = policy.reserve_ahead_s + max(0.0, lead_s - policy.handover_lead_s)
+    # Never past what a drain floor covers (throttle.restart_floor).
+    return min(stretched, TAKE_AHEAD_LIMIT_S)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -33,6 +33,11 @@ from throttler.constants import RATE_BUCKET_KEY_PREFIX, RATE_DRAIN_FLOOR_KEY
 from throttler.limits import EACH, LimitKey, RuleSet, Scope
 
 CLUSTER_KEY = LimitKey(scope=Scope.CLUSTER)
+# The farthest ahead any relay takes tokens: relay.plan's horizon, stretched with its
+# handover lead on a loaded machine, stays within it. A drain floor set while claims may be
+# in flight covers this much whichever relay finds the buckets missing, since another
+# relay's uncommitted claim may have reached this far ahead.
+TAKE_AHEAD_LIMIT_S = 5.5
 # Grant a token that float rounding left a hair short of whole, so that asking again
 # after ``wait_s`` always succeeds; it lets a take run at most 1e-9 tokens early.
 TOKEN_EPSILON = 1e-9
@@ -93,14 +98,16 @@ def restart_floor(*, last_dispatch_s: float | None, now_s: float, horizon_s: flo
     """The drain floor to record when the buckets are found missing at ``now_s``.
 
     Nothing ever dispatched: minus infinity, every bucket full. A dispatch within
-    ``ACTIVE_WITHIN_S``: assume the buckets were drained up to ``now_s + horizon_s`` (the
-    latest token any claim could have taken ahead), or up to the last dispatch if that is
-    later. An older last dispatch: the buckets were drained at most up to it.
+    ``ACTIVE_WITHIN_S``: assume the buckets were drained up to the latest token any claim
+    could have taken ahead (``now_s`` plus ``horizon_s`` or ``TAKE_AHEAD_LIMIT_S``,
+    whichever is longer: other relays' horizons may be longer than the caller's), or up
+    to the last dispatch if that is later. An older last dispatch: the buckets were
+    drained at most up to it.
     """
     if last_dispatch_s is None:
         return NEVER_DRAINED
     if last_dispatch_s >= now_s - ACTIVE_WITHIN_S:
-        return max(last_dispatch_s, now_s + horizon_s)
+        return max(last_dispatch_s, now_s + max(horizon_s, TAKE_AHEAD_LIMIT_S))
     return last_dispatch_s
 
 
@@ -288,9 +295,9 @@ class UnlimitedLimiter:
 
 
 # KEYS: the buckets' hashes, then the drain floor. ARGV: now_s ("" = Redis TIME), epsilon,
-# horizon_s, the last dispatch ("" = not known yet, "-" = none), ACTIVE_WITHIN_S, bucket
-# count B, then rate and burst of each bucket, then per request: not_before_s ("" = none),
-# its bucket count k, k bucket indexes (1-based).
+# horizon_s, the last dispatch ("" = not known yet, "-" = none), ACTIVE_WITHIN_S,
+# TAKE_AHEAD_LIMIT_S, bucket count B, then rate and burst of each bucket, then per
+# request: not_before_s ("" = none), its bucket count k, k bucket indexes (1-based).
 # A missing floor with the last dispatch not known yet returns {"floor?"} and changes
 # nothing: the caller asks the database and calls again.
 # Numbers are written with %.17g so that they round-trip exactly (Lua's tostring keeps
@@ -308,7 +315,7 @@ else
 end
 local eps = tonumber(ARGV[2])
 local horizon = tonumber(ARGV[3])
-local nb = tonumber(ARGV[6])
+local nb = tonumber(ARGV[7])
 local floor_key = KEYS[nb + 1]
 -- drained = nil: never drained, a missing bucket is full.
 local drained = nil
@@ -321,7 +328,9 @@ else
   if ARGV[4] ~= '-' then
     local last = tonumber(ARGV[4])
     drained = last
-    if last >= now - tonumber(ARGV[5]) then drained = math.max(last, now + horizon) end
+    if last >= now - tonumber(ARGV[5]) then
+      drained = math.max(last, now + math.max(horizon, tonumber(ARGV[6])))
+    end
     redis.call('SET', floor_key, g(drained))
   else
     redis.call('SET', floor_key, '-')
@@ -329,8 +338,8 @@ else
 end
 local rate, burst, tokens, updated = {}, {}, {}, {}
 for b = 1, nb do
-  rate[b] = tonumber(ARGV[6 + 2 * b - 1])
-  burst[b] = tonumber(ARGV[6 + 2 * b])
+  rate[b] = tonumber(ARGV[7 + 2 * b - 1])
+  burst[b] = tonumber(ARGV[7 + 2 * b])
   local saved = redis.call('HMGET', KEYS[b], 'tokens', 'updated_s')
   if saved[1] and saved[2] then
     local elapsed = math.max(0.0, now - tonumber(saved[2]))
@@ -347,7 +356,7 @@ for b = 1, nb do
 end
 local admitted = {}
 local refused = {}
-local pos = 6 + 2 * nb + 1
+local pos = 7 + 2 * nb + 1
 local index = 0
 while pos <= #ARGV do
   local nbefore = ARGV[pos]
@@ -437,6 +446,7 @@ class RedisLimiter:
             repr(float(horizon_s)),
             "",
             repr(ACTIVE_WITHIN_S),
+            repr(TAKE_AHEAD_LIMIT_S),
             len(buckets),
         ]
         for bucket in buckets:
