@@ -10,8 +10,9 @@ parser:
 - size: the request line and each header line may hold ``max_line_bytes``, the whole
   head ``max_head_bytes``. A head still incomplete is measured by the bytes received,
   after each chunk the transport reads (so it may overshoot by one read, never more); a
-  complete one by its parsed parts. Over the bound: 431 (414 for the request line) and
-  the connection closed, before any application code runs.
+  complete one by its parsed parts. Over the bound: 431 (414 for the request line),
+  before any application code runs; then the connection is half-closed, and closed once
+  the client closes its side or after ``LINGER_S``.
 - time: a head must be complete ``timeout_s`` after the connection opens, or after the
   first bytes of a later request arrive; otherwise the connection is closed.
 
@@ -37,6 +38,10 @@ log = logging.getLogger(__name__)
 
 # Bytes a header line adds to the head besides its name and value: ": " and CRLF.
 _LINE_OVERHEAD = 4
+# After a refusal, what the client still sends is read and dropped for this long before
+# the connection closes: closing with unread data would reset it, and a reset may discard
+# the answer before the client reads it.
+LINGER_S = 2.0
 _REASONS = {431: b"request header fields too large", 414: b"request line too long"}
 
 
@@ -78,6 +83,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._head_began_in_read = False
         self._head_deadline: TimerHandle | None = None
         self._refusal: int | None = None  # status to answer instead of uvicorn's 400
+        self._discarding = False  # refused: the rest of the connection is dropped
 
     # Connection events
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -89,6 +95,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._discarding:
+            return
         self._head_began_in_read = False
         super().data_received(data)
         if not self._reading_head or self.transport.is_closing():
@@ -181,7 +189,12 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             body,
         ]
         self.transport.write(b"".join(head))
-        self.transport.close()
+        # Half-close after the answer, drop what still comes, close for good after a while.
+        self._discarding = True
+        self._disarm_head_deadline()
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self._head_deadline = self.loop.call_later(LINGER_S, self.transport.close)
 
 
 def _client(client: tuple[str, int] | None) -> str | None:
