@@ -101,9 +101,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().data_received(data)
         if not self._reading_head or self.transport.is_closing():
             return
-        # The head is still incomplete after this read. A head that began in it is counted
-        # from the next read: where it began is not known, and the parsed parts are
-        # checked as each completes.
+        # The head is still incomplete after this read. A head that began in it (or after
+        # a message that ended in it) is counted from the next read: where it began is not
+        # known, and the parsed parts are checked as each completes.
         if not self._head_began_in_read:
             self._head_received += len(data)
             if self._head_received > self.limits.max_head_bytes:
@@ -155,6 +155,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         # until then uvicorn's keep-alive timer bounds the idle connection).
         self._reading_head = True
         self._head_received = 0
+        self._head_began_in_read = True
 
     # Bounds
     def _arm_head_deadline(self) -> None:

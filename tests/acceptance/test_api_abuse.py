@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -220,3 +221,22 @@ async def test_a_body_without_a_valid_key_is_refused_before_it_is_sent(api: Api)
         await _close(writer)
 
         assert status == b"401"
+
+
+async def test_large_bodies_on_a_keep_alive_connection_are_not_taken_for_heads(api: Api) -> None:
+    """A body read in many chunks, then the next request: neither counts as a head."""
+    items = [{"name": "greeting", "input": {"name": f"{i:0200d}"}} for i in range(500)]
+    body = json.dumps({"tasks": items}).encode()
+    assert len(body) > 20 * MAX_HEAD
+    reader, writer = await api.connect()
+    for _ in range(2):
+        writer.write(
+            b"POST /api/v1/tasks HTTP/1.1\r\nhost: api\r\ncontent-type: application/json\r\n"
+            b"authorization: Bearer %s\r\ncontent-length: %d\r\n\r\n%s"
+            % (KEY.encode(), len(body), body)
+        )
+        assert await _status(reader) == b"202"
+        headers = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), ANSWER_TIMEOUT_S)
+        length = int(headers.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        await asyncio.wait_for(reader.readexactly(length), ANSWER_TIMEOUT_S)
+    await _close(writer)
