@@ -2,8 +2,9 @@
 
 Starts ``python -m api`` (from ``--code-dir``, this checkout by default, so the code
 before a change can be measured too) on a fresh SQLite file with a private Redis and
-``API_KEYS`` set, then runs two phases of ``--seconds`` each, sampling ``/healthz``
-every 100 ms throughout on one keep-alive connection:
+``API_KEYS`` set, samples ``/healthz`` idle for 5 s (the machine's noise), then runs
+two phases of ``--seconds`` each, sampling ``/healthz`` every 100 ms throughout on one
+keep-alive connection, from a process of its own:
 
 1. heads: 3 connections each sending one endless header (reconnecting when cut off),
    one attempt at a 300 MB header, and 3,000 connections that each send an unfinished
@@ -23,12 +24,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import multiprocessing
 import os
 import statistics
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 
 import httpx
@@ -72,17 +76,37 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-async def sample_healthz(base_url: str, samples: Samples, stop: asyncio.Event) -> None:
-    async with httpx.AsyncClient(base_url=base_url, timeout=ANSWER_TIMEOUT_S) as http:
+def _sample_healthz(base_url: str, stop: EventType, results: Connection) -> None:
+    """In its own process, so that the load this process makes does not delay the samples."""
+    samples = Samples()
+    with httpx.Client(base_url=base_url, timeout=ANSWER_TIMEOUT_S) as http:
         while not stop.is_set():
             started = time.perf_counter()
             try:
-                await http.get("/healthz")
+                http.get("/healthz")
                 samples.latencies_ms.append((time.perf_counter() - started) * 1000)
             except httpx.HTTPError:
                 samples.failures += 1
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), SAMPLE_EVERY_S)
+            stop.wait(SAMPLE_EVERY_S)
+    results.send(samples)
+
+
+@contextlib.contextmanager
+def healthz_sampler(base_url: str) -> Iterator[Samples]:
+    """Sample /healthz every 100 ms until the block ends; the samples fill in then."""
+    context = multiprocessing.get_context("spawn")
+    stop = context.Event()
+    receiving, sending = context.Pipe(duplex=False)
+    process = context.Process(target=_sample_healthz, args=(base_url, stop, sending))
+    process.start()
+    samples = Samples()
+    try:
+        yield samples
+    finally:
+        stop.set()
+        got: Samples = receiving.recv()
+        process.join()
+        samples.latencies_ms, samples.failures = got.latencies_ms, got.failures
 
 
 async def sample_rss(pid: int, peak: list[float], stop: asyncio.Event) -> None:
@@ -177,13 +201,19 @@ async def unfinished_head(port: int, opened: float, closed_after: list[float]) -
 async def heads_phase(port: int, pid: int, seconds: float) -> None:
     base_url = f"http://127.0.0.1:{port}"
     stop = asyncio.Event()
-    samples = Samples()
     peak = [rss_mb(pid)]
     before = peak[0]
-    background = [
-        asyncio.create_task(sample_healthz(base_url, samples, stop)),
-        asyncio.create_task(sample_rss(pid, peak, stop)),
-    ]
+    with healthz_sampler(base_url) as samples:
+        await _heads_load(port, pid, seconds, stop, peak)
+    after = rss_mb(pid)
+    print(f"/healthz during: {samples.line()}")
+    print(f"api RSS: {before:.0f} MB before, {peak[0]:.0f} MB peak, {after:.0f} MB after")
+
+
+async def _heads_load(
+    port: int, pid: int, seconds: float, stop: asyncio.Event, peak: list[float]
+) -> None:
+    rss = asyncio.create_task(sample_rss(pid, peak, stop))
     until = time.monotonic() + seconds
     opened = time.monotonic()
     closed_after: list[float] = []
@@ -199,17 +229,14 @@ async def heads_phase(port: int, pid: int, seconds: float) -> None:
     huge_sent, huge_answer = await huge_header(port, until)
     await asyncio.gather(*endless)
     stop.set()
-    await asyncio.gather(*background)
+    await rss
     still_open = sum(1 for task in waiting if not task.done())
     for task in waiting:
         task.cancel()
     await asyncio.gather(*waiting, return_exceptions=True)
     await asyncio.sleep(2)  # let the server see the closes
-    after = rss_mb(pid)
     counted = {answer: answers.count(answer) for answer in sorted(set(answers))}
     print(f"## heads, {seconds:g} s")
-    print(f"api RSS: {before:.0f} MB before, {peak[0]:.0f} MB peak, {after:.0f} MB after")
-    print(f"/healthz during: {samples.line()}")
     print(f"endless headers: {len(answers)} attempts, answers {counted}")
     print(f"300 MB header: {huge_sent / 1e6:.1f} MB sent, answer {huge_answer}")
     closed_line = (
@@ -250,14 +277,12 @@ async def time_to_401_headers_only(port: int) -> str:
 
 async def bulk_phase(port: int, seconds: float) -> None:
     base_url = f"http://127.0.0.1:{port}"
-    stop = asyncio.Event()
-    samples = Samples()
-    sampler = asyncio.create_task(sample_healthz(base_url, samples, stop))
     answers: list[tuple[int, int, float]] = []
     until = time.monotonic() + seconds
-    await asyncio.gather(*(bulk_loop(base_url, until, answers) for _ in range(BULK_CONNECTIONS)))
-    stop.set()
-    await sampler
+    with healthz_sampler(base_url) as samples:
+        await asyncio.gather(
+            *(bulk_loop(base_url, until, answers) for _ in range(BULK_CONNECTIONS))
+        )
     statuses = {code: sum(1 for a in answers if a[0] == code) for code in {a[0] for a in answers}}
     sizes = sorted({a[1] for a in answers})
     durations = [a[2] for a in answers]
@@ -327,6 +352,10 @@ def main() -> None:
             pid,
         ),
     ):
+        # The machine's own noise, to read the figures under load against.
+        with healthz_sampler(f"http://127.0.0.1:{port}") as idle:
+            time.sleep(min(args.seconds, 5.0))
+        print(f"## idle\n/healthz, nothing else running: {idle.line()}")
         if args.phase in ("heads", "both"):
             asyncio.run(heads_phase(port, pid, args.seconds))
         if args.phase in ("bulk", "both"):
