@@ -99,7 +99,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             return
         self._head_began_in_read = False
         super().data_received(data)
-        if not self._reading_head or self.transport.is_closing():
+        if self._discarding or not self._reading_head or self.transport.is_closing():
             return
         # The head is still incomplete after this read. A head that began in it (or after
         # a message that ended in it) is counted from the next read: where it began is not
@@ -177,7 +177,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def _refuse(self, status: int) -> None:
         """Answer ``status`` (431 or 414) and close: the rest of the request is not read."""
-        log.warning("http.head_refused", extra=fields(client=_client(self.client), status=status))
+        log.info("http.head_refused", extra=fields(client=_client(self.client), status=status))
         self._refusal = status
         body = _REASONS[status]
         head = [STATUS_LINE[status]]
