@@ -8,6 +8,7 @@ import sys
 import uvicorn
 
 from api.app import create_app
+from api.http_limits import HeadLimits, bounded_protocol
 from throttler.logs import configure_logging
 from throttler.settings import load_settings
 
@@ -33,6 +34,9 @@ def main() -> None:
         port=settings.api_port,
         log_config=None,  # keep the key=value handler configured above
         server_header=False,
+        # httptools' speed, with bounds on each request head's size and time.
+        http=bounded_protocol(HeadLimits.of(settings)),
+        timeout_keep_alive=settings.api_keep_alive_s,
     )
 
 

@@ -16,8 +16,10 @@ from api.bulk import BULK_MAX_BODY_BYTES, BULK_PATH
 from api.docs import mount_docs
 from api.errors import register_error_handlers
 from api.intake import IntakeWriter
+from api.key_first import KeyBeforeBodyMiddleware
 from api.routes import health, relay, tasks
 from api.waiters import FinishedListener, FinishedSweep, Waiters
+from throttler.constants import API_PREFIX
 from throttler.db import create_engine
 from throttler.logs import fields
 from throttler.settings import Settings
@@ -100,5 +102,9 @@ def create_app(settings: Settings) -> FastAPI:
         BodyLimitMiddleware,
         max_body_bytes=settings.api_max_body_bytes,
         path_limits={BULK_PATH: max(settings.api_max_body_bytes, BULK_MAX_BODY_BYTES)},
+    )
+    # Added last, so it runs first: a keyless body is refused before the limit reads it.
+    app.add_middleware(
+        KeyBeforeBodyMiddleware, accounts_by_key=settings.accounts_by_key, prefix=API_PREFIX
     )
     return app

@@ -9,7 +9,9 @@ from typing import Any
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
-from api.schemas import TaskItemCreate
+from api.fast_path import FastPathRoute
+from api.schemas import MAX_BULK_TASKS, TaskItemCreate
+from api.strict_json import ArrayCap, StrictJSONRequest
 from api.submit_options import MAX_DELAY_S, SubmitOptions
 from throttler.catalog import CATALOG
 from throttler.constants import API_PREFIX
@@ -21,6 +23,16 @@ BULK_PATH = f"{API_PREFIX}/tasks"
 BULK_MAX_BODY_BYTES = 4 * 1024 * 1024
 
 _KNOWN_NAMES = ", ".join(sorted(CATALOG))
+
+
+class BulkJSONRequest(StrictJSONRequest):
+    """A bulk body: its ``tasks`` past MAX_BULK_TASKS are a 413 before they are parsed."""
+
+    array_cap = ArrayCap(key="tasks", max_items=MAX_BULK_TASKS)
+
+
+class BulkRoute(FastPathRoute):
+    request_class = BulkJSONRequest
 
 
 def _item_error(index: int, field: str, kind: str, message: str, value: Any) -> dict[str, Any]:

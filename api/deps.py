@@ -12,6 +12,7 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
 from redis.asyncio import Redis
 
 from api.intake import IntakeWriter
@@ -59,7 +60,7 @@ IntakeDep = Annotated[IntakeWriter, Depends(get_intake)]
 _bearer = HTTPBearer(auto_error=False, description="An API key from API_KEYS.")
 
 
-def _unauthorized() -> HTTPException:
+def unauthorized() -> HTTPException:
     return HTTPException(
         status_code=status.HTTP_401_UNAUTHORIZED,
         detail="missing or invalid API key",
@@ -78,6 +79,17 @@ def account_of_key(accounts_by_key: Mapping[str, str], presented: str) -> str | 
     return account
 
 
+def account_of_authorization(
+    accounts_by_key: Mapping[str, str], authorization: str | None
+) -> str | None:
+    """The account of an ``Authorization`` header as ``get_account`` reads it, or None."""
+    scheme, credentials = get_authorization_scheme_param(authorization)
+    # fastapi.security.HTTPBearer's reading of the header.
+    if not (authorization and scheme and credentials) or scheme.lower() != "bearer":
+        return None
+    return account_of_key(accounts_by_key, credentials)
+
+
 async def get_account(
     settings: SettingsDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
@@ -87,10 +99,10 @@ async def get_account(
     if not accounts:
         return DEFAULT_ACCOUNT
     if credentials is None:
-        raise _unauthorized()
+        raise unauthorized()
     account = account_of_key(accounts, credentials.credentials)
     if account is None:
-        raise _unauthorized()
+        raise unauthorized()
     return account
 
 

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
+from api.error_echo import clip_errors
 from api.intake import IntakeClosedError
 from throttler.errors import is_transient_db_error
 from throttler.logs import fields
@@ -71,7 +72,8 @@ async def _on_validation_error(_request: Request, error: Exception) -> JSONRespo
     # FastAPI's own handler echoes each offending input; one that JSON cannot encode
     # would turn the 422 into a 500.
     assert isinstance(error, RequestValidationError)
-    errors = jsonable_encoder(error.errors())
+    # Clipped first: encoding a megabyte input only to drop it would cost as much as echoing it.
+    errors = jsonable_encoder(clip_errors(error.errors()))
     return JSONResponse(
         {"detail": _renderable(errors)}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT
     )

@@ -29,12 +29,11 @@ from typing import Any, Final
 from fastapi import Request, Response
 from fastapi.datastructures import DefaultPlaceholder
 from fastapi.routing import _effective_route_context_var, serialize_response
-from fastapi.security.utils import get_authorization_scheme_param
 from fastapi.utils import is_body_allowed_for_status_code
 from pydantic import BaseModel
 from starlette.datastructures import State
 
-from api.deps import account_of_key, get_account, get_intake, get_settings
+from api.deps import account_of_authorization, get_account, get_intake, get_settings
 from api.strict_json import StrictJSONRequest, StrictJSONRoute
 from api.submit_options import SubmitOptions, get_submit_options
 from throttler.constants import DEFAULT_ACCOUNT
@@ -66,12 +65,7 @@ def fast_account(request: Request, settings: Settings) -> str | None:
     accounts = settings.accounts_by_key
     if not accounts:
         return DEFAULT_ACCOUNT
-    authorization = request.headers.get("authorization")
-    scheme, credentials = get_authorization_scheme_param(authorization)
-    # fastapi.security.HTTPBearer's reading of the header.
-    if not (authorization and scheme and credentials) or scheme.lower() != "bearer":
-        return None
-    return account_of_key(accounts, credentials)
+    return account_of_authorization(accounts, request.headers.get("authorization"))
 
 
 def _settings(request: Request, state: State) -> Any:
@@ -256,7 +250,7 @@ class FastPathRoute(StrictJSONRoute):
 
         async def handler(request: Request) -> Response:
             # One request object for both: the body is read once and cached on it.
-            strict = StrictJSONRequest(request.scope, request.receive)
+            strict = self.request_class(request.scope, request.receive)
             response = await plan.serve(strict)
             if response is None:
                 response = await standard(strict)

@@ -40,6 +40,12 @@ class Settings(BaseSettings):
     api_keys: str = ""
     # Unset (or empty): "protected" when API_KEYS is set, else "public"; see docs_access.
     api_docs: DocsAccess | None = None
+    # Request heads (api.http_limits): size of the whole head and of one line, and the time
+    # a head may take to arrive; then how long an idle keep-alive connection stays open.
+    api_max_header_bytes: int = Field(default=16_384, ge=1024)
+    api_max_header_line_bytes: int = Field(default=8_192, ge=256)
+    api_header_timeout_s: PositiveFloat = 10.0
+    api_keep_alive_s: int = Field(default=5, ge=1)
 
     # Relay
     relay_rate: NonNegativeFloat = 0.0

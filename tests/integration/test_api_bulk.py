@@ -159,14 +159,13 @@ async def test_malformed_batch_is_422(
     assert await row_counts() == NOTHING
 
 
-async def test_more_than_the_maximum_is_422(
+async def test_more_than_the_maximum_is_413(
     api_client: httpx.AsyncClient, row_counts: RowCounter
 ) -> None:
     response = await api_client.post(BULK, json=_greetings(MAX_BULK_TASKS + 1))
 
-    assert response.status_code == 422
-    assert [error["loc"] for error in response.json()["detail"]] == [["body", "tasks"]]
-    assert response.json()["detail"][0]["type"] == "too_long"
+    assert response.status_code == 413
+    assert response.json() == {"detail": f"more than {MAX_BULK_TASKS} items in 'tasks'"}
     assert await row_counts() == NOTHING
 
 
@@ -187,4 +186,49 @@ async def test_query_options_are_refused(
 
     assert response.status_code == 422
     assert response.json()["detail"][0]["loc"] == ["query", "priority"]
+    assert await row_counts() == NOTHING
+
+
+async def test_megabytes_of_tiny_items_are_413_without_parsing_them(
+    api_client: httpx.AsyncClient, row_counts: RowCounter
+) -> None:
+    body = b'{"tasks": [' + b",".join([b"{}"] * 1_300_000) + b"]}"  # about 4 MiB
+
+    response = await api_client.post(
+        BULK, content=body, headers={"content-type": "application/json"}
+    )
+
+    assert response.status_code == 413
+    assert len(response.content) < 200
+    assert await row_counts() == NOTHING
+
+
+async def test_a_huge_invalid_input_is_echoed_short(
+    api_client: httpx.AsyncClient, row_counts: RowCounter
+) -> None:
+    items: list[dict[str, Any]] = [{"name": "greeting", "input": {"name": list(range(100_000))}}]
+
+    response = await api_client.post(BULK, json={"tasks": items})
+
+    assert response.status_code == 422
+    assert len(response.content) < 1000
+    [error] = response.json()["detail"]
+    assert error["loc"] == ["body", "tasks", 0, "input", "name"]
+    assert error["input"].startswith("[0, 1, 2, ")
+    assert error["input"].endswith("...")
+    assert await row_counts() == NOTHING
+
+
+async def test_a_thousand_invalid_items_answer_a_short_list(
+    api_client: httpx.AsyncClient, row_counts: RowCounter
+) -> None:
+    items = [{"name": "greeting", "input": {"name": "x" * 1000}}] * MAX_BULK_TASKS
+
+    response = await api_client.post(BULK, json={"tasks": items})
+
+    assert response.status_code == 422
+    assert len(response.content) < 30_000
+    errors = response.json()["detail"]
+    assert errors[-1]["type"] == "too_many_errors"
+    assert all(len(error["input"]) <= 203 for error in errors[:-1])
     assert await row_counts() == NOTHING

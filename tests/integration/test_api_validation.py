@@ -152,3 +152,12 @@ async def test_chunked_body_under_the_limit_is_accepted(
 
     assert response.status_code == 202
     assert await row_counts() == {"tasks": 1, "outbox": 1, "task_events": 1}
+
+
+async def test_a_long_invalid_value_is_echoed_short(api_client: httpx.AsyncClient) -> None:
+    response = await api_client.post(GREETING, json={"name": "x" * 60_000})
+
+    assert response.status_code == 422
+    assert len(response.content) < 1000
+    [error] = response.json()["detail"]
+    assert error["input"] == "x" * 200 + "..."
