@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
 from throttler.constants import DEFAULT_PRIORITY
 from throttler.db import SessionFactory
+from throttler.job_ids import Dispatch
 from throttler.models import Task, TaskEvent, utcnow
 from throttler.statuses import EventKind
 from throttler.store.attempts import Attempt, Outcome, record_outcomes, start_attempts
@@ -141,9 +142,11 @@ async def submit_task(
 async def start_attempt(
     session: AsyncSession, *, task_id: str, worker_id: str, now: datetime
 ) -> Attempt | None:
-    """Mark the task ``running`` and count the attempt; None if it is already final."""
+    """Mark the queued task ``running`` and count the attempt; None if it is not queued."""
     started = await session.run_sync(
-        lambda sync: start_attempts(sync, task_ids=[task_id], worker_id=worker_id, now=now)
+        lambda sync: start_attempts(
+            sync, starts=[Dispatch(task_id=task_id)], worker_id=worker_id, now=now
+        )
     )
     return started.get(task_id)
 

@@ -27,6 +27,7 @@ from throttler.catalog import CATALOG, GREETING
 from throttler.constants import FINISHED_CHANNEL
 from throttler.db import SessionFactory
 from throttler.finished import publish_finished
+from throttler.job_ids import Dispatch
 from throttler.models import OutboxEntry, Task, utcnow
 from throttler.reconcile import reconcile_once
 from throttler.settings import Settings
@@ -102,7 +103,8 @@ async def _finish_all(sessions: SessionFactory, task_ids: list[str]) -> None:
 
     def finish(executor: Session) -> set[str]:
         now = utcnow()
-        attempts = start_attempts(executor, task_ids=task_ids, worker_id="w", now=now)
+        starts = [Dispatch(task_id=task_id) for task_id in task_ids]
+        attempts = start_attempts(executor, starts=starts, worker_id="w", now=now)
         outcomes = [
             Outcome(
                 task_id=attempt.task_id,

@@ -7,6 +7,7 @@ from typing import Any
 
 from arq.worker import Function, func
 
+from throttler.job_ids import Dispatch
 from throttler.settings import Settings
 from worker.taskkit.base import TaskBase
 from worker.taskkit.definition import TaskDefinition, define_task
@@ -32,11 +33,14 @@ def arq_function(definition: TaskDefinition) -> Function:
     async def job(ctx: dict[Any, Any], *_args: Any, **_kwargs: Any) -> None:
         # The relay enqueues no arguments: the payload is read from the database, the one
         # source of truth. Stray arguments are ignored rather than failing the job in ARQ,
-        # where the database would never hear of it.
+        # where the database would never hear of it. The job id names the task and its
+        # dispatch (throttler.job_ids).
+        dispatch = Dispatch.parse(str(ctx["job_id"]))
         await run_task(
             definition,
             resources_from(ctx),
-            task_id=str(ctx["job_id"]),
+            task_id=dispatch.task_id,
+            dispatch=dispatch,
             arq_try=int(ctx.get("job_try") or 1),
             # ARQ's own pool: announces the outcome to API long-polls (best effort).
             redis=ctx.get("redis"),
