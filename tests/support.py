@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -80,6 +80,12 @@ async def event_history(session: AsyncSession, task_id: str) -> list[str]:
         select(TaskEvent.event).where(TaskEvent.task_id == task_id).order_by(TaskEvent.id)
     )
     return list(rows.scalars())
+
+
+async def job_ids(session: AsyncSession, task_ids: Iterable[str]) -> dict[str, str]:
+    """The ARQ job id of each task's current dispatch (throttler.job_ids), by task id."""
+    rows = await session.execute(select(Task.id, Task.queued_at).where(Task.id.in_(task_ids)))
+    return {task_id: Dispatch.of(task_id, queued_at=at).job_id for task_id, at in rows}
 
 
 async def event_times(session: AsyncSession, event: str) -> list[float]:
