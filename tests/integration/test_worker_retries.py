@@ -26,6 +26,7 @@ from tests.integration.worker_harness import (
     enqueue,
     fast_retries,
     queue_task,
+    running_relay,
     running_worker,
     wait_final,
 )
@@ -96,7 +97,11 @@ async def test_retriable_failure_is_retried_with_backoff_until_success(
     settings: Settings, sessions: SessionFactory
 ) -> None:
     settings = fast_retries(settings)
-    async with arq_pool(settings) as pool, running_worker(settings, tasks=[FailsTwice]):
+    async with (
+        arq_pool(settings) as pool,
+        running_relay(settings, sessions, pool),
+        running_worker(settings, tasks=[FailsTwice]),
+    ):
         task_id = await dispatch(
             sessions,
             pool,
@@ -110,13 +115,16 @@ async def test_retriable_failure_is_retried_with_backoff_until_success(
     assert task.attempts == 3
     assert task.error is None
     async with sessions() as session:
+        # Each retry goes back through the outbox: the relay releases it (queued).
         assert await event_history(session, task_id) == [
             "submitted",
             "queued",
             "started",
             "retrying",
+            "queued",
             "started",
             "retrying",
+            "queued",
             "started",
             "succeeded",
         ]
@@ -134,7 +142,11 @@ async def test_retriable_failure_is_retried_with_backoff_until_success(
 
 async def test_retries_stop_at_max_tries(settings: Settings, sessions: SessionFactory) -> None:
     settings = fast_retries(settings, worker_max_tries=3)
-    async with arq_pool(settings) as pool, running_worker(settings, tasks=[AlwaysFails]):
+    async with (
+        arq_pool(settings) as pool,
+        running_relay(settings, sessions, pool),
+        running_worker(settings, tasks=[AlwaysFails]),
+    ):
         task_id = await dispatch(sessions, pool, settings, name="greeting", payload={"name": "x"})
         task = await wait_final(sessions, task_id)
 
@@ -175,7 +187,8 @@ async def test_side_effecting_task_is_not_started_twice(
     settings: Settings, sessions: SessionFactory
 ) -> None:
     task_id = await queue_task(sessions, name="greeting", payload={"name": "twice"})
-    # An earlier worker started it and vanished: its outcome is unknown.
+    # An earlier worker started it and vanished: its outcome is unknown, and ARQ delivers
+    # its job again.
     async with sessions.begin() as session:
         first = await start_attempt(session, task_id=task_id, worker_id="gone", now=utcnow())
     assert first is not None

@@ -51,6 +51,11 @@ class Attempt:
     name: str
     payload: dict[str, Any]
     attempt: int
+    # The task was already ``running`` on this very dispatch: ARQ delivered the job again
+    # because the worker holding it died (its in-progress lease lapsed, worker.leases).
+    # Nothing was written and nothing is to run (``payload`` is left empty): the worker
+    # puts the task back through the outbox, or fails it if side-effecting.
+    orphaned: bool = False
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -183,14 +188,12 @@ def check_unique(outcomes: Sequence[Outcome]) -> None:
 
 # Built once: a statement object caches its compiled form, and building one per batch
 # would cost more than running it.
-# The tasks a batch may start: queued, with the moment each was released (its dispatch),
-# locked (FOR UPDATE on PostgreSQL; SQLite writers hold the database from BEGIN).
-_QUEUED = (
-    select(TASKS.c.id, TASKS.c.queued_at)
-    .where(
-        TASKS.c.id.in_(bindparam("task_ids", expanding=True)),
-        TASKS.c.status == TaskStatus.QUEUED.value,
-    )
+_DISPATCHED = [TaskStatus.QUEUED.value, TaskStatus.RUNNING.value]
+# The tasks a batch may start: queued or running, with the moment each was released (its
+# dispatch), locked (FOR UPDATE on PostgreSQL; SQLite writers hold the database from BEGIN).
+_DISPATCHED_ROWS = (
+    select(TASKS.c.id, TASKS.c.status, TASKS.c.queued_at, TASKS.c.name, TASKS.c.attempts)
+    .where(TASKS.c.id.in_(bindparam("task_ids", expanding=True)), TASKS.c.status.in_(_DISPATCHED))
     .with_for_update()
 )
 _START = (
@@ -219,48 +222,86 @@ _DELETE_OUTBOX = delete(OUTBOX).where(OUTBOX.c.task_id.in_(bindparam("task_ids",
 _INSERT_OUTBOX = insert(OUTBOX)
 
 
-def current_dispatches(
-    starts: Sequence[Dispatch], queued: Sequence[tuple[str, datetime | None]]
-) -> list[str]:
-    """The ids of ``starts`` whose task is ``queued`` (``queued``: id and queued_at) on the
-    dispatch the job names; a stale job's start is left out."""
-    released = dict(queued)
-    return [
-        start.task_id
-        for start in starts
-        if start.task_id in released and start.is_current(released[start.task_id])
-    ]
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DispatchedRow:
+    """A queued or running task as a start reads it."""
+
+    task_id: str
+    status: str
+    queued_at: datetime | None
+    name: str
+    attempts: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StartPlan:
+    """What a batch of starts does: the ids to start, and the orphaned attempts found."""
+
+    to_start: list[str]
+    orphaned: dict[str, Attempt]
+
+
+def plan_starts(starts: Sequence[Dispatch], rows: Sequence[DispatchedRow]) -> StartPlan:
+    """Match each start to its task's current dispatch; a stale job's start is left out.
+
+    A ``queued`` task on the job's dispatch starts; a ``running`` one on it is orphaned
+    (``Attempt.orphaned``).
+    """
+    by_id = {row.task_id: row for row in rows}
+    to_start: list[str] = []
+    orphaned: dict[str, Attempt] = {}
+    for start in starts:
+        row = by_id.get(start.task_id)
+        if row is None or not start.is_current(row.queued_at):
+            continue
+        if row.status == TaskStatus.QUEUED.value:
+            to_start.append(row.task_id)
+        else:
+            orphaned[row.task_id] = Attempt(
+                task_id=row.task_id, name=row.name, payload={}, attempt=row.attempts, orphaned=True
+            )
+    return StartPlan(to_start=to_start, orphaned=orphaned)
 
 
 def start_attempts(
     executor: SyncExecutor, *, starts: Sequence[Dispatch], worker_id: str, now: datetime
 ) -> dict[str, Attempt]:
     """Mark the tasks ``running`` and count an attempt each, for those ``queued`` on the
-    dispatch their job names; leave out the others (final, back in the outbox, running
-    already, or on a later dispatch).
+    dispatch their job names; leave out the others (final, back in the outbox, or on a
+    later dispatch).
 
-    A task found ``running`` is a re-delivery of its job after its worker died: that is
-    not started again here; recovery puts the task back through the outbox
-    (throttler.reconcile). Three statements however many tasks, in the caller's
-    transaction.
+    A task found ``running`` on the job's dispatch is a re-delivery after its worker died:
+    it is not started again (that attempt would bypass the outbox and the limits), but
+    returned as ``orphaned`` for the worker to put back through the outbox. Three
+    statements however many tasks, in the caller's transaction.
     """
     if not starts:
         return {}
-    queued = executor.execute(_QUEUED, {"task_ids": [start.task_id for start in starts]}).all()
-    task_ids = current_dispatches(starts, [(task_id, at) for task_id, at in queued])
-    if not task_ids:
-        return {}
-    rows = executor.execute(_START, {"task_ids": task_ids, "now": now}).all()
+    rows = executor.execute(
+        _DISPATCHED_ROWS, {"task_ids": [start.task_id for start in starts]}
+    ).all()
+    plan = plan_starts(
+        starts,
+        [
+            DispatchedRow(
+                task_id=task_id, status=status, queued_at=at, name=name, attempts=attempts
+            )
+            for task_id, status, at, name, attempts in rows
+        ],
+    )
+    if not plan.to_start:
+        return plan.orphaned
+    started = executor.execute(_START, {"task_ids": plan.to_start, "now": now}).all()
     attempts = {
         task_id: Attempt(task_id=task_id, name=name, payload=payload, attempt=attempt)
-        for task_id, name, payload, attempt in rows
+        for task_id, name, payload, attempt in started
     }
     if attempts:
         executor.execute(
             _INSERT_EVENTS,
             [started_event(attempt, worker_id=worker_id, now=now) for attempt in attempts.values()],
         )
-    return attempts
+    return {**plan.orphaned, **attempts}
 
 
 def record_outcomes(executor: SyncExecutor, outcomes: Sequence[Outcome]) -> set[str]:

@@ -41,10 +41,11 @@ from throttler.store.attempts import (
     Attempt,
     AttemptWrites,
     CoreAttempts,
+    DispatchedRow,
     Outcome,
     check_unique,
-    current_dispatches,
     outcome_event,
+    plan_starts,
     started_event,
 )
 from throttler.store.sqlite_thread import SQLiteThread
@@ -118,7 +119,7 @@ def _ids_in_json(column: Any = TASKS.c.id) -> Any:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class _Statements:
-    queued: _Statement
+    dispatched: _Statement
     start: _Statement
     live: _Statement
     insert_event: _Statement
@@ -141,8 +142,13 @@ def _statements() -> _Statements:
         )
     }
     queued = TASKS.c.status == TaskStatus.QUEUED.value
+    dispatched = TASKS.c.status.in_([TaskStatus.QUEUED.value, TaskStatus.RUNNING.value])
     return _Statements(
-        queued=_Statement.of(select(TASKS.c.id, TASKS.c.queued_at).where(_ids_in_json(), queued)),
+        dispatched=_Statement.of(
+            select(
+                TASKS.c.id, TASKS.c.status, TASKS.c.queued_at, TASKS.c.name, TASKS.c.attempts
+            ).where(_ids_in_json(), dispatched)
+        ),
         start=_Statement.of(
             update(TASKS)
             .where(_ids_in_json(), queued)
@@ -196,16 +202,26 @@ def _start(
     if not starts:
         return {}
     statements = _statements()
-    queued, load_at = statements.queued, statements.queued_at
-    rows = connection.execute(
-        queued.sql,
-        queued.bind({"task_ids": json.dumps([start.task_id for start in starts])}),
-    ).fetchall()
-    task_ids = current_dispatches(
-        starts, [(task_id, at if load_at is None else load_at(at)) for task_id, at in rows]
+    dispatched, load_at = statements.dispatched, statements.queued_at
+    plan = plan_starts(
+        starts,
+        [
+            DispatchedRow(
+                task_id=task_id,
+                status=status,
+                queued_at=at if load_at is None else load_at(at),
+                name=name,
+                attempts=attempts,
+            )
+            for task_id, status, at, name, attempts in connection.execute(
+                dispatched.sql,
+                dispatched.bind({"task_ids": json.dumps([start.task_id for start in starts])}),
+            )
+        ],
     )
-    if not task_ids:
-        return {}
+    if not plan.to_start:
+        return plan.orphaned
+    task_ids = plan.to_start
     start = statements.start
     rows = connection.execute(
         start.sql, start.bind({"task_ids": json.dumps(list(task_ids)), "now": now})
@@ -229,7 +245,7 @@ def _start(
                 for attempt in attempts.values()
             ],
         )
-    return attempts
+    return {**plan.orphaned, **attempts}
 
 
 def _record(connection: sqlite3.Connection, outcomes: Sequence[Outcome]) -> set[str]:

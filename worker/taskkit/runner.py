@@ -114,6 +114,14 @@ async def run_task(
         return
 
     started = time.monotonic()
+    if attempt.orphaned:
+        # ARQ delivered the job again: the worker running this attempt died (its lease
+        # lapsed). Another attempt goes back through the outbox, as any other.
+        ending = _Ending(definition=definition, resources=resources, attempt=attempt)
+        await _record(
+            definition, resources, attempt, ending.orphaned(), started=started, redis=redis
+        )
+        return
     # At INFO one line per attempt, its outcome (with attempt and duration); the start is
     # in task_events, and logging it too would cost a busy worker a tenth of its time.
     log.debug(
@@ -183,21 +191,30 @@ class _Ending:
         return self.outcome(EventKind.RETRYING, error=error, defer_s=defer_s)
 
     def interrupted(self) -> Outcome:
-        """The worker stopped during the attempt: back to the outbox at once, or failed if
-        side-effecting (it may have had its effect)."""
+        """The worker stopped during the attempt."""
+        return self._cut_short("the worker stopped", reason="worker_stopping")
+
+    def orphaned(self) -> Outcome:
+        """The worker running the attempt died (ARQ delivered its job again)."""
+        return self._cut_short("its worker was lost", reason="worker_lost")
+
+    def _cut_short(self, what: str, *, reason: str) -> Outcome:
+        """An attempt ended without an outcome: back to the outbox at once (no backoff),
+        or failed if side-effecting (it may have had its effect)."""
+        attempt = self.attempt.attempt
         if self.definition.at_most_once:
             return self.failed(
-                "the worker stopped during the attempt: the outcome of the earlier attempt "
-                "is unknown, so it is not run again (side-effecting task)"
+                f"{what} during attempt {attempt}: the outcome of the earlier attempt is "
+                "unknown, so it is not run again (side-effecting task)"
             )
         return Outcome(
             task_id=self.attempt.task_id,
             event=EventKind.REQUEUED,
-            attempt=self.attempt.attempt,
+            attempt=attempt,
             worker_id=self.resources.worker_id,
             now=utcnow(),
-            error="interrupted: the worker stopped",
-            reason="worker_stopping",
+            error=f"{what} during attempt {attempt}",
+            reason=reason,
         )
 
 

@@ -94,8 +94,9 @@ async def _write_all(
     stale = NOW - timedelta(microseconds=1)
     try:
         return [
-            # Starts: queued on the job's dispatch (or a bare id); running (a re-delivery
-            # after a worker died), final, on another dispatch, unknown: none of those.
+            # Starts: queued on the job's dispatch (or a bare id); running on it (a
+            # re-delivery after a worker died: orphaned); final, on another dispatch,
+            # unknown: none of those.
             await attempts.write(
                 starts=[
                     _on(ids[0], NOW),
@@ -138,7 +139,7 @@ async def _write_all(
                 engine,
                 ids[2],
                 attempts.write(
-                    starts=[_on(ids[2], NOW), _on(ids[3], NOW)],
+                    starts=[_on(ids[2], NOW), _on(ids[3], NOW - timedelta(seconds=1))],
                     outcomes=[],
                     worker_id="worker-1",
                     now=started_at,
@@ -182,8 +183,14 @@ async def test_attempts_override_writes_the_reference_rows(
 
     assert isinstance(reference_writes, list)
     first, second, stale, released, third, fourth = reference_writes
-    assert sorted(first.started) == sorted(task.task_id for task in tasks[:3])
-    assert [attempt.attempt for attempt in first.started.values()] == [1, 1, 1]
+    # The running task's job delivered again: orphaned (its worker died), not restarted.
+    assert sorted(first.started) == sorted(task.task_id for task in tasks[:4])
+    assert sorted((a.orphaned, a.attempt) for a in first.started.values()) == [
+        (False, 1),
+        (False, 1),
+        (False, 1),
+        (True, 1),
+    ]
     assert len(second.started) == 2
     assert len(second.recorded) == 5
     assert not stale.started
