@@ -8,6 +8,7 @@ from tests.integration.worker_harness import (
     arq_pool,
     dispatch,
     enqueue,
+    job_id_of,
     load_task,
     queue_task,
     running_worker,
@@ -31,7 +32,7 @@ async def test_a_job_longer_than_its_lease_runs_once_beside_an_idle_worker(
             name="non_blocking_long_running_task",
             payload={"duration": duration_s},
         )
-        key = in_progress_key_prefix + task_id
+        key = in_progress_key_prefix + await job_id_of(sessions, task_id)
 
         async def leased() -> bool:
             ttl_ms = int(await pool.pttl(key))

@@ -109,10 +109,15 @@ async def dispatch(
     """Queue a task and enqueue its ARQ job exactly as the relay does: the dispatch's job
     id, no args."""
     task_id = await queue_task(sessions, name=name, payload=payload)
-    task = await load_task(sessions, task_id)
-    job_id = Dispatch.of(task_id, queued_at=task.queued_at).job_id
+    job_id = await job_id_of(sessions, task_id)
     await enqueue(pool, settings, name=name, task_id=task_id, job_id=job_id)
     return task_id
+
+
+async def job_id_of(sessions: SessionFactory, task_id: str) -> str:
+    """The ARQ job id of the task's current dispatch (throttler.job_ids)."""
+    task = await load_task(sessions, task_id)
+    return Dispatch.of(task_id, queued_at=task.queued_at).job_id
 
 
 async def enqueue(
