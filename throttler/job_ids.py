@@ -41,8 +41,9 @@ class Dispatch:
     """One dispatch of a task: which task, released at which moment."""
 
     task_id: str
-    # tasks.queued_at of the dispatch in microseconds; None for a bare task id (a job
-    # enqueued by hand or by tests), which starts the task whatever its dispatch.
+    # tasks.queued_at of the dispatch in microseconds. None: any dispatch, for callers that
+    # start a task directly (tools, tests); a job id without one names no dispatch, and
+    # its job starts nothing (worker.taskkit.registry).
     released_us: int | None = None
 
     @classmethod
@@ -63,8 +64,13 @@ class Dispatch:
             return self.task_id
         return f"{self.task_id}{SEPARATOR}{self.released_us}"
 
+    @property
+    def named(self) -> bool:
+        """Whether this names one dispatch (a job id from the relay always does)."""
+        return self.released_us is not None
+
     def is_current(self, queued_at: datetime | None) -> bool:
-        """Whether a task released at ``queued_at`` is still on this dispatch."""
+        """Whether a task released at ``queued_at`` is still on this dispatch (any: yes)."""
         if self.released_us is None:
             return True
         return queued_at is not None and moment_us(queued_at) == self.released_us

@@ -21,7 +21,13 @@ from starlette.types import Message
 
 from api.app import create_app
 from api.waiters import SWEEP_INTERVAL_S, FinishedListener, Waiters
-from tests.integration.worker_harness import arq_pool, enqueue, queue_task, running_worker
+from tests.integration.worker_harness import (
+    arq_pool,
+    enqueue,
+    job_id_of,
+    queue_task,
+    running_worker,
+)
 from tests.support import submit_task, wait_for
 from throttler.catalog import CATALOG, GREETING
 from throttler.constants import FINISHED_CHANNEL
@@ -152,7 +158,9 @@ async def test_wait_answers_as_soon_as_the_worker_finishes(
         request = asyncio.create_task(_get(api, task_id, wait=20))
         await _waiting(api, 1)
         async with arq_pool(settings) as pool, running_worker(settings):
-            await enqueue(pool, settings, name="greeting", task_id=task_id)
+            await enqueue(
+                pool, settings, name="greeting", job_id=await job_id_of(sessions, task_id)
+            )
             response, elapsed_s = await request
 
         assert response.status_code == 200

@@ -248,7 +248,7 @@ async def test_a_stale_job_starts_nothing_and_the_new_dispatch_runs_once(
     async with arq_pool(settings) as pool:
         task_id = await queue_task(sessions, name="greeting", payload={"name": "stale"})
         stale = await job_id_of(sessions, task_id)
-        await enqueue(pool, settings, name="greeting", task_id=task_id, job_id=stale)
+        await enqueue(pool, settings, name="greeting", job_id=stale)
         # Recovery requeued the task while its first job was still in ARQ.
         await _requeue_behind_arqs_back(sessions, task_id)
         async with running_worker(settings, tasks=[FailsFirst]):
@@ -296,7 +296,7 @@ async def test_a_stale_job_does_not_start_a_later_dispatch(
             await wait_for(released_again, message="the next dispatch")
         fresh = await job_id_of(sessions, task_id)
         # The stale job sits in ARQ ahead of the new one.
-        await enqueue(pool, settings, name="greeting", task_id=task_id, job_id=stale)
+        await enqueue(pool, settings, name="greeting", job_id=stale)
         await pool.zadd(settings.arq_queue_name, {stale: 0})
         async with running_worker(settings, tasks=[FailsFirst]):
             task = await wait_final(sessions, task_id)
@@ -305,3 +305,24 @@ async def test_a_stale_job_does_not_start_a_later_dispatch(
     assert fresh != stale
     assert (task.status, task.attempts) == (TaskStatus.SUCCEEDED, 1)
     assert FailsFirst.calls == {"later": 1}
+
+
+async def test_a_job_under_the_bare_task_id_starts_nothing(
+    settings: Settings, sessions: SessionFactory
+) -> None:
+    # Enqueued by hand, or by a relay from before dispatch ids (an upgrade): it names no
+    # attempt the limits released. The task stays queued for its own job (or recovery).
+    FailsFirst.calls.clear()
+    async with arq_pool(settings) as pool:
+        task_id = await queue_task(sessions, name="greeting", payload={"name": "bare"})
+        await enqueue(pool, settings, name="greeting", job_id=task_id)
+        async with running_worker(settings, tasks=[FailsFirst]):
+            await wait_for(lambda: _job_ended(pool, task_id), message="the bare job to end")
+        async with sessions() as session:
+            assert await event_history(session, task_id) == ["submitted", "queued"]
+        await enqueue(pool, settings, name="greeting", job_id=await job_id_of(sessions, task_id))
+        async with running_worker(settings, tasks=[FailsFirst]):
+            task = await wait_final(sessions, task_id)
+
+    assert (task.status, task.attempts) == (TaskStatus.SUCCEEDED, 1)
+    assert FailsFirst.calls == {"bare": 1}

@@ -25,6 +25,7 @@ from tests.integration.worker_harness import (
     dispatch,
     enqueue,
     fast_retries,
+    job_id_of,
     queue_task,
     running_relay,
     running_worker,
@@ -33,6 +34,7 @@ from tests.integration.worker_harness import (
 from tests.support import event_history, start_attempt, wait_for
 from throttler.catalog import GREETING, GreetingInput
 from throttler.db import SessionFactory
+from throttler.job_ids import Dispatch
 from throttler.models import TaskEvent, utcnow
 from throttler.retry import Backoff
 from throttler.settings import Settings
@@ -196,7 +198,7 @@ async def test_side_effecting_task_is_not_started_twice(
 
     SendsEmail.sent.clear()
     async with arq_pool(settings) as pool, running_worker(settings, tasks=[SendsEmail]):
-        await enqueue(pool, settings, name="greeting", task_id=task_id)
+        await enqueue(pool, settings, name="greeting", job_id=await job_id_of(sessions, task_id))
         task = await wait_final(sessions, task_id)
 
     assert SendsEmail.sent == []
@@ -275,17 +277,17 @@ async def test_job_is_kept_while_the_database_cannot_record_the_start(
         database_url=f"sqlite+aiosqlite:///{tmp_path / 'missing-dir' / 'db.sqlite'}",
         database_timeout_s=0.1,
     )
-    task_id = str(uuid.uuid4())
+    job_id = Dispatch.of(str(uuid.uuid4()), queued_at=utcnow()).job_id
     async with arq_pool(broken) as pool, running_worker(broken):
-        await enqueue(pool, broken, name="greeting", task_id=task_id)
+        await enqueue(pool, broken, name="greeting", job_id=job_id)
 
         async def delivered_twice() -> bool:
-            tries = await pool.get(retry_key_prefix + task_id)
+            tries = await pool.get(retry_key_prefix + job_id)
             return tries is not None and int(tries) >= 2
 
         await wait_for(delivered_twice, message="ARQ to deliver the job again")
         # Still queued for another try, not finished as failed in ARQ.
-        assert await pool.exists(job_key_prefix + task_id)
-        assert await pool.zscore(broken.arq_queue_name, task_id) is not None
+        assert await pool.exists(job_key_prefix + job_id)
+        assert await pool.zscore(broken.arq_queue_name, job_id) is not None
         # Let the worker stop without the job.
-        await pool.zrem(broken.arq_queue_name, task_id)
+        await pool.zrem(broken.arq_queue_name, job_id)

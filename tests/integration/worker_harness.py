@@ -109,8 +109,7 @@ async def dispatch(
     """Queue a task and enqueue its ARQ job exactly as the relay does: the dispatch's job
     id, no args."""
     task_id = await queue_task(sessions, name=name, payload=payload)
-    job_id = await job_id_of(sessions, task_id)
-    await enqueue(pool, settings, name=name, task_id=task_id, job_id=job_id)
+    await enqueue(pool, settings, name=name, job_id=await job_id_of(sessions, task_id))
     return task_id
 
 
@@ -120,11 +119,8 @@ async def job_id_of(sessions: SessionFactory, task_id: str) -> str:
     return Dispatch.of(task_id, queued_at=task.queued_at).job_id
 
 
-async def enqueue(
-    pool: ArqRedis, settings: Settings, *, name: str, task_id: str, job_id: str | None = None
-) -> None:
-    """Enqueue the task's job; without ``job_id``, under the bare task id (any dispatch)."""
-    job_id = job_id or task_id
+async def enqueue(pool: ArqRedis, settings: Settings, *, name: str, job_id: str) -> None:
+    """Enqueue a job, as the relay does: no arguments (see ``job_id_of`` for its id)."""
     job = await pool.enqueue_job(name, _job_id=job_id, _queue_name=settings.arq_queue_name)
     assert job is not None, f"ARQ refused job id {job_id}"
 

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from typing import Any
 
 from arq.worker import Function, func
 
 from throttler.job_ids import Dispatch
+from throttler.logs import fields
 from throttler.settings import Settings
 from worker.taskkit.base import TaskBase
 from worker.taskkit.definition import TaskDefinition, define_task
 from worker.taskkit.resources import resources_from
 from worker.taskkit.runner import run_task
+
+log = logging.getLogger(__name__)
 
 # ARQ drops a job past its max_tries without running our code, so the task would never
 # reach a terminal status. Our runner decides from the database attempt count; ARQ's
@@ -36,6 +40,15 @@ def arq_function(definition: TaskDefinition) -> Function:
         # where the database would never hear of it. The job id names the task and its
         # dispatch (throttler.job_ids).
         dispatch = Dispatch.parse(str(ctx["job_id"]))
+        if not dispatch.named:
+            # Not from a relay (by hand, or a relay older than dispatch ids): it names no
+            # attempt the limits released, so it starts none. A task it was meant for is
+            # still queued under another job id, or recovered (throttler.reconcile).
+            log.warning(
+                "task.skipped",
+                extra=fields(task_id=dispatch.task_id, reason="job id names no dispatch"),
+            )
+            return
         await run_task(
             definition,
             resources_from(ctx),
