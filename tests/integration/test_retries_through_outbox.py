@@ -7,6 +7,7 @@ events: what the limiter granted), not from wall clocks.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import threading
 from collections.abc import Iterator
@@ -21,13 +22,16 @@ from sqlalchemy import insert, select, update
 
 from tests.integration.worker_harness import (
     arq_pool,
+    dispatch,
     enqueue,
     fast_retries,
     job_id_of,
+    load_task,
     queue_task,
     running_relay,
     running_worker,
     wait_final,
+    wait_status,
 )
 from tests.support import event_history, submit_task, wait_for
 from throttler.catalog import GREETING, GreetingInput, canonical_host
@@ -326,3 +330,58 @@ async def test_a_job_under_the_bare_task_id_starts_nothing(
 
     assert (task.status, task.attempts) == (TaskStatus.SUCCEEDED, 1)
     assert FailsFirst.calls == {"bare": 1}
+
+
+class HangsFirst(RetriableTask[GreetingInput, GreetingOutput], spec=GREETING):
+    """Hangs on its first attempt (until the worker stops), greets on the next."""
+
+    output_model = GreetingOutput
+    calls: ClassVar[int] = 0
+
+    async def run(self, resources: Resources, params: GreetingInput) -> GreetingOutput:
+        type(self).calls += 1
+        if type(self).calls == 1:
+            await asyncio.sleep(3600)
+        return GreetingOutput(message=f"Hello, {params.name}!")
+
+
+async def test_an_attempt_cut_short_by_a_stopping_worker_goes_back_through_the_outbox(
+    settings: Settings, sessions: SessionFactory
+) -> None:
+    HangsFirst.calls = 0
+    async with arq_pool(settings) as pool:
+        async with running_worker(settings, tasks=[HangsFirst]):
+            task_id = await dispatch(
+                sessions, pool, settings, name="greeting", payload={"name": "cut"}
+            )
+            await wait_status(sessions, task_id, "running")
+        # The worker stopped and cancelled the job: the task is back in the outbox, and
+        # ARQ's re-queued job starts nothing.
+        task = await load_task(sessions, task_id)
+        assert (task.status, task.attempts) == (TaskStatus.PENDING, 1)
+        requeued = (await _events(sessions, task_id))[-1]
+        assert (requeued.event, requeued.detail["reason"]) == ("requeued", "worker_stopping")
+        assert requeued.detail["attempt"] == 1
+        async with running_worker(settings, tasks=[HangsFirst]):
+            async with sessions() as session:
+                assert await event_history(session, task_id) == [
+                    "submitted",
+                    "queued",
+                    "started",
+                    "requeued",
+                ]
+            async with running_relay(settings, sessions, pool):
+                task = await wait_final(sessions, task_id)
+
+    assert (task.status, task.attempts) == (TaskStatus.SUCCEEDED, 2)
+    assert HangsFirst.calls == 2
+    async with sessions() as session:
+        assert await event_history(session, task_id) == [
+            "submitted",
+            "queued",
+            "started",
+            "requeued",
+            "queued",
+            "started",
+            "succeeded",
+        ]
