@@ -1,0 +1,1 @@
+"""Small reproducible probes: one figure each, measured on this or another checkout."""
