@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 from api.announce import NewWorkAnnouncer
 from api.body_limit import BodyLimitMiddleware
 from api.bulk import BULK_MAX_BODY_BYTES, BULK_PATH
+from api.docs import mount_docs
 from api.errors import register_error_handlers
 from api.intake import IntakeWriter
 from api.routes import health, relay, tasks
@@ -84,8 +85,13 @@ def create_app(settings: Settings) -> FastAPI:
         summary="Durable task intake: accepted tasks are relayed to ARQ workers within limits.",
         version="1.0.0",
         lifespan=lifespan,
+        # api.docs serves these instead: assets without a CDN, access by API_DOCS.
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
+    mount_docs(app, settings)
     app.include_router(tasks.router)
     app.include_router(relay.router)
     app.include_router(health.router)

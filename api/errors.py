@@ -13,7 +13,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from api.intake import IntakeClosedError
-from throttler.errors import STATEMENT_ERRORS
+from throttler.errors import is_transient_db_error
 from throttler.logs import fields
 
 log = logging.getLogger(__name__)
@@ -40,15 +40,15 @@ def _unavailable(request: Request, error: Exception) -> JSONResponse:
 
 
 async def _on_dbapi_error(request: Request, error: Exception) -> JSONResponse:
-    # Our SQL or data is wrong, not the database away: a 503 would invite retries that
-    # can never succeed.
-    if isinstance(error, STATEMENT_ERRORS):
+    # Our SQL or data is wrong, not the database's state: a 503 would invite retries that
+    # can never succeed. Everything else (connection lost, locked, disk full, read-only,
+    # privileges revoked, too many connections, shutting down) is the environment's:
+    # throttler.errors judges by the driver's code.
+    if not is_transient_db_error(error):
         log.error("db.error", exc_info=error, extra=fields(path=request.url.path))
         return JSONResponse(
             {"detail": "internal error"}, status_code=status.HTTP_500_INTERNAL_SERVER_ERROR
         )
-    # OperationalError (locked, connection lost), InterfaceError, and the generic
-    # DBAPIError a driver raises for "too many connections" or "shutting down".
     return _unavailable(request, error)
 
 

@@ -109,11 +109,16 @@ class ErrorMessage(BaseModel):
 
 
 class Readiness(BaseModel):
-    """Whether each dependency answered; ``status`` is ``ok`` only when all did."""
+    """Whether each dependency is usable; ``status`` is ``ok`` only when all are.
+
+    ``database`` is ``ok`` when a write would succeed now (not merely a read); ``reason``
+    (only when not ready) says what is wrong.
+    """
 
     status: str
     database: str
     redis: str
+    reason: str | None = None
 
 
 class Liveness(BaseModel):

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import ipaddress
 import unicodedata
 from dataclasses import dataclass
 from typing import Annotated
 from urllib.parse import urlsplit
 
-import httpx
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from throttler.hosts import ip_literal, url_host_key
 
 MAX_DURATION_S = 3600
 MAX_URL_LENGTH = 2048
@@ -41,12 +41,6 @@ def _plain_text(value: str) -> str:
     return value
 
 
-def canonical_host(url: str) -> str:
-    """Return the ASCII hostname an HTTP client connects to: IDNA-encoded, lower case."""
-    host = httpx.URL(url).raw_host.decode("ascii").lower().rstrip(".")
-    return host
-
-
 def _http_url(value: str) -> str:
     if _has_invisible(value) or any(char.isspace() for char in value):
         raise ValueError("URL must not contain whitespace, control or format characters")
@@ -62,14 +56,11 @@ def _http_url(value: str) -> str:
     if "%" in parts.hostname:
         raise ValueError("URL host must not carry a zone id or percent-escapes")
     try:
-        host = canonical_host(value)
-    except (httpx.InvalidURL, UnicodeError) as error:
+        host = url_host_key(value)
+    except ValueError as error:
         raise ValueError(f"URL host is not valid: {error}") from None
-    if parts.hostname.startswith("[") or ":" in host:
-        ipaddress.IPv6Address(host)  # ValueError names the bad address
-    elif (
-        not host
-        or len(host) > MAX_HOSTNAME_LENGTH
+    if ip_literal(host) is None and (
+        len(host) > MAX_HOSTNAME_LENGTH
         or any(not 0 < len(label) <= MAX_LABEL_LENGTH for label in host.split("."))
     ):
         raise ValueError(
@@ -91,9 +82,9 @@ class DownloadInput(TaskInput):
     url: HttpUrl = Field(description="Absolute http or https URL to fetch.")
 
     def limit_host(self) -> str | None:
-        # The host the worker's client connects to: "EXAMPLE.com." or an IDN spelling
-        # must not escape a host: limit written for its canonical name.
-        return canonical_host(self.url)
+        # The host the worker's client connects to: "EXAMPLE.com.", an IDN spelling or
+        # "127.1" must not escape a host: limit written for its canonical key.
+        return url_host_key(self.url)
 
 
 class DurationInput(TaskInput):

@@ -4,7 +4,8 @@ A rule is a scope and one or more settings, rules separated by ``;``::
 
     <scope> [rate=<N>/<s|m|h>] [burst=<B>] [inflight=<M>]
 
-Scopes: ``cluster``, ``task:<name>``, ``account:<id>``, ``host:<hostname>``; ``*`` in place
+Scopes: ``cluster``, ``task:<name>``, ``account:<id>``, ``host:<hostname>`` (an IP address
+in any spelling, IPv6 in brackets, folds to one key: see throttler.hosts); ``*`` in place
 of a name gives every distinct value its own limit, and a rule for a specific value
 overrides the ``*`` rule of its scope. ``RELAY_RATE``, ``RELAY_BURST`` and
 ``RELAY_MAX_INFLIGHT`` are shorthand for the ``cluster`` rule.
@@ -18,12 +19,15 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from throttler.catalog import CATALOG
+from throttler.hosts import host_key
 
 EACH = "*"
 _SECONDS_PER_UNIT = {"s": 1.0, "m": 60.0, "h": 3600.0}
 _RATE = re.compile(r"^(?P<count>\d+(?:\.\d+)?)/(?P<unit>[smh])$")
 _INTEGER = re.compile(r"^\d+$")
 _VALUE = re.compile(r"^[A-Za-z0-9_.\-@]+$")
+# A host name or IPv4 address in any spelling, or an IPv6 address in brackets (no zone id).
+_HOST = re.compile(r"^(?:[A-Za-z0-9_.\-]+|\[[0-9A-Fa-f:.]+\])$")
 
 
 class LimitRuleError(ValueError):
@@ -212,13 +216,26 @@ def _parse_scope(written: str, text: str) -> tuple[Scope, str | None]:
         return scope, None
     if not value:
         raise LimitRuleError(f"rule {text!r}: scope {kind!r} needs a value, e.g. {kind}:*")
+    if scope is Scope.HOST and value != EACH:
+        return scope, _parse_host(value, text)
     if value != EACH and not _VALUE.match(value):
         raise LimitRuleError(f"rule {text!r}: {value!r} is not a valid {kind} name")
     if scope is Scope.TASK and value != EACH and value not in CATALOG:
         raise LimitRuleError(f"rule {text!r}: no task is named {value!r}")
-    if scope is Scope.HOST:
-        value = value.lower()
     return scope, value
+
+
+def _parse_host(value: str, text: str) -> str:
+    """The key of a ``host:`` rule's host: the one tasks.host holds for every spelling."""
+    if ":" in value and not value.startswith("["):
+        # One way to write IPv6, the URL's: "host:::1" reads as a typo of the scope.
+        raise LimitRuleError(f"rule {text!r}: write an IPv6 host in brackets, e.g. host:[{value}]")
+    if not _HOST.match(value):
+        raise LimitRuleError(f"rule {text!r}: {value!r} is not a valid host name or address")
+    try:
+        return host_key(value)
+    except ValueError as error:
+        raise LimitRuleError(f"rule {text!r}: {error}") from None
 
 
 def _parse_rate(setting: str, text: str) -> float:

@@ -7,7 +7,7 @@ from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from throttler.limits import LimitRuleError, RuleSet
@@ -16,6 +16,8 @@ DEFAULT_DATABASE_FILE = "arq_throttler.db"
 
 NonNegativeFloat = Annotated[float, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
+# Who may read /openapi.json, /docs and /redoc: anyone, holders of an API key, or nobody.
+DocsAccess = Literal["public", "protected", "off"]
 
 
 class Settings(BaseSettings):
@@ -36,6 +38,8 @@ class Settings(BaseSettings):
     api_port: int = Field(default=8000, ge=1, le=65535)
     api_max_body_bytes: int = Field(default=65_536, ge=1024)
     api_keys: str = ""
+    # Unset (or empty): "protected" when API_KEYS is set, else "public"; see docs_access.
+    api_docs: DocsAccess | None = None
 
     # Relay
     relay_rate: NonNegativeFloat = 0.0
@@ -96,6 +100,21 @@ class Settings(BaseSettings):
         parse_api_keys(value)
         return value
 
+    @field_validator("api_docs", mode="before")
+    @classmethod
+    def _api_docs_value(cls, value: object, info: ValidationInfo) -> object:
+        if not isinstance(value, str):
+            return value
+        value = value.strip().lower()
+        # Compose passes an unset variable as "": the default then applies.
+        if not value:
+            return None
+        # Without keys nobody could ever pass; failing at start beats silent 401s.
+        keys = info.data.get("api_keys")
+        if value == "protected" and keys is not None and not parse_api_keys(keys):
+            raise ValueError("protected needs API_KEYS")
+        return value
+
     @field_validator("relay_limits")
     @classmethod
     def _limits_parse(cls, value: str) -> str:
@@ -118,6 +137,13 @@ class Settings(BaseSettings):
     def accounts_by_key(self) -> dict[str, str]:
         """Map each API key to its account (empty when authentication is off)."""
         return parse_api_keys(self.api_keys)
+
+    @property
+    def docs_access(self) -> DocsAccess:
+        """API_DOCS, or its default: docs need a key exactly when the API does."""
+        if self.api_docs is not None:
+            return self.api_docs
+        return "protected" if self.accounts_by_key else "public"
 
     @property
     def is_sqlite(self) -> bool:

@@ -19,6 +19,7 @@ from throttler.errors import REDIS_ERRORS
 from throttler.logs import fields
 from throttler.settings import Settings
 from throttler.store import open_store
+from worker.hop_limits import HopLimits
 from worker.leases import LEASE_REFRESH_S, LEASE_S, LeasedWorker
 from worker.netguard import AddressPolicy, guarded_client
 from worker.taskkit import TaskBase, build_functions
@@ -35,7 +36,8 @@ def worker_id() -> str:
 
 
 async def open_resources(settings: Settings) -> Resources:
-    """Create what tasks share: database engine, status writer, HTTP client, thread pool."""
+    """Create what tasks share: database engine, status writer, HTTP client, thread pool,
+    hop limits."""
     engine = create_engine(settings)
     identity = worker_id()
     status = StatusWriter(open_store(settings, engine).attempts, worker_id=identity)
@@ -53,6 +55,7 @@ async def open_resources(settings: Settings) -> Resources:
         ),
         worker_id=identity,
         status=status,
+        hops=HopLimits.open(settings, engine),
     )
 
 
@@ -68,7 +71,10 @@ async def close_resources(resources: Resources) -> None:
         try:
             await resources.http.aclose()
         finally:
-            await resources.engine.dispose()
+            try:
+                await resources.hops.close()
+            finally:
+                await resources.engine.dispose()
 
 
 def worker_options(

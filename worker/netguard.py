@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -21,9 +22,11 @@ from typing import Any
 import httpcore
 import httpx
 
+from throttler.hosts import IPAddress, ip_literal
+from throttler.logs import fields
 from worker.taskkit.errors import PermanentError
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+log = logging.getLogger("worker.netguard")
 
 
 class AddressClass(StrEnum):
@@ -82,15 +85,10 @@ class AddressRefused(PermanentError):
     """The target host resolves to an address the policy forbids."""
 
     def __init__(self, *, host: str, address: IPAddress, address_class: AddressClass) -> None:
-        hint = (
-            " (DOWNLOAD_ALLOW_PRIVATE=true allows it on trusted networks)"
-            if address_class in TRUSTED_NETWORK_CLASSES
-            else ""
-        )
-        super().__init__(
-            f"refused to connect to {host}: it resolves to {address}, "
-            f"a {address_class} address{hint}"
-        )
+        # The submitter reads this as the task's error: never what a name resolves to, nor
+        # its kind, or the error would map the internal network for them. The worker's
+        # log line (check_addresses) keeps both for the operator.
+        super().__init__(f"refused to connect to {host}: its address is not allowed")
         self.host = host
         self.address = address
         self.address_class = address_class
@@ -101,15 +99,27 @@ def check_addresses(host: str, addresses: Iterable[IPAddress], policy: AddressPo
     for address in addresses:
         found = policy.refusal(address)
         if found is not None:
+            log.info(
+                "download.address_refused",
+                extra=fields(
+                    host=host,
+                    address=str(address),
+                    address_class=found.value,
+                    allowed_by_download_allow_private=found in TRUSTED_NETWORK_CLASSES,
+                ),
+            )
             raise AddressRefused(host=host, address=address, address_class=found)
 
 
 async def resolve(host: str, port: int, *, timeout_s: float | None) -> list[IPAddress]:
-    """Return the addresses of ``host`` in resolver order, without duplicates."""
-    try:
-        return [ipaddress.ip_address(host)]
-    except ValueError:
-        pass
+    """Return the addresses of ``host`` in resolver order, without duplicates.
+
+    An IP literal in any spelling is its own address, read by the function that gives
+    ``host:`` limits their key: the address connected to is the one the limit named.
+    """
+    literal = ip_literal(host)
+    if literal is not None:
+        return [literal]
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(timeout_s):

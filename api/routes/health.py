@@ -35,43 +35,56 @@ async def healthz() -> Liveness:
     return Liveness(status=OK)
 
 
-async def _database_ok(reads: ReadStore) -> bool:
+async def _database_blocker(reads: ReadStore) -> str | None:
+    # Ready means a write would succeed now, not merely that SELECT 1 answers.
     try:
         async with asyncio.timeout(READY_TIMEOUT_S):
-            await reads.ping()
+            reason = await reads.write_blocker()
     except (SQLAlchemyError, OSError) as error:  # TimeoutError is an OSError
-        log.warning("ready.database_failed", extra=fields(error=_describe(error)))
-        return False
-    return True
+        reason = _describe(error)
+    if reason is not None:
+        log.warning("ready.database_failed", extra=fields(error=reason))
+    return reason
 
 
-async def _redis_ok(redis: Redis) -> bool:
+async def _redis_blocker(redis: Redis) -> str | None:
     try:
         async with asyncio.timeout(READY_TIMEOUT_S):
             await redis.ping()
     except REDIS_ERRORS as error:
-        log.warning("ready.redis_failed", extra=fields(error=_describe(error)))
-        return False
-    return True
+        reason = _describe(error)
+        log.warning("ready.redis_failed", extra=fields(error=reason))
+        return reason
+    return None
 
 
 _NOT_READY: dict[int | str, dict[str, Any]] = {
-    503: {"model": Readiness, "description": "A dependency did not answer in time."}
+    503: {
+        "model": Readiness,
+        "description": "The database cannot take a write now, or Redis does not answer.",
+    }
 }
 
 
 @router.get(
     "/readyz",
     response_model=Readiness,
+    response_model_exclude_none=True,
     responses=_NOT_READY,
-    summary="The database and Redis both answer.",
+    summary="The database would take a write now and Redis answers.",
 )
 async def readyz(reads: ReadsDep, redis: RedisDep, response: Response) -> Readiness:
-    database_ok, redis_ok = await asyncio.gather(_database_ok(reads), _redis_ok(redis))
-    if not (database_ok and redis_ok):
+    database, redis_reason = await asyncio.gather(_database_blocker(reads), _redis_blocker(redis))
+    reasons = [
+        f"{name}: {reason}"
+        for name, reason in (("database", database), ("redis", redis_reason))
+        if reason is not None
+    ]
+    if reasons:
         response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
     return Readiness(
-        status=OK if database_ok and redis_ok else UNAVAILABLE,
-        database=OK if database_ok else UNAVAILABLE,
-        redis=OK if redis_ok else UNAVAILABLE,
+        status=UNAVAILABLE if reasons else OK,
+        database=OK if database is None else UNAVAILABLE,
+        redis=OK if redis_reason is None else UNAVAILABLE,
+        reason="; ".join(reasons) or None,
     )

@@ -176,7 +176,8 @@ async def test_hostile_url_is_rejected_and_nothing_written(
     [
         ("http://EXAMPLE.com./x", "example.com"),
         ("https://b\u00fccher.example/", "xn--bcher-kva.example"),
-        ("http://[::1]:8080/", "::1"),
+        ("http://[::1]:8080/", "[::1]"),
+        ("http://0x7f000001/", "127.0.0.1"),
         ("http://user:pw@Example.COM:81/", "example.com"),
     ],
 )

@@ -93,6 +93,14 @@ MALFORMED = [
     ("no-settings", "host:example.com", "has no setting"),
     ("junk-token", "host:* rate=1/s junk", "'junk' is not key=value"),
     ("bad-value", "account:a/b inflight=1", "not a valid account name"),
+    ("host-ipv6-unbracketed", "host:::1 rate=1/s", "write an IPv6 host in brackets"),
+    ("host-ipv6-zone", "host:[fe80::1%eth0] rate=1/s", "not a valid host name or address"),
+    ("host-ipv6-invalid", "host:[1::2::3] rate=1/s", "not an IPv6 address"),
+    ("host-ipv4-in-brackets", "host:[127.0.0.1] rate=1/s", "not an IPv6 address"),
+    ("host-ipv4-out-of-range", "host:1.2.3.256 rate=1/s", "not a valid IPv4 address"),
+    ("host-numeric-label", "host:example.0x rate=1/s", "ends in a number"),
+    ("host-with-port", "host:example.com:80 rate=1/s", "write an IPv6 host in brackets"),
+    ("host-with-user", "host:me@example.com rate=1/s", "not a valid host name or address"),
 ]
 
 
@@ -117,6 +125,8 @@ def test_malformed_rule_fails_quoting_the_rule(rule: str, fragment: str) -> None
         "cluster rate=1/s; cluster inflight=2",
         "task:greeting rate=1/s; task:greeting rate=2/s",
         "host:Example.com rate=1/s; host:example.COM rate=2/s",
+        "host:127.0.0.1 rate=1/s; host:0x7f000001 rate=2/s",
+        "host:[::1] rate=1/s; host:[0:0::1] rate=2/s",
     ],
 )
 def test_duplicate_scope_fails_quoting_the_second_rule(text: str) -> None:
@@ -231,3 +241,28 @@ def test_rule_for_falls_back_to_the_each_rule() -> None:
     assert each.is_each
     assert rules.rule_for(LimitKey(scope=Scope.CLUSTER)) is None
     assert rules.rule_for(LimitKey(scope=Scope.ACCOUNT, value="a")) is None
+
+
+@pytest.mark.parametrize(
+    ("written", "key"),
+    [
+        ("127.0.0.1", "127.0.0.1"),
+        ("127.1", "127.0.0.1"),
+        ("2130706433", "127.0.0.1"),
+        ("0x7f000001", "127.0.0.1"),
+        ("0177.0.0.1", "127.0.0.1"),
+        ("127.0.0.1.", "127.0.0.1"),
+        ("[::ffff:127.0.0.1]", "127.0.0.1"),
+        ("[::ffff:7f00:1]", "127.0.0.1"),
+        ("[::1]", "[::1]"),
+        ("[0:0::1]", "[::1]"),
+        ("[2001:DB8::A]", "[2001:db8::a]"),
+        ("Example.COM.", "example.com"),
+    ],
+)
+def test_a_host_rule_names_the_canonical_key_of_its_host(written: str, key: str) -> None:
+    rule = parse_rule(f"host:{written} rate=1/m")
+    assert (rule.scope, rule.value) == (Scope.HOST, key)
+    # The tasks a download to any spelling of that address creates carry the same key.
+    applied = RuleSet((rule,)).applicable(name="download", account="a", host=key)
+    assert [str(limit.key) for limit in applied] == [f"host:{key}"]

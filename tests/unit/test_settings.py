@@ -209,3 +209,37 @@ def test_parse_api_keys_names_the_bad_entry(raw: str, bad_entry: str) -> None:
 def test_accounts_by_key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("API_KEYS", "secret1:acme,secret2:globex")
     assert load_settings().accounts_by_key == {"secret1": "acme", "secret2": "globex"}
+
+
+@pytest.mark.parametrize(
+    ("keys", "api_docs", "access"),
+    [
+        ("", "", "public"),
+        ("k:acct", "", "protected"),
+        ("", "off", "off"),
+        ("k:acct", "public", "public"),
+        ("k:acct", " Protected ", "protected"),
+        ("k:acct", "OFF", "off"),
+    ],
+)
+def test_api_docs_defaults_to_protected_exactly_when_api_keys_is_set(
+    monkeypatch: pytest.MonkeyPatch, keys: str, api_docs: str, access: str
+) -> None:
+    monkeypatch.setenv("API_KEYS", keys)
+    monkeypatch.setenv("API_DOCS", api_docs)  # empty, as compose passes it: the default
+    assert load_settings().docs_access == access
+
+
+@pytest.mark.parametrize(("keys", "api_docs"), [("", "protected"), ("k:acct", "open")])
+def test_bad_api_docs_exits_2_naming_api_docs(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], keys: str, api_docs: str
+) -> None:
+    # Without keys "protected" would lock everyone out: refused at start, not at the door.
+    monkeypatch.setenv("API_KEYS", keys)
+    monkeypatch.setenv("API_DOCS", api_docs)
+    with pytest.raises(SystemExit) as exit_info:
+        load_settings()
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err
+    assert message.startswith("invalid setting API_DOCS: "), message
+    assert repr(api_docs) in message

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 
 import httpcore
 import pytest
 
+from throttler.hosts import host_key
 from worker.netguard import (
     AddressClass,
     AddressPolicy,
@@ -77,8 +79,41 @@ def test_trusted_policy_still_refuses_unspecified_multicast_reserved(
 
 def test_one_bad_address_among_good_ones_refuses_the_host() -> None:
     addresses = [ipaddress.ip_address("8.8.8.8"), ipaddress.ip_address("10.0.0.1")]
-    with pytest.raises(AddressRefused, match=r"resolves to 10\.0\.0\.1, a private address"):
+    with pytest.raises(AddressRefused) as refused:
         check_addresses("mixed.example", addresses, AddressPolicy())
+    assert refused.value.address == ipaddress.ip_address("10.0.0.1")
+    assert refused.value.address_class is AddressClass.PRIVATE
+
+
+def test_the_refusal_says_only_that_the_address_is_not_allowed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The task's error is read by the submitter: it must not tell what an internal name
+    # resolves to, nor what kind of address it is. The operator's log keeps both.
+    addresses = [ipaddress.ip_address("10.1.2.3")]
+    with (
+        caplog.at_level(logging.INFO, logger="worker.netguard"),
+        pytest.raises(AddressRefused) as refused,
+    ):
+        check_addresses("intranet.example", addresses, AddressPolicy())
+    message = str(refused.value)
+    assert message == "refused to connect to intranet.example: its address is not allowed"
+    assert "10.1.2.3" not in message
+    assert "private" not in message
+    [record] = [r for r in caplog.records if r.getMessage() == "download.address_refused"]
+    assert record.levelno >= logging.INFO
+    logged = vars(record)["fields"]
+    assert (logged["address"], logged["address_class"]) == ("10.1.2.3", "private")
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    ["127.1", "2130706433", "0x7f000001", "0177.0.0.1", "::ffff:127.0.0.1", "127.0.0.1."],
+)
+async def test_every_ip_spelling_connects_to_the_address_its_host_key_names(spelling: str) -> None:
+    # The host: limit keyed the task on host_key(spelling): the guard must connect there.
+    addresses = await resolve(spelling, 80, timeout_s=1.0)
+    assert [str(address) for address in addresses] == [host_key(spelling)]
 
 
 async def test_ip_literal_is_not_looked_up() -> None:
@@ -100,4 +135,3 @@ async def test_backend_refuses_before_connecting() -> None:
     with pytest.raises(AddressRefused) as refused:
         await backend.connect_tcp("localhost", 8080, timeout=5.0)
     assert refused.value.address_class is AddressClass.LOOPBACK
-    assert "DOWNLOAD_ALLOW_PRIVATE" in str(refused.value)

@@ -1,4 +1,5 @@
-"""The API's reads: one task's view, which waited-on tasks are terminal, relay status counts.
+"""The API's reads: one task's view, which waited-on tasks are terminal, relay status counts,
+and whether the database would take a write now (readiness, throttler.store.writable).
 
 ``SqlReadStore`` is the reference, in portable SQLAlchemy Core, and no dialect pays for an
 override: each read is one indexed statement (the task by primary key, the sweep by
@@ -32,6 +33,7 @@ from throttler.limits import Scope
 from throttler.models import Task, TaskEvent
 from throttler.settings import Settings
 from throttler.statuses import INFLIGHT_STATUSES, TERMINAL_STATUSES, EventKind, TaskStatus
+from throttler.store.writable import WriteCheck, open_write_check
 
 # Ids per sweep statement: well under SQLite's bound-parameter limit.
 TERMINAL_BATCH_SIZE = 500
@@ -115,6 +117,10 @@ class ReadStore(Protocol):
         """Run one trivial statement; raise if the database does not answer."""
         ...
 
+    async def write_blocker(self) -> str | None:
+        """None if a write would succeed now, else why not (see throttler.store.writable)."""
+        ...
+
 
 def _counts_query(
     key: ColumnElement[Any] | QueryableAttribute[Any],
@@ -178,8 +184,9 @@ def _scope_filters(query: ScopeCountsQuery, *, account: str | None) -> list[Colu
 class SqlReadStore:
     """The reference ``ReadStore``, in portable SQLAlchemy Core."""
 
-    def __init__(self, *, read_sessions: SessionFactory) -> None:
+    def __init__(self, *, read_sessions: SessionFactory, write_check: WriteCheck) -> None:
         self._read_sessions = read_sessions
+        self._write_check = write_check
 
     async def task(self, *, task_id: str, account: str) -> TaskView | None:
         async with self._read_sessions() as session:
@@ -253,10 +260,16 @@ class SqlReadStore:
         async with self._read_sessions() as session:
             await session.execute(text("SELECT 1"))
 
+    async def write_blocker(self) -> str | None:
+        return await self._write_check.blocker()
+
 
 def open_reads(settings: Settings, engine: AsyncEngine) -> ReadStore:
     """Return the read store for ``engine``: the reference, on every database.
 
     ``settings`` is where a dialect override would be chosen; none pays (module docstring).
     """
-    return SqlReadStore(read_sessions=create_read_session_factory(engine))
+    return SqlReadStore(
+        read_sessions=create_read_session_factory(engine),
+        write_check=open_write_check(settings, engine),
+    )

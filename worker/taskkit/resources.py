@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from throttler.settings import Settings
 from worker.taskkit.status_writer import StatusWriter
+
+if TYPE_CHECKING:
+    # Only named here: worker.hop_limits imports this kit's errors.
+    from worker.hop_limits import HopLimits
 
 # The key under which on_startup stores the Resources in ARQ's ctx.
 RESOURCES_KEY = "throttler_resources"
@@ -27,6 +31,8 @@ class Resources:
     worker_id: str
     # Every job's start and outcome go through it, group-committed with other jobs'.
     status: StatusWriter
+    # host: limits on the hosts a download's redirects lead to (worker.hop_limits).
+    hops: HopLimits
 
 
 def resources_from(ctx: dict[Any, Any]) -> Resources:

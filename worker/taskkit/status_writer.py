@@ -11,10 +11,12 @@ SQLite) is shared by many jobs. One writer also means the worker's own jobs neve
 on SQLite's write lock. A start and an outcome of the same task never share a batch, so
 they are written in the order handed over.
 
-A batch that fails on a transient error (database down, lock timeout) fails every write
-in it; nothing of it is committed, and each caller retries its own write (see
-worker.taskkit.persist), so the next batches carry them. A batch that fails on any other
-error is written again one write per transaction, so only the write that caused it fails.
+A batch that fails because of the database's state (down, locked, read-only, disk full,
+privileges revoked: ``throttler.errors.is_transient_db_error``) fails every write in it;
+nothing of it is committed, and each caller retries its own write (see
+worker.taskkit.persist: an outcome's whatever the error), so the next batches carry them.
+A batch that fails on any other error is written again one write per transaction, so
+only the write that caused it fails.
 
 Once committed, the ids of tasks made terminal are announced on Redis (throttler.finished)
 by one publisher task, a pipeline per round with every id waiting: off the writer's path,

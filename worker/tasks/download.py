@@ -1,6 +1,7 @@
 """download: fetch a URL with the worker's guarded client and report its digest.
 
-Redirects are followed here, not by httpx, so each hop's scheme is checked and counted;
+Redirects are followed here, not by httpx, so each hop's scheme is checked and counted,
+and each hop to a new host meets that host's ``host:`` limit (see worker.hop_limits);
 each hop's address is checked by the client's network backend (see worker.netguard).
 """
 
@@ -13,6 +14,8 @@ import httpx
 from pydantic import BaseModel
 
 from throttler.catalog import DOWNLOAD, DownloadInput
+from throttler.hosts import url_host_key
+from worker.hop_limits import HopLimits
 from worker.taskkit import PermanentError, Resources, RetriableError, RetriableTask
 
 ALLOWED_SCHEMES = frozenset({"http", "https"})
@@ -36,13 +39,16 @@ class Download(RetriableTask[DownloadInput, DownloadOutput], spec=DOWNLOAD):
 
     async def run(self, resources: Resources, params: DownloadInput) -> DownloadOutput:
         settings = resources.settings
+        deadline_s = asyncio.get_running_loop().time() + settings.download_timeout_s
         try:
-            async with asyncio.timeout(settings.download_timeout_s):
+            async with asyncio.timeout_at(deadline_s):
                 return await fetch(
                     resources.http,
                     params.url,
                     max_bytes=settings.download_max_bytes,
                     max_redirects=settings.download_max_redirects,
+                    hops=resources.hops,
+                    deadline_s=deadline_s,
                 )
         except TimeoutError as error:
             raise RetriableError(
@@ -51,13 +57,31 @@ class Download(RetriableTask[DownloadInput, DownloadOutput], spec=DOWNLOAD):
 
 
 async def fetch(
-    client: httpx.AsyncClient, url: str, *, max_bytes: int, max_redirects: int
+    client: httpx.AsyncClient,
+    url: str,
+    *,
+    max_bytes: int,
+    max_redirects: int,
+    hops: HopLimits,
+    deadline_s: float,
 ) -> DownloadOutput:
-    """GET ``url`` following up to ``max_redirects`` redirects; read at most ``max_bytes``."""
+    """GET ``url`` following up to ``max_redirects`` redirects; read at most ``max_bytes``.
+
+    Each redirect hop first satisfies its host's ``host:`` limit (worker.hop_limits),
+    waiting for a token no later than ``deadline_s`` (event loop time).
+    """
+    loop = asyncio.get_running_loop()
     target = httpx.URL(url)
-    for _hop in range(max_redirects + 1):
+    # The relay released this task under its own host's limit (tasks.host, the same key).
+    try:
+        paid = {url_host_key(target)}
+    except ValueError as error:
+        raise PermanentError(f"URL host is not valid: {error}") from None
+    for hop in range(max_redirects + 1):
         if target.scheme not in ALLOWED_SCHEMES:
             raise PermanentError(f"refused {target}: only http and https URLs are fetched")
+        if hop:
+            await hops.before_hop(target, paid=paid, time_left_s=deadline_s - loop.time())
         try:
             async with client.stream("GET", target, headers=REQUEST_HEADERS) as response:
                 if response.has_redirect_location:
