@@ -28,6 +28,7 @@ from bench.processes import migrate
 from bench.relay import QUEUE, queued_jobs, relay_process
 from bench.rows import fill_backlog
 from devtools.redis_server import start_redis_server
+from throttler.job_ids import Dispatch
 
 RATE_PER_S = 2000
 BURST = 1
@@ -64,7 +65,8 @@ def enqueue_times_s(client: Redis) -> dict[str, float]:
         chunk = job_ids[start : start + READ_CHUNK]
         jobs = cast(list[bytes], client.mget([job_key_prefix + job_id for job_id in chunk]))
         for job_id, job in zip(chunk, jobs, strict=True):
-            times[job_id] = deserialize_job_raw(job)[4] / 1000
+            # By task id, as the queued events are (the job id names the dispatch).
+            times[Dispatch.parse(job_id).task_id] = deserialize_job_raw(job)[4] / 1000
     return times
 
 

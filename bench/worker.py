@@ -34,6 +34,7 @@ from bench.figures import Figure, Target, median, render
 from bench.processes import migrate, module_process, postgres_database
 from devtools.redis_server import RedisServer, start_redis_server
 from throttler.db import create_engine, create_session_factory
+from throttler.job_ids import Dispatch
 from throttler.models import Base, OutboxEntry, utcnow
 from throttler.settings import Settings
 from throttler.store.intake import insert_submissions
@@ -72,7 +73,8 @@ def _worker_settings(concurrency: int) -> Settings:
 
 
 async def _fill_database(database_url: str, *, jobs: int) -> list[str]:
-    """Insert ``jobs`` greeting tasks as the relay leaves them; return their ids."""
+    """Insert ``jobs`` greeting tasks as the relay leaves them; return their ARQ job ids
+    (each names its dispatch, ``throttler.job_ids``)."""
     engine = create_engine(Settings(database_url=database_url))
     sessions = create_session_factory(engine)
     ids: list[str] = []
@@ -91,7 +93,7 @@ async def _fill_database(database_url: str, *, jobs: int) -> list[str]:
                 await CoreClaim(session).mark_queued(task_ids=task_ids, relay_id="bench", now=now)
                 # The relay deletes outbox rows once their jobs are in ARQ.
                 await session.execute(delete(OutboxEntry))
-            ids.extend(task_ids)
+            ids.extend(Dispatch.of(task_id, queued_at=now).job_id for task_id in task_ids)
     finally:
         await engine.dispose()
     return ids

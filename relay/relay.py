@@ -2,8 +2,9 @@
 
 Each step follows the two-phase protocol in ``throttler.store.outbox``: one transaction selects
 claimable rows, asks the queue room, the in-flight caps and the limiter which may go, and
-leases those; then the tasks are enqueued with their id as the ARQ job id; then a later
-transaction deletes the leased rows. Any number of relays may run side by side.
+leases those; then the tasks are enqueued, the ARQ job id naming the task and this
+dispatch (``throttler.job_ids``); then a later transaction deletes the leased rows. Any
+number of relays may run side by side.
 
 Flow control without head-of-line blocking: a key (``task:``, ``account:``, ``host:``)
 that is at its in-flight cap, or that the limiter found out of tokens, is left out of the
@@ -41,7 +42,7 @@ import os
 import secrets
 import socket
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from arq.connections import ArqRedis
@@ -50,10 +51,12 @@ from relay import plan
 from relay.enqueue import BatchEnqueuer, JobSpec, Outcome
 from relay.plan import Memory, Opening, Policy, Settlement, Snapshot
 from throttler.errors import RECOVERABLE_ERRORS
+from throttler.job_ids import Dispatch
 from throttler.logs import fields
 from throttler.models import utcnow
 from throttler.retry import RELAY_STEP, Outage
 from throttler.settings import Settings
+from throttler.statuses import TaskStatus
 from throttler.store.outbox import ClaimedTask, Outbox, OutboxClaim
 from throttler.throttle import InflightCaps, Limiter, has_rates, max_admissible
 
@@ -353,15 +356,24 @@ class Relay:
     async def enqueue(
         self, claims: Sequence[ClaimedTask], *, run_at: Sequence[datetime | None] = ()
     ) -> Handover:
-        """Hand tasks to ARQ (job id = task id), each to start no earlier than its run_at.
+        """Hand tasks to ARQ, each to start no earlier than its run_at.
 
         One Redis call for the batch. Under a rate limit a job whose run_at is past when
         it reaches Redis is not added: it comes back as late.
         """
         when = list(run_at) or [None] * len(claims)
-        # No arguments: the worker reads the payload from the database.
+        # No arguments: the worker reads the payload from the database. The job id names
+        # the dispatch: the task's queued_at, which the lease just set to ``at`` (a task
+        # already queued, re-claimed after a crash, keeps its own: the same job id).
         jobs = [
-            JobSpec(job_id=claim.task_id, function=claim.name, run_at=at)
+            JobSpec(
+                job_id=Dispatch.of(
+                    claim.task_id,
+                    queued_at=claim.queued_at if claim.status is TaskStatus.QUEUED else at,
+                ).job_id,
+                function=claim.name,
+                run_at=at,
+            )
             for claim, at in zip(claims, when, strict=True)
         ]
         try:
@@ -433,8 +445,10 @@ class Relay:
                 relay_id=self.relay_id,
                 lease_s=self.settings.relay_claim_lease_s,
             )
+        # The tasks' queued_at is now the new moment: their job ids must name it, or the
+        # worker would take each job for a stale dispatch and start nothing.
         moving = [
-            (c, at)
+            (replace(c, queued_at=at), at)
             for c, at in zip(retiming.to_enqueue, retiming.queued_at, strict=True)
             if c.outbox_id in kept
         ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
 from throttler.constants import DEFAULT_PRIORITY
 from throttler.db import SessionFactory
+from throttler.job_ids import Dispatch
 from throttler.models import Task, TaskEvent, utcnow
 from throttler.statuses import EventKind
 from throttler.store.attempts import Attempt, Outcome, record_outcomes, start_attempts
@@ -81,6 +82,12 @@ async def event_history(session: AsyncSession, task_id: str) -> list[str]:
     return list(rows.scalars())
 
 
+async def job_ids(session: AsyncSession, task_ids: Iterable[str]) -> dict[str, str]:
+    """The ARQ job id of each task's current dispatch (throttler.job_ids), by task id."""
+    rows = await session.execute(select(Task.id, Task.queued_at).where(Task.id.in_(task_ids)))
+    return {task_id: Dispatch.of(task_id, queued_at=at).job_id for task_id, at in rows}
+
+
 async def event_times(session: AsyncSession, event: str) -> list[float]:
     """Return the POSIX times of every event of one kind."""
     rows = await session.execute(select(TaskEvent.at).where(TaskEvent.event == event))
@@ -141,9 +148,11 @@ async def submit_task(
 async def start_attempt(
     session: AsyncSession, *, task_id: str, worker_id: str, now: datetime
 ) -> Attempt | None:
-    """Mark the task ``running`` and count the attempt; None if it is already final."""
+    """Mark the queued task ``running`` and count the attempt; None if it is not queued."""
     started = await session.run_sync(
-        lambda sync: start_attempts(sync, task_ids=[task_id], worker_id=worker_id, now=now)
+        lambda sync: start_attempts(
+            sync, starts=[Dispatch(task_id=task_id)], worker_id=worker_id, now=now
+        )
     )
     return started.get(task_id)
 

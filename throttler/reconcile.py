@@ -38,6 +38,7 @@ from redis.asyncio import Redis
 
 from throttler.catalog import CATALOG, TaskSpec
 from throttler.finished import publish_finished
+from throttler.job_ids import Dispatch
 from throttler.logs import fields
 from throttler.models import utcnow
 from throttler.periodic import Periodic
@@ -106,27 +107,35 @@ def stuck_after_s(spec: TaskSpec | None, settings: Settings) -> float:
     return timeout_s(spec, settings) + margin_s
 
 
-def _job_keys(task_id: str) -> tuple[str, str, str]:
-    return (job_key_prefix + task_id, in_progress_key_prefix + task_id, result_key_prefix + task_id)
+def job_id(candidate: RecoveryCandidate) -> str:
+    """The ARQ job id of the candidate's current dispatch (throttler.job_ids)."""
+    return Dispatch.of(candidate.task_id, queued_at=candidate.queued_at).job_id
 
 
-def _live_job_keys(task_id: str) -> tuple[str, str]:
+def _job_keys(job: str) -> tuple[str, str, str]:
+    return (job_key_prefix + job, in_progress_key_prefix + job, result_key_prefix + job)
+
+
+def _live_job_keys(job: str) -> tuple[str, str]:
     # A result key alone does not keep a queued or running task alive: our runner
     # records an outcome before its job ends, so ARQ finished the job without us (it
-    # expired, or failed before our code ran) and the task is lost. The result key must
-    # then go too, or the relay's enqueue of the same job id would be a no-op.
-    return (job_key_prefix + task_id, in_progress_key_prefix + task_id)
+    # expired, failed before our code ran, or a re-delivery after its worker died found
+    # the task running and started nothing) and the task is lost.
+    return (job_key_prefix + job, in_progress_key_prefix + job)
 
 
-async def _jobs_alive(redis: Redis, task_ids: Sequence[str]) -> dict[str, bool]:
+async def _jobs_alive(redis: Redis, candidates: Sequence[RecoveryCandidate]) -> dict[str, bool]:
     """Return, per task, whether ARQ still holds its job, queued or running (one trip)."""
-    if not task_ids:
+    if not candidates:
         return {}
     async with redis.pipeline(transaction=False) as pipe:
-        for task_id in task_ids:
-            pipe.exists(*_live_job_keys(task_id))
+        for candidate in candidates:
+            pipe.exists(*_live_job_keys(job_id(candidate)))
         counts = await pipe.execute()
-    return {task_id: int(count) > 0 for task_id, count in zip(task_ids, counts, strict=True)}
+    return {
+        candidate.task_id: int(count) > 0
+        for candidate, count in zip(candidates, counts, strict=True)
+    }
 
 
 def _decide(
@@ -158,14 +167,21 @@ def _decide(
     return actions
 
 
-async def _forget_jobs(redis: Redis, *, task_ids: Sequence[str], queue_name: str) -> None:
-    """Delete what ARQ still holds of requeued jobs, so the relay's enqueue is not a no-op."""
-    if not task_ids:
+async def _forget_jobs(
+    redis: Redis, *, candidates: Sequence[RecoveryCandidate], queue_name: str
+) -> None:
+    """Delete what ARQ still holds of requeued tasks' old jobs.
+
+    The next dispatch has a job id of its own, and the old job would start nothing (its
+    dispatch is no longer the task's); this only spares ARQ running it.
+    """
+    if not candidates:
         return
     async with redis.pipeline(transaction=False) as pipe:
-        for task_id in task_ids:
-            pipe.delete(*_job_keys(task_id), retry_key_prefix + task_id)
-            pipe.zrem(queue_name, task_id)
+        for candidate in candidates:
+            job = job_id(candidate)
+            pipe.delete(*_job_keys(job), retry_key_prefix + job)
+            pipe.zrem(queue_name, job)
         await pipe.execute()
 
 
@@ -199,7 +215,7 @@ async def reconcile_once(
             break
         examined += len(candidates)
         after = candidates[-1].task_id
-        alive = await _jobs_alive(redis, [c.task_id for c in candidates])
+        alive = await _jobs_alive(redis, candidates)
         actions = _decide(candidates, alive, settings=settings, catalog=catalog, now=now)
         if actions:
             done, gave_up = await _apply(
@@ -235,6 +251,7 @@ async def _apply(
     """Requeue or fail the tasks in one transaction; return the ids of each."""
     requeued: list[str] = []
     failed: list[str] = []
+    forget: list[RecoveryCandidate] = []
     async with store.recovering(grace_cutoff=grace_cutoff, now=now) as unit:
         locked = {
             candidate.task_id
@@ -243,7 +260,7 @@ async def _apply(
         actions = [action for action in actions if action.candidate.task_id in locked]
         # Re-check under the lock: a job may have appeared since the scan.
         alive = await _jobs_alive(
-            redis, [a.candidate.task_id for a in actions if a.reason is Reason.JOB_MISSING]
+            redis, [a.candidate for a in actions if a.reason is Reason.JOB_MISSING]
         )
         for action in actions:
             task_id = action.candidate.task_id
@@ -255,8 +272,8 @@ async def _apply(
                     failed.append(task_id)
             elif await unit.requeue(action.candidate, reason=action.reason.value):
                 requeued.append(task_id)
-        # Before the commit: once the task is pending, a relay may enqueue it at once.
-        await _forget_jobs(redis, task_ids=requeued, queue_name=settings.arq_queue_name)
+                forget.append(action.candidate)
+        await _forget_jobs(redis, candidates=forget, queue_name=settings.arq_queue_name)
     # Committed: wake the API long-polls waiting on the tasks just failed.
     await publish_finished(redis, task_ids=failed)
     for task_id in requeued:

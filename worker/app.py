@@ -102,7 +102,11 @@ def worker_options(
         "keep_result": settings.worker_keep_result_s,
         "on_startup": on_startup,
         "on_shutdown": on_shutdown,
-        # Cancelled jobs (SIGTERM) go back to the queue and run again at once.
+        # A job whose start the database could not record (nothing ran) is retried by ARQ
+        # (Retry, worker.taskkit.runner): the same dispatch, released once by the limits.
+        # A cancelled job (SIGTERM) is re-queued too, but its attempt already put the
+        # task back in the outbox, so the job starts nothing then; one whose start was
+        # withdrawn (never ran) starts its dispatch.
         "retry_jobs": True,
         # Results live in the database; ARQ's per-job lines would only repeat ours.
         "log_results": False,
@@ -139,7 +143,8 @@ def build_worker(
 
 
 async def close_worker(worker: Worker) -> None:
-    """Stop the worker: cancel running jobs (ARQ re-queues them), run on_shutdown, close Redis.
+    """Stop the worker: cancel running jobs (their tasks go back to the outbox, ARQ
+    re-queues the jobs), run on_shutdown, close Redis.
 
     Works with Redis gone too: ARQ's close() then fails half-way, so what it would have
     closed is closed here.

@@ -3,7 +3,9 @@
 ARQ's own loop ends with an exception when Redis goes away, and its signal handler cancels
 running jobs at once. Here the loop is restarted once Redis answers again (running jobs
 carry on meanwhile), and a signal first stops new pickups, then gives running jobs a grace
-period, and only then cancels what is left; ARQ re-queues cancelled jobs (``retry_jobs``).
+period, and only then cancels what is left: each cut-short attempt puts its task back in
+the outbox (worker.taskkit.runner), so the relay releases the next attempt under the
+limits; the job ARQ re-queues (``retry_jobs``) then starts nothing.
 """
 
 from __future__ import annotations
@@ -219,8 +221,9 @@ class WorkerService:
             hurry.cancel()
         left = worker.running_job_ids()
         if left:
-            # Cancelled jobs go back to the queue (ARQ retry_jobs) and run again at once
-            # elsewhere; a side-effecting one that had started then ends failed.
+            # Each cancelled attempt puts its task back in the outbox (requeued) before its
+            # job goes back to ARQ, where it starts nothing; a side-effecting task that had
+            # started ends failed instead (worker.taskkit.runner).
             log.warning(
                 "worker.cancelling_jobs",
                 extra=fields(count=len(left), task_ids=",".join(left), grace_s=grace_s),

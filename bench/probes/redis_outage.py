@@ -30,7 +30,7 @@ from sqlalchemy import select
 
 from bench.processes import ROOT, migrate, module_process
 from devtools.redis_server import free_port, start_redis_server
-from tests.integration.worker_harness import enqueue, queue_task
+from tests.integration.worker_harness import enqueue, job_id_of, queue_task
 from throttler.db import SessionFactory, create_engine, create_session_factory
 from throttler.models import TaskEvent
 from throttler.settings import Settings
@@ -53,7 +53,7 @@ async def _queue(
     payload: dict[str, object],
 ) -> str:
     task_id = await queue_task(sessions, name=name, payload=payload)
-    await enqueue(pool, settings, name=name, task_id=task_id)
+    await enqueue(pool, settings, name=name, job_id=await job_id_of(sessions, task_id))
     return task_id
 
 

@@ -103,14 +103,19 @@ async def test_sigterm_requeues_a_job_longer_than_the_grace(
             log = first.output()
             assert "worker.cancelling_jobs" in log, log
 
-            # Shutdown is not failure: the attempt is cut short and the job handed back.
+            # Shutdown is not failure: the attempt is cut short and the task goes back
+            # through the outbox, for a relay to release the next attempt.
             async with sessions() as session:
                 history = await event_history(session, sleeper_id)
-            assert history[-1] == "started"
+            assert history[-2:] == ["started", "requeued"]
 
+            running.start("relay")
             second = running.start("worker")
             sleeper = await wait_final(sessions, sleeper_id, timeout_s=30)
             assert sleeper.status == "succeeded", second.output()
 
     assert sleeper.attempts == 2
     assert sleeper.result == {"duration": 4}
+    async with sessions() as session:
+        history = await event_history(session, sleeper_id)
+    assert history[-5:] == ["started", "requeued", "queued", "started", "succeeded"]

@@ -21,12 +21,19 @@ from starlette.types import Message
 
 from api.app import create_app
 from api.waiters import SWEEP_INTERVAL_S, FinishedListener, Waiters
-from tests.integration.worker_harness import arq_pool, enqueue, queue_task, running_worker
+from tests.integration.worker_harness import (
+    arq_pool,
+    enqueue,
+    job_id_of,
+    queue_task,
+    running_worker,
+)
 from tests.support import submit_task, wait_for
 from throttler.catalog import CATALOG, GREETING
 from throttler.constants import FINISHED_CHANNEL
 from throttler.db import SessionFactory
 from throttler.finished import publish_finished
+from throttler.job_ids import Dispatch
 from throttler.models import OutboxEntry, Task, utcnow
 from throttler.reconcile import reconcile_once
 from throttler.settings import Settings
@@ -102,7 +109,8 @@ async def _finish_all(sessions: SessionFactory, task_ids: list[str]) -> None:
 
     def finish(executor: Session) -> set[str]:
         now = utcnow()
-        attempts = start_attempts(executor, task_ids=task_ids, worker_id="w", now=now)
+        starts = [Dispatch(task_id=task_id) for task_id in task_ids]
+        attempts = start_attempts(executor, starts=starts, worker_id="w", now=now)
         outcomes = [
             Outcome(
                 task_id=attempt.task_id,
@@ -150,7 +158,9 @@ async def test_wait_answers_as_soon_as_the_worker_finishes(
         request = asyncio.create_task(_get(api, task_id, wait=20))
         await _waiting(api, 1)
         async with arq_pool(settings) as pool, running_worker(settings):
-            await enqueue(pool, settings, name="greeting", task_id=task_id)
+            await enqueue(
+                pool, settings, name="greeting", job_id=await job_id_of(sessions, task_id)
+            )
             response, elapsed_s = await request
 
         assert response.status_code == 200

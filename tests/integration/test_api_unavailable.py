@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,7 +16,8 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.support import wait_for
+from tests.conftest import POSTGRES_ENV
+from tests.support import admin_execute, wait_for
 from throttler.settings import Settings, sqlite_path
 
 if TYPE_CHECKING:
@@ -127,16 +132,29 @@ async def test_locked_postgres_table_answers_503_with_retry_after(
 
 
 async def test_unmigrated_database_answers_503_not_500(
-    settings: Settings, engine: AsyncEngine, make_api_client: ApiClientFactory
+    database_url: str, redis_url: str, make_api_client: ApiClientFactory, tmp_path: Path
 ) -> None:
     """Tables missing (migrations not run yet) is the environment's state, not a bug."""
-    async with engine.begin() as connection:
-        for table in ("task_events", "outbox", "tasks"):
-            await connection.execute(text(f"DROP TABLE {table}"))
-    async with make_api_client(settings) as client:
-        submitted = await client.post(GREETING, json={"name": "Ada"})
-        read = await client.get(UNKNOWN_RESULT)
+    async with _unmigrated(database_url, tmp_path) as empty_url:
+        async with make_api_client(Settings(database_url=empty_url, redis_url=redis_url)) as client:
+            submitted = await client.post(GREETING, json={"name": "Ada"})
+            read = await client.get(UNKNOWN_RESULT)
 
     for response in (submitted, read):
         assert response.status_code == 503, response.text
         assert int(response.headers["retry-after"]) > 0
+
+
+@asynccontextmanager
+async def _unmigrated(database_url: str, tmp_path: Path) -> AsyncIterator[str]:
+    """A database of the same kind as ``database_url``'s, with no tables at all."""
+    if database_url.startswith("sqlite"):
+        yield f"sqlite+aiosqlite:///{tmp_path}/unmigrated.db"
+        return
+    admin_url = os.environ[POSTGRES_ENV]
+    name = f"throttler_unmigrated_{uuid.uuid4().hex[:12]}"
+    await admin_execute(admin_url, f'CREATE DATABASE "{name}"')
+    try:
+        yield admin_url.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        await admin_execute(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

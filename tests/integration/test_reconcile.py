@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from relay.relay import Relay
 from tests.integration.worker_harness import arq_pool, running_worker, wait_final
-from tests.support import event_history, submit_task, wait_for
+from tests.support import event_history, job_ids, submit_task, wait_for
 from throttler.catalog import CATALOG, GREETING
 from throttler.db import SessionFactory, create_engine
 from throttler.models import OutboxEntry, Task, TaskEvent, utcnow
@@ -36,6 +36,11 @@ from throttler.throttle import UnlimitedLimiter
 
 LONG_AGO = timedelta(minutes=5)
 SIDE_EFFECTING_CATALOG = {**CATALOG, "greeting": dataclasses.replace(GREETING, side_effecting=True)}
+
+
+async def _job_ids(sessions: SessionFactory, task_ids: list[str]) -> dict[str, str]:
+    async with sessions() as session:
+        return await job_ids(session, task_ids)
 
 
 @pytest.fixture
@@ -146,8 +151,11 @@ async def test_tasks_lost_with_redis_are_requeued_and_run_exactly_once(
     running = await _make_task(sessions, status=TaskStatus.RUNNING, attempts=1)
     retrying = await _make_task(sessions, status=TaskStatus.QUEUED, attempts=2)
     task_ids = [*queued, running, retrying]
+    jobs = await _job_ids(sessions, task_ids)
     for task_id in task_ids:
-        await arq.enqueue_job("greeting", _job_id=task_id, _queue_name=settings.arq_queue_name)
+        await arq.enqueue_job(
+            "greeting", _job_id=jobs[task_id], _queue_name=settings.arq_queue_name
+        )
     await redis.flushall()  # Redis restarted without persistence
 
     report = await _reconcile(settings, recovery, redis)
@@ -188,8 +196,9 @@ async def test_a_task_whose_job_lives_is_left_alone(
 ) -> None:
     queued = await _make_task(sessions, status=TaskStatus.QUEUED)
     running = await _make_task(sessions, status=TaskStatus.RUNNING, attempts=1)
+    jobs = await _job_ids(sessions, [queued, running])
     for task_id in (queued, running):
-        await redis.set(prefix + task_id, b"x")
+        await redis.set(prefix + jobs[task_id], b"x")
 
     report = await _reconcile(settings, recovery, redis)
 
@@ -207,7 +216,8 @@ async def test_a_lone_arq_result_does_not_hide_a_lost_job(
     # ARQ ended the job without our runner (e.g. "job expired" after Redis lost its data):
     # only the result key is left, and it would turn the relay's enqueue into a no-op.
     task_id = await _make_task(sessions, status=TaskStatus.QUEUED)
-    await redis.set(result_key_prefix + task_id, b"x")
+    job = (await _job_ids(sessions, [task_id]))[task_id]
+    await redis.set(result_key_prefix + job, b"x")
 
     report = await _reconcile(settings, recovery, redis)
 
@@ -215,7 +225,7 @@ async def test_a_lone_arq_result_does_not_hide_a_lost_job(
     assert (await _task(sessions, task_id)).status == TaskStatus.PENDING
     assert await _has_outbox_row(sessions, task_id)
     assert await _history(sessions, task_id) == ["submitted", "requeued"]
-    assert not await redis.exists(result_key_prefix + task_id)
+    assert not await redis.exists(result_key_prefix + job)
 
 
 @pytest.mark.parametrize("ago", [timedelta(seconds=1), timedelta(seconds=-0.5)])
@@ -298,10 +308,13 @@ async def test_task_stuck_running_past_its_timeout_is_requeued_and_runs(
     slow = await _make_task(
         sessions, status=TaskStatus.RUNNING, attempts=1, ago=stuck_after - timedelta(seconds=30)
     )
+    jobs = await _job_ids(sessions, [stuck, slow])
     for task_id in (stuck, slow):
         # A dead worker's leftovers: the job and its in-progress marker.
-        await arq.enqueue_job("greeting", _job_id=task_id, _queue_name=settings.arq_queue_name)
-        await redis.set(in_progress_key_prefix + task_id, b"1")
+        await arq.enqueue_job(
+            "greeting", _job_id=jobs[task_id], _queue_name=settings.arq_queue_name
+        )
+        await redis.set(in_progress_key_prefix + jobs[task_id], b"1")
 
     report = await _reconcile(settings, recovery, redis)
 
@@ -312,11 +325,12 @@ async def test_task_stuck_running_past_its_timeout_is_requeued_and_runs(
         "attempt": 1,
     }
     assert (await _task(sessions, slow)).status == TaskStatus.RUNNING
-    # The stale job is gone, so the relay's enqueue is a real one.
-    assert not await redis.exists(job_key_prefix + stuck, in_progress_key_prefix + stuck)
-    assert await redis.exists(job_key_prefix + slow)
-    await redis.delete(job_key_prefix + slow, in_progress_key_prefix + slow)
-    await redis.zrem(settings.arq_queue_name, slow)
+    # The stale job is gone (it would start nothing, its dispatch is no longer the task's).
+    stuck_job, slow_job = jobs[stuck], jobs[slow]
+    assert not await redis.exists(job_key_prefix + stuck_job, in_progress_key_prefix + stuck_job)
+    assert await redis.exists(job_key_prefix + slow_job)
+    await redis.delete(job_key_prefix + slow_job, in_progress_key_prefix + slow_job)
+    await redis.zrem(settings.arq_queue_name, slow_job)
 
     await _run_relay_and_worker(settings, sessions, arq, [stuck])
     task = await _task(sessions, stuck)
@@ -328,7 +342,7 @@ async def test_side_effecting_task_stuck_running_fails(
 ) -> None:
     ago = timedelta(seconds=stuck_after_s(GREETING, settings) + 5)
     task_id = await _make_task(sessions, status=TaskStatus.RUNNING, attempts=1, ago=ago)
-    await redis.set(job_key_prefix + task_id, b"x")
+    await redis.set(job_key_prefix + (await _job_ids(sessions, [task_id]))[task_id], b"x")
 
     report = await _reconcile(settings, recovery, redis, catalog=SIDE_EFFECTING_CATALOG)
 

@@ -18,8 +18,16 @@ from sqlalchemy import select
 
 from relay.relay import Batch, Relay
 from tests.integration.test_relay_flow import outbox_of
-from tests.support import event_history, record_success, start_attempt, submit_task, wait_for
+from tests.support import (
+    event_history,
+    job_ids,
+    record_success,
+    start_attempt,
+    submit_task,
+    wait_for,
+)
 from throttler.db import SessionFactory, create_engine, create_session_factory
+from throttler.job_ids import Dispatch
 from throttler.limits import RuleSet
 from throttler.models import OutboxEntry, Task, TaskEvent, utcnow
 from throttler.settings import Settings
@@ -104,12 +112,19 @@ async def test_relay_drains_the_outbox_into_arq(
     relay = _relay(settings, sessions, arq, relay_batch_size=3)
     await _run_until_drained(relay, sessions)
 
-    assert set(await arq.zrange(settings.arq_queue_name, 0, -1)) == {i.encode() for i in ids}
+    async with sessions() as session:
+        jobs = await job_ids(session, ids)
+    # One job per task, its id naming the dispatch: the task and its release moment.
+    assert set(await arq.zrange(settings.arq_queue_name, 0, -1)) == {
+        job.encode() for job in jobs.values()
+    }
     async with sessions() as session:
         tasks = {task.id: task for task in (await session.execute(select(Task))).scalars()}
         for task_id in ids:
             task = tasks[task_id]
-            info = await Job(task_id, arq).info()
+            assert task.queued_at is not None
+            assert jobs[task_id] == Dispatch.of(task_id, queued_at=task.queued_at).job_id
+            info = await Job(jobs[task_id], arq).info()
             assert info is not None
             # The ARQ function is the task name; the payload stays in the database.
             assert (info.function, info.args, info.kwargs) == (task.name, (), {})
@@ -138,9 +153,11 @@ async def test_recovered_lease_is_not_enqueued_twice(
     # A relay that claimed and enqueued, then died before releasing its rows.
     dead = _relay(settings, sessions, arq, relay_claim_lease_s=0.2)
     batch = await dead.claim()
-    handed = await dead.enqueue(batch.to_enqueue)
+    handed = await dead.enqueue(batch.to_enqueue, run_at=batch.run_at)
     assert (handed.enqueued, handed.errors) == (set(ids), [])
-    first_enqueue = {task_id: (await Job(task_id, arq).info()) for task_id in ids}
+    async with sessions() as session:
+        jobs = await job_ids(session, ids)
+    first_enqueue = {task_id: (await Job(jobs[task_id], arq).info()) for task_id in ids}
 
     # The lapsed leases come back as queued tasks and go to ARQ again, where they are no-ops.
     successor = _relay(settings, sessions, arq, relay_type=_Recording)
@@ -155,8 +172,8 @@ async def test_recovered_lease_is_not_enqueued_twice(
     assert await arq.zcard(settings.arq_queue_name) == len(ids)
     async with sessions() as session:
         for task_id in ids:
-            # Same job as before: same enqueue time; one queued event.
-            assert await Job(task_id, arq).info() == first_enqueue[task_id]
+            # Same job as before (same id): same enqueue time; one queued event.
+            assert await Job(jobs[task_id], arq).info() == first_enqueue[task_id]
             assert await event_history(session, task_id) == ["submitted", "queued"]
 
     # A second pass over an empty outbox enqueues nothing.
@@ -325,7 +342,9 @@ async def test_relay_rides_out_a_database_outage_and_resumes(
             await wait_for(recovered, message="the relay to recover")
 
             async def all_queued() -> bool:
-                found = await arq.exists(*(job_key_prefix + task_id for task_id in task_ids))
+                async with sessions() as session:
+                    jobs = await job_ids(session, task_ids)
+                found = await arq.exists(*(job_key_prefix + job for job in jobs.values()))
                 return bool(found == len(task_ids))
 
             await wait_for(all_queued, message="the tasks to reach ARQ")
@@ -351,26 +370,28 @@ async def test_rate_limited_relay_spaces_dispatches_by_the_token_interval(
     times = list(queued_at.values())
     # On the bucket's clock the dispatches are exactly one token interval apart.
     assert [round(b - a, 4) for a, b in itertools.pairwise(times)] == [0.05] * 9
+    async with sessions() as session:
+        jobs = await job_ids(session, queued_at)
     for task_id, at in queued_at.items():
-        info = await Job(task_id, arq).info()
+        info = await Job(jobs[task_id], arq).info()
         assert info is not None
         # Runnable in ARQ from the moment its token fell due, not before (ARQ keeps ms).
         assert info.score is not None
         assert info.score == pytest.approx(at * 1000, abs=1)
 
 
-async def _arrival_ms(arq: ArqRedis, task_id: str) -> tuple[int, int]:
+async def _arrival_ms(arq: ArqRedis, job_id: str) -> tuple[int, int]:
     """When the job's enqueue ran in Redis, and its score (ms): from Redis itself.
 
     The enqueue sets the job key's expiry to ``score - enqueue_time + expires_extra_ms``
     from the moment it runs (ARQ's rule), so Redis's absolute expiry, less that, is the
     moment the job (and its ZADD, in the same atomic call) reached Redis.
     """
-    info = await Job(task_id, arq).info()
+    info = await Job(job_id, arq).info()
     assert info is not None
     assert info.score is not None
     # redis-py types PEXPIRETIME as sync only.
-    expiry = cast("Awaitable[int]", arq.pexpiretime(job_key_prefix + task_id))
+    expiry = cast("Awaitable[int]", arq.pexpiretime(job_key_prefix + job_id))
     expires_at_ms = int(await expiry)
     enqueue_time_ms = round(info.enqueue_time.timestamp() * 1000)
     ttl_ms = info.score - enqueue_time_ms + arq.expires_extra_ms
@@ -392,8 +413,10 @@ async def test_rate_limited_jobs_reach_arq_before_their_moment(
     await _run_until_drained(relay, sessions)
 
     queued_at = await _queued_at_ms(sessions)
+    async with sessions() as session:
+        jobs = await job_ids(session, ids)
     for task_id in ids:
-        reached_ms, score_ms = await _arrival_ms(arq, task_id)
+        reached_ms, score_ms = await _arrival_ms(arq, jobs[task_id])
         # In Redis no later than its moment however loaded the machine (a job that came
         # late was given a new moment), so ARQ runs it then, not late and bunched.
         assert reached_ms <= score_ms
@@ -456,7 +479,9 @@ async def test_a_relay_late_with_its_batch_releases_later_never_bunched(
         await asyncio.wait_for(running, timeout=10)
 
     queued_at = await _queued_at_ms(sessions)
-    arrivals = {task_id: await _arrival_ms(arq, task_id) for task_id in ids}
+    async with sessions() as session:
+        jobs = await job_ids(session, ids)
+    arrivals = {task_id: await _arrival_ms(arq, jobs[task_id]) for task_id in ids}
     # Every job reached Redis (its ZADD ran) no later than its score: none runnable late.
     late = {i: (at, score) for i, (at, score) in arrivals.items() if at > score}
     assert late == {}
@@ -510,8 +535,10 @@ async def test_late_jobs_of_a_relay_that_died_come_back_with_their_lease(
     )
     await _run_until_drained(successor, sessions)
     queued_at = await _queued_at_ms(sessions)
+    async with sessions() as session:
+        jobs = await job_ids(session, ids)
     for task_id in ids:
-        reached_ms, score_ms = await _arrival_ms(arq, task_id)
+        reached_ms, score_ms = await _arrival_ms(arq, jobs[task_id])
         assert reached_ms <= score_ms
         # A re-claimed queued task keeps its first queued_at; it goes later, never sooner.
         assert score_ms >= queued_at[task_id]

@@ -21,7 +21,7 @@ from sqlalchemy import func, insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from relay.relay import Relay
-from tests.support import wait_for
+from tests.support import job_ids, wait_for
 from throttler.db import SessionFactory
 from throttler.models import OutboxEntry, Task, TaskEvent, utcnow
 from throttler.settings import Settings
@@ -216,12 +216,13 @@ async def test_a_delayed_task_is_not_dispatched_before_its_time(
     times = await queued_at(sessions)
     async with sessions() as session:
         run_at = {i: at for i, at in await session.execute(select(Task.id, Task.run_at))}
+        jobs = await job_ids(session, run_at)
     for task_id in soon + later + at_once:
         due = run_at[task_id] or now
         assert times[task_id] >= due, task_id
         # Dispatched on time: within the claim horizon and a token or two of its moment.
         assert (times[task_id] - due).total_seconds() < 0.6
-        info = await Job(task_id, arq).info()
+        info = await Job(jobs[task_id], arq).info()
         assert info is not None
         assert info.score is not None
         assert info.score >= int(due.timestamp() * 1000)
@@ -271,8 +272,10 @@ async def test_a_recovered_lease_is_enqueued_even_at_the_cap(
     await wait_for(lease_lapsed, message="the dead relay's 0.1 s lease to lapse")
     await successor.step()
     await successor.flush()
+    async with sessions() as session:
+        jobs = await job_ids(session, ids[:2])
     assert sorted(await arq.zrange(settings.arq_queue_name, 0, -1)) == sorted(
-        i.encode() for i in ids[:2]
+        job.encode() for job in jobs.values()
     )
     assert await pending_count(sessions) == 1
 

@@ -17,7 +17,7 @@ from devtools.redis_server import start_redis_server
 from relay.__main__ import wakeup_channels
 from relay.relay import Relay
 from tests.integration.test_relay_flow import outbox_of
-from tests.support import submit_greetings, wait_for
+from tests.support import job_ids, submit_greetings, wait_for
 from throttler.constants import FINISHED_CHANNEL, SUBMITTED_CHANNEL
 from throttler.db import SessionFactory
 from throttler.settings import Settings
@@ -70,7 +70,9 @@ async def test_an_announcement_wakes_an_idle_relay(
         await announce_new_work(arq)
 
         async def enqueued() -> bool:
-            return bool(await arq.exists(job_key_prefix + task_id))
+            async with sessions() as session:
+                job = (await job_ids(session, [task_id]))[task_id]
+            return bool(await arq.exists(job_key_prefix + job))
 
         await wait_for(enqueued, timeout_s=SLOW_POLL_S / 4, message="the task to reach ARQ")
     finally:

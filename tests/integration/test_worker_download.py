@@ -17,6 +17,7 @@ from tests.integration.worker_harness import (
     arq_pool,
     dispatch,
     fast_retries,
+    running_relay,
     running_worker,
     wait_final,
 )
@@ -130,7 +131,12 @@ def trusted(settings: Settings) -> Settings:
 
 
 async def _download(settings: Settings, sessions: SessionFactory, url: str) -> Task:
-    async with arq_pool(settings) as pool, running_worker(settings):
+    # A relay too: a retry goes back through the outbox.
+    async with (
+        arq_pool(settings) as pool,
+        running_relay(settings, sessions, pool),
+        running_worker(settings),
+    ):
         task_id = await dispatch(sessions, pool, settings, name="download", payload={"url": url})
         return await wait_final(sessions, task_id)
 

@@ -8,6 +8,7 @@ from tests.integration.worker_harness import (
     arq_pool,
     dispatch,
     enqueue,
+    job_id_of,
     load_task,
     queue_task,
     running_worker,
@@ -31,7 +32,7 @@ async def test_a_job_longer_than_its_lease_runs_once_beside_an_idle_worker(
             name="non_blocking_long_running_task",
             payload={"duration": duration_s},
         )
-        key = in_progress_key_prefix + task_id
+        key = in_progress_key_prefix + await job_id_of(sessions, task_id)
 
         async def leased() -> bool:
             ttl_ms = int(await pool.pttl(key))
@@ -57,9 +58,10 @@ async def test_pickup_leaves_a_job_whose_in_progress_key_another_worker_holds(
 ) -> None:
     async with arq_pool(settings) as pool, running_worker(settings):
         held_id = await queue_task(sessions, name="greeting", payload={"name": "held"})
+        held_job = await job_id_of(sessions, held_id)
         # Another worker's lease on the job, taken before it was ever picked up here.
-        await pool.psetex(in_progress_key_prefix + held_id, 60_000, b"1")
-        await enqueue(pool, settings, name="greeting", task_id=held_id)
+        await pool.psetex(in_progress_key_prefix + held_job, 60_000, b"1")
+        await enqueue(pool, settings, name="greeting", job_id=held_job)
         # Queued after the held job: once it is done, the held one was looked at too.
         after_id = await dispatch(sessions, pool, settings, name="greeting", payload={"name": "a"})
         await wait_final(sessions, after_id)
@@ -68,7 +70,7 @@ async def test_pickup_leaves_a_job_whose_in_progress_key_another_worker_holds(
         assert held.attempts == 0
 
         # The other worker's lease ends: the job is taken at the next poll.
-        await pool.delete(in_progress_key_prefix + held_id)
+        await pool.delete(in_progress_key_prefix + held_job)
         task = await wait_final(sessions, held_id)
 
     assert task.status == "succeeded"

@@ -25,13 +25,16 @@ from tests.integration.worker_harness import (
     dispatch,
     enqueue,
     fast_retries,
+    job_id_of,
     queue_task,
+    running_relay,
     running_worker,
     wait_final,
 )
 from tests.support import event_history, start_attempt, wait_for
 from throttler.catalog import GREETING, GreetingInput
 from throttler.db import SessionFactory
+from throttler.job_ids import Dispatch
 from throttler.models import TaskEvent, utcnow
 from throttler.retry import Backoff
 from throttler.settings import Settings
@@ -96,7 +99,11 @@ async def test_retriable_failure_is_retried_with_backoff_until_success(
     settings: Settings, sessions: SessionFactory
 ) -> None:
     settings = fast_retries(settings)
-    async with arq_pool(settings) as pool, running_worker(settings, tasks=[FailsTwice]):
+    async with (
+        arq_pool(settings) as pool,
+        running_relay(settings, sessions, pool),
+        running_worker(settings, tasks=[FailsTwice]),
+    ):
         task_id = await dispatch(
             sessions,
             pool,
@@ -110,13 +117,16 @@ async def test_retriable_failure_is_retried_with_backoff_until_success(
     assert task.attempts == 3
     assert task.error is None
     async with sessions() as session:
+        # Each retry goes back through the outbox: the relay releases it (queued).
         assert await event_history(session, task_id) == [
             "submitted",
             "queued",
             "started",
             "retrying",
+            "queued",
             "started",
             "retrying",
+            "queued",
             "started",
             "succeeded",
         ]
@@ -134,7 +144,11 @@ async def test_retriable_failure_is_retried_with_backoff_until_success(
 
 async def test_retries_stop_at_max_tries(settings: Settings, sessions: SessionFactory) -> None:
     settings = fast_retries(settings, worker_max_tries=3)
-    async with arq_pool(settings) as pool, running_worker(settings, tasks=[AlwaysFails]):
+    async with (
+        arq_pool(settings) as pool,
+        running_relay(settings, sessions, pool),
+        running_worker(settings, tasks=[AlwaysFails]),
+    ):
         task_id = await dispatch(sessions, pool, settings, name="greeting", payload={"name": "x"})
         task = await wait_final(sessions, task_id)
 
@@ -175,7 +189,8 @@ async def test_side_effecting_task_is_not_started_twice(
     settings: Settings, sessions: SessionFactory
 ) -> None:
     task_id = await queue_task(sessions, name="greeting", payload={"name": "twice"})
-    # An earlier worker started it and vanished: its outcome is unknown.
+    # An earlier worker started it and vanished: its outcome is unknown, and ARQ delivers
+    # its job again.
     async with sessions.begin() as session:
         first = await start_attempt(session, task_id=task_id, worker_id="gone", now=utcnow())
     assert first is not None
@@ -183,7 +198,7 @@ async def test_side_effecting_task_is_not_started_twice(
 
     SendsEmail.sent.clear()
     async with arq_pool(settings) as pool, running_worker(settings, tasks=[SendsEmail]):
-        await enqueue(pool, settings, name="greeting", task_id=task_id)
+        await enqueue(pool, settings, name="greeting", job_id=await job_id_of(sessions, task_id))
         task = await wait_final(sessions, task_id)
 
     assert SendsEmail.sent == []
@@ -262,17 +277,17 @@ async def test_job_is_kept_while_the_database_cannot_record_the_start(
         database_url=f"sqlite+aiosqlite:///{tmp_path / 'missing-dir' / 'db.sqlite'}",
         database_timeout_s=0.1,
     )
-    task_id = str(uuid.uuid4())
+    job_id = Dispatch.of(str(uuid.uuid4()), queued_at=utcnow()).job_id
     async with arq_pool(broken) as pool, running_worker(broken):
-        await enqueue(pool, broken, name="greeting", task_id=task_id)
+        await enqueue(pool, broken, name="greeting", job_id=job_id)
 
         async def delivered_twice() -> bool:
-            tries = await pool.get(retry_key_prefix + task_id)
+            tries = await pool.get(retry_key_prefix + job_id)
             return tries is not None and int(tries) >= 2
 
         await wait_for(delivered_twice, message="ARQ to deliver the job again")
         # Still queued for another try, not finished as failed in ARQ.
-        assert await pool.exists(job_key_prefix + task_id)
-        assert await pool.zscore(broken.arq_queue_name, task_id) is not None
+        assert await pool.exists(job_key_prefix + job_id)
+        assert await pool.zscore(broken.arq_queue_name, job_id) is not None
         # Let the worker stop without the job.
-        await pool.zrem(broken.arq_queue_name, task_id)
+        await pool.zrem(broken.arq_queue_name, job_id)

@@ -17,6 +17,7 @@ from tests.integration.worker_harness import (
     dispatch,
     enqueue,
     fast_retries,
+    job_id_of,
     queue_task,
     running_worker,
     wait_final,
@@ -73,9 +74,8 @@ async def test_many_concurrent_jobs_each_get_their_own_result_and_events(
     ]
     async with arq_pool(settings) as pool, running_worker(settings):
         # All jobs in the queue at once, so that many run (and write) together.
-        await asyncio.gather(
-            *(enqueue(pool, settings, name="greeting", task_id=task_id) for task_id in task_ids)
-        )
+        jobs = [await job_id_of(sessions, task_id) for task_id in task_ids]
+        await asyncio.gather(*(enqueue(pool, settings, name="greeting", job_id=j) for j in jobs))
         tasks = [await wait_final(sessions, task_id, timeout_s=60) for task_id in task_ids]
 
     for name, task in zip(names, tasks, strict=True):

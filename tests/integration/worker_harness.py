@@ -9,13 +9,17 @@ from typing import Any
 
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.worker import Worker
+from sqlalchemy import delete
 
+from relay.relay import Relay
 from tests.support import event_history, get_task, submit_task, wait_for
 from throttler.db import SessionFactory
-from throttler.models import Task, utcnow
+from throttler.job_ids import Dispatch
+from throttler.models import OutboxEntry, Task, utcnow
 from throttler.settings import Settings
 from throttler.statuses import TERMINAL_STATUSES
-from throttler.store.outbox import CoreClaim
+from throttler.store.outbox import CoreClaim, open_outbox
+from throttler.throttle import Limiter, UnlimitedLimiter
 from worker.app import build_worker, close_worker
 from worker.taskkit import TaskBase
 from worker.tasks import DEFAULT_TASKS
@@ -66,13 +70,31 @@ async def running_worker(
                 await runner
 
 
+@contextlib.asynccontextmanager
+async def running_relay(
+    settings: Settings, sessions: SessionFactory, pool: ArqRedis, *, limiter: Limiter | None = None
+) -> AsyncIterator[Relay]:
+    """Run a relay in this event loop until the block exits: it releases every attempt after
+    the first (retries and requeues go back through the outbox)."""
+    outbox = open_outbox(settings=settings, engine=sessions.kw["bind"])
+    relay = Relay(settings=settings, outbox=outbox, arq=pool, limiter=limiter or UnlimitedLimiter())
+    relaying = asyncio.create_task(relay.run())
+    try:
+        yield relay
+    finally:
+        relay.stop()
+        await asyncio.wait_for(relaying, timeout=STOP_TIMEOUT_S)
+
+
 async def queue_task(sessions: SessionFactory, *, name: str, payload: Mapping[str, Any]) -> str:
-    """Submit a task and mark it ``queued``, as api and relay do; return its id."""
+    """Submit a task, mark it ``queued`` and drop its outbox row, as api and relay do;
+    return its id."""
     async with sessions.begin() as session:
         task = await submit_task(
             session, name=name, account="default", payload=payload, now=utcnow()
         )
         await CoreClaim(session).mark_queued(task_ids=[task.id], relay_id=TEST_RELAY, now=utcnow())
+        await session.execute(delete(OutboxEntry).where(OutboxEntry.task_id == task.id))
     return task.id
 
 
@@ -84,15 +106,23 @@ async def dispatch(
     name: str,
     payload: Mapping[str, Any],
 ) -> str:
-    """Queue a task and enqueue its ARQ job exactly as the relay does: id only, no args."""
+    """Queue a task and enqueue its ARQ job exactly as the relay does: the dispatch's job
+    id, no args."""
     task_id = await queue_task(sessions, name=name, payload=payload)
-    await enqueue(pool, settings, name=name, task_id=task_id)
+    await enqueue(pool, settings, name=name, job_id=await job_id_of(sessions, task_id))
     return task_id
 
 
-async def enqueue(pool: ArqRedis, settings: Settings, *, name: str, task_id: str) -> None:
-    job = await pool.enqueue_job(name, _job_id=task_id, _queue_name=settings.arq_queue_name)
-    assert job is not None, f"ARQ refused job id {task_id}"
+async def job_id_of(sessions: SessionFactory, task_id: str) -> str:
+    """The ARQ job id of the task's current dispatch (throttler.job_ids)."""
+    task = await load_task(sessions, task_id)
+    return Dispatch.of(task_id, queued_at=task.queued_at).job_id
+
+
+async def enqueue(pool: ArqRedis, settings: Settings, *, name: str, job_id: str) -> None:
+    """Enqueue a job, as the relay does: no arguments (see ``job_id_of`` for its id)."""
+    job = await pool.enqueue_job(name, _job_id=job_id, _queue_name=settings.arq_queue_name)
+    assert job is not None, f"ARQ refused job id {job_id}"
 
 
 async def load_task(sessions: SessionFactory, task_id: str) -> Task:
@@ -129,16 +159,17 @@ async def wait_status(
 
 
 async def assert_refused_second_start(sessions: SessionFactory, task: Task) -> None:
-    """A side-effecting task whose worker died: its second start ended it, outcome unknown."""
+    """A side-effecting task whose worker died: the re-delivered job ended it, outcome
+    unknown, without starting it again."""
     assert task.status == "failed"
-    assert task.attempts == 2
+    assert task.attempts == 1
     assert task.error is not None
+    assert "its worker was lost during attempt 1" in task.error
     assert "outcome of the earlier attempt is unknown" in task.error
     async with sessions() as session:
         assert await event_history(session, task.id) == [
             "submitted",
             "queued",
-            "started",
             "started",
             "failed",
         ]

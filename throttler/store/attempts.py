@@ -1,7 +1,13 @@
 """Start attempts and record outcomes: task transitions after the relay.
 
 A batch changes each task only from a status that allows the move and appends the
-matching event; a task in a terminal status is never changed again. Starts and outcomes
+matching event; a task in a terminal status is never changed again. An attempt starts
+only from ``queued``, on the dispatch the job names (``throttler.job_ids``): a stale ARQ
+job (an earlier dispatch of the task) starts nothing. An outcome that calls for another
+attempt (``retrying``, or ``requeued`` when the worker stopped mid-attempt) puts the task
+back in the outbox in the same transaction: ``pending``, ``run_at`` at the backoff
+moment, a new outbox row; the relay then releases the next attempt under every limit, as
+it did the first (SPEC, Statuses). Starts and outcomes
 of many tasks go in ONE transaction with a few statements whatever their number, so a
 worker group-commits its concurrent jobs' writes (worker.taskkit.status_writer).
 
@@ -16,14 +22,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Protocol, cast
 
-from sqlalchemy import Connection, Table, bindparam, insert, select, update
+from sqlalchemy import Connection, Table, bindparam, delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session
 
-from throttler.models import Task, TaskEvent
+from throttler.job_ids import Dispatch
+from throttler.models import OutboxEntry, Task, TaskEvent
 from throttler.settings import Settings
 from throttler.statuses import TERMINAL_STATUSES, EventKind, TaskStatus
 
@@ -32,6 +39,7 @@ SyncExecutor = Connection | Session
 
 TASKS = cast(Table, Task.__table__)
 EVENTS = cast(Table, TaskEvent.__table__)
+OUTBOX = cast(Table, OutboxEntry.__table__)
 NOT_TERMINAL = TASKS.c.status.not_in([status.value for status in TERMINAL_STATUSES])
 
 
@@ -43,6 +51,11 @@ class Attempt:
     name: str
     payload: dict[str, Any]
     attempt: int
+    # The task was already ``running`` on this very dispatch: ARQ delivered the job again
+    # because the worker holding it died (its in-progress lease lapsed, worker.leases).
+    # Nothing was written and nothing is to run (``payload`` is left empty): the worker
+    # puts the task back through the outbox, or fails it if side-effecting.
+    orphaned: bool = False
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -50,15 +63,18 @@ class Outcome:
     """How one attempt ended, ready to write: ``succeeded``, ``failed`` or ``retrying``."""
 
     task_id: str
-    # EventKind.SUCCEEDED, FAILED or RETRYING; the task's status follows from it.
+    # EventKind.SUCCEEDED, FAILED, RETRYING or REQUEUED; the task's status follows from it.
     event: EventKind
     attempt: int
     worker_id: str
     now: datetime
     result: dict[str, Any] | None = None
     error: str | None = None
-    # Retrying only: the delay before the next attempt, kept in the event for the audit.
+    # Back to the outbox only: the delay before the next attempt may be released (its
+    # run_at), kept in the event for the audit.
     defer_s: float | None = None
+    # Requeued only: why the attempt was cut short, kept in the event.
+    reason: str | None = None
 
     def __post_init__(self) -> None:
         if self.event not in OUTCOME_STATUS:
@@ -66,7 +82,12 @@ class Outcome:
 
     @property
     def terminal(self) -> bool:
-        return self.event is not EventKind.RETRYING
+        return not self.again
+
+    @property
+    def again(self) -> bool:
+        """Whether the task goes back to the outbox for another attempt."""
+        return OUTCOME_STATUS[self.event] is TaskStatus.PENDING
 
     def values(self) -> dict[str, Any]:
         """The task's columns this outcome sets."""
@@ -78,23 +99,34 @@ class Outcome:
             values["result"] = self.result
         if self.terminal:
             values["finished_at"] = self.now
+        else:
+            # The relay claims the row once run_at is due, under the limits.
+            values["run_at"] = self.now + timedelta(seconds=self.defer_s or 0.0)
         return values
 
     def detail(self) -> dict[str, Any]:
         """The ``detail`` of the outcome's event."""
         detail: dict[str, Any] = {"attempt": self.attempt, "worker": self.worker_id}
+        if self.reason is not None:
+            detail["reason"] = self.reason
         if self.event is not EventKind.SUCCEEDED:
             detail["error"] = self.error
         if self.defer_s is not None:
             detail["defer_s"] = self.defer_s
         return detail
 
+    def outbox_row(self) -> dict[str, Any]:
+        """The outbox row of the next attempt (``again`` only)."""
+        return {"task_id": self.task_id, "created_at": self.now}
+
 
 OUTCOME_STATUS = {
     EventKind.SUCCEEDED: TaskStatus.SUCCEEDED,
     EventKind.FAILED: TaskStatus.FAILED,
-    # Back to queued: ARQ holds the job for the next attempt.
-    EventKind.RETRYING: TaskStatus.QUEUED,
+    # Back to the outbox: the relay releases the next attempt under the limits.
+    EventKind.RETRYING: TaskStatus.PENDING,
+    # The worker stopped mid-attempt: back to the outbox, at once (no backoff).
+    EventKind.REQUEUED: TaskStatus.PENDING,
 }
 
 
@@ -111,7 +143,12 @@ class Attempts(Protocol):
     """Where workers record starts and outcomes."""
 
     async def write(
-        self, *, starts: Sequence[str], outcomes: Sequence[Outcome], worker_id: str, now: datetime
+        self,
+        *,
+        starts: Sequence[Dispatch],
+        outcomes: Sequence[Outcome],
+        worker_id: str,
+        now: datetime,
     ) -> AttemptWrites:
         """Start ``starts`` (at ``now``) and record ``outcomes`` in ONE transaction.
 
@@ -151,9 +188,20 @@ def check_unique(outcomes: Sequence[Outcome]) -> None:
 
 # Built once: a statement object caches its compiled form, and building one per batch
 # would cost more than running it.
+_DISPATCHED = [TaskStatus.QUEUED.value, TaskStatus.RUNNING.value]
+# The tasks a batch may start: queued or running, with the moment each was released (its
+# dispatch), locked (FOR UPDATE on PostgreSQL; SQLite writers hold the database from BEGIN).
+_DISPATCHED_ROWS = (
+    select(TASKS.c.id, TASKS.c.status, TASKS.c.queued_at, TASKS.c.name, TASKS.c.attempts)
+    .where(TASKS.c.id.in_(bindparam("task_ids", expanding=True)), TASKS.c.status.in_(_DISPATCHED))
+    .with_for_update()
+)
 _START = (
     update(TASKS)
-    .where(TASKS.c.id.in_(bindparam("task_ids", expanding=True)), NOT_TERMINAL)
+    .where(
+        TASKS.c.id.in_(bindparam("task_ids", expanding=True)),
+        TASKS.c.status == TaskStatus.QUEUED.value,
+    )
     .values(
         status=TaskStatus.RUNNING.value,
         attempts=TASKS.c.attempts + 1,
@@ -161,7 +209,6 @@ _START = (
     )
     .returning(TASKS.c.id, TASKS.c.name, TASKS.c.payload, TASKS.c.attempts)
 )
-# Lock the rows (FOR UPDATE on PostgreSQL; SQLite writers hold the database from BEGIN).
 _LIVE = (
     select(TASKS.c.id)
     .where(TASKS.c.id.in_(bindparam("task_ids", expanding=True)), NOT_TERMINAL)
@@ -169,37 +216,101 @@ _LIVE = (
 )
 _INSERT_EVENTS = insert(EVENTS)
 _UPDATE_BY_ID = update(TASKS).where(TASKS.c.id == bindparam("task_key"))
+# The next attempt's outbox row replaces any the task still has (one per task): a relay
+# that enqueued this attempt may have died before deleting its row.
+_DELETE_OUTBOX = delete(OUTBOX).where(OUTBOX.c.task_id.in_(bindparam("task_ids", expanding=True)))
+_INSERT_OUTBOX = insert(OUTBOX)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DispatchedRow:
+    """A queued or running task as a start reads it."""
+
+    task_id: str
+    status: str
+    queued_at: datetime | None
+    name: str
+    attempts: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StartPlan:
+    """What a batch of starts does: the ids to start, and the orphaned attempts found."""
+
+    to_start: list[str]
+    orphaned: dict[str, Attempt]
+
+
+def plan_starts(starts: Sequence[Dispatch], rows: Sequence[DispatchedRow]) -> StartPlan:
+    """Match each start to its task's current dispatch; a stale job's start is left out.
+
+    A ``queued`` task on the job's dispatch starts; a ``running`` one on it is orphaned
+    (``Attempt.orphaned``).
+    """
+    by_id = {row.task_id: row for row in rows}
+    to_start: list[str] = []
+    orphaned: dict[str, Attempt] = {}
+    for start in starts:
+        row = by_id.get(start.task_id)
+        if row is None or not start.is_current(row.queued_at):
+            continue
+        if row.status == TaskStatus.QUEUED.value:
+            to_start.append(row.task_id)
+        else:
+            orphaned[row.task_id] = Attempt(
+                task_id=row.task_id, name=row.name, payload={}, attempt=row.attempts, orphaned=True
+            )
+    return StartPlan(to_start=to_start, orphaned=orphaned)
 
 
 def start_attempts(
-    executor: SyncExecutor, *, task_ids: Sequence[str], worker_id: str, now: datetime
+    executor: SyncExecutor, *, starts: Sequence[Dispatch], worker_id: str, now: datetime
 ) -> dict[str, Attempt]:
-    """Mark the tasks ``running`` and count an attempt each; leave out those already final.
+    """Mark the tasks ``running`` and count an attempt each, for those ``queued`` on the
+    dispatch their job names; leave out the others (final, back in the outbox, or on a
+    later dispatch).
 
-    A task found ``running`` is a re-run after a worker died mid-attempt: it counts as a
-    new start too. Two statements however many tasks, in the caller's transaction.
+    A task found ``running`` on the job's dispatch is a re-delivery after its worker died:
+    it is not started again (that attempt would bypass the outbox and the limits), but
+    returned as ``orphaned`` for the worker to put back through the outbox. Three
+    statements however many tasks, in the caller's transaction.
     """
-    if not task_ids:
+    if not starts:
         return {}
-    rows = executor.execute(_START, {"task_ids": list(task_ids), "now": now}).all()
+    rows = executor.execute(
+        _DISPATCHED_ROWS, {"task_ids": [start.task_id for start in starts]}
+    ).all()
+    plan = plan_starts(
+        starts,
+        [
+            DispatchedRow(
+                task_id=task_id, status=status, queued_at=at, name=name, attempts=attempts
+            )
+            for task_id, status, at, name, attempts in rows
+        ],
+    )
+    if not plan.to_start:
+        return plan.orphaned
+    started = executor.execute(_START, {"task_ids": plan.to_start, "now": now}).all()
     attempts = {
         task_id: Attempt(task_id=task_id, name=name, payload=payload, attempt=attempt)
-        for task_id, name, payload, attempt in rows
+        for task_id, name, payload, attempt in started
     }
     if attempts:
         executor.execute(
             _INSERT_EVENTS,
             [started_event(attempt, worker_id=worker_id, now=now) for attempt in attempts.values()],
         )
-    return attempts
+    return {**plan.orphaned, **attempts}
 
 
 def record_outcomes(executor: SyncExecutor, outcomes: Sequence[Outcome]) -> set[str]:
     """Write each outcome whose task is not final yet; return the ids of those written.
 
     The tasks are read and locked first, so no other writer can finish one between the
-    check and the update. Each task id may appear once. At most five statements (one
-    update per kind of outcome) however many tasks, in the caller's transaction.
+    check and the update. An outcome that calls for another attempt also replaces the
+    task's outbox row. Each task id may appear once. At most eight statements (one update
+    per kind of outcome) however many tasks, in the caller's transaction.
     """
     if not outcomes:
         return set()
@@ -217,6 +328,10 @@ def record_outcomes(executor: SyncExecutor, outcomes: Sequence[Outcome]) -> set[
         )
     for rows in by_event.values():
         executor.execute(_UPDATE_BY_ID, rows)
+    again = [outcome for outcome in written if outcome.again]
+    if again:
+        executor.execute(_DELETE_OUTBOX, {"task_ids": [outcome.task_id for outcome in again]})
+        executor.execute(_INSERT_OUTBOX, [outcome.outbox_row() for outcome in again])
     executor.execute(_INSERT_EVENTS, [outcome_event(outcome) for outcome in written])
     return {outcome.task_id for outcome in written}
 
@@ -224,13 +339,13 @@ def record_outcomes(executor: SyncExecutor, outcomes: Sequence[Outcome]) -> set[
 def write_attempts(
     executor: SyncExecutor,
     *,
-    starts: Sequence[str],
+    starts: Sequence[Dispatch],
     outcomes: Sequence[Outcome],
     worker_id: str,
     now: datetime,
 ) -> AttemptWrites:
     """``start_attempts`` then ``record_outcomes``, in the caller's transaction."""
-    started = start_attempts(executor, task_ids=starts, worker_id=worker_id, now=now)
+    started = start_attempts(executor, starts=starts, worker_id=worker_id, now=now)
     return AttemptWrites(started=started, recorded=record_outcomes(executor, outcomes))
 
 
@@ -241,7 +356,12 @@ class CoreAttempts:
         self._engine = engine
 
     async def write(
-        self, *, starts: Sequence[str], outcomes: Sequence[Outcome], worker_id: str, now: datetime
+        self,
+        *,
+        starts: Sequence[Dispatch],
+        outcomes: Sequence[Outcome],
+        worker_id: str,
+        now: datetime,
     ) -> AttemptWrites:
         def work(connection: Connection) -> AttemptWrites:
             return write_attempts(

@@ -7,14 +7,16 @@ runs nothing twice:
    (accounts in turn), the in-flight caps and the throttle admit what they allow, and
    ``lease`` leases those to the relay, marks their tasks ``queued`` and writes the
    ``queued`` events. The rows stay, leased to this relay.
-2. The relay enqueues each task into ARQ with the task id as the ARQ job id.
+2. The relay enqueues each task into ARQ, the job id naming the task and this dispatch
+   (``throttler.job_ids``: its ``queued_at``, written by the lease).
 3. ``release`` (in a later transaction): delete the leased rows.
 
 A relay that dies between 1 and 3 leaves leased rows behind; once the lease lapses
 another relay (or the same one restarted) claims them again. Their tasks are already
-``queued``, so no second event is written, and the repeat enqueue is a no-op because ARQ
-refuses a job id whose job or result key still exists. A task that meanwhile started
-or finished is not enqueued again at all: its row is only deleted.
+``queued``, so no second event is written and ``queued_at`` stays: the repeat enqueue has
+the same job id, a no-op because ARQ refuses a job id whose job or result key still
+exists. A task that meanwhile started or finished is not enqueued again at all: its row
+is only deleted.
 
 The claim policy: each account's pending tasks are ranked by priority (higher first),
 then age (``created_at``, then outbox order); rows are taken by rank, so one account's
@@ -94,6 +96,8 @@ class ClaimedTask:
     status: TaskStatus
     host: str | None = None
     run_at: datetime | None = None
+    # When the relay released the task (``queued`` only): names its dispatch.
+    queued_at: datetime | None = None
 
     @property
     def needs_enqueue(self) -> bool:
@@ -225,6 +229,7 @@ _CLAIMED_ROWS = select(
     Task.status,
     Task.host,
     Task.run_at,
+    Task.queued_at,
     Task.priority,
     Task.created_at,
 ).join(Task, Task.id == OutboxEntry.task_id)
@@ -255,6 +260,7 @@ def _claimed(
     status: str,
     host: str | None,
     run_at: datetime | None,
+    queued_at: datetime | None,
     priority: int,
     created_at: datetime,
 ) -> ClaimedTask:
@@ -271,6 +277,7 @@ def _claimed(
         status=TaskStatus(status),
         host=host,
         run_at=run_at,
+        queued_at=queued_at,
     )
 
 
@@ -282,11 +289,14 @@ def _ranked_claim(
     status: str,
     host: str | None,
     run_at: datetime | None,
+    queued_at: datetime | None,
     priority: int,
     created_at: datetime,
 ) -> RankedRow:
     """A row of ``_CLAIMED_ROWS`` with its rank."""
-    claim = _claimed(outbox_id, task_id, name, account, status, host, run_at, priority, created_at)
+    claim = _claimed(
+        outbox_id, task_id, name, account, status, host, run_at, queued_at, priority, created_at
+    )
     return RankedRow(
         task_id=task_id,
         account=account,
@@ -309,6 +319,12 @@ def _check_bound_by_name(
     columns = list(statement.selected_columns.keys())
     if list(inspect.signature(convert).parameters) != columns:
         raise RuntimeError(f"{convert.__name__} does not take the columns {columns}")
+
+
+def _columns(row: Any) -> tuple[Any, ...]:
+    """A row of ``_CLAIMED_ROWS`` to spread: past nine columns SQLAlchemy's typing of a row
+    ends in ``*tuple[Any, ...]``, which no fixed signature takes (names checked below)."""
+    return cast(tuple[Any, ...], row)
 
 
 _check_bound_by_name(_claimed, _CLAIMED_ROWS)
@@ -450,7 +466,7 @@ class CoreClaim:
             # for this claim; the status read here is the one the lease acts on.
             .with_for_update(of=(OutboxEntry, Task), skip_locked=True)
         )
-        return [_claimed(*row) for row in rows]
+        return [_claimed(*_columns(row)) for row in rows]
 
     async def pending_accounts(self) -> list[str]:
         """Every account with a pending task, in order: one index seek per account."""
@@ -502,7 +518,7 @@ class CoreClaim:
                 func.coalesce(OutboxEntry.claimed_by, "") == "",
             ).with_for_update(of=(OutboxEntry, Task), skip_locked=True)
         )
-        return [_ranked_claim(*row) for row in rows]
+        return [_ranked_claim(*_columns(row)) for row in rows]
 
     async def lease(
         self,

@@ -37,6 +37,8 @@ class RecoveryCandidate:
     status: TaskStatus
     attempts: int
     started_at: datetime | None
+    # When the relay released it: names its ARQ job (throttler.job_ids).
+    queued_at: datetime | None = None
 
 
 class RecoveryUnit(Protocol):
@@ -210,7 +212,9 @@ class SqlRecoveryStore:
     ) -> list[RecoveryCandidate]:
         async with self._read_sessions() as session:
             rows = await session.execute(
-                select(Task.id, Task.name, Task.status, Task.attempts, Task.started_at)
+                select(
+                    Task.id, Task.name, Task.status, Task.attempts, Task.started_at, Task.queued_at
+                )
                 .where(_recoverable(grace_cutoff=grace_cutoff), Task.id > after_task_id)
                 .order_by(Task.id)
                 .limit(limit)
@@ -222,6 +226,7 @@ class SqlRecoveryStore:
                     status=TaskStatus(row.status),
                     attempts=row.attempts,
                     started_at=row.started_at,
+                    queued_at=row.queued_at,
                 )
                 for row in rows
             ]

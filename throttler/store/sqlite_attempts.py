@@ -23,25 +23,29 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import bindparam, delete, func, insert, select, update
 from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 
+from throttler.job_ids import Dispatch
 from throttler.models import UTCDateTime
 from throttler.settings import Settings
 from throttler.statuses import EventKind, TaskStatus
 from throttler.store.attempts import (
     EVENTS,
     NOT_TERMINAL,
+    OUTBOX,
     TASKS,
     Attempt,
     AttemptWrites,
     CoreAttempts,
+    DispatchedRow,
     Outcome,
     check_unique,
     outcome_event,
+    plan_starts,
     started_event,
 )
 from throttler.store.sqlite_thread import SQLiteThread
@@ -107,31 +111,47 @@ def _processor(column_type: Any) -> Processor | None:
     return process
 
 
-def _ids_in_json() -> Any:
-    """``id IN (the ids of a JSON array parameter)``: one placeholder for any number."""
+def _ids_in_json(column: Any = TASKS.c.id) -> Any:
+    """``column IN (the ids of a JSON array parameter)``: one placeholder for any number."""
     ids = func.json_each(bindparam("task_ids", value=None)).table_valued("value")
-    return TASKS.c.id.in_(select(ids.c.value))
+    return column.in_(select(ids.c.value))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class _Statements:
+    dispatched: _Statement
     start: _Statement
     live: _Statement
     insert_event: _Statement
     update: dict[EventKind, _Statement]
+    delete_outbox: _Statement
+    insert_outbox: _Statement
     payload: Processor | None
+    queued_at: Processor | None
 
 
 @lru_cache(maxsize=1)
 def _statements() -> _Statements:
     sample = {
         event: Outcome(task_id="", event=event, attempt=1, worker_id="", now=datetime.now())
-        for event in (EventKind.SUCCEEDED, EventKind.FAILED, EventKind.RETRYING)
+        for event in (
+            EventKind.SUCCEEDED,
+            EventKind.FAILED,
+            EventKind.RETRYING,
+            EventKind.REQUEUED,
+        )
     }
+    queued = TASKS.c.status == TaskStatus.QUEUED.value
+    dispatched = TASKS.c.status.in_([TaskStatus.QUEUED.value, TaskStatus.RUNNING.value])
     return _Statements(
+        dispatched=_Statement.of(
+            select(
+                TASKS.c.id, TASKS.c.status, TASKS.c.queued_at, TASKS.c.name, TASKS.c.attempts
+            ).where(_ids_in_json(), dispatched)
+        ),
         start=_Statement.of(
             update(TASKS)
-            .where(_ids_in_json(), NOT_TERMINAL)
+            .where(_ids_in_json(), queued)
             .values(
                 status=TaskStatus.RUNNING.value,
                 attempts=TASKS.c.attempts + 1,
@@ -162,16 +182,46 @@ def _statements() -> _Statements:
             )
             for event, outcome in sample.items()
         },
+        delete_outbox=_Statement.of(delete(OUTBOX).where(_ids_in_json(OUTBOX.c.task_id))),
+        insert_outbox=_Statement.of(
+            insert(OUTBOX).values(
+                {
+                    column: bindparam(column, value=None, type_=OUTBOX.c[column].type)
+                    for column in ("task_id", "created_at")
+                }
+            )
+        ),
         payload=TASKS.c.payload.type.dialect_impl(_DIALECT).result_processor(_DIALECT, None),
+        queued_at=TASKS.c.queued_at.type.dialect_impl(_DIALECT).result_processor(_DIALECT, None),
     )
 
 
 def _start(
-    connection: sqlite3.Connection, *, task_ids: Sequence[str], worker_id: str, now: datetime
+    connection: sqlite3.Connection, *, starts: Sequence[Dispatch], worker_id: str, now: datetime
 ) -> dict[str, Attempt]:
-    if not task_ids:
+    if not starts:
         return {}
     statements = _statements()
+    dispatched, load_at = statements.dispatched, statements.queued_at
+    plan = plan_starts(
+        starts,
+        [
+            DispatchedRow(
+                task_id=task_id,
+                status=status,
+                queued_at=at if load_at is None else load_at(at),
+                name=name,
+                attempts=attempts,
+            )
+            for task_id, status, at, name, attempts in connection.execute(
+                dispatched.sql,
+                dispatched.bind({"task_ids": json.dumps([start.task_id for start in starts])}),
+            )
+        ],
+    )
+    if not plan.to_start:
+        return plan.orphaned
+    task_ids = plan.to_start
     start = statements.start
     rows = connection.execute(
         start.sql, start.bind({"task_ids": json.dumps(list(task_ids)), "now": now})
@@ -195,7 +245,7 @@ def _start(
                 for attempt in attempts.values()
             ],
         )
-    return attempts
+    return {**plan.orphaned, **attempts}
 
 
 def _record(connection: sqlite3.Connection, outcomes: Sequence[Outcome]) -> set[str]:
@@ -219,6 +269,16 @@ def _record(connection: sqlite3.Connection, outcomes: Sequence[Outcome]) -> set[
         by_event.setdefault(outcome.event, []).append(statements.update[outcome.event].bind(values))
     for event, rows in by_event.items():
         connection.executemany(statements.update[event].sql, rows)
+    again = [outcome for outcome in written if outcome.again]
+    if again:
+        delete_outbox, insert_outbox = statements.delete_outbox, statements.insert_outbox
+        connection.execute(
+            delete_outbox.sql,
+            delete_outbox.bind({"task_ids": json.dumps([outcome.task_id for outcome in again])}),
+        )
+        connection.executemany(
+            insert_outbox.sql, [insert_outbox.bind(outcome.outbox_row()) for outcome in again]
+        )
     insert_event = statements.insert_event
     connection.executemany(
         insert_event.sql, [insert_event.bind(outcome_event(outcome)) for outcome in written]
@@ -234,10 +294,15 @@ class SQLiteAttempts(CoreAttempts):
         self._thread = SQLiteThread(settings, name="status-writer")
 
     async def write(
-        self, *, starts: Sequence[str], outcomes: Sequence[Outcome], worker_id: str, now: datetime
+        self,
+        *,
+        starts: Sequence[Dispatch],
+        outcomes: Sequence[Outcome],
+        worker_id: str,
+        now: datetime,
     ) -> AttemptWrites:
         def write_attempts(connection: sqlite3.Connection) -> AttemptWrites:
-            started = _start(connection, task_ids=starts, worker_id=worker_id, now=now)
+            started = _start(connection, starts=starts, worker_id=worker_id, now=now)
             return AttemptWrites(started=started, recorded=_record(connection, outcomes))
 
         return await self._thread.transaction(write_attempts)

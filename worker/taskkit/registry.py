@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from typing import Any
 
 from arq.worker import Function, func
 
+from throttler.job_ids import Dispatch
+from throttler.logs import fields
 from throttler.settings import Settings
 from worker.taskkit.base import TaskBase
 from worker.taskkit.definition import TaskDefinition, define_task
 from worker.taskkit.resources import resources_from
 from worker.taskkit.runner import run_task
+
+log = logging.getLogger(__name__)
 
 # ARQ drops a job past its max_tries without running our code, so the task would never
 # reach a terminal status. Our runner decides from the database attempt count; ARQ's
@@ -32,11 +37,23 @@ def arq_function(definition: TaskDefinition) -> Function:
     async def job(ctx: dict[Any, Any], *_args: Any, **_kwargs: Any) -> None:
         # The relay enqueues no arguments: the payload is read from the database, the one
         # source of truth. Stray arguments are ignored rather than failing the job in ARQ,
-        # where the database would never hear of it.
+        # where the database would never hear of it. The job id names the task and its
+        # dispatch (throttler.job_ids).
+        dispatch = Dispatch.parse(str(ctx["job_id"]))
+        if not dispatch.named:
+            # Not from a relay (by hand, or a relay older than dispatch ids): it names no
+            # attempt the limits released, so it starts none. A task it was meant for is
+            # still queued under another job id, or recovered (throttler.reconcile).
+            log.warning(
+                "task.skipped",
+                extra=fields(task_id=dispatch.task_id, reason="job id names no dispatch"),
+            )
+            return
         await run_task(
             definition,
             resources_from(ctx),
-            task_id=str(ctx["job_id"]),
+            task_id=dispatch.task_id,
+            dispatch=dispatch,
             arq_try=int(ctx.get("job_try") or 1),
             # ARQ's own pool: announces the outcome to API long-polls (best effort).
             redis=ctx.get("redis"),

@@ -1,9 +1,16 @@
 """One attempt of one task, from ``started`` to its recorded outcome.
 
 The database, not ARQ, decides how an attempt ends: the start counts the attempt, the
-task runs under our own timeout, and exactly one outcome follows: succeeded, retrying
-(then ``raise Retry``) or failed. Both writes go through the worker's status writer, which
-commits them together with other jobs' writes; each job still waits for its own commit.
+task runs under our own timeout, and exactly one outcome follows: succeeded, failed, or
+another attempt later. Both writes go through the worker's status writer, which commits
+them together with other jobs' writes; each job still waits for its own commit.
+
+Another attempt is never ARQ's own retry: that would re-queue the job straight into Redis,
+past every limit. A ``retrying`` outcome (or ``requeued``, when the worker stops during
+the attempt) puts the task back in the outbox in the outcome's transaction, with the
+backoff as its ``run_at``, and the job ends normally; the relay releases the next attempt
+under the limits as a new dispatch (a new ARQ job id, ``throttler.job_ids``). A start
+takes only a task ``queued`` on the dispatch its job names, so a stale job starts nothing.
 ARQ's own retry limit and timeout are only backstops set well above ours (see registry),
 because when ARQ gives up it skips our code and the task would never reach a terminal
 status.
@@ -22,6 +29,7 @@ from pydantic import BaseModel, ValidationError
 from redis.asyncio import Redis
 
 from throttler.errors import TRANSIENT_DB_ERRORS
+from throttler.job_ids import Dispatch
 from throttler.logs import fields
 from throttler.models import utcnow
 from throttler.statuses import EventKind
@@ -58,22 +66,28 @@ async def run_task(
     resources: Resources,
     *,
     task_id: str,
+    dispatch: Dispatch | None = None,
     arq_try: int = 1,
     redis: Redis | None = None,
 ) -> None:
     """Run one attempt of the task ``task_id`` and record how it ended.
 
+    ``dispatch`` is what the ARQ job id names (None: any dispatch of a queued task).
     ``arq_try`` is ARQ's count of deliveries, used only to back off while the database
     cannot even record the start. With ``redis``, a terminal outcome is announced there
     once committed (see throttler.finished).
     """
     settings = resources.settings
     try:
-        attempt = await resources.status.start(task_id=task_id)
+        attempt = await resources.status.start(task_id=task_id, dispatch=dispatch)
     except _START_RETRIABLE as error:
-        # Nothing ran yet: let ARQ run the job again later rather than drop it, backing off
-        # so that a long outage does not use up ARQ's tries (see registry). A closed writer
-        # means the worker is stopping: another worker takes the job.
+        # Nothing ran yet, so this is no attempt: the dispatch the relay released is run
+        # later, by ARQ's retry of the same job (the same id, so the start still matches),
+        # rather than dropped. ARQ's retry is fine here because it only delays an
+        # attempt the limits already released (never earlier than its release moment);
+        # a new trip through the outbox would charge the limits twice for one attempt.
+        # It backs off so that a long outage does not use up ARQ's tries (see registry).
+        # A closed writer means the worker is stopping: another worker takes the job.
         defer_s = retry_delay_s(
             attempt=max(arq_try, 1),
             base_s=settings.worker_retry_backoff_s,
@@ -89,18 +103,42 @@ async def run_task(
     if attempt is None:
         log.info(
             "task.skipped",
-            extra=fields(task_id=task_id, name=definition.name, reason="already final"),
+            extra=fields(
+                task_id=task_id,
+                name=definition.name,
+                job=(dispatch or Dispatch(task_id=task_id)).job_id,
+                # Final, back in the outbox, already running, or a later dispatch exists.
+                reason="not queued on this dispatch",
+            ),
         )
         return
 
     started = time.monotonic()
+    if attempt.orphaned:
+        # ARQ delivered the job again: the worker running this attempt died (its lease
+        # lapsed). Another attempt goes back through the outbox, as any other.
+        ending = _Ending(definition=definition, resources=resources, attempt=attempt)
+        await _record(
+            definition, resources, attempt, ending.orphaned(), started=started, redis=redis
+        )
+        return
     # At INFO one line per attempt, its outcome (with attempt and duration); the start is
     # in task_events, and logging it too would cost a busy worker a tenth of its time.
     log.debug(
         "task.started",
         extra=fields(task_id=task_id, name=definition.name, attempt=attempt.attempt),
     )
-    outcome = await _attempt(definition, resources, attempt)
+    try:
+        outcome = await _attempt(definition, resources, attempt)
+    except asyncio.CancelledError:
+        # Only a stopping worker cancels a job (its drain, past the grace). The attempt is
+        # cut short: the task goes back through the outbox (or fails, if side-effecting)
+        # before the job goes back to ARQ, whose re-run of it then starts nothing.
+        ending = _Ending(definition=definition, resources=resources, attempt=attempt)
+        await _record(
+            definition, resources, attempt, ending.interrupted(), started=started, redis=redis
+        )
+        raise
     await _record(definition, resources, attempt, outcome, started=started, redis=redis)
 
 
@@ -151,6 +189,33 @@ class _Ending:
             max_s=settings.worker_retry_backoff_max_s,
         )
         return self.outcome(EventKind.RETRYING, error=error, defer_s=defer_s)
+
+    def interrupted(self) -> Outcome:
+        """The worker stopped during the attempt."""
+        return self._cut_short("the worker stopped", reason="worker_stopping")
+
+    def orphaned(self) -> Outcome:
+        """The worker running the attempt died (ARQ delivered its job again)."""
+        return self._cut_short("its worker was lost", reason="worker_lost")
+
+    def _cut_short(self, what: str, *, reason: str) -> Outcome:
+        """An attempt ended without an outcome: back to the outbox at once (no backoff),
+        or failed if side-effecting (it may have had its effect)."""
+        attempt = self.attempt.attempt
+        if self.definition.at_most_once:
+            return self.failed(
+                f"{what} during attempt {attempt}: the outcome of the earlier attempt is "
+                "unknown, so it is not run again (side-effecting task)"
+            )
+        return Outcome(
+            task_id=self.attempt.task_id,
+            event=EventKind.REQUEUED,
+            attempt=attempt,
+            worker_id=self.resources.worker_id,
+            now=utcnow(),
+            error=f"{what} during attempt {attempt}",
+            reason=reason,
+        )
 
 
 async def _attempt(definition: TaskDefinition, resources: Resources, attempt: Attempt) -> Outcome:
@@ -215,7 +280,7 @@ async def _record(
     started: float,
     redis: Redis | None,
 ) -> None:
-    """Write the outcome (retried until written), then hand a retry back to ARQ."""
+    """Write the outcome (retried until written) and log it."""
     changed = await retry_until_written(
         lambda: resources.status.finish(outcome, announce=redis),
         task_id=attempt.task_id,
@@ -234,11 +299,19 @@ async def _record(
         return
     if outcome.event is EventKind.RETRYING:
         assert outcome.defer_s is not None
+        # Back in the outbox (unless finished meanwhile, e.g. cancelled): the job ends
+        # here, and the relay releases the next attempt under the limits.
         log.warning(
             "task.retrying",
-            extra=fields(**log_fields, defer_s=round(outcome.defer_s, 3), error=outcome.error),
+            extra=fields(
+                **log_fields,
+                defer_s=round(outcome.defer_s, 3),
+                error=outcome.error,
+                recorded=changed,
+            ),
         )
-        if changed:
-            raise Retry(defer=outcome.defer_s)
-        return  # finished meanwhile (cancelled): nothing left to retry
+        return
+    if outcome.event is EventKind.REQUEUED:
+        log.warning("task.requeued", extra=fields(**log_fields, reason=outcome.reason))
+        return
     log.warning("task.failed", extra=fields(**log_fields, error=outcome.error, recorded=changed))

@@ -37,6 +37,7 @@ from redis.asyncio import Redis
 
 from throttler.finished import announce_outage, publish_finished
 from throttler.group_commit import GroupCommitter, Take
+from throttler.job_ids import Dispatch
 from throttler.models import utcnow
 from throttler.store.attempts import Attempt, Attempts, Outcome
 
@@ -56,7 +57,11 @@ class StatusWriterClosed(RuntimeError):
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class _Start:
-    task_id: str
+    dispatch: Dispatch
+
+    @property
+    def task_id(self) -> str:
+        return self.dispatch.task_id
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -117,12 +122,17 @@ class StatusWriter:
         finally:
             await self._attempts.close()
 
-    async def start(self, *, task_id: str) -> Attempt | None:
-        """Record the start of an attempt; return it, or None if the task is already final.
+    async def start(self, *, task_id: str, dispatch: Dispatch | None = None) -> Attempt | None:
+        """Record the start of an attempt; return it, or None if the task is not ``queued``
+        on ``dispatch`` (final, back in the outbox, or a stale job; None: any dispatch).
 
         Raises the batch's database error if the transaction failed (nothing was written).
         """
-        result = await self._committer.submit(_Start(task_id=task_id))
+        if dispatch is None:
+            dispatch = Dispatch(task_id=task_id)
+        if dispatch.task_id != task_id:
+            raise ValueError(f"dispatch {dispatch.job_id!r} is not of task {task_id!r}")
+        result = await self._committer.submit(_Start(dispatch=dispatch))
         assert result is None or isinstance(result, Attempt)
         return result
 
@@ -142,7 +152,7 @@ class StatusWriter:
     async def _commit(self, take: Take[_Write]) -> list[_Result]:
         writes = take()
         written = await self._attempts.write(
-            starts=[write.task_id for write in writes if isinstance(write, _Start)],
+            starts=[write.dispatch for write in writes if isinstance(write, _Start)],
             outcomes=[write.outcome for write in writes if isinstance(write, _Finish)],
             worker_id=self._worker_id,
             now=utcnow(),
