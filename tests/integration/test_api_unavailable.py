@@ -135,10 +135,12 @@ async def test_unmigrated_database_answers_503_not_500(
     database_url: str, redis_url: str, make_api_client: ApiClientFactory, tmp_path: Path
 ) -> None:
     """Tables missing (migrations not run yet) is the environment's state, not a bug."""
-    async with _unmigrated(database_url, tmp_path) as empty_url:
-        async with make_api_client(Settings(database_url=empty_url, redis_url=redis_url)) as client:
-            submitted = await client.post(GREETING, json={"name": "Ada"})
-            read = await client.get(UNKNOWN_RESULT)
+    async with (
+        _unmigrated(database_url, tmp_path) as empty_url,
+        make_api_client(Settings(database_url=empty_url, redis_url=redis_url)) as client,
+    ):
+        submitted = await client.post(GREETING, json={"name": "Ada"})
+        read = await client.get(UNKNOWN_RESULT)
 
     for response in (submitted, read):
         assert response.status_code == 503, response.text
