@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # The writer itself has stopped (the worker is shutting down): no later try can land, so
-# the job goes back to ARQ as it does when cancelled.
+# the job ends as it does when cancelled, and recovery takes the task from there.
 _WRITER_GONE: tuple[type[Exception], ...] = (StatusWriterClosed,)
 
 
@@ -105,8 +105,10 @@ async def retry_until_written(
     Any error is retried with backoff: an outage of any length, a revoked privilege or a
     full disk is waited out, and the outcome of an attempt that already ran is not
     dropped. Only a cancellation (the worker is stopping) or a closed status writer ends
-    the retries: the try in flight finishes first, then CancelledError propagates so ARQ
-    re-queues the job and the next attempt records an outcome. ``shielded=False`` says
+    the retries: the try in flight finishes first, then CancelledError propagates. The task
+    is still ``running`` on its dispatch: the job ARQ delivers again (or the reconciler)
+    puts it back through the outbox, ``requeued`` (a side-effecting one ends ``failed``,
+    outcome unknown). ``shielded=False`` says
     that ``write_once`` itself sees its try through when its caller is cancelled (the
     status writer's ``finish`` does), so the first try needs no shield and no task of its
     own.
@@ -136,7 +138,7 @@ async def retry_until_written(
         return await asyncio.shield(pending)
     except asyncio.CancelledError:
         stopping.set()
-        # Written or abandoned, the job must go back to ARQ: re-raise the cancellation.
+        # Written or abandoned, the cancellation is the job's end: re-raise it.
         with contextlib.suppress(Exception):
             await pending
         raise
