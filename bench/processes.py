@@ -45,6 +45,35 @@ def code_env(env: Mapping[str, str], code_dir: Path) -> dict[str, str]:
     return {**env, "PYTHONPATH": str(code_dir.resolve()), "PYTHONDONTWRITEBYTECODE": "1"}
 
 
+def stack_env(*, database: Path, redis_url: str, port: int, **settings: str) -> dict[str, str]:
+    """The environment of a private stack on a SQLite file: no keys, no limits, quiet logs.
+
+    ``settings`` (upper-case setting names) add to or override these.
+    """
+    return {
+        **os.environ,
+        "DATABASE_URL": f"sqlite+aiosqlite:///{database}",
+        "REDIS_URL": redis_url,
+        "API_PORT": str(port),
+        "API_KEYS": "",
+        "RELAY_RATE": "0",
+        "RELAY_LIMITS": "",
+        "RELAY_MAX_INFLIGHT": "0",
+        "LOG_LEVEL": "WARNING",
+        **settings,
+    }
+
+
+def commit_of(code_dir: Path) -> str:
+    """The short commit ``code_dir`` is checked out at ("" outside a git checkout)."""
+    return subprocess.run(
+        ["git", "-C", str(code_dir), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+
+
 def migrate(env: Mapping[str, str], *, code_dir: Path = ROOT) -> None:
     """Bring the database of ``env["DATABASE_URL"]`` to ``code_dir``'s latest schema."""
     subprocess.run(

@@ -12,7 +12,6 @@ each spelling escaping the rule adds one. No worker runs, so released tasks stay
 from __future__ import annotations
 
 import argparse
-import os
 import sqlite3
 import tempfile
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.processes import ROOT, free_port, http_server, migrate, module_process
+from bench.processes import ROOT, free_port, http_server, migrate, module_process, stack_env
 from devtools.redis_server import start_redis_server
 
 SPELLINGS = (
@@ -54,17 +53,7 @@ def measure(code_dir: Path) -> int:
         try:
             database = workdir / "probe.db"
             port = free_port()
-            env = {
-                **os.environ,
-                "DATABASE_URL": f"sqlite+aiosqlite:///{database}",
-                "REDIS_URL": redis.url,
-                "RELAY_LIMITS": RULE,
-                "RELAY_RATE": "0",
-                "RELAY_MAX_INFLIGHT": "0",
-                "API_KEYS": "",
-                "API_PORT": str(port),
-                "LOG_LEVEL": "WARNING",
-            }
+            env = stack_env(database=database, redis_url=redis.url, port=port, RELAY_LIMITS=RULE)
             migrate(env, code_dir=code_dir)
             with http_server(["api"], env, port, code_dir=code_dir) as base_url:
                 for spelling in SPELLINGS:

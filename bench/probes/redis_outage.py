@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import os
 import re
-import subprocess
 import tempfile
 import time
 from collections import Counter
@@ -28,7 +27,7 @@ from pathlib import Path
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from sqlalchemy import select
 
-from bench.processes import ROOT, migrate, module_process
+from bench.processes import ROOT, commit_of, migrate, module_process
 from devtools.redis_server import free_port, start_redis_server
 from tests.integration.worker_harness import enqueue, job_id_of, queue_task
 from throttler.db import SessionFactory, create_engine, create_session_factory
@@ -164,12 +163,7 @@ def main() -> None:
     parser.add_argument("--outage-s", type=float, default=10.0, help="seconds without Redis")
     parser.add_argument("--workdir", type=Path, help="keep the logs here (default: a temp dir)")
     args = parser.parse_args()
-    commit = subprocess.run(
-        ["git", "-C", str(args.code_dir), "rev-parse", "--short", "HEAD"],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
+    commit = commit_of(args.code_dir)
     print(f"code: {args.code_dir.resolve()} ({commit}); Redis stopped {args.outage_s:g} s")
     with ExitStack() as stack:
         workdir = args.workdir or Path(

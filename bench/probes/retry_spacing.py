@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import sqlite3
 import tempfile
 import threading
@@ -35,7 +34,7 @@ from typing import Any
 
 import httpx
 
-from bench.processes import ROOT, free_port, http_server, migrate, module_process
+from bench.processes import ROOT, free_port, http_server, migrate, module_process, stack_env
 from devtools.redis_server import start_redis_server
 
 RULE = "host:* rate=1/s"
@@ -126,20 +125,15 @@ def measure(code_dir: Path, *, backoff_s: float) -> Spacing:
         try:
             database = workdir / "probe.db"
             port = free_port()
-            env = {
-                **os.environ,
-                "DATABASE_URL": f"sqlite+aiosqlite:///{database}",
-                "REDIS_URL": redis.url,
-                "RELAY_LIMITS": RULE,
-                "RELAY_RATE": "0",
-                "RELAY_MAX_INFLIGHT": "0",
-                "DOWNLOAD_ALLOW_PRIVATE": "true",
-                "WORKER_MAX_TRIES": str(MAX_TRIES),
-                "WORKER_RETRY_BACKOFF_S": str(backoff_s),
-                "API_KEYS": "",
-                "API_PORT": str(port),
-                "LOG_LEVEL": "WARNING",
-            }
+            env = stack_env(
+                database=database,
+                redis_url=redis.url,
+                port=port,
+                RELAY_LIMITS=RULE,
+                DOWNLOAD_ALLOW_PRIVATE="true",
+                WORKER_MAX_TRIES=str(MAX_TRIES),
+                WORKER_RETRY_BACKOFF_S=str(backoff_s),
+            )
             migrate(env, code_dir=code_dir)
             with (
                 http_server(["api"], env, port, code_dir=code_dir) as base_url,

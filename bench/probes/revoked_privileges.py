@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import subprocess
 import tempfile
 import time
 from collections import Counter
@@ -31,7 +30,14 @@ import httpx
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from bench.processes import ROOT, free_port, http_server, module_process, postgres_database
+from bench.processes import (
+    ROOT,
+    commit_of,
+    free_port,
+    http_server,
+    module_process,
+    postgres_database,
+)
 from devtools.postgres_role import create_app_role
 from devtools.redis_server import start_redis_server
 
@@ -179,12 +185,7 @@ def main() -> None:
     parser.add_argument("--outage-s", type=float, default=10.0, help="seconds revoked")
     parser.add_argument("--workdir", type=Path, help="keep the logs here (default: a temp dir)")
     args = parser.parse_args()
-    commit = subprocess.run(
-        ["git", "-C", str(args.code_dir), "rev-parse", "--short", "HEAD"],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
+    commit = commit_of(args.code_dir)
     print(f"code: {args.code_dir.resolve()} ({commit}); INSERT, UPDATE revoked {args.outage_s:g} s")
     with ExitStack() as stack:
         workdir = args.workdir or Path(
