@@ -9,8 +9,8 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictInt, Str
 
 from api.submit_options import MAX_DELAY_S, MAX_PRIORITY, MIN_PRIORITY
 from throttler.constants import DEFAULT_PRIORITY
-from throttler.statuses import TaskStatus
-from throttler.store.reads import TaskView
+from throttler.statuses import EventKind, TaskStatus
+from throttler.store.reads import EventView, TaskView
 from throttler.submit import NewTask
 
 
@@ -68,6 +68,37 @@ class TaskPublic(BaseModel):
             started_at=None,
             finished_at=None,
         )
+
+
+class TaskListPublic(BaseModel):
+    """A page of the caller's tasks, newest first."""
+
+    tasks: list[TaskPublic]
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` for the next page; null on the last page."
+    )
+
+
+class TaskEventPublic(BaseModel):
+    """One transition in a task's history."""
+
+    model_config = ConfigDict(frozen=True)
+
+    at: datetime
+    event: EventKind
+    detail: dict[str, Any] = Field(
+        description="What the transition carries: attempt, worker, relay, error."
+    )
+
+    @classmethod
+    def from_event(cls, event: EventView) -> TaskEventPublic:
+        return cls(at=event.at, event=event.event, detail=event.detail)
+
+
+class TaskEventsPublic(BaseModel):
+    """A task's history, oldest first."""
+
+    events: list[TaskEventPublic]
 
 
 # Tasks per bulk request; its body may be up to BULK_MAX_BODY_BYTES (api.body_limit).

@@ -87,7 +87,18 @@ class Task(Base):
         CheckConstraint(_status_check("status", TaskStatus), name="status"),
         CheckConstraint("priority BETWEEN 0 AND 9", name="priority"),
         Index("ix_tasks_status_name", "status", "name"),
-        Index("ix_tasks_account_created_at", "account", "created_at"),
+        # The task list's newest-first order (throttler.store.reads.page_statement): without
+        # a filter, with a status, with a name (and a status: one range per status).
+        Index("ix_tasks_account_created_at_id", "account", "created_at", "id"),
+        Index("ix_tasks_account_status_created_at_id", "account", "status", "created_at", "id"),
+        Index(
+            "ix_tasks_account_name_status_created_at_id",
+            "account",
+            "name",
+            "status",
+            "created_at",
+            "id",
+        ),
         Index("ix_tasks_status_host", "status", "host"),
     )
 

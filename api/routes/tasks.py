@@ -1,4 +1,4 @@
-"""Submit a task of each catalog kind, and read any task back by id."""
+"""Submit a task of each catalog kind; read a task back by id, list tasks, read a history."""
 
 from __future__ import annotations
 
@@ -18,15 +18,19 @@ from api.schemas import (
     ErrorMessage,
     TaskBatchCreate,
     TaskBatchPublic,
+    TaskEventPublic,
+    TaskEventsPublic,
+    TaskListPublic,
     TaskPublic,
 )
 from api.submit_options import SubmitOptions, get_submit_options
+from api.task_list import encode_cursor, get_task_query
 from api.waiters import MAX_WAIT_S, long_poll
 from throttler.catalog import CATALOG, TaskInput, TaskSpec
 from throttler.constants import API_PREFIX
 from throttler.logs import fields
 from throttler.models import TASK_ID_LENGTH, utcnow
-from throttler.store.reads import TaskView
+from throttler.store.reads import TaskQuery, TaskView
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +181,67 @@ router.add_api_route(
 )
 
 
+def _checked_id(task_id: str) -> HTTPException:
+    """The 404 for ``task_id``, raised at once if no task can have that id."""
+    # Another account's task answers exactly like a missing one: no existence leak.
+    not_found = HTTPException(status_code=status.HTTP_404_NOT_FOUND, detail="task not found")
+    # Ids are printable ASCII; anything else (NUL, which a database may reject outright) is
+    # unknown without asking the database.
+    if len(task_id) > TASK_ID_LENGTH or not (task_id.isascii() and task_id.isprintable()):
+        raise not_found
+    return not_found
+
+
+@router.get(
+    "/tasks",
+    name="list_tasks",
+    operation_id="list_tasks",
+    response_model=TaskListPublic,
+    responses=_UNAUTHORIZED | _UNAVAILABLE,
+    summary="List the caller's tasks newest first, filtered, a page at a time.",
+)
+async def list_tasks(
+    query: Annotated[TaskQuery, Depends(get_task_query)], reads: ReadsDep
+) -> TaskListPublic:
+    page = await reads.tasks(query)
+    return TaskListPublic(
+        tasks=[TaskPublic.from_task(task) for task in page.tasks],
+        next_cursor=None if page.next is None else encode_cursor(page.next),
+    )
+
+
+@router.get(
+    "/tasks/{task_id}",
+    name="get_task",
+    operation_id="get_task",
+    response_model=TaskPublic,
+    responses=_RESULT_RESPONSES,
+    summary="Read a task: the same view as the result endpoint, without waiting.",
+)
+async def get_task(task_id: str, account: AccountDep, reads: ReadsDep) -> TaskPublic:
+    not_found = _checked_id(task_id)
+    task = await reads.task(task_id=task_id, account=account)
+    if task is None:
+        raise not_found
+    return TaskPublic.from_task(task)
+
+
+@router.get(
+    "/tasks/{task_id}/events",
+    name="task_events",
+    operation_id="task_events",
+    response_model=TaskEventsPublic,
+    responses=_RESULT_RESPONSES,
+    summary="Read a task's history: one event per transition, oldest first.",
+)
+async def task_events(task_id: str, account: AccountDep, reads: ReadsDep) -> TaskEventsPublic:
+    not_found = _checked_id(task_id)
+    events = await reads.events(task_id=task_id, account=account)
+    if events is None:
+        raise not_found
+    return TaskEventsPublic(events=[TaskEventPublic.from_event(event) for event in events])
+
+
 @router.get(
     RESULT_PATH,
     name=RESULT_ROUTE,
@@ -204,12 +269,7 @@ async def task_result(
         ),
     ] = 0,
 ) -> TaskPublic:
-    # Another account's task answers exactly like a missing one: no existence leak.
-    not_found = HTTPException(status_code=status.HTTP_404_NOT_FOUND, detail="task not found")
-    # Ids are printable ASCII; anything else (NUL, which a database may reject outright) is
-    # unknown without asking the database.
-    if len(task_id) > TASK_ID_LENGTH or not (task_id.isascii() and task_id.isprintable()):
-        raise not_found
+    not_found = _checked_id(task_id)
 
     async def read() -> TaskView | None:
         return await reads.task(task_id=task_id, account=account)

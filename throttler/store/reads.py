@@ -1,9 +1,11 @@
-"""The API's reads: one task's view, which waited-on tasks are terminal, relay status counts,
-and whether the database would take a write now (readiness, throttler.store.writable).
+"""The API's reads: one task's view, a page of an account's tasks, a task's events, which
+waited-on tasks are terminal, relay status counts, and whether the database would take a
+write now (readiness, throttler.store.writable).
 
 ``SqlReadStore`` is the reference, in portable SQLAlchemy Core, and no dialect pays for an
 override: each read is one indexed statement (the task by primary key, the sweep by
-primary keys, the counts one grouped statement per scope kind). Every read runs on
+primary keys, a page of tasks a keyset range per status in an index that holds the
+filter and the order, the counts one grouped statement per scope kind). Every read runs on
 sessions that, on SQLite, never wait for the write lock.
 """
 
@@ -17,12 +19,15 @@ from typing import Any, Protocol
 from sqlalchemy import (
     ColumnElement,
     Integer,
+    Row,
     Select,
+    bindparam,
     case,
     func,
     literal_column,
     select,
     text,
+    tuple_,
     union_all,
 )
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
@@ -67,6 +72,47 @@ class TaskView:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class TaskKey:
+    """A task's place in the newest-first order of an account's tasks."""
+
+    created_at: datetime
+    task_id: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TaskQuery:
+    """Which of an account's tasks to list, newest first, and from where."""
+
+    account: str
+    # None: every status; else only these (a non-empty set).
+    statuses: frozenset[TaskStatus] | None = None
+    name: str | None = None
+    # Both bounds exclusive.
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+    # The last task of the previous page: this page holds only tasks after it in the order.
+    after: TaskKey | None = None
+    limit: int = 100
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TaskPage:
+    """Up to ``limit`` tasks newest first; ``next`` is where the next page starts, if any."""
+
+    tasks: list[TaskView]
+    next: TaskKey | None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EventView:
+    """One row of a task's history."""
+
+    at: datetime
+    event: EventKind
+    detail: dict[str, Any]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class KeyCounts:
     """Tasks of one limited key: waiting, in flight, dispatched since the window began."""
 
@@ -99,6 +145,19 @@ class ReadStore(Protocol):
         """The task ``task_id`` if it belongs to ``account``; None otherwise."""
         ...
 
+    async def tasks(self, query: TaskQuery) -> TaskPage:
+        """A page of ``query.account``'s tasks matching ``query``, newest first.
+
+        Its cost depends on the page, not on how many tasks the account or table holds:
+        one keyset range per status asked (or one over all statuses) in an index that
+        holds the filter and the order (migration 0005).
+        """
+        ...
+
+    async def events(self, *, task_id: str, account: str) -> list[EventView] | None:
+        """The task's events oldest first, or None if it is not ``account``'s task."""
+        ...
+
     async def terminal_task_ids(self, task_ids: Sequence[str]) -> list[str]:
         """Those of ``task_ids`` whose task is terminal (one statement per 500 ids)."""
         ...
@@ -120,6 +179,92 @@ class ReadStore(Protocol):
     async def write_blocker(self) -> str | None:
         """None if a write would succeed now, else why not (see throttler.store.writable)."""
         ...
+
+
+_VIEW_COLUMNS = (
+    Task.id,
+    Task.name,
+    Task.status,
+    Task.result,
+    Task.error,
+    Task.attempts,
+    Task.priority,
+    Task.created_at,
+    Task.run_at,
+    Task.queued_at,
+    Task.started_at,
+    Task.finished_at,
+)
+
+
+def _view(row: Row[Any]) -> TaskView:
+    return TaskView(
+        task_id=row.id,
+        name=row.name,
+        status=TaskStatus(row.status),
+        result=row.result,
+        error=row.error,
+        attempts=row.attempts,
+        priority=row.priority,
+        created_at=row.created_at,
+        run_at=row.run_at,
+        queued_at=row.queued_at,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+    )
+
+
+def _page_branch(query: TaskQuery, status: TaskStatus | None, rows: int) -> Select[Any]:
+    """The first ``rows`` tasks of ``query`` (of one ``status``, or any), newest first.
+
+    Every condition is an equality on the index's leading columns or a range on its
+    (created_at, id) tail, so the database reads exactly the rows it returns, in order.
+    """
+    conditions: list[ColumnElement[bool]] = [Task.account == query.account]
+    if status is not None:
+        conditions.append(Task.status == status.value)
+    if query.name is not None:
+        conditions.append(Task.name == query.name)
+    if query.created_after is not None:
+        conditions.append(Task.created_at > query.created_after)
+    if query.created_before is not None:
+        conditions.append(Task.created_at < query.created_before)
+    if query.after is not None:
+        # A row-value comparison: one index range on both databases, where the equivalent
+        # OR of two comparisons may not be. Typed binds: SQLite stores times as naive text.
+        conditions.append(
+            tuple_(Task.created_at, Task.id)
+            < tuple_(
+                bindparam(None, query.after.created_at, type_=Task.created_at.type),
+                bindparam(None, query.after.task_id, type_=Task.id.type),
+            )
+        )
+    return (
+        select(*_VIEW_COLUMNS)
+        .where(*conditions)
+        .order_by(Task.created_at.desc(), Task.id.desc())
+        .limit(rows)
+    )
+
+
+def page_statement(query: TaskQuery) -> Select[Any]:
+    """The statement behind ``ReadStore.tasks``: ``query.limit + 1`` rows, newest first.
+
+    The extra row says whether another page follows. With a status or name filter, one
+    branch per status, each a bounded range of ix_tasks_account_name_status_created_at_id or
+    ix_tasks_account_status_created_at_id, merged: an index cannot keep the newest-first
+    order across several values of a column it holds before created_at, and a sort of all
+    the account's matching tasks would cost what the account holds. Public for the
+    EXPLAIN test.
+    """
+    rows = query.limit + 1
+    if query.statuses is None and query.name is None:
+        return _page_branch(query, None, rows)
+    statuses = sorted(query.statuses if query.statuses is not None else TaskStatus)
+    # Each branch is a subquery: SQLite takes no ORDER BY or LIMIT in a compound's member.
+    branches = [select(*_page_branch(query, status, rows).subquery().c) for status in statuses]
+    merged = union_all(*branches).subquery()
+    return select(*merged.c).order_by(merged.c.created_at.desc(), merged.c.id.desc()).limit(rows)
 
 
 def _counts_query(
@@ -192,38 +337,39 @@ class SqlReadStore:
         async with self._read_sessions() as session:
             row = (
                 await session.execute(
-                    select(
-                        Task.id,
-                        Task.name,
-                        Task.status,
-                        Task.result,
-                        Task.error,
-                        Task.attempts,
-                        Task.priority,
-                        Task.created_at,
-                        Task.run_at,
-                        Task.queued_at,
-                        Task.started_at,
-                        Task.finished_at,
-                    ).where(Task.id == task_id, Task.account == account)
+                    select(*_VIEW_COLUMNS).where(Task.id == task_id, Task.account == account)
                 )
             ).one_or_none()
-        if row is None:
-            return None
-        return TaskView(
-            task_id=row.id,
-            name=row.name,
-            status=TaskStatus(row.status),
-            result=row.result,
-            error=row.error,
-            attempts=row.attempts,
-            priority=row.priority,
-            created_at=row.created_at,
-            run_at=row.run_at,
-            queued_at=row.queued_at,
-            started_at=row.started_at,
-            finished_at=row.finished_at,
+        return None if row is None else _view(row)
+
+    async def tasks(self, query: TaskQuery) -> TaskPage:
+        async with self._read_sessions() as session:
+            rows = (await session.execute(page_statement(query))).all()
+        views = [_view(row) for row in rows[: query.limit]]
+        if len(rows) <= query.limit:
+            return TaskPage(tasks=views, next=None)
+        last = views[-1]
+        return TaskPage(tasks=views, next=TaskKey(created_at=last.created_at, task_id=last.task_id))
+
+    async def events(self, *, task_id: str, account: str) -> list[EventView] | None:
+        # One statement, so ownership and history are read from one snapshot: the task's
+        # row, joined to each of its events (a task with none still gives one row).
+        statement = (
+            select(TaskEvent.at, TaskEvent.event, TaskEvent.detail)
+            .select_from(Task)
+            .outerjoin(TaskEvent, TaskEvent.task_id == Task.id)
+            .where(Task.id == task_id, Task.account == account)
+            .order_by(TaskEvent.id)
         )
+        async with self._read_sessions() as session:
+            rows = (await session.execute(statement)).all()
+        if not rows:
+            return None
+        return [
+            EventView(at=row.at, event=EventKind(row.event), detail=row.detail)
+            for row in rows
+            if row.event is not None
+        ]
 
     async def terminal_task_ids(self, task_ids: Sequence[str]) -> list[str]:
         terminal: list[str] = []
