@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from throttler.db import SessionFactory
 from throttler.models import Task, TaskEvent
@@ -60,8 +60,10 @@ async def _set_status(sessions: SessionFactory, ids: list[str], status: str) -> 
 async def _created_order(sessions: SessionFactory, ids: list[str]) -> list[str]:
     """``ids`` newest first: created_at descending, then id descending."""
     async with sessions() as session:
-        tasks = [await session.get(Task, task_id) for task_id in ids]
-    return [t.id for t in sorted(tasks, key=lambda t: (t.created_at, t.id), reverse=True) if t]
+        rows = (
+            await session.execute(select(Task.created_at, Task.id).where(Task.id.in_(ids)))
+        ).all()
+    return [row.id for row in sorted(rows, key=lambda row: (row.created_at, row.id), reverse=True)]
 
 
 async def test_list_is_newest_first_and_pages_are_stable_while_tasks_arrive(
@@ -101,9 +103,7 @@ async def test_filters_by_status_name_and_creation_time(
     await _set_status(sessions, downloads[1:2], "running")
     later = datetime.now(UTC) + timedelta(hours=1)
     async with sessions() as session, session.begin():
-        await session.execute(
-            update(Task).where(Task.id == greetings[5]).values(created_at=later)
-        )
+        await session.execute(update(Task).where(Task.id == greetings[5]).values(created_at=later))
 
     async def ids(**params: Any) -> set[str]:
         return set(await _all_pages(api_client, limit=2, **params))
@@ -116,9 +116,7 @@ async def test_filters_by_status_name_and_creation_time(
     cut = (later - timedelta(minutes=1)).isoformat()
     assert await ids(created_after=cut) == {greetings[5]}
     assert await ids(created_before=cut) == set(greetings[:5] + downloads)
-    assert await ids(created_before=cut, name="greeting", status="pending") == {
-        *greetings[3:5]
-    }
+    assert await ids(created_before=cut, name="greeting", status="pending") == {*greetings[3:5]}
     # Filtered pages keep the newest-first order.
     listed = await _all_pages(api_client, limit=2, name="greeting")
     assert listed == await _created_order(sessions, greetings)

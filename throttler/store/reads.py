@@ -261,6 +261,8 @@ def page_statement(query: TaskQuery) -> Select[Any]:
     if query.statuses is None and query.name is None:
         return _page_branch(query, None, rows)
     statuses = sorted(query.statuses if query.statuses is not None else TaskStatus)
+    if len(statuses) == 1:
+        return _page_branch(query, statuses[0], rows)
     # Each branch is a subquery: SQLite takes no ORDER BY or LIMIT in a compound's member.
     branches = [select(*_page_branch(query, status, rows).subquery().c) for status in statuses]
     merged = union_all(*branches).subquery()
