@@ -149,8 +149,9 @@ class ReadStore(Protocol):
         """A page of ``query.account``'s tasks matching ``query``, newest first.
 
         Its cost depends on the page, not on how many tasks the account or table holds:
-        one keyset range per status asked (or one over all statuses) in an index that
-        holds the filter and the order (migration 0005).
+        one keyset range in an index that holds the filter and the order (migration
+        0005): a single range without a status or name filter, else one per status asked
+        (every status for a name alone), merged.
         """
         ...
 
