@@ -1,4 +1,4 @@
-"""The node registry on a real Redis: register, heartbeat, alive or dead by last_seen, deregister."""
+"""The node registry on a real Redis: register, heartbeat, alive or dead by last_seen, leave."""
 
 from __future__ import annotations
 
