@@ -65,6 +65,7 @@ async def test_nodes_show_the_relay_and_worker_and_the_relay_dying(
             return body if len(alive) == 2 else None
 
         body = await wait_for(both_alive, timeout_s=30, interval_s=0.2, message="both alive")
+        assert body is not None
         [relay_node], [worker_node] = body["relays"], body["workers"]
         assert (relay_node["pid"], worker_node["pid"]) == (relay.process.pid, worker.process.pid)
         assert worker_node["running"] == 0
@@ -92,6 +93,7 @@ async def test_nodes_show_the_relay_and_worker_and_the_relay_dying(
         body = await wait_for(
             relay_dead, timeout_s=ALIVE_WITHIN_S + 15, interval_s=0.2, message="relay dead"
         )
+        assert body is not None
         assert body["relays"][0]["id"] == relay_node["id"]  # still listed, so it is seen dying
         assert [w["alive"] for w in body["workers"]] == [True]
         status = (await client.get(STATUS)).json()
