@@ -228,9 +228,12 @@ class Heartbeat(Periodic):
         self.running = running
 
     async def run_once(self) -> None:
-        await self.registry.beat(
-            self.node, running=None if self.running is None else self.running()
-        )
+        # A Redis that accepts but never answers must not hold the loop, nor the stop of
+        # the process that waits for it: a beat later than an interval has failed anyway.
+        async with asyncio.timeout(self.interval_s):
+            await self.registry.beat(
+                self.node, running=None if self.running is None else self.running()
+            )
 
     async def run(self) -> None:
         try:

@@ -157,3 +157,36 @@ async def test_heartbeats_without_redis_log_once_and_keep_going(
 
     warnings = [r.message for r in caplog.records if r.levelno >= logging.WARNING]
     assert warnings == ["nodes.heartbeat.error", "nodes.deregister_failed"]
+
+
+async def test_a_redis_that_never_answers_does_not_hold_the_heartbeat_or_its_stop(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # accepts the connection, reads, never answers
+        writer.close()
+
+    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    redis = Redis.from_url(f"redis://127.0.0.1:{port}/0")
+    heartbeat = Heartbeat(
+        registry=NodeRegistry(redis),
+        node=_node(NodeKind.WORKER, "worker-1"),
+        log=logging.getLogger("test.silent"),
+        interval_s=0.1,
+    )
+    try:
+        with caplog.at_level(logging.WARNING, logger="test.silent"):
+            task = asyncio.create_task(heartbeat.run())
+
+            async def timed_out() -> bool:
+                return any(r.message == "nodes.heartbeat.error" for r in caplog.records)
+
+            await wait_for(timed_out, message="a heartbeat that timed out")
+            heartbeat.stop()
+            # The pass in hand times out within an interval, deregistering within its own.
+            await asyncio.wait_for(task, timeout=10)
+    finally:
+        await redis.aclose()
+        server.close()
+    assert "nodes.deregister_failed" in [r.message for r in caplog.records]
