@@ -17,7 +17,7 @@ from api.docs import mount_docs
 from api.errors import register_error_handlers
 from api.intake import IntakeWriter
 from api.key_first import KeyBeforeBodyMiddleware
-from api.routes import health, relay, tasks
+from api.routes import health, nodes, relay, tasks
 from api.waiters import FinishedListener, FinishedSweep, Waiters
 from throttler.constants import API_PREFIX
 from throttler.db import create_engine
@@ -96,6 +96,7 @@ def create_app(settings: Settings) -> FastAPI:
     mount_docs(app, settings)
     app.include_router(tasks.router)
     app.include_router(relay.router)
+    app.include_router(nodes.router)
     app.include_router(health.router)
     register_error_handlers(app)
     app.add_middleware(

@@ -2,7 +2,8 @@
 
 Which keys to show comes from the limit rules; the counts come from the read store in one
 grouped query per scope kind (task name, account, host) plus one for the totals, however
-many keys there are.
+many keys there are. Whether any relay is alive comes from the node registry
+(throttler.nodes): without one, nothing pending is ever dispatched.
 """
 
 from __future__ import annotations
@@ -11,11 +12,30 @@ from collections.abc import Mapping
 from datetime import datetime, timedelta
 
 from api.schemas import KeyStatus, LimitPublic, RelayStatus, StatusTotals
+from throttler.errors import REDIS_ERRORS
 from throttler.limits import EACH, LimitKey, Rule, RuleSet, Scope
+from throttler.nodes import NodeKind, NodeRegistry
 from throttler.store.reads import KeyCounts, ReadStore, ScopeCountsQuery
 
 DISPATCH_WINDOW_S = 60.0
 _SCOPES = (Scope.TASK, Scope.ACCOUNT, Scope.HOST)
+NO_RELAY_NOTE = "no relay is alive: pending tasks are not dispatched until one runs"
+RELAYS_UNKNOWN_NOTE = "Redis unavailable: cannot tell whether a relay is alive"
+
+
+async def relays_alive(registry: NodeRegistry) -> int | None:
+    """How many relays heartbeat now; None when Redis cannot be asked."""
+    try:
+        return await registry.alive_count(NodeKind.RELAY)
+    except REDIS_ERRORS:
+        # The counts come from the database and still stand; only this one is unknown.
+        return None
+
+
+def _relays_note(alive: int | None) -> str | None:
+    if alive is None:
+        return RELAYS_UNKNOWN_NOTE
+    return NO_RELAY_NOTE if alive == 0 else None
 
 
 def _key_status(key: LimitKey, rule: Rule, counts: KeyCounts) -> KeyStatus:
@@ -82,7 +102,12 @@ def _scope_statuses(
 
 
 async def relay_status(
-    reads: ReadStore, *, rules: RuleSet, account: str | None, now: datetime
+    reads: ReadStore,
+    *,
+    rules: RuleSet,
+    account: str | None,
+    now: datetime,
+    alive_relays: int | None,
 ) -> RelayStatus:
     """Count each limited key's tasks; with ``account``, only that account's tasks."""
     visible = {scope: _visible_rules(rules, scope, account=account) for scope in _SCOPES}
@@ -110,4 +135,6 @@ async def relay_status(
             inflight=totals.inflight,
             dispatched_last_minute=totals.dispatched,
         ),
+        relays_alive=alive_relays,
+        note=_relays_note(alive_relays),
     )

@@ -9,6 +9,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictInt, Str
 
 from api.submit_options import MAX_DELAY_S, MAX_PRIORITY, MIN_PRIORITY
 from throttler.constants import DEFAULT_PRIORITY
+from throttler.nodes import ALIVE_WITHIN_S, FORGET_AFTER_S
 from throttler.statuses import EventKind, TaskStatus
 from throttler.store.reads import EventView, TaskView
 from throttler.submit import NewTask
@@ -204,3 +205,40 @@ class RelayStatus(BaseModel):
         "of a `*` rule with tasks pending, in flight or dispatched in the last minute."
     )
     totals: StatusTotals
+    relays_alive: int | None = Field(
+        default=None,
+        description="Relays heartbeating now (GET /api/v1/nodes); null when Redis cannot "
+        "be asked. With none, pending tasks stay pending.",
+    )
+    note: str | None = Field(
+        default=None, description="Set when no relay is alive, or it cannot be told."
+    )
+
+
+class NodePublic(BaseModel):
+    """One relay or worker process, from its heartbeats."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    host: str
+    pid: int
+    started_at: datetime
+    last_seen: datetime = Field(description="Its last heartbeat.")
+    alive: bool = Field(
+        description=f"Heartbeat within the last {ALIVE_WITHIN_S:g} s; a dead node stays "
+        f"listed, false, for {FORGET_AFTER_S:g} s."
+    )
+
+
+class WorkerNodePublic(NodePublic):
+    running: int = Field(description="Jobs it was running at its last heartbeat.")
+
+
+class NodesPublic(BaseModel):
+    """Every relay and worker process seen lately, oldest first."""
+
+    model_config = ConfigDict(frozen=True)
+
+    relays: list[NodePublic]
+    workers: list[WorkerNodePublic]

@@ -14,6 +14,7 @@ from throttler.db import create_engine
 from throttler.dispatches import last_dispatch_from
 from throttler.errors import REDIS_ERRORS
 from throttler.logs import configure_logging
+from throttler.nodes import Heartbeat, Node, NodeKind, NodeRegistry
 from throttler.periodic import Periodic
 from throttler.reconcile import Reconciler
 from throttler.retention import Pruner
@@ -52,7 +53,8 @@ async def serve(settings: Settings, *, relay_type: type[Relay] = Relay) -> None:
     """Build the relay and its resources, run it until a signal, close everything.
 
     Beside the dispatch loop each relay runs the reconciler (tasks whose ARQ job is gone
-    go back to the outbox) and the retention pruner; both are safe with many relays.
+    go back to the outbox) and the retention pruner, both safe with many relays, and its
+    heartbeat in the node registry (throttler.nodes).
     """
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
@@ -93,6 +95,11 @@ async def serve(settings: Settings, *, relay_type: type[Relay] = Relay) -> None:
             [
                 Reconciler(settings=settings, store=recovery, redis=arq),
                 Pruner(settings=settings, store=recovery),
+                Heartbeat(
+                    registry=NodeRegistry(arq),
+                    node=Node.this_process(NodeKind.RELAY, relay.relay_id),
+                    log=log,
+                ),
             ]
         )
         listener = WakeupListener(redis=arq, channels=wakeup_channels(relay), on_message=relay.wake)

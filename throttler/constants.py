@@ -19,3 +19,7 @@ SUBMITTED_CHANNEL = "throttler:submitted"
 # Redis key (no TTL) holding the moment up to which buckets missing from Redis may have
 # been drained: set when the limiter finds Redis without it (see throttler.throttle).
 RATE_DRAIN_FLOOR_KEY = "throttler:bucket-drain-floor"
+# Redis hash per live node (``<prefix><kind>:<id>``, kind ``relay`` or ``worker``), and the
+# sorted set indexing them by last heartbeat (see throttler.nodes).
+NODE_KEY_PREFIX = "throttler:node:"
+NODES_INDEX_KEY = "throttler:nodes"

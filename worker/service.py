@@ -23,9 +23,10 @@ from arq.connections import ArqRedis, RedisSettings, create_pool
 
 from throttler.errors import REDIS_ERRORS
 from throttler.logs import fields
+from throttler.nodes import Heartbeat, Node, NodeKind, NodeRegistry
 from throttler.retry import REDIS_PROBE, Backoff, Outage, pause, retry_until_done
 from throttler.settings import Settings
-from worker.app import build_worker, close_worker
+from worker.app import build_worker, close_worker, worker_id
 from worker.leases import LEASE_REFRESH_S, LEASE_S, LeasedWorker
 from worker.taskkit import TaskBase
 from worker.tasks import DEFAULT_TASKS
@@ -117,6 +118,14 @@ class WorkerService:
                 functions=",".join(worker.functions),
             ),
         )
+        # Listed in the node registry with its running jobs until it has drained.
+        heartbeat = Heartbeat(
+            registry=NodeRegistry(pool),
+            node=Node.this_process(NodeKind.WORKER, worker_id()),
+            log=log,
+            running=lambda: len(worker.running_job_ids()),
+        )
+        heartbeat_task = asyncio.create_task(heartbeat.run())
         loop_task = asyncio.create_task(self._supervise(worker))
         stop_task = asyncio.create_task(self.stopping.wait())
         try:
@@ -136,7 +145,12 @@ class WorkerService:
             loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await loop_task
-            await close_worker(worker)
+            # Deregisters while the pool is still open.
+            heartbeat.stop()
+            try:
+                await heartbeat_task
+            finally:
+                await close_worker(worker)
 
     async def _connect(self) -> ArqRedis | None:
         """Open the Redis pool, retrying until Redis answers; None if stopped first."""

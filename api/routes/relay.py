@@ -6,11 +6,12 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from api.deps import AccountDep, ReadsDep, SettingsDep
-from api.relay_status import relay_status
+from api.deps import AccountDep, ReadsDep, RedisDep, SettingsDep
+from api.relay_status import relay_status, relays_alive
 from api.schemas import ErrorMessage, RelayStatus
 from throttler.constants import API_PREFIX
 from throttler.models import utcnow
+from throttler.nodes import NodeRegistry
 
 _RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorMessage, "description": "Missing or invalid API key (API_KEYS set)."},
@@ -26,11 +27,17 @@ router = APIRouter(prefix=API_PREFIX, tags=["relay"])
     operation_id="relay_status",
     response_model=RelayStatus,
     responses=_RESPONSES,
-    summary="Backlog, in-flight and recent dispatches per limited key.",
+    summary="Backlog, in-flight and recent dispatches per limited key; relays alive.",
 )
 async def get_relay_status(
-    account: AccountDep, settings: SettingsDep, reads: ReadsDep
+    account: AccountDep, settings: SettingsDep, reads: ReadsDep, redis: RedisDep
 ) -> RelayStatus:
     # With API keys the view is the caller's: counts over its own tasks only.
     scoped = account if settings.accounts_by_key else None
-    return await relay_status(reads, rules=settings.limit_rules, account=scoped, now=utcnow())
+    return await relay_status(
+        reads,
+        rules=settings.limit_rules,
+        account=scoped,
+        now=utcnow(),
+        alive_relays=await relays_alive(NodeRegistry(redis)),
+    )
