@@ -20,6 +20,7 @@ from arq.jobs import Job
 from sqlalchemy import func, insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from relay.plan import MAX_LEAD_S
 from relay.relay import Relay
 from tests.support import job_ids, wait_for
 from throttler.db import SessionFactory
@@ -27,7 +28,7 @@ from throttler.models import OutboxEntry, Task, TaskEvent, utcnow
 from throttler.settings import Settings
 from throttler.statuses import EventKind, TaskStatus
 from throttler.store.outbox import CoreClaim, CoreOutbox, open_outbox
-from throttler.throttle import Limiter, build_limiter
+from throttler.throttle import TAKE_AHEAD_LIMIT_S, Limiter, build_limiter
 
 
 @pytest.fixture
@@ -203,6 +204,10 @@ async def _none_pending(sessions: SessionFactory) -> bool:
     return await pending_count(sessions) == 0
 
 
+# How late a due task may be dispatched: the longest handover lead plus a claim's horizon.
+LATEST_S = MAX_LEAD_S + TAKE_AHEAD_LIMIT_S
+
+
 async def test_a_delayed_task_is_not_dispatched_before_its_time(
     settings: Settings, sessions: SessionFactory, arq: ArqRedis
 ) -> None:
@@ -220,14 +225,15 @@ async def test_a_delayed_task_is_not_dispatched_before_its_time(
     for task_id in soon + later + at_once:
         due = run_at[task_id] or now
         assert times[task_id] >= due, task_id
-        # Dispatched on time: within the claim horizon and a token or two of its moment.
-        assert (times[task_id] - due).total_seconds() < 0.6
+        # Not held back either: within the longest handover lead a loaded relay stretches
+        # to, plus a claim's horizon (on a quiet machine it is a token or two).
+        assert (times[task_id] - due).total_seconds() < LATEST_S
         info = await Job(jobs[task_id], arq).info()
         assert info is not None
         assert info.score is not None
         assert info.score >= int(due.timestamp() * 1000)
     for task_id in at_once:
-        assert (times[task_id] - now).total_seconds() < 0.5
+        assert (times[task_id] - now).total_seconds() < LATEST_S
 
 
 async def test_inflight_cap_per_account_holds_back_only_that_account(
