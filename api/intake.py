@@ -7,11 +7,11 @@ transaction through the store's intake (``throttler.store.intake``: on SQLite a 
 its own, on PostgreSQL one statement on the event loop), and each submission's future is
 resolved only after the commit, so a 202 is only ever sent for committed tasks.
 
-A failed batch: on an outage (a database that cannot take the write) its error is set
-on every submission in it, nothing of the batch is committed, and each request answers
-as if its own transaction had failed (a 503). On any other error (a bulk request that
-reused an idempotency key for a different request: ``KeyReusedError``) each submission
-is written again in a transaction of its own, so only the one at fault fails.
+A failed batch sets its error on every submission in it: nothing of the batch is
+committed, and each request answers as if its own transaction had failed (a 503 for a
+database that cannot take the write). Except for ``KeyReusedError`` (a bulk request
+reused an idempotency key for a different request): then each submission is written
+again in a transaction of its own, so only the one at fault fails.
 
 Each submission's outcome tells, per task, whether it was inserted or its idempotency
 key is already bound to a task (``throttler.store.intake.Existing``). After each commit
@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 from api.announce import NewWorkAnnouncer
 from throttler.group_commit import GroupCommitter, Take
-from throttler.store.intake import Intake, Outcome, Submission
+from throttler.store.intake import Intake, KeyReusedError, Outcome, Submission
 from throttler.submit import NewTask
 
 # Tasks per transaction: large enough to amortize BEGIN/COMMIT under any load, small
@@ -55,7 +55,8 @@ class IntakeWriter:
             max_batch=max_batch_tasks,
             size=lambda submission: len(submission.tasks),
             max_in_flight=intake.batches_in_flight,
-            split_failed=True,
+            # Only a key reused by one request is its fault alone; anything else fails all.
+            split_failed=lambda error: isinstance(error, KeyReusedError),
             after_commit=self._committed,
             closed_error=IntakeClosedError,
         )
