@@ -141,7 +141,7 @@ async def test_concurrent_duplicates_with_different_requests_make_one_task(
 async def test_a_malformed_key_is_a_422(
     api_client: httpx.AsyncClient, row_counts: RowCounter, value: str
 ) -> None:
-    headers = [("content-type", "application/json"), ("idempotency-key", value.encode())]
+    headers = [(b"content-type", b"application/json"), (b"idempotency-key", value.encode())]
     response = await api_client.post(GREETING, content=b'{"name": "Ada"}', headers=headers)
 
     assert response.status_code == 422, response.text
