@@ -15,8 +15,10 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import pytest
 
+from throttler.settings import Settings
+
 if TYPE_CHECKING:
-    from tests.integration.conftest import RowCounter
+    from tests.integration.conftest import ApiClientFactory, RowCounter
 
 GREETING = "/api/v1/task/greeting"
 BULK = "/api/v1/tasks"
@@ -246,6 +248,9 @@ async def test_a_bulk_reuse_in_a_shared_batch_fails_only_that_bulk(
     assert codes == [202] * 10 + [422] + [202] * 10, [
         a.text for a in answers if a.status_code != 202
     ]
+    assert [(error["loc"], error["type"]) for error in answers[10].json()["detail"]] == [
+        (["body", "tasks", 1, "idempotency_key"], "value_error")
+    ]
     after = await row_counts()
     assert after["tasks"] - written["tasks"] == 20
 
@@ -268,7 +273,9 @@ async def test_a_malformed_bulk_key_is_a_422(api_client: httpx.AsyncClient, key:
     answer = await _post(api_client, BULK, {"tasks": [_item("a", key)]})
 
     assert answer.status_code == 422, answer.text
-    assert answer.json()["detail"][0]["loc"] == ["body", "tasks", 0, "idempotency_key"]
+    [error] = answer.json()["detail"]
+    assert error["loc"] == ["body", "tasks", 0, "idempotency_key"]
+    assert error["type"] == "string_pattern_mismatch"
 
 
 async def test_a_single_submit_and_a_bulk_item_saying_the_same_share_a_key(
@@ -279,3 +286,27 @@ async def test_a_single_submit_and_a_bulk_item_saying_the_same_share_a_key(
 
     assert (single.status_code, bulk.status_code) == (202, 200)
     assert bulk.json()["tasks"] == [single.json()]
+
+
+async def test_each_account_has_its_own_keys(
+    settings: Settings, make_api_client: ApiClientFactory
+) -> None:
+    keyed = Settings(
+        database_url=settings.database_url, redis_url=settings.redis_url, api_keys="k1:a,k2:b"
+    )
+    async with make_api_client(keyed) as client:
+        answers = [
+            await _post(
+                client,
+                GREETING,
+                {"name": "Ada"},
+                key="shared",
+                headers=FAST | {"authorization": f"Bearer {token}"},
+            )
+            for token in ("k1", "k2", "k1")
+        ]
+
+    assert [answer.status_code for answer in answers] == [202, 202, 200]
+    first, other, replay = (answer.json()["task_id"] for answer in answers)
+    assert first != other
+    assert replay == first
