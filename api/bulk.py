@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -15,7 +16,7 @@ from api.strict_json import ArrayCap, StrictJSONRequest
 from api.submit_options import MAX_DELAY_S, SubmitOptions
 from throttler.catalog import CATALOG
 from throttler.constants import API_PREFIX
-from throttler.submit import NewTask
+from throttler.submit import NewTask, request_digest
 
 BULK_PATH = f"{API_PREFIX}/tasks"
 # Bodies of POST /api/v1/tasks may be this large (or API_MAX_BODY_BYTES, if larger):
@@ -62,6 +63,15 @@ def _validate_item(
         return None, [_item_error(index, "run_at", "less_than_equal", message, str(item.run_at))]
     options = SubmitOptions(priority=item.priority, delay_s=item.delay_s, run_at=item.run_at)
     task = options.new_task(name=spec.name, task_input=task_input, account=account, now=now)
+    if item.idempotency_key is not None:
+        digest = request_digest(
+            name=spec.name,
+            payload=task.payload,
+            priority=item.priority,
+            delay_s=item.delay_s,
+            run_at=item.run_at,
+        )
+        task = replace(task, idempotency_key=item.idempotency_key, request_hash=digest)
     return task, []
 
 
@@ -69,9 +79,19 @@ def new_tasks(items: Sequence[TaskItemCreate], *, account: str, now: datetime) -
     """Return every item as a task to insert, or raise one 422 listing every invalid item."""
     tasks: list[NewTask] = []
     errors: list[dict[str, Any]] = []
+    keys: set[str] = set()
     for index, item in enumerate(items):
         task, item_errors = _validate_item(index, item, account=account, now=now)
         errors.extend(item_errors)
+        if item.idempotency_key is not None:
+            if item.idempotency_key in keys:
+                message = "idempotency_key given to an earlier item of this request"
+                errors.append(
+                    _item_error(
+                        index, "idempotency_key", "value_error", message, item.idempotency_key
+                    )
+                )
+            keys.add(item.idempotency_key)
         if task is not None:
             tasks.append(task)
     if errors:

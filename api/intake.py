@@ -9,8 +9,14 @@ resolved only after the commit, so a 202 is only ever sent for committed tasks.
 
 A failed batch sets its error on every submission in it: nothing of the batch is
 committed, and each request answers as if its own transaction had failed (a 503 for a
-database that cannot take the write). After each commit the writer tells the announcer
-(if any), so that idle relays wake at once instead of at their next poll.
+database that cannot take the write). Except for ``KeyReusedError`` (a bulk request
+reused an idempotency key for a different request): then each submission is written
+again in a transaction of its own, so only the one at fault fails.
+
+Each submission's outcome tells, per task, whether it was inserted or its idempotency
+key is already bound to a task (``throttler.store.intake.Existing``). After each commit
+the writer tells the announcer (if any), so that idle relays wake at once instead of at
+their next poll.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from collections.abc import Sequence
 
 from api.announce import NewWorkAnnouncer
 from throttler.group_commit import GroupCommitter, Take
-from throttler.store.intake import Intake, Submission
+from throttler.store.intake import Intake, KeyReusedError, Outcome, Submission
 from throttler.submit import NewTask
 
 # Tasks per transaction: large enough to amortize BEGIN/COMMIT under any load, small
@@ -43,12 +49,14 @@ class IntakeWriter:
     ) -> None:
         self._intake = intake
         self._announcer = announcer
-        self._committer: GroupCommitter[Submission, None] = GroupCommitter(
+        self._committer: GroupCommitter[Submission, Outcome] = GroupCommitter(
             self._insert,
             name="intake",
             max_batch=max_batch_tasks,
             size=lambda submission: len(submission.tasks),
             max_in_flight=intake.batches_in_flight,
+            # Only a key reused by one request is its fault alone; anything else fails all.
+            split_failed=lambda error: isinstance(error, KeyReusedError),
             after_commit=self._committed,
             closed_error=IntakeClosedError,
         )
@@ -57,16 +65,19 @@ class IntakeWriter:
         """Start writing; call on the running loop."""
         self._committer.start()
 
-    async def submit(self, tasks: Sequence[NewTask]) -> None:
-        """Write ``tasks`` atomically (never split across transactions); return once committed.
+    async def submit(self, tasks: Sequence[NewTask]) -> Outcome:
+        """Write ``tasks`` atomically (never split across transactions); return once committed
+        what became of each (None: inserted; else the task its idempotency key is bound to).
 
-        Raises the batch's database error when the transaction fails. A caller cancelled
-        before its batch is written (its client went away) is not written at all.
+        Raises the batch's database error when the transaction fails, ``KeyReusedError``
+        when a bulk request reused a key for a different request (nothing of it written).
+        A caller cancelled before its batch is written (its client went away) is not
+        written at all.
         """
         if not self._committer.open:
             raise IntakeClosedError("intake is closed")
         # Converted here, as the request arrives: the batch's transaction only executes.
-        await self._committer.submit(self._intake.prepare(tasks))
+        return await self._committer.submit(self._intake.prepare(tasks))
 
     async def close(self) -> None:
         """Refuse new submissions, write every one already queued, then stop."""
@@ -75,16 +86,9 @@ class IntakeWriter:
         finally:
             await self._intake.close()
 
-    async def _insert(self, take: Take[Submission]) -> list[None]:
-        taken: list[Submission] = []
+    async def _insert(self, take: Take[Submission]) -> list[Outcome]:
+        return await self._intake.insert(take)
 
-        def take_batch() -> list[Submission]:
-            taken.extend(take())
-            return taken
-
-        await self._intake.insert(take_batch)
-        return [None] * len(taken)
-
-    def _committed(self, _batch: Sequence[Submission], _results: Sequence[None]) -> None:
+    def _committed(self, _batch: Sequence[Submission], _results: Sequence[Outcome]) -> None:
         if self._announcer is not None:
             self._announcer.committed()

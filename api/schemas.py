@@ -9,10 +9,14 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictInt, Str
 
 from api.submit_options import MAX_DELAY_S, MAX_PRIORITY, MIN_PRIORITY
 from throttler.constants import DEFAULT_PRIORITY
+from throttler.models import IDEMPOTENCY_KEY_LENGTH
 from throttler.nodes import ALIVE_WITHIN_S, FORGET_AFTER_S
 from throttler.statuses import EventKind, TaskStatus
 from throttler.store.reads import EventView, TaskView
 from throttler.submit import NewTask
+
+# 1 to 255 visible ASCII characters (0x21-0x7E), for an idempotency key.
+KEY_PATTERN = rf"^[!-~]{{1,{IDEMPOTENCY_KEY_LENGTH}}}$"
 
 
 class TaskPublic(BaseModel):
@@ -117,6 +121,11 @@ class TaskItemCreate(BaseModel):
     delay_s: StrictInt | None = Field(default=None, ge=0, le=MAX_DELAY_S)
     run_at: AwareDatetime | None = Field(
         default=None, description="ISO-8601 time with a timezone; not together with delay_s."
+    )
+    idempotency_key: StrictStr | None = Field(
+        default=None,
+        pattern=KEY_PATTERN,
+        description="As the Idempotency-Key header of a single submit; unique within the body.",
     )
 
 

@@ -44,6 +44,8 @@ SUBMIT_TARGET = Target(at_least=1.0, of_baseline=True)
 INFORMATION = Target()
 P99_TARGET = Target(at_most=50)
 BULK_TARGET = Target(at_least=20_000)
+# A replay (read the key's task, answer its view) at least 0.9x a plain submit's rate.
+REPLAY_TARGET = Target(at_least=0.9, of_baseline=True)
 _CONTENT_LENGTH = re.compile(rb"content-length: *(\d+)", re.IGNORECASE)
 
 
@@ -70,10 +72,10 @@ class Figures:
         return self.requests / self.elapsed_s
 
 
-def _request_bytes(port: int, path: str, body: object) -> bytes:
+def _request_bytes(port: int, path: str, body: object, extra_head: str = "") -> bytes:
     payload = json.dumps(body).encode()
     head = (
-        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{extra_head}"
         f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
     )
     return head.encode() + payload
@@ -87,13 +89,16 @@ async def _load(
     connections: int,
     duration_s: float,
     warmup_s: float = 1.0,
+    extra_head: str = "",
+    expect: tuple[bytes, ...] = (b"HTTP/1.1 202",),
 ) -> Figures:
-    """Post ``body`` over ``connections`` keep-alive connections; every answer must be 202.
+    """Post ``body`` over ``connections`` keep-alive connections; every answer must be
+    one of ``expect`` (a 202, unless told).
 
     A minimal HTTP/1.1 client on raw streams: a general client (httpx) costs more CPU per
     request than the servers measured, and would make both sides look alike.
     """
-    request = _request_bytes(port, path, body)
+    request = _request_bytes(port, path, body, extra_head)
     latencies_s: list[float] = []
 
     async def loop(until: float, record: bool) -> None:
@@ -105,7 +110,7 @@ async def _load(
                 head = await reader.readuntil(b"\r\n\r\n")
                 length = _CONTENT_LENGTH.search(head)
                 answer = await reader.readexactly(int(length.group(1)) if length else 0)
-                if not head.startswith(b"HTTP/1.1 202"):
+                if not head.startswith(expect):
                     raise RuntimeError(f"{path}: {head[:12]!r} {answer[:200]!r}")
                 if record:
                     latencies_s.append(time.monotonic() - started)
@@ -128,7 +133,16 @@ async def _load(
     )
 
 
-def _measure(port: int, *, path: str, body: object, connections: int, sizes: Sizes) -> Figures:
+def _measure(
+    port: int,
+    *,
+    path: str,
+    body: object,
+    connections: int,
+    sizes: Sizes,
+    extra_head: str = "",
+    expect: tuple[bytes, ...] = (b"HTTP/1.1 202",),
+) -> Figures:
     # uvloop: the load generator's own CPU is taken from the 2 cores the servers share.
     return uvloop.run(
         _load(
@@ -138,6 +152,8 @@ def _measure(port: int, *, path: str, body: object, connections: int, sizes: Siz
             connections=connections,
             duration_s=sizes.duration_s,
             warmup_s=sizes.warmup_s,
+            extra_head=extra_head,
+            expect=expect,
         )
     )
 
@@ -167,8 +183,9 @@ class _Series:
 
 
 def measure_all(*, sizes: Sizes, connections: int) -> dict[str, _Series]:
-    """Run every load ``sizes.runs`` times; keys: bare, seed, sqlite, postgres, bulk."""
-    series = {name: _Series.empty() for name in ("bare", "seed", "sqlite", "postgres", "bulk")}
+    """Run every load ``sizes.runs`` times; keys: bare, seed, sqlite, postgres, replay, bulk."""
+    names = ("bare", "seed", "sqlite", "postgres", "replay", "bulk")
+    series = {name: _Series.empty() for name in names}
     greeting = {"name": "bench"}
     bulk = {"tasks": [{"name": "greeting", "input": {"name": f"n{i}"}} for i in range(BULK_SIZE)]}
     with (
@@ -202,6 +219,20 @@ def measure_all(*, sizes: Sizes, connections: int) -> dict[str, _Series]:
                         port, path=GREETING, body=greeting, connections=connections, sizes=sizes
                     )
                 )
+            # Every request under one key: the warm-up's first creates the task (202), every
+            # other answers the 200 replay.
+            key = f"Idempotency-Key: bench-replay-{len(series['replay'].per_s)}\r\n"
+            series["replay"].add(
+                _measure(
+                    sqlite_port,
+                    path=GREETING,
+                    body=greeting,
+                    connections=connections,
+                    sizes=sizes,
+                    extra_head=key,
+                    expect=(b"HTTP/1.1 200", b"HTTP/1.1 202"),
+                )
+            )
             measured = _measure(
                 sqlite_port, path=BULK, body=bulk, connections=BULK_CONNECTIONS, sizes=sizes
             )
@@ -245,6 +276,18 @@ def figures_of(series: dict[str, _Series], *, sizes: Sizes, connections: int) ->
                 note=f"{connections} connections, {runs}",
             ),
         ]
+    if series["replay"].per_s and series["sqlite"].per_s:
+        figures.append(
+            Figure(
+                name="Idempotent replay, SQLite",
+                value=median(series["replay"].per_s),
+                unit="req/s",
+                target=REPLAY_TARGET,
+                baseline=median(series["sqlite"].per_s),
+                baseline_name="plain submit, SQLite",
+                note=f"{connections} connections, one key, each a 200 replay, {runs}",
+            )
+        )
     figures.append(
         Figure(
             name="Bulk, SQLite",

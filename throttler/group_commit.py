@@ -19,8 +19,9 @@ an fsync per commit, cost up to half the API's submissions per second).
 
 A failed batch: on a transient error (the database away, a lock timeout) every write in
 it fails with that error and nothing of it is committed; on any other error, if
-``split_failed`` says so, each write is tried again in a transaction of its own, so only
-the write at fault fails; otherwise every write fails with it.
+``split_failed`` says so (always, or for the errors its predicate accepts), each write is
+tried again in a transaction of its own, so only the write at fault fails; otherwise
+every write fails with it.
 
 Cancellation: a write whose caller is cancelled while it is still queued is withdrawn
 (never written), unless it was submitted with ``withdrawable=False``: then the caller
@@ -106,7 +107,7 @@ class GroupCommitter(Generic[W, R]):
         key: Callable[[W], Hashable] | None = None,
         linger_s: float = 0.0,
         max_in_flight: int = 1,
-        split_failed: bool = False,
+        split_failed: bool | Callable[[Exception], bool] = False,
         failure_log_level: int = logging.WARNING,
         after_commit: Callable[[Sequence[W], Sequence[R]], None] | None = None,
         closed_error: Callable[[str], Exception] = CommitterClosedError,
@@ -308,7 +309,10 @@ class GroupCommitter(Generic[W, R]):
     async def _failed(self, live: Sequence[_Queued[W, R]], error: Exception) -> None:
         if not live:
             return
-        if is_transient_db_error(error) or not self._split_failed or len(live) == 1:
+        split = self._split_failed
+        if callable(split):
+            split = split(error)
+        if is_transient_db_error(error) or not split or len(live) == 1:
             # Each caller decides whether to try again (the outage is logged there).
             log.log(
                 self._failure_log_level,

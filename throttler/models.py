@@ -44,6 +44,8 @@ TASK_ID_LENGTH = 36
 TASK_NAME_LENGTH = 64
 ACCOUNT_LENGTH = 128
 HOST_LENGTH = 253
+IDEMPOTENCY_KEY_LENGTH = 255
+REQUEST_HASH_LENGTH = 64  # a SHA-256 in hex (throttler.submit.request_digest)
 
 
 def utcnow() -> datetime:
@@ -100,6 +102,10 @@ class Task(Base):
             "id",
         ),
         Index("ix_tasks_status_host", "status", "host"),
+        # An idempotency key names one task per account: the intake's inserts skip a
+        # second row on this index (ON CONFLICT DO NOTHING) rather than check first.
+        # Rows without a key are NULL here, and NULLs never conflict.
+        Index("ix_tasks_account_idempotency_key", "account", "idempotency_key", unique=True),
     )
 
     id: Mapped[str] = mapped_column(String(TASK_ID_LENGTH), primary_key=True)
@@ -118,6 +124,10 @@ class Task(Base):
     queued_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    idempotency_key: Mapped[str | None] = mapped_column(
+        String(IDEMPOTENCY_KEY_LENGTH), nullable=True
+    )
+    request_hash: Mapped[str | None] = mapped_column(String(REQUEST_HASH_LENGTH), nullable=True)
 
 
 # The claim order (throttler.store.outbox): each account's pending tasks by priority, then age.

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from throttler.constants import DEFAULT_PRIORITY
@@ -33,6 +35,31 @@ def new_task_id() -> str:
     return str(uuid.UUID(int=value & _UUID7_CLEAR | _UUID7_MARKS))
 
 
+def request_digest(
+    *,
+    name: str,
+    payload: Mapping[str, Any],
+    priority: int,
+    delay_s: int | None,
+    run_at: datetime | None,
+) -> str:
+    """What makes two submissions under one idempotency key "the same request".
+
+    The request as sent (its kind, validated input and options), not as resolved: a
+    ``delay_s`` gives a different due time each time it is sent, and a retry of it is
+    still the same request. A single submit and a bulk item that say the same agree.
+    """
+    sent = {
+        "name": name,
+        "input": payload,
+        "priority": priority,
+        "delay_s": delay_s,
+        "run_at": None if run_at is None else run_at.astimezone(UTC).isoformat(),
+    }
+    canonical = json.dumps(sent, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class NewTask:
     """A validated submission, ready to insert (``throttler.store.intake`` writes many at once)."""
@@ -44,4 +71,8 @@ class NewTask:
     priority: int = DEFAULT_PRIORITY
     host: str | None = None
     run_at: datetime | None = None
+    # The client's Idempotency-Key (unique per account), and ``request_digest`` of the
+    # request it came with; both None without a key.
+    idempotency_key: str | None = None
+    request_hash: str | None = None
     task_id: str = field(default_factory=new_task_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
@@ -13,6 +14,15 @@ from fastapi.exceptions import RequestValidationError
 from api.bulk import BulkRoute, new_tasks
 from api.deps import AccountDep, IntakeDep, ReadsDep, WaitersDep
 from api.fast_path import FastPathRoute
+from api.idempotency import (
+    OPENAPI_PARAMETER,
+    REPLAY_RESPONSE,
+    REPLAYED_HEADER,
+    header_key,
+    header_reused,
+    items_reused,
+    original_views,
+)
 from api.schemas import (
     MAX_BULK_TASKS,
     ErrorMessage,
@@ -30,7 +40,9 @@ from throttler.catalog import CATALOG, TaskInput, TaskSpec
 from throttler.constants import API_PREFIX
 from throttler.logs import fields
 from throttler.models import TASK_ID_LENGTH, utcnow
+from throttler.store.intake import KeyReusedError, reused_indexes
 from throttler.store.reads import TaskQuery, TaskView
+from throttler.submit import request_digest
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +62,7 @@ _UNAVAILABLE: dict[int | str, dict[str, Any]] = {
     }
 }
 _SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **REPLAY_RESPONSE,
     202: {
         "description": "Accepted: the task, its outbox row and its event are committed.",
         "headers": {
@@ -89,10 +102,29 @@ def _submit_endpoint(spec: TaskSpec) -> Callable[..., Awaitable[TaskPublic]]:
         intake: IntakeDep,
         options: Annotated[SubmitOptions, Depends(get_submit_options)],
     ) -> TaskPublic:
+        key = header_key(request)
         task = options.new_task(name=spec.name, task_input=body, account=account, now=utcnow())
+        if key is not None:
+            digest = request_digest(
+                name=spec.name,
+                payload=task.payload,
+                priority=options.priority,
+                delay_s=options.delay_s,
+                run_at=options.run_at,
+            )
+            task = replace(task, idempotency_key=key, request_hash=digest)
         # The writer returns once the task, outbox row and event are committed (a batch
         # shared with concurrent requests); a failed commit raises, so no 202 is sent.
-        await intake.submit([task])
+        [existing] = await intake.submit([task])
+        if existing is not None:
+            # The key is bound to a task already: nothing was written.
+            if not existing.same_request:
+                raise header_reused()
+            views = await original_views(request, account=account, task_ids=[existing.task_id])
+            response.status_code = status.HTTP_200_OK
+            response.headers[REPLAYED_HEADER] = "true"
+            response.headers["Location"] = _location(request, existing.task_id)
+            return views[existing.task_id]
         log.info(
             "task.submitted",
             extra=fields(
@@ -118,11 +150,14 @@ def _submit_endpoint(spec: TaskSpec) -> Callable[..., Awaitable[TaskPublic]]:
     return submit
 
 
+_WITH_KEY_HEADER: dict[str, Any] = {"parameters": [OPENAPI_PARAMETER]}
+
 for _spec in CATALOG.values():
     router.add_api_route(
         f"/task/{_spec.name}",
         _submit_endpoint(_spec),
         methods=["POST"],
+        openapi_extra=_WITH_KEY_HEADER,
         status_code=status.HTTP_202_ACCEPTED,
         response_model=TaskPublic,
         responses=_SUBMIT_RESPONSES,
@@ -133,7 +168,11 @@ for _spec in CATALOG.values():
 
 
 async def submit_tasks(
-    batch: TaskBatchCreate, request: Request, account: AccountDep, intake: IntakeDep
+    batch: TaskBatchCreate,
+    request: Request,
+    response: Response,
+    account: AccountDep,
+    intake: IntakeDep,
 ) -> TaskBatchPublic:
     if request.query_params:
         # Options belong to each item; a query option would look applied and not be.
@@ -150,12 +189,34 @@ async def submit_tasks(
         )
     # Every item is validated before anything is written; then one transaction.
     tasks = new_tasks(batch.tasks, account=account, now=utcnow())
-    await intake.submit(tasks)
+    try:
+        outcome = await intake.submit(tasks)
+    except KeyReusedError as error:  # nothing of the request was written
+        raise items_reused(error.indexes) from error
+    reused = reused_indexes(outcome)
+    if reused:  # every item's key was bound already: nothing was written
+        raise items_reused(reused)
+    replayed = [existing.task_id for existing in outcome if existing is not None]
+    originals = await original_views(request, account=account, task_ids=replayed)
     log.info(
         "tasks.submitted",
-        extra=fields(count=len(tasks), account=account, first_task_id=tasks[0].task_id),
+        extra=fields(
+            count=len(tasks) - len(replayed),
+            replayed=len(replayed),
+            account=account,
+            first_task_id=tasks[0].task_id,
+        ),
     )
-    return TaskBatchPublic(tasks=[TaskPublic.pending(task) for task in tasks])
+    if len(replayed) == len(tasks):
+        # Every item a replay: the request as a whole created nothing.
+        response.status_code = status.HTTP_200_OK
+        response.headers[REPLAYED_HEADER] = "true"
+    return TaskBatchPublic(
+        tasks=[
+            TaskPublic.pending(task) if existing is None else originals[existing.task_id]
+            for task, existing in zip(tasks, outcome, strict=True)
+        ]
+    )
 
 
 # Its own route class: a body of more than MAX_BULK_TASKS tasks is refused while parsed.
@@ -169,7 +230,16 @@ router.add_api_route(
     status_code=status.HTTP_202_ACCEPTED,
     response_model=TaskBatchPublic,
     responses={
-        202: {"description": "Accepted: every task, outbox row and event is committed."},
+        200: {
+            "description": "Every item's idempotency_key was bound to the same request "
+            "already: the original tasks, nothing created.",
+            "headers": REPLAY_RESPONSE[200]["headers"],
+        },
+        202: {
+            "description": "Accepted: every new task, outbox row and event is committed; "
+            "an item whose idempotency_key was bound to the same request already shows "
+            "its original task."
+        },
         **_UNAUTHORIZED,
         413: {
             "model": ErrorMessage,

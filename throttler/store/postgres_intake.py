@@ -14,13 +14,23 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from throttler.statuses import EventKind, TaskStatus
-from throttler.store.intake import CoreIntake
+from throttler.store.intake import (
+    Bound,
+    CoreIntake,
+    Outcome,
+    bound_keys,
+    keyed_pairs,
+    resolve_keys,
+)
 from throttler.submit import NewTask
 
 # Data-modifying CTEs all run, and the foreign keys are checked at the end of the
 # statement, so the outbox and event rows may come from the same arrays rather than from
 # tasks' RETURNING (whose order is not defined): ORDER BY keeps the outbox ids in
-# submission order, as the reference's inserts do.
+# submission order, as the reference's inserts do. A task whose idempotency key is taken
+# is skipped (ON CONFLICT DO NOTHING) and, missing from new_tasks' RETURNING, gets no
+# outbox row or event; which task holds each key is read by a second statement, which
+# sees rows that a concurrent transaction committed while this one waited on the index.
 _SUBMIT = text(
     """
     WITH submitted AS (
@@ -28,22 +38,29 @@ _SUBMIT = text(
             CAST(:ids AS varchar[]), CAST(:names AS varchar[]), CAST(:accounts AS varchar[]),
             CAST(:payloads AS text[]), CAST(:hosts AS varchar[]),
             CAST(:priorities AS smallint[]), CAST(:created AS timestamptz[]),
-            CAST(:run_at AS timestamptz[])
+            CAST(:run_at AS timestamptz[]), CAST(:keys AS varchar[]),
+            CAST(:hashes AS varchar[])
         ) WITH ORDINALITY
-        AS s(id, name, account, payload, host, priority, created_at, run_at, n)
+        AS s(id, name, account, payload, host, priority, created_at, run_at,
+            idempotency_key, request_hash, n)
     ), new_tasks AS (
         INSERT INTO tasks
-            (id, name, account, payload, host, status, priority, attempts, created_at, run_at)
+            (id, name, account, payload, host, status, priority, attempts, created_at, run_at,
+            idempotency_key, request_hash)
         SELECT id, name, account, CAST(payload AS jsonb), host, :pending, priority, 0,
-            created_at, run_at
+            created_at, run_at, idempotency_key, request_hash
         FROM submitted ORDER BY n
+        ON CONFLICT (account, idempotency_key) DO NOTHING
+        RETURNING id
+    ), inserted AS (
+        SELECT s.* FROM submitted s JOIN new_tasks USING (id)
     ), new_outbox AS (
         INSERT INTO outbox (task_id, created_at)
-        SELECT id, created_at FROM submitted ORDER BY n
+        SELECT id, created_at FROM inserted ORDER BY n
     )
     INSERT INTO task_events (task_id, at, event, detail)
     SELECT id, created_at, :event, jsonb_build_object('account', account)
-    FROM submitted ORDER BY n
+    FROM inserted ORDER BY n
     """
 )
 
@@ -58,6 +75,8 @@ def _parameters(tasks: Sequence[NewTask]) -> dict[str, Any]:
         "priorities": [task.priority for task in tasks],
         "created": [task.created_at for task in tasks],
         "run_at": [task.run_at for task in tasks],
+        "keys": [task.idempotency_key for task in tasks],
+        "hashes": [task.request_hash for task in tasks],
         "pending": TaskStatus.PENDING.value,
         "event": EventKind.SUBMITTED.value,
     }
@@ -66,5 +85,12 @@ def _parameters(tasks: Sequence[NewTask]) -> dict[str, Any]:
 class PostgresIntake(CoreIntake):
     """The reference, with its inserts as one ``unnest`` statement."""
 
-    async def insert_in(self, connection: AsyncConnection, tasks: Sequence[NewTask]) -> None:
+    async def insert_in(
+        self, connection: AsyncConnection, submissions: Sequence[Sequence[NewTask]]
+    ) -> list[Outcome]:
+        tasks = [task for submission in submissions for task in submission]
         await connection.execute(_SUBMIT, _parameters(tasks))
+        pairs = keyed_pairs(tasks)
+        bound: Bound = await bound_keys(connection, pairs) if pairs else {}
+        outcomes, _ = resolve_keys(submissions, bound)
+        return outcomes

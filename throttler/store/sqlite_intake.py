@@ -18,6 +18,10 @@ SQLAlchemy itself binds (its column types' bind processors: UTC timestamps as te
 as text), converted on the event loop when a request arrives (``prepare``), so the writer
 thread needs the GIL only briefly. The stored rows are the reference's: checked in
 tests/integration/store/test_intake_parity.py.
+
+Idempotency keys as the reference has them (``throttler.store.intake``): the tasks
+INSERT ends ``ON CONFLICT (account, idempotency_key) DO NOTHING``; only a batch with
+keys reads them back, and then only the inserted tasks' outbox and event rows go in.
 """
 
 from __future__ import annotations
@@ -37,13 +41,18 @@ from throttler.models import UTCDateTime
 from throttler.settings import Settings
 from throttler.store.intake import (
     EVENTS,
+    IDEMPOTENCY_INDEX,
     MAX_ROWS_PER_STATEMENT,
     OUTBOX,
     TASKS,
+    Bound,
     CoreIntake,
+    Outcome,
     Submission,
     event_row,
+    keyed_pairs,
     outbox_row,
+    resolve_keys,
     task_row,
 )
 from throttler.store.sqlite_thread import SQLiteThread
@@ -58,12 +67,15 @@ class _Insert:
 
     head: str  # INSERT INTO table (columns) VALUES
     marks: str  # (?, ?, ...): one row's placeholders
+    tail: str  # after the rows: the tasks' ON CONFLICT clause, else nothing
     row: Callable[[NewTask], dict[str, Any]]
     keys: tuple[str, ...]
     processors: tuple[Processor | None, ...]
 
     @classmethod
-    def of(cls, table: Table, row: Callable[[NewTask], dict[str, Any]]) -> _Insert:
+    def of(
+        cls, table: Table, row: Callable[[NewTask], dict[str, Any]], *, tail: str = ""
+    ) -> _Insert:
         dialect = sqlite_dialect(paramstyle="qmark")
         quote = dialect.identifier_preparer
         sample = NewTask(name="", account="", payload={}, created_at=datetime.now(UTC))
@@ -74,6 +86,7 @@ class _Insert:
             # Only names from the table's own metadata, quoted by the dialect, go in.
             head=f"INSERT INTO {quote.format_table(table)} ({columns}) VALUES ",  # noqa: S608
             marks="(" + ", ".join("?" * len(keys)) + ")",
+            tail=tail,
             row=row,
             keys=keys,
             processors=tuple(_processor(types[key], dialect) for key in keys),
@@ -94,7 +107,18 @@ class _Insert:
         per_statement = max(1, min(limit, MAX_ROWS_PER_STATEMENT)) * width
         for start in range(0, len(parameters), per_statement):
             chunk = parameters[start : start + per_statement]
-            connection.execute(self.head + ", ".join([self.marks] * (len(chunk) // width)), chunk)
+            marks = ", ".join([self.marks] * (len(chunk) // width))
+            connection.execute(self.head + marks + self.tail, chunk)
+
+    def only(self, parameters: Sequence[Any], keep: Sequence[bool]) -> list[Any]:
+        """The rows of ``parameters`` (one per task) whose ``keep`` is true."""
+        width = len(self.keys)
+        return [
+            value
+            for index, kept in enumerate(keep)
+            if kept
+            for value in parameters[index * width : (index + 1) * width]
+        ]
 
 
 def _processor(column_type: Any, dialect: Any) -> Processor | None:
@@ -122,10 +146,18 @@ class _Inserts:
     events: _Insert
 
 
+_quote = sqlite_dialect().identifier_preparer.quote
+_ON_KEY_TAKEN = f" ON CONFLICT ({', '.join(map(_quote, IDEMPOTENCY_INDEX))}) DO NOTHING"
+_BOUND = (
+    "SELECT account, idempotency_key, id, request_hash FROM tasks"
+    " WHERE (account, idempotency_key) IN (VALUES {})"
+)
+
+
 @lru_cache(maxsize=1)
 def _inserts() -> _Inserts:
     return _Inserts(
-        tasks=_Insert.of(TASKS, task_row),
+        tasks=_Insert.of(TASKS, task_row, tail=_ON_KEY_TAKEN),
         outbox=_Insert.of(OUTBOX, outbox_row),
         events=_Insert.of(EVENTS, event_row),
     )
@@ -160,14 +192,15 @@ class SQLiteIntake(CoreIntake):
         )
         return Submission(tasks=tasks, rows=rows)
 
-    async def insert(self, take: Callable[[], Sequence[Submission]]) -> None:
-        def insert_batch(connection: sqlite3.Connection) -> None:
+    async def insert(self, take: Callable[[], Sequence[Submission]]) -> list[Outcome]:
+        def insert_batch(connection: sqlite3.Connection) -> list[Outcome]:
             # Taken here, on the thread as its transaction begins: the committer's batch
             # takes every submission that arrived while the last transaction ran.
-            rows = [_rows_of(self, submission) for submission in take() if submission.tasks]
-            _insert_rows(connection, rows)
+            submissions = take()
+            rows = [_rows_of(self, submission) for submission in submissions]
+            return _insert_rows(connection, [submission.tasks for submission in submissions], rows)
 
-        await self._thread.transaction(insert_batch)
+        return await self._thread.transaction(insert_batch)
 
     async def close(self) -> None:
         await self._thread.close()
@@ -181,8 +214,36 @@ def _rows_of(intake: SQLiteIntake, submission: Submission) -> _Rows:
     return rows
 
 
-def _insert_rows(connection: sqlite3.Connection, batch: Sequence[_Rows]) -> None:
+def _bound_keys(connection: sqlite3.Connection, pairs: Sequence[tuple[str, str]]) -> Bound:
+    bound: Bound = {}
+    per_statement = MAX_ROWS_PER_STATEMENT
+    for start in range(0, len(pairs), per_statement):
+        chunk = pairs[start : start + per_statement]
+        query = _BOUND.format(", ".join(["(?, ?)"] * len(chunk)))
+        values = [value for pair in chunk for value in pair]
+        for account, key, task_id, request_hash in connection.execute(query, values):
+            bound[(account, key)] = (task_id, request_hash)
+    return bound
+
+
+def _insert_rows(
+    connection: sqlite3.Connection,
+    submissions: Sequence[Sequence[NewTask]],
+    batch: Sequence[_Rows],
+) -> list[Outcome]:
     inserts = _inserts()
     inserts.tasks.execute(connection, [value for rows in batch for value in rows.tasks])
-    inserts.outbox.execute(connection, [value for rows in batch for value in rows.outbox])
-    inserts.events.execute(connection, [value for rows in batch for value in rows.events])
+    outbox = [value for rows in batch for value in rows.outbox]
+    events = [value for rows in batch for value in rows.events]
+    tasks = [task for submission in submissions for task in submission]
+    pairs = keyed_pairs(tasks)
+    if not pairs:
+        outcomes: list[Outcome] = [[None] * len(submission) for submission in submissions]
+    else:
+        outcomes, _ = resolve_keys(submissions, _bound_keys(connection, pairs))
+        keep = [existing is None for outcome in outcomes for existing in outcome]
+        outbox = inserts.outbox.only(outbox, keep)
+        events = inserts.events.only(events, keep)
+    inserts.outbox.execute(connection, outbox)
+    inserts.events.execute(connection, events)
+    return outcomes

@@ -17,7 +17,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from throttler.settings import Settings
-from throttler.store.intake import CoreIntake, Intake, open_intake
+from throttler.store.intake import CoreIntake, Existing, Intake, KeyReusedError, open_intake
 from throttler.submit import NewTask, new_task_id
 
 # Every table an intake or attempts batch writes, with the order its rows are read in.
@@ -164,5 +164,96 @@ async def test_a_batch_with_a_failing_submission_writes_nothing_on_either(
     reference, override, (reference_error, override_error) = await rows_of_both(engine, run)
 
     assert reference_error == override_error == "IntegrityError"
+    assert [len(reference[table]) for table in TABLES] == [1, 1, 1]
+    assert override == reference
+
+
+def _keyed(index: int, key: str, request: str, **changes: Any) -> NewTask:
+    values: dict[str, Any] = {
+        "name": "greeting",
+        "account": "default",
+        "payload": {"name": f"k{index}"},
+        "created_at": NOW + timedelta(seconds=index),
+        "idempotency_key": key,
+        "request_hash": request,
+    }
+    values.update(changes)
+    return NewTask(**values)
+
+
+async def test_idempotency_keys_give_the_reference_rows_and_outcomes(
+    settings: Settings, engine: AsyncEngine
+) -> None:
+    first = [
+        [_keyed(0, "k1", "h1")],
+        [_keyed(1, "k2", "h2"), _keyed(2, "k3", "h3"), *submissions()[0]],
+    ]
+    second = [
+        [_keyed(3, "k1", "h1")],  # a replay of the first batch's task
+        [_keyed(4, "k1", "other")],  # the same key, another request
+        [_keyed(5, "k4", "h4")],  # new...
+        [_keyed(6, "k4", "h4")],  # ...and its duplicate in the same transaction
+        [_keyed(7, "k4", "h5")],  # ...and a different request under it, same transaction
+        [_keyed(8, "k1", "h1", account="acme")],  # another account's k1: a new task
+        [_keyed(9, "k2", "h2"), _keyed(10, "k9", "h9")],  # a bulk: one replayed, one new
+    ]
+    ids = {
+        f"{task.account}:{task.payload['name']}": task.task_id for r in first + second for task in r
+    }
+
+    async def run(override: bool) -> list[Any]:
+        intake = open_intake(settings, engine) if override else CoreIntake(engine)
+        try:
+            outcomes = []
+            for batch in (first, second):
+                prepared = [intake.prepare(tasks) for tasks in batch]
+                outcomes.append(await intake.insert(partial(list, prepared)))
+            return outcomes
+        finally:
+            await intake.close()
+
+    reference, override, (reference_outcomes, override_outcomes) = await rows_of_both(engine, run)
+
+    assert override == reference
+    assert override_outcomes == reference_outcomes
+    k1, k2, k4 = ids["default:k0"], ids["default:k1"], ids["default:k5"]
+    assert reference_outcomes == [
+        [[None], [None, None, None]],
+        [
+            [Existing(task_id=k1, same_request=True)],
+            [Existing(task_id=k1, same_request=False)],
+            [None],
+            [Existing(task_id=k4, same_request=True)],
+            [Existing(task_id=k4, same_request=False)],
+            [None],
+            [Existing(task_id=k2, same_request=True), None],
+        ],
+    ]
+    # One task per key, and outbox rows and events only for the tasks written.
+    assert [len(reference[table]) for table in TABLES] == [7] * 3
+
+
+async def test_a_bulk_reusing_a_key_writes_nothing_of_its_batch_on_either(
+    settings: Settings, engine: AsyncEngine
+) -> None:
+    first = [_keyed(0, "k1", "h1")]
+    others = submissions()[0]
+    bulk = [_keyed(1, "k2", "h2"), _keyed(2, "k1", "changed")]
+
+    async def run(override: bool) -> str:
+        intake = open_intake(settings, engine) if override else CoreIntake(engine)
+        try:
+            await intake.insert(lambda: [intake.prepare(first)])
+            try:
+                await intake.insert(lambda: [intake.prepare(others), intake.prepare(bulk)])
+            except KeyReusedError as error:
+                return f"reused {error.indexes}"
+            return "written"
+        finally:
+            await intake.close()
+
+    reference, override, (reference_error, override_error) = await rows_of_both(engine, run)
+
+    assert reference_error == override_error == "reused [1]"
     assert [len(reference[table]) for table in TABLES] == [1, 1, 1]
     assert override == reference
