@@ -47,6 +47,7 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.engine = engine
         store = open_store(settings, engine)
         app.state.reads = store.reads
+        app.state.retries = store.retries
         app.state.redis = redis
         announcer = NewWorkAnnouncer(redis)
         intake = IntakeWriter(store.intake, announcer=announcer)
