@@ -15,7 +15,7 @@ from pydantic import (
     field_validator,
 )
 
-from api.submit_options import MAX_DELAY_S, MAX_PRIORITY, MIN_PRIORITY
+from api.submit_options import ISO_TIME_WITH_ZONE, MAX_DELAY_S, MAX_PRIORITY, MIN_PRIORITY
 from throttler.constants import DEFAULT_PRIORITY
 from throttler.models import TASK_NAME_LENGTH
 from throttler.nodes import ALIVE_WITHIN_S, FORGET_AFTER_S
@@ -146,9 +146,9 @@ class TaskBatchPublic(BaseModel):
 
 class RetryFilterBody(BaseModel):
     """Which of the caller's tasks ``POST /tasks/retry`` takes; ``{}``: every failed and
-    cancelled one. Strict: an unknown field, or a value of the wrong type, is a 422."""
+    cancelled one. Strict: an unknown field, or a value of another type, is a 422."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     status: Literal["failed", "cancelled"] | None = Field(
         default=None, description="Only failed, or only cancelled, tasks; default both."
@@ -160,6 +160,14 @@ class RetryFilterBody(BaseModel):
         default=None, description="Only tasks created before this ISO-8601 time with a timezone."
     )
     key: object = Field(default=None, description="Not supported yet: any value is a 422.")
+
+    @field_validator("created_before", mode="before")
+    @classmethod
+    def _iso_time(cls, value: object) -> object:
+        # Pydantic would also take a number as seconds since the epoch.
+        if not (isinstance(value, str) and ISO_TIME_WITH_ZONE.fullmatch(value)):
+            raise ValueError("Input should be an ISO-8601 time with a timezone")
+        return value
 
     @field_validator("key", mode="before")
     @classmethod
