@@ -17,11 +17,11 @@ import pytest
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from tests.support import submit_task
 from throttler.db import SessionFactory
 from throttler.models import OutboxEntry, Task, TaskEvent, utcnow
 from throttler.statuses import TaskStatus
 from throttler.store.retries import RetryFilter, RetryStore
-from tests.support import submit_task
 
 API = "/api/v1"
 
@@ -94,11 +94,12 @@ async def test_retry_takes_a_failed_or_cancelled_task_back_to_pending_through_th
     assert view["task_id"] == task_id
     assert view["status"] == "pending"
     assert view["attempts"] == 3  # attempts keep counting
-    assert view["error"] is None and view["result"] is None and view["finished_at"] is None
+    assert (view["error"], view["result"], view["finished_at"]) == (None, None, None)
     task = await _load(sessions, task_id)
     assert task.status == "pending"
     assert task.tries_base == 3  # the next attempt is try 1 of a fresh budget
-    assert task.run_at is not None and task.run_at >= before - timedelta(seconds=1)
+    assert task.run_at is not None
+    assert task.run_at >= before - timedelta(seconds=1)
     assert await _outbox_rows(sessions, task_id) == 1
     assert await _retried_events(sessions, task_id) == [{"by": "default", "attempts": 3}]
     events = (await api_client.get(f"{API}/tasks/{task_id}/events")).json()["events"]
@@ -143,9 +144,7 @@ async def test_retry_of_a_task_neither_failed_nor_cancelled_is_409_with_its_view
 
 
 @pytest.mark.parametrize("task_id", ["no-such-task", "x" * 300, "nul%01"])
-async def test_retry_of_an_unknown_task_is_404(
-    api_client: httpx.AsyncClient, task_id: str
-) -> None:
+async def test_retry_of_an_unknown_task_is_404(api_client: httpx.AsyncClient, task_id: str) -> None:
     response = await api_client.post(f"{API}/tasks/{task_id}/retry")
     assert response.status_code == 404, response.text
 
@@ -184,9 +183,7 @@ async def test_retry_by_filter_takes_the_callers_matching_tasks(
     old_failed = await _task(sessions, TaskStatus.FAILED, ago_s=3600)
     failed = await _task(sessions, TaskStatus.FAILED)
     cancelled = await _task(sessions, TaskStatus.CANCELLED)
-    other_name = await _task(
-        sessions, TaskStatus.FAILED, name="non_blocking_long_running_task"
-    )
+    other_name = await _task(sessions, TaskStatus.FAILED, name="non_blocking_long_running_task")
     succeeded = await _task(sessions, TaskStatus.SUCCEEDED)
     running = await _task(sessions, TaskStatus.RUNNING)
     foreign = await _task(sessions, TaskStatus.FAILED, account="someone-else")
@@ -264,5 +261,5 @@ async def test_retry_filter_is_validated_strictly(
     response = await api_client.post(f"{API}/tasks/retry", json=body)
 
     assert response.status_code == 422, response.text
-    assert [error["loc"] for error in response.json()["detail"]][0][:2] == ["body", field]
+    assert response.json()["detail"][0]["loc"][:2] == ["body", field]
     assert (await _load(sessions, task_id)).status == "failed"
