@@ -50,6 +50,7 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.retries = store.retries
         app.state.redis = redis
         announcer = NewWorkAnnouncer(redis)
+        app.state.announcer = announcer
         intake = IntakeWriter(store.intake, announcer=announcer)
         intake.start()
         app.state.intake = intake

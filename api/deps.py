@@ -15,6 +15,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.security.utils import get_authorization_scheme_param
 from redis.asyncio import Redis
 
+from api.announce import NewWorkAnnouncer
 from api.intake import IntakeWriter
 from api.waiters import Waiters
 from throttler.constants import DEFAULT_ACCOUNT
@@ -38,6 +39,11 @@ async def get_retries(request: Request) -> RetryStore:
     return retries
 
 
+async def get_announcer(request: Request) -> NewWorkAnnouncer:
+    announcer: NewWorkAnnouncer = request.app.state.announcer
+    return announcer
+
+
 async def get_intake(request: Request) -> IntakeWriter:
     intake: IntakeWriter = request.app.state.intake
     return intake
@@ -58,6 +64,8 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 ReadsDep = Annotated[ReadStore, Depends(get_reads)]
 # Explicit retries of failed and cancelled tasks (throttler.store.retries).
 RetriesDep = Annotated[RetryStore, Depends(get_retries)]
+# Wakes idle relays after a commit that put tasks in the outbox other than the intake's.
+AnnouncerDep = Annotated[NewWorkAnnouncer, Depends(get_announcer)]
 RedisDep = Annotated[Redis, Depends(get_redis)]
 WaitersDep = Annotated[Waiters, Depends(get_waiters)]
 # New tasks go through the process's group-commit writer (api.intake).

@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from api.bulk import BulkRoute, new_tasks
-from api.deps import AccountDep, IntakeDep, ReadsDep, RetriesDep, WaitersDep
+from api.deps import AccountDep, AnnouncerDep, IntakeDep, ReadsDep, RetriesDep, WaitersDep
 from api.fast_path import FastPathRoute
 from api.schemas import (
     MAX_BULK_TASKS,
@@ -297,9 +297,12 @@ async def task_result(
     ),
 )
 async def retry_tasks(
-    body: RetryFilterBody, account: AccountDep, retries: RetriesDep
+    body: RetryFilterBody, account: AccountDep, retries: RetriesDep, announcer: AnnouncerDep
 ) -> RetryCountPublic:
     done = await retries.retry_matching(body.selection(account), now=utcnow())
+    if done.count:
+        # Back in the outbox: wake an idle relay rather than leave them to its next poll.
+        announcer.committed()
     log.info(
         "tasks.retried",
         extra=fields(account=account, count=done.count, remaining=done.remaining),
@@ -322,7 +325,7 @@ async def retry_tasks(
     summary="Take a failed or cancelled task back to pending: it runs again under the limits.",
 )
 async def retry_task(
-    task_id: str, account: AccountDep, retries: RetriesDep
+    task_id: str, account: AccountDep, retries: RetriesDep, announcer: AnnouncerDep
 ) -> TaskPublic | JSONResponse:
     not_found = _checked_id(task_id)
     answer = await retries.retry(task_id=task_id, account=account, now=utcnow())
@@ -331,5 +334,6 @@ async def retry_task(
     view = TaskPublic.from_task(answer.view)
     if answer.outcome is RetryOutcome.WRONG_STATUS:
         return JSONResponse(status_code=status.HTTP_409_CONFLICT, content=jsonable_encoder(view))
+    announcer.committed()
     log.info("task.retried", extra=fields(task_id=task_id, account=account))
     return view

@@ -14,10 +14,12 @@ from typing import Any
 
 import httpx
 import pytest
+from redis.asyncio import Redis
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.support import submit_task
+from tests.support import submit_task, wait_for
+from throttler.constants import SUBMITTED_CHANNEL
 from throttler.db import SessionFactory
 from throttler.models import OutboxEntry, Task, TaskEvent, utcnow
 from throttler.statuses import TaskStatus
@@ -263,3 +265,23 @@ async def test_retry_filter_is_validated_strictly(
     assert response.status_code == 422, response.text
     assert response.json()["detail"][0]["loc"][:2] == ["body", field]
     assert (await _load(sessions, task_id)).status == "failed"
+
+
+@pytest.mark.parametrize("path", ["/tasks/{task_id}/retry", "/tasks/retry"])
+async def test_a_retry_wakes_idle_relays(
+    api_client: httpx.AsyncClient, sessions: SessionFactory, redis: Redis, path: str
+) -> None:
+    task_id = await _task(sessions, TaskStatus.FAILED)
+    listener = redis.pubsub()
+    await listener.subscribe(SUBMITTED_CHANNEL)
+
+    async def announced() -> bool:
+        message = await listener.get_message(ignore_subscribe_messages=True, timeout=0.1)
+        return message is not None and message["channel"] == SUBMITTED_CHANNEL.encode()
+
+    try:
+        response = await api_client.post(API + path.format(task_id=task_id), json={})
+        assert response.status_code == 200, response.text
+        await wait_for(announced, message="the announcement")
+    finally:
+        await listener.aclose()  # type: ignore[no-untyped-call]
