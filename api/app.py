@@ -47,8 +47,10 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.engine = engine
         store = open_store(settings, engine)
         app.state.reads = store.reads
+        app.state.retries = store.retries
         app.state.redis = redis
         announcer = NewWorkAnnouncer(redis)
+        app.state.announcer = announcer
         intake = IntakeWriter(store.intake, announcer=announcer)
         intake.start()
         app.state.intake = intake

@@ -15,11 +15,13 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.security.utils import get_authorization_scheme_param
 from redis.asyncio import Redis
 
+from api.announce import NewWorkAnnouncer
 from api.intake import IntakeWriter
 from api.waiters import Waiters
 from throttler.constants import DEFAULT_ACCOUNT
 from throttler.settings import Settings
 from throttler.store.reads import ReadStore
+from throttler.store.retries import RetryStore
 
 
 async def get_settings(request: Request) -> Settings:
@@ -30,6 +32,16 @@ async def get_settings(request: Request) -> Settings:
 async def get_reads(request: Request) -> ReadStore:
     reads: ReadStore = request.app.state.reads
     return reads
+
+
+async def get_retries(request: Request) -> RetryStore:
+    retries: RetryStore = request.app.state.retries
+    return retries
+
+
+async def get_announcer(request: Request) -> NewWorkAnnouncer:
+    announcer: NewWorkAnnouncer = request.app.state.announcer
+    return announcer
 
 
 async def get_intake(request: Request) -> IntakeWriter:
@@ -50,6 +62,10 @@ async def get_redis(request: Request) -> Redis:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 # The API's reads (results, relay status, readiness): they never wait behind writers.
 ReadsDep = Annotated[ReadStore, Depends(get_reads)]
+# Explicit retries of failed and cancelled tasks (throttler.store.retries).
+RetriesDep = Annotated[RetryStore, Depends(get_retries)]
+# Wakes idle relays after a commit that put tasks in the outbox other than the intake's.
+AnnouncerDep = Annotated[NewWorkAnnouncer, Depends(get_announcer)]
 RedisDep = Annotated[Redis, Depends(get_redis)]
 WaitersDep = Annotated[Waiters, Depends(get_waiters)]
 # New tasks go through the process's group-commit writer (api.intake).

@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    field_validator,
+)
 
-from api.submit_options import MAX_DELAY_S, MAX_PRIORITY, MIN_PRIORITY
+from api.submit_options import ISO_TIME_WITH_ZONE, MAX_DELAY_S, MAX_PRIORITY, MIN_PRIORITY
 from throttler.constants import DEFAULT_PRIORITY
-from throttler.models import IDEMPOTENCY_KEY_LENGTH
+from throttler.models import IDEMPOTENCY_KEY_LENGTH, TASK_NAME_LENGTH
 from throttler.nodes import ALIVE_WITHIN_S, FORGET_AFTER_S
 from throttler.statuses import EventKind, TaskStatus
 from throttler.store.reads import EventView, TaskView
+from throttler.store.retries import MAX_RETRIES_PER_CALL, RETRIABLE_STATUSES, RetryFilter
 from throttler.submit import NewTask
 
 # 1 to 255 visible ASCII characters (0x21-0x7E), for an idempotency key.
@@ -141,6 +150,64 @@ class TaskBatchPublic(BaseModel):
     """The accepted tasks in request order, each pending."""
 
     tasks: list[TaskPublic]
+
+
+class RetryFilterBody(BaseModel):
+    """Which of the caller's tasks ``POST /tasks/retry`` takes; ``{}``: every failed and
+    cancelled one. Strict: an unknown field, or a value of another type, is a 422."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    status: Literal["failed", "cancelled"] | None = Field(
+        default=None, description="Only failed, or only cancelled, tasks; default both."
+    )
+    name: StrictStr | None = Field(
+        default=None, min_length=1, max_length=TASK_NAME_LENGTH, description="Only this kind."
+    )
+    created_before: AwareDatetime | None = Field(
+        default=None, description="Only tasks created before this ISO-8601 time with a timezone."
+    )
+    key: object = Field(default=None, description="Not supported yet: any value is a 422.")
+
+    @field_validator("created_before", mode="before")
+    @classmethod
+    def _iso_time(cls, value: object) -> object:
+        # Pydantic would also take a number as seconds since the epoch.
+        if not (isinstance(value, str) and ISO_TIME_WITH_ZONE.fullmatch(value)):
+            raise ValueError("Input should be an ISO-8601 time with a timezone")
+        return value
+
+    @field_validator("key", mode="before")
+    @classmethod
+    def _no_key(cls, value: object) -> object:
+        # Runs only when given: labels are not stored with tasks yet, and a filter that
+        # were ignored would retry more than asked.
+        raise ValueError("filtering by key is not supported yet")
+
+    def selection(self, account: str) -> RetryFilter:
+        statuses = (
+            RETRIABLE_STATUSES if self.status is None else frozenset({TaskStatus(self.status)})
+        )
+        return RetryFilter(
+            account=account,
+            statuses=statuses,
+            name=self.name,
+            created_before=self.created_before,
+        )
+
+
+class RetryCountPublic(BaseModel):
+    """What a retry by filter did."""
+
+    model_config = ConfigDict(frozen=True)
+
+    count: int = Field(description="Tasks taken back to pending by this call.")
+    remaining: int = Field(
+        description=(
+            f"Tasks that still match: a call retries at most {MAX_RETRIES_PER_CALL}, "
+            "oldest first; call again while this is above 0."
+        )
+    )
 
 
 class ErrorMessage(BaseModel):

@@ -117,6 +117,9 @@ class Task(Base):
     status: Mapped[str] = mapped_column(String(16))
     priority: Mapped[int] = mapped_column(SmallInteger, default=5, server_default="5")
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # ``attempts`` when the task was last explicitly retried (0 if never): the attempts
+    # after it are the ones a worker counts against the task's tries (throttler.store.retries).
+    tries_base: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     result: Mapped[dict[str, Any] | None] = mapped_column(JSONDocument, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)

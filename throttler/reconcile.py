@@ -156,7 +156,10 @@ def _decide(
         )
         if alive[candidate.task_id] and not stuck:
             continue
-        may_have_started = candidate.status == TaskStatus.RUNNING or candidate.attempts > 0
+        # Attempts before an explicit retry ended (the user asked for another run).
+        may_have_started = (
+            candidate.status == TaskStatus.RUNNING or candidate.attempts > candidate.tries_base
+        )
         actions.append(
             _Action(
                 candidate=candidate,

@@ -36,3 +36,4 @@ class EventKind(StrEnum):
     FAILED = "failed"  # the task gave up
     CANCELLED = "cancelled"  # the task was withdrawn
     REQUEUED = "requeued"  # recovery put the task back in the outbox
+    RETRIED = "retried"  # an explicit retry took a failed or cancelled task back to pending

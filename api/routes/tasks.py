@@ -9,10 +9,12 @@ from dataclasses import replace
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 
 from api.bulk import BulkRoute, new_tasks
-from api.deps import AccountDep, IntakeDep, ReadsDep, WaitersDep
+from api.deps import AccountDep, AnnouncerDep, IntakeDep, ReadsDep, RetriesDep, WaitersDep
 from api.fast_path import FastPathRoute
 from api.idempotency import (
     OPENAPI_PARAMETER,
@@ -26,6 +28,8 @@ from api.idempotency import (
 from api.schemas import (
     MAX_BULK_TASKS,
     ErrorMessage,
+    RetryCountPublic,
+    RetryFilterBody,
     TaskBatchCreate,
     TaskBatchPublic,
     TaskEventPublic,
@@ -42,6 +46,7 @@ from throttler.logs import fields
 from throttler.models import TASK_ID_LENGTH, utcnow
 from throttler.store.intake import KeyReusedError, reused_indexes
 from throttler.store.reads import TaskQuery, TaskView
+from throttler.store.retries import MAX_RETRIES_PER_CALL, RetryOutcome
 from throttler.submit import request_digest
 
 log = logging.getLogger(__name__)
@@ -348,3 +353,57 @@ async def task_result(
     if task is None:
         raise not_found
     return TaskPublic.from_task(task)
+
+
+@router.post(
+    "/tasks/retry",
+    name="retry_tasks",
+    operation_id="retry_tasks",
+    response_model=RetryCountPublic,
+    responses=_UNAUTHORIZED | _UNAVAILABLE,
+    summary=(
+        f"Retry the caller's failed and cancelled tasks a filter matches, at most "
+        f"{MAX_RETRIES_PER_CALL} a call, oldest first."
+    ),
+)
+async def retry_tasks(
+    body: RetryFilterBody, account: AccountDep, retries: RetriesDep, announcer: AnnouncerDep
+) -> RetryCountPublic:
+    done = await retries.retry_matching(body.selection(account), now=utcnow())
+    if done.count:
+        # Back in the outbox: wake an idle relay rather than leave them to its next poll.
+        announcer.committed()
+    log.info(
+        "tasks.retried",
+        extra=fields(account=account, count=done.count, remaining=done.remaining),
+    )
+    return RetryCountPublic(count=done.count, remaining=done.remaining)
+
+
+@router.post(
+    "/tasks/{task_id}/retry",
+    name="retry_task",
+    operation_id="retry_task",
+    response_model=TaskPublic,
+    responses={
+        **_RESULT_RESPONSES,
+        409: {
+            "model": TaskPublic,
+            "description": "Neither failed nor cancelled: the task as it is.",
+        },
+    },
+    summary="Take a failed or cancelled task back to pending: it runs again under the limits.",
+)
+async def retry_task(
+    task_id: str, account: AccountDep, retries: RetriesDep, announcer: AnnouncerDep
+) -> TaskPublic | JSONResponse:
+    not_found = _checked_id(task_id)
+    answer = await retries.retry(task_id=task_id, account=account, now=utcnow())
+    if answer.view is None:
+        raise not_found
+    view = TaskPublic.from_task(answer.view)
+    if answer.outcome is RetryOutcome.WRONG_STATUS:
+        return JSONResponse(status_code=status.HTTP_409_CONFLICT, content=jsonable_encoder(view))
+    announcer.committed()
+    log.info("task.retried", extra=fields(task_id=task_id, account=account))
+    return view

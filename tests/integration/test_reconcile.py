@@ -68,6 +68,7 @@ async def _make_task(
     status: TaskStatus,
     ago: timedelta = LONG_AGO,
     attempts: int = 0,
+    tries_base: int = 0,
     name: str = "greeting",
     payload: dict[str, Any] | None = None,
 ) -> str:
@@ -82,7 +83,12 @@ async def _make_task(
             now=at - timedelta(seconds=1),
         )
         await session.execute(delete(OutboxEntry).where(OutboxEntry.task_id == task.id))
-        values: dict[str, Any] = {"status": status, "queued_at": at, "attempts": attempts}
+        values: dict[str, Any] = {
+            "status": status,
+            "queued_at": at,
+            "attempts": attempts,
+            "tries_base": tries_base,
+        }
         if status == TaskStatus.RUNNING:
             values["started_at"] = at
         await session.execute(update(Task).where(Task.id == task.id).values(values))
@@ -291,6 +297,20 @@ async def test_side_effecting_task_that_may_have_started_fails_with_unknown_outc
     assert (await _task(sessions, never_started)).status == TaskStatus.PENDING
     assert await _has_outbox_row(sessions, never_started)
     assert await _history(sessions, never_started) == ["submitted", "requeued"]
+
+
+async def test_side_effecting_task_lost_before_its_first_start_since_a_retry_is_requeued(
+    settings: Settings, sessions: SessionFactory, recovery: RecoveryStore, redis: Redis
+) -> None:
+    # Failed after one attempt, explicitly retried, released, and its job lost with Redis:
+    # nothing has started since the retry, so it goes back through the outbox.
+    task_id = await _make_task(sessions, status=TaskStatus.QUEUED, attempts=1, tries_base=1)
+
+    report = await _reconcile(settings, recovery, redis, catalog=SIDE_EFFECTING_CATALOG)
+
+    assert report == ReconcileReport(examined=1, requeued=(task_id,), failed=())
+    assert (await _task(sessions, task_id)).status == TaskStatus.PENDING
+    assert await _has_outbox_row(sessions, task_id)
 
 
 async def test_task_stuck_running_past_its_timeout_is_requeued_and_runs(

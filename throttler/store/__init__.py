@@ -29,6 +29,7 @@ from throttler.store.intake import Intake, open_intake
 from throttler.store.outbox import CoreOutbox, open_outbox
 from throttler.store.reads import ReadStore, open_reads
 from throttler.store.recovery import RecoveryStore, open_recovery
+from throttler.store.retries import RetryStore
 
 __all__ = ["Store", "open_store"]
 
@@ -42,6 +43,7 @@ class Store:
     outbox: CoreOutbox
     recovery: RecoveryStore
     reads: ReadStore
+    retries: RetryStore
 
     async def close(self) -> None:
         """Stop the parts' own threads and connections (safe to call more than once).
@@ -60,4 +62,5 @@ def open_store(settings: Settings, engine: AsyncEngine) -> Store:
         outbox=open_outbox(settings=settings, engine=engine),
         recovery=open_recovery(settings, engine),
         reads=open_reads(settings, engine),
+        retries=RetryStore(engine),
     )

@@ -51,11 +51,20 @@ class Attempt:
     name: str
     payload: dict[str, Any]
     attempt: int
+    # ``attempts`` when the task was last explicitly retried (0 if never): the tries the
+    # task has used are the attempts since (``try_number``), ``attempt`` keeps counting.
+    tries_base: int = 0
     # The task was already ``running`` on this very dispatch: ARQ delivered the job again
     # because the worker holding it died (its in-progress lease lapsed, worker.leases).
     # Nothing was written and nothing is to run (``payload`` is left empty): the worker
     # puts the task back through the outbox, or fails it if side-effecting.
     orphaned: bool = False
+
+    @property
+    def try_number(self) -> int:
+        """Which try of the task's budget this is: 1 for the first attempt after submission
+        or after an explicit retry (``throttler.store.retries``)."""
+        return self.attempt - self.tries_base
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -207,7 +216,7 @@ _START = (
         attempts=TASKS.c.attempts + 1,
         started_at=bindparam("now", type_=TASKS.c.started_at.type),
     )
-    .returning(TASKS.c.id, TASKS.c.name, TASKS.c.payload, TASKS.c.attempts)
+    .returning(TASKS.c.id, TASKS.c.name, TASKS.c.payload, TASKS.c.attempts, TASKS.c.tries_base)
 )
 _LIVE = (
     select(TASKS.c.id)
@@ -293,8 +302,10 @@ def start_attempts(
         return plan.orphaned
     started = executor.execute(_START, {"task_ids": plan.to_start, "now": now}).all()
     attempts = {
-        task_id: Attempt(task_id=task_id, name=name, payload=payload, attempt=attempt)
-        for task_id, name, payload, attempt in started
+        task_id: Attempt(
+            task_id=task_id, name=name, payload=payload, attempt=attempt, tries_base=base
+        )
+        for task_id, name, payload, attempt, base in started
     }
     if attempts:
         executor.execute(

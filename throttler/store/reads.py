@@ -182,7 +182,7 @@ class ReadStore(Protocol):
         ...
 
 
-_VIEW_COLUMNS = (
+VIEW_COLUMNS = (
     Task.id,
     Task.name,
     Task.status,
@@ -198,7 +198,7 @@ _VIEW_COLUMNS = (
 )
 
 
-def _view(row: Row[Any]) -> TaskView:
+def task_view(row: Row[Any]) -> TaskView:
     return TaskView(
         task_id=row.id,
         name=row.name,
@@ -241,7 +241,7 @@ def _page_branch(query: TaskQuery, status: TaskStatus | None, rows: int) -> Sele
             )
         )
     return (
-        select(*_VIEW_COLUMNS)
+        select(*VIEW_COLUMNS)
         .where(*conditions)
         .order_by(Task.created_at.desc(), Task.id.desc())
         .limit(rows)
@@ -340,15 +340,15 @@ class SqlReadStore:
         async with self._read_sessions() as session:
             row = (
                 await session.execute(
-                    select(*_VIEW_COLUMNS).where(Task.id == task_id, Task.account == account)
+                    select(*VIEW_COLUMNS).where(Task.id == task_id, Task.account == account)
                 )
             ).one_or_none()
-        return None if row is None else _view(row)
+        return None if row is None else task_view(row)
 
     async def tasks(self, query: TaskQuery) -> TaskPage:
         async with self._read_sessions() as session:
             rows = (await session.execute(page_statement(query))).all()
-        views = [_view(row) for row in rows[: query.limit]]
+        views = [task_view(row) for row in rows[: query.limit]]
         if len(rows) <= query.limit:
             return TaskPage(tasks=views, next=None)
         last = views[-1]

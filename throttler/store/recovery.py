@@ -37,6 +37,9 @@ class RecoveryCandidate:
     status: TaskStatus
     attempts: int
     started_at: datetime | None
+    # ``attempts`` at the task's last explicit retry (throttler.store.retries): only the
+    # attempts after it may have started since.
+    tries_base: int = 0
     # When the relay released it: names its ARQ job (throttler.job_ids).
     queued_at: datetime | None = None
 
@@ -213,7 +216,13 @@ class SqlRecoveryStore:
         async with self._read_sessions() as session:
             rows = await session.execute(
                 select(
-                    Task.id, Task.name, Task.status, Task.attempts, Task.started_at, Task.queued_at
+                    Task.id,
+                    Task.name,
+                    Task.status,
+                    Task.attempts,
+                    Task.tries_base,
+                    Task.started_at,
+                    Task.queued_at,
                 )
                 .where(_recoverable(grace_cutoff=grace_cutoff), Task.id > after_task_id)
                 .order_by(Task.id)
@@ -225,6 +234,7 @@ class SqlRecoveryStore:
                     name=row.name,
                     status=TaskStatus(row.status),
                     attempts=row.attempts,
+                    tries_base=row.tries_base,
                     started_at=row.started_at,
                     queued_at=row.queued_at,
                 )

@@ -157,7 +157,9 @@ def _statements() -> _Statements:
                 attempts=TASKS.c.attempts + 1,
                 started_at=bindparam("now", value=None, type_=TASKS.c.started_at.type),
             )
-            .returning(TASKS.c.id, TASKS.c.name, TASKS.c.payload, TASKS.c.attempts)
+            .returning(
+                TASKS.c.id, TASKS.c.name, TASKS.c.payload, TASKS.c.attempts, TASKS.c.tries_base
+            )
         ),
         live=_Statement.of(select(TASKS.c.id).where(_ids_in_json(), NOT_TERMINAL)),
         insert_event=_Statement.of(
@@ -233,8 +235,9 @@ def _start(
             name=name,
             payload=payload if load is None else load(payload),
             attempt=attempt,
+            tries_base=base,
         )
-        for task_id, name, payload, attempt in rows
+        for task_id, name, payload, attempt, base in rows
     }
     if attempts:
         insert_event = statements.insert_event

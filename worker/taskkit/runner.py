@@ -180,11 +180,11 @@ class _Ending:
         definition, attempt = self.definition, self.attempt
         if definition.at_most_once:
             return self.failed(f"{error} (side-effecting task: not retried)")
-        if attempt.attempt >= definition.max_tries:
-            return self.failed(f"{error} (gave up after {attempt.attempt} attempts)")
+        if attempt.try_number >= definition.max_tries:
+            return self.failed(f"{error} (gave up after {attempt.try_number} attempts)")
         settings = self.resources.settings
         defer_s = retry_delay_s(
-            attempt=attempt.attempt,
+            attempt=attempt.try_number,
             base_s=settings.worker_retry_backoff_s,
             max_s=settings.worker_retry_backoff_max_s,
         )
@@ -224,15 +224,18 @@ async def _attempt(definition: TaskDefinition, resources: Resources, attempt: At
         return ending.failed(
             f"task is a {attempt.name!r} but ran as ARQ function {definition.name!r}"
         )
-    if definition.at_most_once and attempt.attempt > 1:
+    # Tries count from the task's last explicit retry (Attempt.try_number): a user who
+    # retried a failed task asked for it to run again, side-effecting or not.
+    if definition.at_most_once and attempt.try_number > 1:
         return ending.failed(
             f"side-effecting task started again (attempt {attempt.attempt}): the outcome of "
             "the earlier attempt is unknown, so it is not run again"
         )
-    if attempt.attempt > definition.max_tries:
+    if attempt.try_number > definition.max_tries:
         # Earlier attempts were cut short (worker killed or shut down) without an outcome.
         return ending.failed(
-            f"gave up: attempt {attempt.attempt} exceeds max_tries {definition.max_tries}"
+            f"gave up: try {attempt.try_number} (attempt {attempt.attempt}) exceeds "
+            f"max_tries {definition.max_tries}"
         )
     try:
         params = definition.input_model.model_validate(attempt.payload)
