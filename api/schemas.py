@@ -15,7 +15,8 @@ from pydantic import (
     field_validator,
 )
 
-from api.submit_options import ISO_TIME_WITH_ZONE, MAX_DELAY_S, MAX_PRIORITY, MIN_PRIORITY
+from api.strict_query import ISO_TIME_WITH_ZONE
+from api.submit_options import MAX_DELAY_S, MAX_PRIORITY, MIN_PRIORITY
 from throttler.constants import DEFAULT_PRIORITY
 from throttler.models import IDEMPOTENCY_KEY_LENGTH, TASK_NAME_LENGTH
 from throttler.nodes import ALIVE_WITHIN_S, FORGET_AFTER_S

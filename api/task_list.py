@@ -10,33 +10,27 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections import Counter
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import Query, Request
-from fastapi.exceptions import RequestValidationError
 from pydantic import AwareDatetime
 
 from api.deps import AccountDep
-from api.submit_options import ISO_TIME_WITH_ZONE, PLAIN_DIGITS
+from api.strict_query import QuerySpelling, query_error
 from throttler.models import TASK_ID_LENGTH
 from throttler.statuses import TaskStatus
 from throttler.store.reads import TaskKey, TaskQuery
 
 MAX_PAGE = 1000
 DEFAULT_PAGE = 100
-PARAMETERS = frozenset({"status", "name", "created_after", "created_before", "limit", "cursor"})
-REPEATABLE = frozenset({"status"})
-TIME_PARAMETERS = frozenset({"created_after", "created_before"})
+SPELLING = QuerySpelling(
+    names=frozenset({"status", "name", "created_after", "created_before", "limit", "cursor"}),
+    integers=frozenset({"limit"}),
+    times=frozenset({"created_after", "created_before"}),
+    repeatable=frozenset({"status"}),
+)
 _CURSOR_FIELDS = frozenset({"created_at", "task_id"})
-
-
-def _query_error(name: str, kind: str, message: str, value: Any) -> RequestValidationError:
-    """A 422 shaped like FastAPI's own, naming one query parameter."""
-    return RequestValidationError(
-        [{"type": kind, "loc": ("query", name), "msg": message, "input": value}]
-    )
 
 
 def encode_cursor(key: TaskKey) -> str:
@@ -47,7 +41,7 @@ def encode_cursor(key: TaskKey) -> str:
 
 def decode_cursor(cursor: str) -> TaskKey:
     """The keyset a cursor holds; a 422 naming ``cursor`` for anything this API did not give."""
-    invalid = _query_error("cursor", "value_error", "Invalid cursor", cursor)
+    invalid = query_error("cursor", "value_error", "Invalid cursor", cursor)
     if not cursor.isascii() or "=" in cursor:
         raise invalid
     try:
@@ -98,7 +92,7 @@ async def get_task_query(
     ] = None,
 ) -> TaskQuery:
     """The caller's account's tasks the query asks for; any parameter amiss is a 422."""
-    _check_spelling(request)
+    SPELLING.check(request)
     return TaskQuery(
         account=account,
         statuses=frozenset(status) if status else None,
@@ -108,38 +102,3 @@ async def get_task_query(
         after=None if cursor is None else decode_cursor(cursor),
         limit=limit,
     )
-
-
-def _check_spelling(request: Request) -> None:
-    """Refuse unknown, repeated or laxly spelt parameters, checked on the raw query string.
-
-    FastAPI has parsed the values in pydantic's lax mode, taking the last of a repeated
-    single-valued parameter; a misspelt filter (``?state=failed``) would list everything.
-    """
-    items = request.query_params.multi_items()
-    counts = Counter(name for name, _ in items)
-    errors: dict[str, RequestValidationError] = {}
-    for name, value in items:
-        error = _spelling_error(name, value, given_times=counts[name])
-        if error is not None:
-            errors.setdefault(name, error)
-    if errors:
-        raise RequestValidationError([e for error in errors.values() for e in error.errors()])
-
-
-def _spelling_error(name: str, value: str, *, given_times: int) -> RequestValidationError | None:
-    if name not in PARAMETERS:
-        return _query_error(name, "extra_forbidden", "Extra inputs are not permitted", value)
-    if given_times > 1 and name not in REPEATABLE:
-        return _query_error(
-            name, "value_error", f"{name} is given more than once; give it once", value
-        )
-    if name == "limit" and not PLAIN_DIGITS.fullmatch(value):
-        return _query_error(
-            name, "int_parsing", "Input should be an integer in plain decimal digits", value
-        )
-    if name in TIME_PARAMETERS and not ISO_TIME_WITH_ZONE.fullmatch(value):
-        return _query_error(
-            name, "datetime_parsing", "Input should be an ISO-8601 time with a timezone", value
-        )
-    return None
