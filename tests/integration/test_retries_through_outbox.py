@@ -171,12 +171,14 @@ async def test_an_inflight_cap_counts_a_retry_like_a_first_attempt(
     settings: Settings, sessions: SessionFactory
 ) -> None:
     rules = "task:greeting inflight=1"
-    # A backoff long enough that the other task is released during it.
+    # A backoff long enough that the other task is released during it, also on a loaded
+    # machine: the backoff runs from the failure, not from its commit, and a commit that
+    # took longer than the backoff would find both tasks due at once.
     settings = settings.model_copy(
         update={
             "relay_limits": rules,
-            "worker_retry_backoff_s": 1.0,
-            "worker_retry_backoff_max_s": 1.0,
+            "worker_retry_backoff_s": 4.0,
+            "worker_retry_backoff_max_s": 4.0,
         }
     )
     FailsFirst.calls.clear()
