@@ -108,6 +108,9 @@ def worker_options(
         # task back in the outbox, so the job starts nothing then; one whose start was
         # withdrawn (never ran) starts its dispatch.
         "retry_jobs": True,
+        # A cancelled task's running job is interrupted through ARQ's abort protocol
+        # (throttler.aborts; checked beside the poll loop, worker.leases).
+        "allow_abort_jobs": True,
         # Results live in the database; ARQ's per-job lines would only repeat ours.
         "log_results": False,
     }

@@ -11,6 +11,10 @@ Pickup itself is batched: one atomic script call takes the in-progress keys of a
 jobs as there are free slots, with ARQ's own checks, where ARQ spends three round trips per
 job (see ``LeasedWorker.start_jobs``). A reply lost to a Redis failure leaves keys that
 lapse within ``lease_s``; their jobs then run as after a death.
+
+Aborts (``throttler.aborts``, a cancelled task's running attempt) are looked for beside
+the poll loop too, every ``abort_check_s``, only for the jobs this worker runs: ARQ's own
+check sits in the poll loop, which waits while every slot is taken.
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ from arq.utils import timestamp_ms
 from arq.worker import Worker
 from redis.commands.core import AsyncScript
 
+from throttler.aborts import ABORT_CHECK_S, ABORT_KEY
 from throttler.errors import REDIS_ERRORS
 from throttler.logs import fields
+from worker.taskkit.registry import ABORTING_KEY
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +51,7 @@ class LeasedWorker(Worker):
         *args: Any,
         lease_s: float = LEASE_S,
         lease_refresh_s: float = LEASE_REFRESH_S,
+        abort_check_s: float = ABORT_CHECK_S,
         **kwargs: Any,
     ) -> None:
         if not 0 < lease_refresh_s < lease_s:
@@ -54,6 +61,9 @@ class LeasedWorker(Worker):
         super().__init__(*args, **kwargs)
         self.lease_s = lease_s
         self.lease_refresh_s = lease_refresh_s
+        self.abort_check_s = abort_check_s
+        # Jobs see whether their cancellation is an abort (worker.taskkit.registry).
+        self.ctx[ABORTING_KEY] = self.aborting_tasks
         # ARQ's TTL at pickup (its only use): the first lease, renewed by renew_leases.
         self.in_progress_timeout_s = lease_s
         self._take_script: AsyncScript | None = None
@@ -85,15 +95,57 @@ class LeasedWorker(Worker):
                 # logs it once (worker.service).
                 log.debug("worker.lease_renewal_failed", exc_info=error)
 
+    async def check_aborts(self) -> list[str]:
+        """Cancel the running jobs an abort was asked for (one round trip); return their ids.
+
+        As ARQ's own check does, the job is marked in ``aborting_tasks`` first, so ARQ's
+        run_job ends it as aborted (not re-queued), and its abort entry is removed.
+        """
+        job_ids = [job_id for job_id, task in self.job_tasks.items() if not task.done()]
+        if not job_ids:
+            return []
+        scores = await self.pool.zmscore(ABORT_KEY, job_ids)
+        aborted = [job_id for job_id, score in zip(job_ids, scores, strict=True) if score]
+        for job_id in aborted:
+            task = self.job_tasks.get(job_id)
+            if task is not None and not task.done():
+                self.aborting_tasks.add(job_id)
+                task.cancel()
+        if aborted:
+            await self.pool.zrem(ABORT_KEY, *aborted)
+        return aborted
+
+    async def _cancel_aborted_jobs(self) -> None:
+        """ARQ's poll-loop check, replaced by ``check_aborts`` beside the loop.
+
+        ARQ's reads the whole abort set on every poll (every 10 ms here) and is not
+        reached while the worker is full; ours asks only about running jobs, 4 times a
+        second, full or not.
+        """
+
+    async def _watch_aborts(self) -> None:
+        while True:
+            await asyncio.sleep(self.abort_check_s)
+            try:
+                await self.check_aborts()
+            except REDIS_ERRORS as error:
+                # As for leases: the service judges and logs a Redis outage.
+                log.debug("worker.abort_check_failed", exc_info=error)
+
     async def main(self) -> None:
-        """Run ARQ's poll loop with the lease renewer beside it."""
-        renewer = asyncio.create_task(self._keep_leases())
+        """Run ARQ's poll loop with the lease renewer and the abort watcher beside it."""
+        beside = [
+            asyncio.create_task(self._keep_leases()),
+            asyncio.create_task(self._watch_aborts()),
+        ]
         try:
             await super().main()
         finally:
-            renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewer
+            for task in beside:
+                task.cancel()
+            for task in beside:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     async def run_job(self, job_id: str, score: int) -> None:
         """Run one job as ARQ does; a Redis error in ARQ's own bookkeeping ends it quietly.

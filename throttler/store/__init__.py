@@ -12,6 +12,7 @@ or a driver (``throttler.db`` creates engines, ``throttler.settings`` reads URLs
 - ``recovery``: the reconciler's candidates and guarded requeue/fail, retention, and the
   last dispatch moment (the drain floor).
 - ``reads``: the task view, the long-poll sweep, relay status counts, readiness.
+- ``retries``, ``cancels``: a user's retry or cancel, of one task or by filter.
 
 Each component opens the store once (``open_store``) on its engine and hands the parts
 it uses to the code that uses them; nothing of the store opens connections until used.
@@ -25,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from throttler.settings import Settings
 from throttler.store.attempts import Attempts, open_attempts
+from throttler.store.cancels import CancelStore
 from throttler.store.intake import Intake, open_intake
 from throttler.store.outbox import CoreOutbox, open_outbox
 from throttler.store.reads import ReadStore, open_reads
@@ -44,6 +46,7 @@ class Store:
     recovery: RecoveryStore
     reads: ReadStore
     retries: RetryStore
+    cancels: CancelStore
 
     async def close(self) -> None:
         """Stop the parts' own threads and connections (safe to call more than once).
@@ -63,4 +66,5 @@ def open_store(settings: Settings, engine: AsyncEngine) -> Store:
         recovery=open_recovery(settings, engine),
         reads=open_reads(settings, engine),
         retries=RetryStore(engine),
+        cancels=CancelStore(engine),
     )

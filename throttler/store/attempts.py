@@ -3,7 +3,9 @@
 A batch changes each task only from a status that allows the move and appends the
 matching event; a task in a terminal status is never changed again. An attempt starts
 only from ``queued``, on the dispatch the job names (``throttler.job_ids``): a stale ARQ
-job (an earlier dispatch of the task) starts nothing. An outcome that calls for another
+job (an earlier dispatch of the task) starts nothing; an outcome changes only a task
+still ``running`` on its attempt, so a cancelled task's late outcome (a blocking thread
+cannot be interrupted) is discarded. An outcome that calls for another
 attempt (``retrying``, or ``requeued`` when the worker stopped mid-attempt) puts the task
 back in the outbox in the same transaction: ``pending``, ``run_at`` at the backoff
 moment, a new outbox row; the relay then releases the next attempt under every limit, as
@@ -20,7 +22,7 @@ no thread switch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol, cast
@@ -32,7 +34,7 @@ from sqlalchemy.orm import Session
 from throttler.job_ids import Dispatch
 from throttler.models import OutboxEntry, Task, TaskEvent
 from throttler.settings import Settings
-from throttler.statuses import TERMINAL_STATUSES, EventKind, TaskStatus
+from throttler.statuses import EventKind, TaskStatus
 
 # What the reference's statements run on: Core either way.
 SyncExecutor = Connection | Session
@@ -40,7 +42,6 @@ SyncExecutor = Connection | Session
 TASKS = cast(Table, Task.__table__)
 EVENTS = cast(Table, TaskEvent.__table__)
 OUTBOX = cast(Table, OutboxEntry.__table__)
-NOT_TERMINAL = TASKS.c.status.not_in([status.value for status in TERMINAL_STATUSES])
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -218,9 +219,13 @@ _START = (
     )
     .returning(TASKS.c.id, TASKS.c.name, TASKS.c.payload, TASKS.c.attempts, TASKS.c.tries_base)
 )
+# The tasks an outcome may change: running, with their attempt count (see current_on).
 _LIVE = (
-    select(TASKS.c.id)
-    .where(TASKS.c.id.in_(bindparam("task_ids", expanding=True)), NOT_TERMINAL)
+    select(TASKS.c.id, TASKS.c.attempts)
+    .where(
+        TASKS.c.id.in_(bindparam("task_ids", expanding=True)),
+        TASKS.c.status == TaskStatus.RUNNING.value,
+    )
     .with_for_update()
 )
 _INSERT_EVENTS = insert(EVENTS)
@@ -315,20 +320,34 @@ def start_attempts(
     return {**plan.orphaned, **attempts}
 
 
-def record_outcomes(executor: SyncExecutor, outcomes: Sequence[Outcome]) -> set[str]:
-    """Write each outcome whose task is not final yet; return the ids of those written.
+def current_on(outcomes: Sequence[Outcome], running: Mapping[str, int]) -> list[Outcome]:
+    """The outcomes whose task is still running on their attempt (``running``: the
+    attempt count of each running task).
 
-    The tasks are read and locked first, so no other writer can finish one between the
-    check and the update. An outcome that calls for another attempt also replaces the
-    task's outbox row. Each task id may appear once. At most eight statements (one update
-    per kind of outcome) however many tasks, in the caller's transaction.
+    Any other outcome is discarded: the task was cancelled (a blocking thread's result
+    arriving after the cancel), finished, or put back in the outbox by recovery, perhaps
+    retried and running again on a later attempt, which this late outcome must not end.
+    """
+    return [outcome for outcome in outcomes if running.get(outcome.task_id) == outcome.attempt]
+
+
+def record_outcomes(executor: SyncExecutor, outcomes: Sequence[Outcome]) -> set[str]:
+    """Write each outcome whose task is still running on its attempt; return the ids of
+    those written (``current_on``).
+
+    The tasks are read and locked first, so no other writer (a cancel, recovery) can
+    change one between the check and the update. An outcome that calls for another
+    attempt also replaces the task's outbox row. Each task id may appear once. At most
+    eight statements (one update per kind of outcome) however many tasks, in the
+    caller's transaction.
     """
     if not outcomes:
         return set()
     check_unique(outcomes)
     ids = [outcome.task_id for outcome in outcomes]
-    live = set(executor.execute(_LIVE, {"task_ids": ids}).scalars())
-    written = [outcome for outcome in outcomes if outcome.task_id in live]
+    locked = executor.execute(_LIVE, {"task_ids": ids})
+    running = {task_id: attempts for task_id, attempts in locked}
+    written = current_on(outcomes, running)
     if not written:
         return set()
     # One executemany per shape of values (succeeded, failed, retrying).

@@ -26,20 +26,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
+from typing import ClassVar
 
-from sqlalchemy import ColumnElement, Connection, bindparam, func, select
+from sqlalchemy import Connection, bindparam, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from throttler.statuses import EventKind, TaskStatus
 from throttler.store.attempts import EVENTS, OUTBOX, TASKS
 from throttler.store.reads import VIEW_COLUMNS, TaskView, task_view
+from throttler.store.task_filter import TaskFilter, chunks, count_matching, lock_oldest
 
 RETRIABLE_STATUSES = frozenset({TaskStatus.FAILED, TaskStatus.CANCELLED})
 # Tasks one retry-by-filter changes at most: one transaction holds their row locks, so it
 # stays short; the answer counts the matching tasks left, and the caller calls again.
 MAX_RETRIES_PER_CALL = 10_000
-# Ids per statement, well under SQLite's and asyncpg's bound-parameter limits.
-_CHUNK = 1000
 
 
 class RetryOutcome(StrEnum):
@@ -57,29 +57,14 @@ class RetryAnswer:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class RetryFilter:
+class RetryFilter(TaskFilter):
     """The tasks a retry by filter takes: the account's, in ``statuses`` (failed or
     cancelled only), of ``name``, created before ``created_before``."""
 
-    account: str
+    applies_to: ClassVar[frozenset[TaskStatus]] = RETRIABLE_STATUSES
+    operation: ClassVar[str] = "retried"
+
     statuses: frozenset[TaskStatus] = RETRIABLE_STATUSES
-    name: str | None = None
-    created_before: datetime | None = None
-
-    def __post_init__(self) -> None:
-        if not self.statuses or not self.statuses <= RETRIABLE_STATUSES:
-            raise ValueError(f"only failed or cancelled tasks are retried: {self.statuses}")
-
-    def where(self) -> list[ColumnElement[bool]]:
-        clauses = [
-            TASKS.c.account == self.account,
-            TASKS.c.status.in_(sorted(status.value for status in self.statuses)),
-        ]
-        if self.name is not None:
-            clauses.append(TASKS.c.name == self.name)
-        if self.created_before is not None:
-            clauses.append(TASKS.c.created_at < self.created_before)
-        return clauses
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -122,8 +107,7 @@ _DELETE_OUTBOX = OUTBOX.delete().where(OUTBOX.c.task_id.in_(bindparam("task_ids"
 def _retry_ids(connection: Connection, task_ids: Sequence[str], *, by: str, now: datetime) -> int:
     """Retry those of ``task_ids`` still failed or cancelled (rows locked by the caller)."""
     retried = 0
-    for start in range(0, len(task_ids), _CHUNK):
-        chunk = list(task_ids[start : start + _CHUNK])
+    for chunk in chunks(task_ids):
         rows = connection.execute(_RETRY, {"task_ids": chunk, "now": now}).all()
         if not rows:
             continue
@@ -166,19 +150,10 @@ def retry_matching(
 ) -> RetryCount:
     """Retry the oldest ``limit`` tasks ``selection`` matches, in the caller's transaction."""
     where = selection.where()
-    ids = list(
-        connection.execute(
-            select(TASKS.c.id)
-            .where(*where)
-            .order_by(TASKS.c.created_at, TASKS.c.id)
-            .limit(limit)
-            .with_for_update()
-        ).scalars()
-    )
+    ids = [task_id for (task_id,) in lock_oldest(connection, where, limit=limit)]
     count = _retry_ids(connection, ids, by=selection.account, now=now)
     # Those retried are pending now; what still matches is what a next call would take.
-    remaining = connection.execute(select(func.count()).select_from(TASKS).where(*where))
-    return RetryCount(count=count, remaining=remaining.scalar_one())
+    return RetryCount(count=count, remaining=count_matching(connection, where))
 
 
 class RetryStore:

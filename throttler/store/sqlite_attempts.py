@@ -35,7 +35,6 @@ from throttler.settings import Settings
 from throttler.statuses import EventKind, TaskStatus
 from throttler.store.attempts import (
     EVENTS,
-    NOT_TERMINAL,
     OUTBOX,
     TASKS,
     Attempt,
@@ -44,6 +43,7 @@ from throttler.store.attempts import (
     DispatchedRow,
     Outcome,
     check_unique,
+    current_on,
     outcome_event,
     plan_starts,
     started_event,
@@ -161,7 +161,11 @@ def _statements() -> _Statements:
                 TASKS.c.id, TASKS.c.name, TASKS.c.payload, TASKS.c.attempts, TASKS.c.tries_base
             )
         ),
-        live=_Statement.of(select(TASKS.c.id).where(_ids_in_json(), NOT_TERMINAL)),
+        live=_Statement.of(
+            select(TASKS.c.id, TASKS.c.attempts).where(
+                _ids_in_json(), TASKS.c.status == TaskStatus.RUNNING.value
+            )
+        ),
         insert_event=_Statement.of(
             insert(EVENTS).values(
                 {
@@ -257,13 +261,13 @@ def _record(connection: sqlite3.Connection, outcomes: Sequence[Outcome]) -> set[
     check_unique(outcomes)
     statements = _statements()
     live_ids = json.dumps([outcome.task_id for outcome in outcomes])
-    live = {
-        task_id
-        for (task_id,) in connection.execute(
+    running = {
+        task_id: attempts
+        for task_id, attempts in connection.execute(
             statements.live.sql, statements.live.bind({"task_ids": live_ids})
         )
     }
-    written = [outcome for outcome in outcomes if outcome.task_id in live]
+    written = current_on(outcomes, running)
     if not written:
         return set()
     by_event: dict[EventKind, list[list[Any]]] = {}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any
 
 from arq.worker import Function, func
@@ -29,6 +29,9 @@ ARQ_TRIES_HEADROOM = 10_000
 # timeout, and the outcome write waits out database outages of any length (see persist),
 # so ARQ's timeout is set out of reach.
 ARQ_TIMEOUT_S = 365 * 24 * 3600.0
+# Where the worker's ctx holds ARQ's ``aborting_tasks`` (worker.leases): the ids of jobs
+# being cancelled by an abort, not by a stop.
+ABORTING_KEY = "aborting_jobs"
 
 
 def arq_function(definition: TaskDefinition) -> Function:
@@ -49,6 +52,8 @@ def arq_function(definition: TaskDefinition) -> Function:
                 extra=fields(task_id=dispatch.task_id, reason="job id names no dispatch"),
             )
             return
+        job_id = str(ctx["job_id"])
+        aborting: Collection[str] = ctx.get(ABORTING_KEY, ())
         await run_task(
             definition,
             resources_from(ctx),
@@ -57,6 +62,7 @@ def arq_function(definition: TaskDefinition) -> Function:
             arq_try=int(ctx.get("job_try") or 1),
             # ARQ's own pool: announces the outcome to API long-polls (best effort).
             redis=ctx.get("redis"),
+            aborted=lambda: job_id in aborting,
         )
 
     job.__qualname__ = f"run_{definition.name}"

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,7 @@ from throttler.models import utcnow
 from throttler.statuses import EventKind
 from throttler.store.attempts import Attempt, Outcome
 from worker.taskkit.backoff import retry_delay_s
+from worker.taskkit.base import BlockingTask
 from worker.taskkit.definition import TaskDefinition
 from worker.taskkit.errors import PermanentError
 from worker.taskkit.persist import retry_until_written
@@ -69,13 +71,15 @@ async def run_task(
     dispatch: Dispatch | None = None,
     arq_try: int = 1,
     redis: Redis | None = None,
+    aborted: Callable[[], bool] | None = None,
 ) -> None:
     """Run one attempt of the task ``task_id`` and record how it ended.
 
     ``dispatch`` is what the ARQ job id names (None: any dispatch of a queued task).
     ``arq_try`` is ARQ's count of deliveries, used only to back off while the database
     cannot even record the start. With ``redis``, a terminal outcome is announced there
-    once committed (see throttler.finished).
+    once committed (see throttler.finished). ``aborted`` says whether a cancellation of
+    the job is an abort (the task was cancelled: throttler.aborts) rather than a stop.
     """
     settings = resources.settings
     try:
@@ -131,15 +135,38 @@ async def run_task(
     try:
         outcome = await _attempt(definition, resources, attempt)
     except asyncio.CancelledError:
-        # Only a stopping worker cancels a job (its drain, past the grace). The attempt is
-        # cut short: the task goes back through the outbox (or fails, if side-effecting)
-        # before the job goes back to ARQ, whose re-run of it then starts nothing.
+        if aborted is not None and aborted():
+            _log_aborted(definition, attempt, started=started)
+            # The task is cancelled in the database already (the abort is sent after that
+            # commit): nothing to record. ARQ ends the job as aborted, never re-run.
+            raise
+        # Otherwise a stopping worker cancelled the job (its drain, past the grace). The
+        # attempt is cut short: the task goes back through the outbox (or fails, if
+        # side-effecting) before the job goes back to ARQ, whose re-run of it then
+        # starts nothing.
         ending = _Ending(definition=definition, resources=resources, attempt=attempt)
         await _record(
             definition, resources, attempt, ending.interrupted(), started=started, redis=redis
         )
         raise
     await _record(definition, resources, attempt, outcome, started=started, redis=redis)
+
+
+def _log_aborted(definition: TaskDefinition, attempt: Attempt, *, started: float) -> None:
+    blocking = isinstance(definition.task, BlockingTask)
+    log.info(
+        "task.interrupted",
+        extra=fields(
+            task_id=attempt.task_id,
+            name=definition.name,
+            attempt=attempt.attempt,
+            duration_ms=round((time.monotonic() - started) * 1000),
+            reason="cancelled",
+            # A thread cannot be interrupted: it finishes its call, and its result is
+            # dropped with the awaiting coroutine (the database would refuse it anyway).
+            outcome="discarded; its thread runs on to the end" if blocking else "discarded",
+        ),
+    )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -297,6 +324,14 @@ async def _record(
         "attempt": attempt.attempt,
         "duration_ms": round((time.monotonic() - started) * 1000),
     }
+    if not changed:
+        # The task is no longer running on this attempt: cancelled (an abort that did not
+        # reach this worker), or recovered and perhaps running again elsewhere.
+        log.info(
+            "task.outcome_discarded",
+            extra=fields(**log_fields, outcome=outcome.event.value, error=outcome.error),
+        )
+        return
     if outcome.event is EventKind.SUCCEEDED:
         log.info("task.succeeded", extra=fields(**log_fields, recorded=changed))
         return

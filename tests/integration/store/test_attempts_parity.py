@@ -72,11 +72,11 @@ async def _release_again(engine: AsyncEngine, task_id: str) -> None:
 RELEASED_AGAIN = NOW + timedelta(seconds=5)
 
 
-def _outcome(task_id: str, event: EventKind, **values: object) -> Outcome:
+def _outcome(task_id: str, event: EventKind, *, attempt: int = 1, **values: object) -> Outcome:
     return Outcome(
         task_id=task_id,
         event=event,
-        attempt=1,
+        attempt=attempt,
         worker_id="worker-1",
         now=NOW + timedelta(seconds=2, microseconds=7),
         **values,  # type: ignore[arg-type]
@@ -111,7 +111,9 @@ async def _write_all(
                 worker_id="worker-1",
                 now=started_at,
             ),
-            # Outcomes of every kind, one for a final task, with starts in the same batch.
+            # Outcomes of every kind, one for a final task and one for a task that never
+            # started (both discarded: only a running task takes an outcome), with starts
+            # in the same batch.
             await attempts.write(
                 starts=[_on(ids[5], NOW), _on(ids[6], NOW)],
                 outcomes=[
@@ -153,7 +155,8 @@ async def _write_all(
             ),
             await attempts.write(
                 starts=[],
-                outcomes=[_outcome(ids[2], EventKind.SUCCEEDED, result={})],
+                # The second attempt's outcome (an outcome names its attempt).
+                outcomes=[_outcome(ids[2], EventKind.SUCCEEDED, attempt=2, result={})],
                 worker_id="worker-1",
                 now=started_at,
             ),
@@ -192,13 +195,13 @@ async def test_attempts_override_writes_the_reference_rows(
         (True, 1),
     ]
     assert len(second.started) == 2
-    assert len(second.recorded) == 5
+    assert len(second.recorded) == 4
     assert not stale.started
     assert not released.started
     assert [attempt.attempt for attempt in third.started.values()] == [2]
     assert fourth.recorded
     events = [row for row in reference["task_events"] if row[3] != EventKind.SUBMITTED.value]
-    assert len(events) == 3 + 2 + 5 + 1 + 1
+    assert len(events) == 3 + 2 + 4 + 1 + 1
     # The retried and the requeued task each got a new outbox row (the retried task's
     # replaced its leftover one); the relay has since released the retried task's.
     assert len(reference["outbox"]) == 1
