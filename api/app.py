@@ -17,7 +17,7 @@ from api.docs import mount_docs
 from api.errors import register_error_handlers
 from api.intake import IntakeWriter
 from api.key_first import KeyBeforeBodyMiddleware
-from api.routes import health, nodes, relay, tasks
+from api.routes import cancel, health, nodes, relay, tasks
 from api.waiters import FinishedListener, FinishedSweep, Waiters
 from throttler.constants import API_PREFIX
 from throttler.db import create_engine
@@ -48,6 +48,7 @@ def create_app(settings: Settings) -> FastAPI:
         store = open_store(settings, engine)
         app.state.reads = store.reads
         app.state.retries = store.retries
+        app.state.cancels = store.cancels
         app.state.redis = redis
         announcer = NewWorkAnnouncer(redis)
         app.state.announcer = announcer
@@ -97,6 +98,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     mount_docs(app, settings)
     app.include_router(tasks.router)
+    app.include_router(cancel.router)
     app.include_router(relay.router)
     app.include_router(nodes.router)
     app.include_router(health.router)

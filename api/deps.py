@@ -20,6 +20,7 @@ from api.intake import IntakeWriter
 from api.waiters import Waiters
 from throttler.constants import DEFAULT_ACCOUNT
 from throttler.settings import Settings
+from throttler.store.cancels import CancelStore
 from throttler.store.reads import ReadStore
 from throttler.store.retries import RetryStore
 
@@ -37,6 +38,11 @@ async def get_reads(request: Request) -> ReadStore:
 async def get_retries(request: Request) -> RetryStore:
     retries: RetryStore = request.app.state.retries
     return retries
+
+
+async def get_cancels(request: Request) -> CancelStore:
+    cancels: CancelStore = request.app.state.cancels
+    return cancels
 
 
 async def get_announcer(request: Request) -> NewWorkAnnouncer:
@@ -64,6 +70,8 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 ReadsDep = Annotated[ReadStore, Depends(get_reads)]
 # Explicit retries of failed and cancelled tasks (throttler.store.retries).
 RetriesDep = Annotated[RetryStore, Depends(get_retries)]
+# Cancels of pending, queued and running tasks (throttler.store.cancels).
+CancelsDep = Annotated[CancelStore, Depends(get_cancels)]
 # Wakes idle relays after a commit that put tasks in the outbox other than the intake's.
 AnnouncerDep = Annotated[NewWorkAnnouncer, Depends(get_announcer)]
 RedisDep = Annotated[Redis, Depends(get_redis)]

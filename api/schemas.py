@@ -21,6 +21,7 @@ from throttler.constants import DEFAULT_PRIORITY
 from throttler.models import IDEMPOTENCY_KEY_LENGTH, TASK_NAME_LENGTH
 from throttler.nodes import ALIVE_WITHIN_S, FORGET_AFTER_S
 from throttler.statuses import EventKind, TaskStatus
+from throttler.store.cancels import CANCELLABLE_STATUSES, MAX_CANCELS_PER_CALL, CancelFilter
 from throttler.store.reads import EventView, TaskView
 from throttler.store.retries import MAX_RETRIES_PER_CALL, RETRIABLE_STATUSES, RetryFilter
 from throttler.submit import NewTask
@@ -319,3 +320,69 @@ class NodesPublic(BaseModel):
 
     relays: list[NodePublic]
     workers: list[WorkerNodePublic]
+
+
+class CancelFilterBody(BaseModel):
+    """Which of the caller's tasks ``POST /tasks/cancel`` takes; ``{}``: every pending,
+    queued and running one. Strict: an unknown field, or a value of another type, is a 422."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    status: Literal["pending", "queued", "running"] | None = Field(
+        default=None, description="Only pending, queued or running tasks; default all three."
+    )
+    name: StrictStr | None = Field(
+        default=None, min_length=1, max_length=TASK_NAME_LENGTH, description="Only this kind."
+    )
+    created_before: AwareDatetime | None = Field(
+        default=None, description="Only tasks created before this ISO-8601 time with a timezone."
+    )
+    key: object = Field(default=None, description="Not supported yet: any value is a 422.")
+
+    # The retry filter's checks: an ISO time, no key filter yet.
+    @field_validator("created_before", mode="before")
+    @classmethod
+    def _iso_time(cls, value: object) -> object:
+        return RetryFilterBody._iso_time(value)
+
+    @field_validator("key", mode="before")
+    @classmethod
+    def _no_key(cls, value: object) -> object:
+        return RetryFilterBody._no_key(value)
+
+    def selection(self, account: str) -> CancelFilter:
+        statuses = (
+            CANCELLABLE_STATUSES if self.status is None else frozenset({TaskStatus(self.status)})
+        )
+        return CancelFilter(
+            account=account,
+            statuses=statuses,
+            name=self.name,
+            created_before=self.created_before,
+        )
+
+
+class CancelCountPublic(BaseModel):
+    """What a cancel by filter did."""
+
+    model_config = ConfigDict(frozen=True)
+
+    count: int = Field(description="Tasks cancelled by this call.")
+    remaining: int = Field(
+        description=(
+            f"Tasks that still match: a call cancels at most {MAX_CANCELS_PER_CALL}, "
+            "oldest first; call again while this is above 0."
+        )
+    )
+    skipped: int = Field(
+        description=(
+            "Running side-effecting tasks that match but were left running (not counted in "
+            "`remaining`): cancel with `?force=true` to interrupt them."
+        )
+    )
+
+
+class TaskConflictPublic(TaskPublic):
+    """A 409: the task as it stands, and why the request did not change it."""
+
+    detail: str
