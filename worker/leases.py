@@ -104,7 +104,11 @@ class LeasedWorker(Worker):
         job_ids = [job_id for job_id, task in self.job_tasks.items() if not task.done()]
         if not job_ids:
             return []
-        scores = await self.pool.zmscore(ABORT_KEY, job_ids)
+        # ZSCOREs in one round trip (not ZMSCORE: Redis 6.2+ only).
+        async with self.pool.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.zscore(ABORT_KEY, job_id)
+            scores = await pipe.execute()
         aborted = [job_id for job_id, score in zip(job_ids, scores, strict=True) if score]
         for job_id in aborted:
             task = self.job_tasks.get(job_id)

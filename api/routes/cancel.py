@@ -77,6 +77,10 @@ async def _after_commit(
     if interrupt:
         sent = await request_aborts(redis, interrupt)
         response.headers[INTERRUPT_HEADER] = "requested" if sent else "not-sent"
+        if not sent:
+            # Redis is away: do not wait for it twice. Long-polls find the tasks final
+            # within their next database sweep (a second).
+            return
     await publish_finished(redis, task_ids=task_ids)
 
 
