@@ -10,8 +10,6 @@ a running side-effecting one a 409 unless forced; unknown and other accounts' ta
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -21,7 +19,7 @@ from redis.asyncio import Redis
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from api.app import create_app
+from tests.integration.cancel_support import api_with_side_effecting
 from tests.support import submit_task, wait_for
 from throttler.aborts import ABORT_KEEP_S, ABORT_KEY
 from throttler.constants import FINISHED_CHANNEL
@@ -93,22 +91,6 @@ async def _cancelled_events(sessions: SessionFactory, task_id: str) -> list[dict
 async def _job_id(sessions: SessionFactory, task_id: str) -> str:
     task = await _load(sessions, task_id)
     return Dispatch.of(task_id, queued_at=task.queued_at).job_id
-
-
-@asynccontextmanager
-async def _api(
-    settings: Settings, *, side_effecting: frozenset[str]
-) -> AsyncIterator[httpx.AsyncClient]:
-    """The API, with ``side_effecting`` naming the kinds a cancel leaves running."""
-    app = create_app(settings)
-    transport = httpx.ASGITransport(app=app)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=transport, base_url="http://api.test") as client,
-    ):
-        cancels: CancelStore = app.state.cancels
-        cancels.side_effecting = side_effecting
-        yield client
 
 
 @pytest.mark.parametrize("status", [TaskStatus.PENDING, TaskStatus.QUEUED, TaskStatus.RUNNING])
@@ -208,7 +190,7 @@ async def test_cancel_of_another_accounts_task_is_404_and_changes_nothing(
 ) -> None:
     settings = settings.model_copy(update={"api_keys": "k1:alice,k2:bob"})
     task_id = await _task(sessions, TaskStatus.PENDING, account="bob")
-    async with _api(settings, side_effecting=frozenset()) as client:
+    async with api_with_side_effecting(settings, side_effecting=frozenset()) as client:
         as_alice = {"Authorization": "Bearer k1"}
         one = await client.post(f"{API}/tasks/{task_id}/cancel", headers=as_alice)
         many = await client.post(f"{API}/tasks/cancel", json={}, headers=as_alice)
@@ -229,7 +211,7 @@ async def test_a_running_side_effecting_task_is_cancelled_only_when_forced(
     settings: Settings, sessions: SessionFactory, redis: Redis
 ) -> None:
     task_id = await _task(sessions, TaskStatus.RUNNING)
-    async with _api(settings, side_effecting=GREETING_SIDE_EFFECTING) as client:
+    async with api_with_side_effecting(settings, side_effecting=GREETING_SIDE_EFFECTING) as client:
         refused = await client.post(f"{API}/tasks/{task_id}/cancel")
         assert refused.status_code == 409, refused.text
         assert refused.json()["status"] == "running"
@@ -252,7 +234,7 @@ async def test_a_side_effecting_task_not_yet_running_is_cancelled_without_force(
     settings: Settings, sessions: SessionFactory
 ) -> None:
     task_id = await _task(sessions, TaskStatus.QUEUED)
-    async with _api(settings, side_effecting=GREETING_SIDE_EFFECTING) as client:
+    async with api_with_side_effecting(settings, side_effecting=GREETING_SIDE_EFFECTING) as client:
         response = await client.post(f"{API}/tasks/{task_id}/cancel")
     assert response.status_code == 200, response.text
 
@@ -356,7 +338,7 @@ async def test_cancel_by_filter_skips_running_side_effecting_tasks_unless_forced
     running = await _task(sessions, TaskStatus.RUNNING)
     queued = await _task(sessions, TaskStatus.QUEUED)
     other = await _task(sessions, TaskStatus.RUNNING, name="non_blocking_long_running_task")
-    async with _api(settings, side_effecting=GREETING_SIDE_EFFECTING) as client:
+    async with api_with_side_effecting(settings, side_effecting=GREETING_SIDE_EFFECTING) as client:
         answer = await client.post(f"{API}/tasks/cancel", json={})
         # Skipped, and not in remaining: a client calling until remaining is 0 stops.
         assert answer.json() == {"count": 2, "remaining": 0, "skipped": 1}
@@ -455,7 +437,7 @@ async def test_cancel_answers_200_when_redis_cannot_be_told(
     # The database is the truth: the cancel stands; the attempt's outcome will be discarded.
     settings = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{closed_port}/0"})
     task_id = await _task(sessions, TaskStatus.RUNNING)
-    async with _api(settings, side_effecting=frozenset()) as client:
+    async with api_with_side_effecting(settings, side_effecting=frozenset()) as client:
         response = await client.post(f"{API}/tasks/{task_id}/cancel")
     assert response.status_code == 200, response.text
     assert response.headers["Cancel-Interrupt"] == "not-sent"

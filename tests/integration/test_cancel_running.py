@@ -8,11 +8,10 @@ of 1, cancelling the running task lets the relay release the next one.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import threading
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import ClassVar
 
 import httpx
@@ -20,7 +19,7 @@ import pytest
 from arq.connections import ArqRedis
 from arq.jobs import Job, JobResult
 
-from api.app import create_app
+from tests.integration.cancel_support import api_with_side_effecting
 from tests.integration.conftest import ApiClientFactory
 from tests.integration.worker_harness import (
     arq_pool,
@@ -37,7 +36,6 @@ from throttler.aborts import ABORT_KEY
 from throttler.catalog import BLOCKING_LONG_RUNNING, NON_BLOCKING_LONG_RUNNING, DurationInput
 from throttler.db import SessionFactory
 from throttler.settings import Settings
-from throttler.store.cancels import CancelStore
 from worker.taskkit import BlockingTask, Resources, SideEffectingTask
 from worker.tasks.long_running import DurationOutput
 
@@ -69,25 +67,8 @@ class SideEffectingSleep(SideEffectingTask[DurationInput, DurationOutput], spec=
     output_model = DurationOutput
 
     async def run(self, resources: Resources, params: DurationInput) -> DurationOutput:
-        import asyncio
-
         await asyncio.sleep(params.duration)
         return DurationOutput(duration=params.duration)
-
-
-@asynccontextmanager
-async def _api(
-    settings: Settings, *, side_effecting: frozenset[str]
-) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings)
-    transport = httpx.ASGITransport(app=app)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=transport, base_url="http://api.test") as client,
-    ):
-        cancels: CancelStore = app.state.cancels
-        cancels.side_effecting = side_effecting
-        yield client
 
 
 async def _aborted(pool: ArqRedis, settings: Settings, job_id: str) -> JobResult:
@@ -162,7 +143,7 @@ async def test_a_running_side_effecting_task_runs_on_unless_the_cancel_forces_it
     async with (
         arq_pool(settings) as pool,
         running_worker(settings, tasks=[SideEffectingSleep]),
-        _api(settings, side_effecting=frozenset({SENDS.name})) as client,
+        api_with_side_effecting(settings, side_effecting=frozenset({SENDS.name})) as client,
     ):
         task_id = await dispatch(
             sessions, pool, settings, name=SENDS.name, payload={"duration": 60}
