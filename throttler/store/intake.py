@@ -266,8 +266,8 @@ async def insert_batch(
         for chunk in _chunks(inserted):
             await executor.execute(insert(table).values([row(task) for task in chunk]))
     labels = [row for task in inserted if task.labels for row in label_rows(task)]
-    for chunk in _chunks(labels):
-        await executor.execute(insert(LABELS).values(list(chunk)))
+    for rows in _chunks(labels):
+        await executor.execute(insert(LABELS).values(list(rows)))
     return outcomes
 
 

@@ -32,6 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from throttler.statuses import EventKind, TaskStatus
 from throttler.store.attempts import EVENTS, OUTBOX, TASKS
+from throttler.store.intake import LABELS
 from throttler.store.reads import VIEW_COLUMNS, TaskView, task_view
 
 RETRIABLE_STATUSES = frozenset({TaskStatus.FAILED, TaskStatus.CANCELLED})
@@ -59,11 +60,12 @@ class RetryAnswer:
 @dataclass(frozen=True, kw_only=True, slots=True)
 class RetryFilter:
     """The tasks a retry by filter takes: the account's, in ``statuses`` (failed or
-    cancelled only), of ``name``, created before ``created_before``."""
+    cancelled only), of ``name``, carrying ``label``, created before ``created_before``."""
 
     account: str
     statuses: frozenset[TaskStatus] = RETRIABLE_STATUSES
     name: str | None = None
+    label: str | None = None
     created_before: datetime | None = None
 
     def __post_init__(self) -> None:
@@ -79,6 +81,12 @@ class RetryFilter:
             clauses.append(TASKS.c.name == self.name)
         if self.created_before is not None:
             clauses.append(TASKS.c.created_at < self.created_before)
+        if self.label is not None:
+            # The label's tasks from its index (account, label, ...), as a list page reads them.
+            labelled = select(LABELS.c.task_id).where(
+                LABELS.c.account == self.account, LABELS.c.label == self.label
+            )
+            clauses.append(TASKS.c.id.in_(labelled))
         return clauses
 
 
