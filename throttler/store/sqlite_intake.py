@@ -222,7 +222,9 @@ class SQLiteIntake(CoreIntake):
             events=inserts.events.parameters(tasks),
             labels=inserts.labels.values(
                 row for task in tasks if task.labels for row in label_rows(task)
-            ),
+            )
+            if any(task.labels for task in tasks)
+            else [],
         )
         return Submission(tasks=tasks, rows=rows)
 
