@@ -16,6 +16,7 @@ from api.strict_json import ArrayCap, StrictJSONRequest
 from api.submit_options import MAX_DELAY_S, SubmitOptions
 from throttler.catalog import CATALOG
 from throttler.constants import API_PREFIX
+from throttler.labels import labels_of
 from throttler.submit import NewTask, request_digest
 
 BULK_PATH = f"{API_PREFIX}/tasks"
@@ -61,7 +62,13 @@ def _validate_item(
     if item.run_at is not None and item.run_at > now + timedelta(seconds=MAX_DELAY_S):
         message = f"run_at may be at most {MAX_DELAY_S} seconds ahead"
         return None, [_item_error(index, "run_at", "less_than_equal", message, str(item.run_at))]
-    options = SubmitOptions(priority=item.priority, delay_s=item.delay_s, run_at=item.run_at)
+    options = SubmitOptions(
+        priority=item.priority,
+        delay_s=item.delay_s,
+        run_at=item.run_at,
+        # Checked already (TaskItemCreate): here only sorted.
+        labels=labels_of(item.keys or []),
+    )
     task = options.new_task(name=spec.name, task_input=task_input, account=account, now=now)
     if item.idempotency_key is not None:
         digest = request_digest(
@@ -70,6 +77,7 @@ def _validate_item(
             priority=item.priority,
             delay_s=item.delay_s,
             run_at=item.run_at,
+            labels=options.labels,
         )
         task = replace(task, idempotency_key=item.idempotency_key, request_hash=digest)
     return task, []

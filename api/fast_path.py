@@ -3,8 +3,8 @@
 For every request FastAPI solves the endpoint's dependency tree (settings, API key,
 account, options, writer) and validates each query parameter; on the submit endpoints
 that costs several times more CPU than validating and group-committing the task (see
-the README's benchmark notes). ``FastPathRoute`` serves a plain request (no query
-string, a JSON body, a valid key) by calling the endpoint function itself: the body is
+the README's benchmark notes). ``FastPathRoute`` serves a plain request (a JSON body, a
+valid key, no query string but labels) by calling the endpoint function itself: the body is
 validated by the endpoint's own body model, each dependency is read straight from the
 app's state (``CHEAP_DEPENDENCIES``: what FastAPI would resolve it to for such a
 request), and the return value is serialized by FastAPI's own ``serialize_response``.
@@ -37,6 +37,7 @@ from api.deps import account_of_authorization, get_account, get_intake, get_sett
 from api.strict_json import StrictJSONRequest, StrictJSONRoute
 from api.submit_options import SubmitOptions, get_submit_options
 from throttler.constants import DEFAULT_ACCOUNT
+from throttler.labels import LabelError, labels_of
 from throttler.settings import Settings
 
 # What a resolver returns when FastAPI would not resolve its dependency for this request
@@ -47,15 +48,14 @@ DECLINE: Final = object()
 Resolver = Callable[[Request, State], Any]
 
 
-def plain_request(request: Request) -> bool:
-    """True for a request a fast path may serve: no query string, a JSON body.
+def json_request(request: Request) -> bool:
+    """True for a request whose body a fast path may read: a JSON body.
 
-    Anything else (options to validate, another content type, which FastAPI answers
-    with a 422) goes to FastAPI. Exactly ``application/json``, whatever its parameters;
-    rarer spellings FastAPI also accepts simply take the slower path.
+    Another content type (which FastAPI answers with a 422) goes to FastAPI. Exactly
+    ``application/json``, whatever its parameters; rarer spellings FastAPI also accepts
+    simply take the slower path. A query string is for the options' resolver to take
+    (``_options``) or, on an endpoint without options, to decline.
     """
-    if request.scope.get("query_string"):
-        return False
     content_type = request.headers.get("content-type", "")
     return content_type.split(";", 1)[0].strip().lower() == "application/json"
 
@@ -81,9 +81,21 @@ def _intake(request: Request, state: State) -> Any:
     return state.intake
 
 
-def _no_options(request: Request, state: State) -> Any:
-    # A plain request has no query string: get_submit_options gives the defaults.
-    return SubmitOptions()
+def _options(request: Request, state: State) -> Any:
+    """What get_submit_options gives for no query string (the defaults) or for labels alone
+    (``?key=a:b&key=c:d``, each a label, at most four, each once); DECLINE for anything
+    else: other options, or anything get_submit_options would refuse, whose 422 is its own.
+    """
+    if not request.scope.get("query_string"):
+        return SubmitOptions()
+    items = request.query_params.multi_items()
+    if not items or any(name != "key" for name, _ in items):
+        return DECLINE
+    try:
+        labels = labels_of([value for _, value in items])
+    except LabelError:
+        return DECLINE
+    return SubmitOptions(labels=labels)
 
 
 # Each dependency the fast path resolves itself, with what FastAPI resolves it to for a
@@ -92,7 +104,7 @@ CHEAP_DEPENDENCIES: Mapping[Callable[..., Any], Resolver] = {
     get_settings: _settings,
     get_account: _account,
     get_intake: _intake,
-    get_submit_options: _no_options,
+    get_submit_options: _options,
 }
 
 
@@ -111,12 +123,16 @@ class FastPlan:
     # The response model, when plain model_dump_json serializes it as FastAPI would (no
     # include / exclude options); None otherwise.
     plain_model: type[BaseModel] | None
+    # Whether a query string may be served: only by the options' resolver (``_options``).
+    takes_query: bool
 
     async def serve(self, request: StrictJSONRequest) -> Response | None:
         """Answer ``request`` by the endpoint, or None (nothing done) to leave it to FastAPI."""
         route = self.route
         provider = route.dependency_overrides_provider
-        if getattr(provider, "dependency_overrides", None) or not plain_request(request):
+        if getattr(provider, "dependency_overrides", None) or not json_request(request):
+            return None
+        if not self.takes_query and request.scope.get("query_string"):
             return None
         values: dict[str, Any] = {}
         state = request.app.state
@@ -219,6 +235,7 @@ def fast_plan(route: Any) -> FastPlan | None:
         dependencies=tuple(dependencies),
         route=route,
         plain_model=_plain_model(route),
+        takes_query=any(sub.call is get_submit_options for sub in dependant.dependencies),
     )
 
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
     ConfigDict,
@@ -18,6 +19,7 @@ from pydantic import (
 from api.strict_query import ISO_TIME_WITH_ZONE
 from api.submit_options import MAX_DELAY_S, MAX_PRIORITY, MIN_PRIORITY
 from throttler.constants import DEFAULT_PRIORITY
+from throttler.labels import GRAMMAR, LABEL_PATTERN, MAX_LABELS, LabelError, check_label, labels_of
 from throttler.models import IDEMPOTENCY_KEY_LENGTH, TASK_NAME_LENGTH
 from throttler.nodes import ALIVE_WITHIN_S, FORGET_AFTER_S
 from throttler.statuses import EventKind, TaskStatus
@@ -28,6 +30,10 @@ from throttler.submit import NewTask
 
 # 1 to 255 visible ASCII characters (0x21-0x7E), for an idempotency key.
 KEY_PATTERN = rf"^[!-~]{{1,{IDEMPOTENCY_KEY_LENGTH}}}$"
+# A task label (the API's key): a 422 naming it, its pattern shown in the docs.
+Label = Annotated[
+    StrictStr, AfterValidator(check_label), Field(json_schema_extra={"pattern": LABEL_PATTERN})
+]
 
 
 class TaskPublic(BaseModel):
@@ -42,6 +48,7 @@ class TaskPublic(BaseModel):
     error: str | None
     attempts: int
     priority: int = Field(description="0-9; higher runs first among the account's tasks.")
+    keys: list[str] = Field(description="The task's labels (key at submission), sorted.")
     created_at: datetime
     run_at: datetime | None = Field(
         description="When the task becomes eligible to run; null means at once."
@@ -60,6 +67,7 @@ class TaskPublic(BaseModel):
             error=task.error,
             attempts=task.attempts,
             priority=task.priority,
+            keys=list(task.labels),
             created_at=task.created_at,
             run_at=task.run_at,
             queued_at=task.queued_at,
@@ -78,6 +86,7 @@ class TaskPublic(BaseModel):
             error=None,
             attempts=0,
             priority=task.priority,
+            keys=list(task.labels),
             created_at=task.created_at,
             run_at=task.run_at,
             queued_at=None,
@@ -133,11 +142,27 @@ class TaskItemCreate(BaseModel):
     run_at: AwareDatetime | None = Field(
         default=None, description="ISO-8601 time with a timezone; not together with delay_s."
     )
+    keys: list[Label] | None = Field(
+        default=None,
+        max_length=MAX_LABELS,
+        description=f"Labels, as the key parameter of a single submit: up to {MAX_LABELS}, "
+        f"each once, {GRAMMAR}.",
+    )
     idempotency_key: StrictStr | None = Field(
         default=None,
         pattern=KEY_PATTERN,
         description="As the Idempotency-Key header of a single submit; unique within the body.",
     )
+
+    @field_validator("keys")
+    @classmethod
+    def _each_label_once(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            try:
+                labels_of(value)
+            except LabelError as error:
+                raise ValueError(f"{error.message}: {error.value!r}") from None
+        return value
 
 
 class TaskBatchCreate(BaseModel):
@@ -154,22 +179,19 @@ class TaskBatchPublic(BaseModel):
     tasks: list[TaskPublic]
 
 
-class RetryFilterBody(BaseModel):
-    """Which of the caller's tasks ``POST /tasks/retry`` takes; ``{}``: every failed and
-    cancelled one. Strict: an unknown field, or a value of another type, is a 422."""
+class TaskFilterBody(BaseModel):
+    """The filter fields every operation by filter takes (retry, cancel). Strict: an
+    unknown field, or a value of another type, is a 422."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    status: Literal["failed", "cancelled"] | None = Field(
-        default=None, description="Only failed, or only cancelled, tasks; default both."
-    )
     name: StrictStr | None = Field(
         default=None, min_length=1, max_length=TASK_NAME_LENGTH, description="Only this kind."
     )
     created_before: AwareDatetime | None = Field(
         default=None, description="Only tasks created before this ISO-8601 time with a timezone."
     )
-    key: object = Field(default=None, description="Not supported yet: any value is a 422.")
+    key: Label | None = Field(default=None, description=f"Only tasks with this label, {GRAMMAR}.")
 
     @field_validator("created_before", mode="before")
     @classmethod
@@ -179,12 +201,14 @@ class RetryFilterBody(BaseModel):
             raise ValueError("Input should be an ISO-8601 time with a timezone")
         return value
 
-    @field_validator("key", mode="before")
-    @classmethod
-    def _no_key(cls, value: object) -> object:
-        # Runs only when given: labels are not stored with tasks yet, and a filter that
-        # were ignored would retry more than asked.
-        raise ValueError("filtering by key is not supported yet")
+
+class RetryFilterBody(TaskFilterBody):
+    """Which of the caller's tasks ``POST /tasks/retry`` takes; ``{}``: every failed and
+    cancelled one."""
+
+    status: Literal["failed", "cancelled"] | None = Field(
+        default=None, description="Only failed, or only cancelled, tasks; default both."
+    )
 
     def selection(self, account: str) -> RetryFilter:
         statuses = (
@@ -194,6 +218,7 @@ class RetryFilterBody(BaseModel):
             account=account,
             statuses=statuses,
             name=self.name,
+            label=self.key,
             created_before=self.created_before,
         )
 
@@ -322,33 +347,13 @@ class NodesPublic(BaseModel):
     workers: list[WorkerNodePublic]
 
 
-class CancelFilterBody(BaseModel):
+class CancelFilterBody(TaskFilterBody):
     """Which of the caller's tasks ``POST /tasks/cancel`` takes; ``{}``: every pending,
-    queued and running one. Strict: an unknown field, or a value of another type, is a 422."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    queued and running one."""
 
     status: Literal["pending", "queued", "running"] | None = Field(
         default=None, description="Only pending, queued or running tasks; default all three."
     )
-    name: StrictStr | None = Field(
-        default=None, min_length=1, max_length=TASK_NAME_LENGTH, description="Only this kind."
-    )
-    created_before: AwareDatetime | None = Field(
-        default=None, description="Only tasks created before this ISO-8601 time with a timezone."
-    )
-    key: object = Field(default=None, description="Not supported yet: any value is a 422.")
-
-    # The retry filter's checks: an ISO time, no key filter yet.
-    @field_validator("created_before", mode="before")
-    @classmethod
-    def _iso_time(cls, value: object) -> object:
-        return RetryFilterBody._iso_time(value)
-
-    @field_validator("key", mode="before")
-    @classmethod
-    def _no_key(cls, value: object) -> object:
-        return RetryFilterBody._no_key(value)
 
     def selection(self, account: str) -> CancelFilter:
         statuses = (
@@ -358,6 +363,7 @@ class CancelFilterBody(BaseModel):
             account=account,
             statuses=statuses,
             name=self.name,
+            label=self.key,
             created_before=self.created_before,
         )
 

@@ -1,4 +1,5 @@
-"""Submission options carried as query parameters: priority, and a delay or a start time.
+"""Submission options carried as query parameters: priority, a delay or a start time, and
+labels (``key``, repeatable: throttler.labels).
 
 They sit outside the JSON body so that a task's own fields never collide with them.
 """
@@ -15,6 +16,7 @@ from pydantic import AwareDatetime
 from api.strict_query import QuerySpelling, query_error
 from throttler.catalog import TaskInput
 from throttler.constants import DEFAULT_PRIORITY
+from throttler.labels import GRAMMAR, MAX_LABELS, LabelError, labels_of
 from throttler.models import utcnow
 from throttler.submit import NewTask
 
@@ -23,9 +25,10 @@ MAX_PRIORITY = 9
 # How far ahead a task may be scheduled; beyond this a client should keep the task itself.
 MAX_DELAY_S = 30 * 24 * 3600
 SPELLING = QuerySpelling(
-    names=frozenset({"priority", "delay_s", "run_at"}),
+    names=frozenset({"priority", "delay_s", "run_at", "key"}),
     integers=frozenset({"priority", "delay_s"}),
     times=frozenset({"run_at"}),
+    repeatable=frozenset({"key"}),
 )
 
 
@@ -36,6 +39,8 @@ class SubmitOptions:
     priority: int = DEFAULT_PRIORITY
     delay_s: int | None = None
     run_at: datetime | None = None
+    # Sorted, each once (throttler.labels.labels_of).
+    labels: tuple[str, ...] = ()
 
     def due_at(self, now: datetime) -> datetime | None:
         """Return when the task becomes eligible, or None for "as soon as limits allow"."""
@@ -56,6 +61,7 @@ class SubmitOptions:
             priority=self.priority,
             host=task_input.limit_host(),
             run_at=self.due_at(now),
+            labels=self.labels,
         )
 
 
@@ -86,6 +92,13 @@ async def get_submit_options(
             "a past time means now; never an epoch number. Given once, not together with delay_s.",
         ),
     ] = None,
+    key: Annotated[
+        list[str] | None,
+        Query(
+            description=f"A label for the task, {GRAMMAR}; repeat for up to {MAX_LABELS} "
+            "(each once). GET /api/v1/tasks?key= lists the tasks carrying one.",
+        ),
+    ] = None,
 ) -> SubmitOptions:
     """Validate the submission options; unknown query parameters are rejected too."""
     SPELLING.check(request)
@@ -100,4 +113,13 @@ async def get_submit_options(
             f"run_at may be at most {MAX_DELAY_S} seconds ahead",
             str(run_at),
         )
-    return SubmitOptions(priority=priority, delay_s=delay_s, run_at=run_at)
+    labels = query_labels(key or [])
+    return SubmitOptions(priority=priority, delay_s=delay_s, run_at=run_at, labels=labels)
+
+
+def query_labels(values: list[str]) -> tuple[str, ...]:
+    """The labels of the repeated ``key`` parameter; a 422 naming ``key`` if one is amiss."""
+    try:
+        return labels_of(values)
+    except LabelError as error:
+        raise query_error("key", "value_error", error.message, error.value) from None

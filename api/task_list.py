@@ -18,6 +18,7 @@ from pydantic import AwareDatetime
 
 from api.deps import AccountDep
 from api.strict_query import QuerySpelling, query_error
+from throttler.labels import GRAMMAR, LabelError, check_label
 from throttler.models import TASK_ID_LENGTH
 from throttler.statuses import TaskStatus
 from throttler.store.reads import TaskKey, TaskQuery
@@ -25,7 +26,9 @@ from throttler.store.reads import TaskKey, TaskQuery
 MAX_PAGE = 1000
 DEFAULT_PAGE = 100
 SPELLING = QuerySpelling(
-    names=frozenset({"status", "name", "created_after", "created_before", "limit", "cursor"}),
+    names=frozenset(
+        {"status", "name", "key", "created_after", "created_before", "limit", "cursor"}
+    ),
     integers=frozenset({"limit"}),
     times=frozenset({"created_after", "created_before"}),
     repeatable=frozenset({"status"}),
@@ -67,6 +70,13 @@ def decode_cursor(cursor: str) -> TaskKey:
     return TaskKey(created_at=moment, task_id=task_id)
 
 
+def _label(value: str) -> str:
+    try:
+        return check_label(value)
+    except LabelError as error:
+        raise query_error("key", "value_error", error.message, value) from None
+
+
 async def get_task_query(
     request: Request,
     account: AccountDep,
@@ -75,6 +85,10 @@ async def get_task_query(
         Query(description="Only tasks in this status; repeat for several (any of them)."),
     ] = None,
     name: Annotated[str | None, Query(description="Only tasks of this kind.")] = None,
+    key: Annotated[
+        str | None,
+        Query(description=f"Only tasks with this label, {GRAMMAR}; given once."),
+    ] = None,
     created_after: Annotated[
         AwareDatetime | None,
         Query(description="Only tasks created after this ISO-8601 time with a timezone."),
@@ -97,6 +111,7 @@ async def get_task_query(
         account=account,
         statuses=frozenset(status) if status else None,
         name=name,
+        label=None if key is None else _label(key),
         created_after=created_after,
         created_before=created_before,
         after=None if cursor is None else decode_cursor(cursor),

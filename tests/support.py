@@ -129,6 +129,7 @@ async def submit_task(
     host: str | None = None,
     run_at: datetime | None = None,
     task_id: str | None = None,
+    labels: tuple[str, ...] = (),
 ) -> Submitted:
     """Insert a pending task, its outbox row and its ``submitted`` event in ``session``."""
     task = NewTask(
@@ -140,6 +141,7 @@ async def submit_task(
         host=host,
         run_at=run_at,
         task_id=task_id or new_task_id(),
+        labels=labels,
     )
     await insert_submissions(session, [task])
     return Submitted(id=task.task_id, task=task)

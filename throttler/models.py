@@ -1,4 +1,4 @@
-"""ORM classes for the three tables: tasks, outbox and task_events."""
+"""ORM classes for the tables: tasks, task_labels, outbox and task_events."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from throttler.labels import LABEL_MAX_LENGTH
 from throttler.statuses import EventKind, TaskStatus
 
 # Fixed constraint names keep Alembic migrations identical on SQLite and PostgreSQL.
@@ -37,6 +38,9 @@ NAMING_CONVENTION = {
 
 # JSONB on PostgreSQL (indexable, compact), plain JSON text elsewhere.
 JSONDocument = JSON().with_variant(JSONB(), "postgresql")
+# A task's labels: SQL NULL when it has none (not JSON null), so a submission without
+# labels writes nothing more than before they existed.
+LabelsDocument = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
 # Integer ids autoincrement on SQLite only when declared INTEGER PRIMARY KEY.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
 
@@ -131,6 +135,12 @@ class Task(Base):
         String(IDEMPOTENCY_KEY_LENGTH), nullable=True
     )
     request_hash: Mapped[str | None] = mapped_column(String(REQUEST_HASH_LENGTH), nullable=True)
+    labels: Mapped[list[str] | None] = mapped_column(
+        LabelsDocument,
+        nullable=True,
+        comment="The task's labels (the API's key), sorted, for its view without a join; "
+        "NULL when it has none. task_labels holds them again, one row each, for filtering.",
+    )
 
 
 # The claim order (throttler.store.outbox): each account's pending tasks by priority, then age.
@@ -143,6 +153,45 @@ Index(
     sqlite_where=text("status = 'pending'"),
     postgresql_where=text("status = 'pending'"),
 )
+
+
+class TaskLabel(Base):
+    """One label of a task, written with it: what a filter by label reads (throttler.labels)."""
+
+    __tablename__ = "task_labels"
+    __table_args__ = (
+        # An account's tasks with one label, newest first: GET /tasks?key= reads a keyset
+        # range of it backwards (throttler.store.reads.page_statement), and key: limit
+        # rules can find a label's tasks from it.
+        Index(
+            "ix_task_labels_account_label_created_at_task_id",
+            "account",
+            "label",
+            "created_at",
+            "task_id",
+        ),
+        {
+            "comment": "One row per label of a task (at most 4), written in its submission's "
+            "transaction; none for a task without labels."
+        },
+    )
+
+    task_id: Mapped[str] = mapped_column(
+        ForeignKey("tasks.id", ondelete="CASCADE"),
+        primary_key=True,
+        comment="The labelled task.",
+    )
+    label: Mapped[str] = mapped_column(
+        String(LABEL_MAX_LENGTH), primary_key=True, comment="prefix:value, as submitted."
+    )
+    # Copies of the task's own (never changed after submission), so that the index above
+    # holds the whole filter and order.
+    account: Mapped[str] = mapped_column(
+        String(ACCOUNT_LENGTH), comment="The task's account (a copy of tasks.account)."
+    )
+    created_at: Mapped[datetime] = mapped_column(
+        UTCDateTime, comment="The task's creation time (a copy of tasks.created_at)."
+    )
 
 
 class OutboxEntry(Base):

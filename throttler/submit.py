@@ -8,7 +8,7 @@ import json
 import random
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -42,20 +42,25 @@ def request_digest(
     priority: int,
     delay_s: int | None,
     run_at: datetime | None,
+    labels: Sequence[str] = (),
 ) -> str:
     """What makes two submissions under one idempotency key "the same request".
 
     The request as sent (its kind, validated input and options), not as resolved: a
     ``delay_s`` gives a different due time each time it is sent, and a retry of it is
     still the same request. A single submit and a bulk item that say the same agree.
+    ``labels`` (sorted) count only when given: a request without labels hashes as it did
+    before labels existed, so its replays still match the hashes stored then.
     """
-    sent = {
+    sent: dict[str, Any] = {
         "name": name,
         "input": payload,
         "priority": priority,
         "delay_s": delay_s,
         "run_at": None if run_at is None else run_at.astimezone(UTC).isoformat(),
     }
+    if labels:
+        sent["keys"] = sorted(labels)
     canonical = json.dumps(sent, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -75,4 +80,6 @@ class NewTask:
     # request it came with; both None without a key.
     idempotency_key: str | None = None
     request_hash: str | None = None
+    # Its labels (throttler.labels), sorted; () for none, which writes no label rows.
+    labels: tuple[str, ...] = ()
     task_id: str = field(default_factory=new_task_id)

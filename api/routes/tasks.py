@@ -116,6 +116,7 @@ def _submit_endpoint(spec: TaskSpec) -> Callable[..., Awaitable[TaskPublic]]:
                 priority=options.priority,
                 delay_s=options.delay_s,
                 run_at=options.run_at,
+                labels=options.labels,
             )
             task = replace(task, idempotency_key=key, request_hash=digest)
         # The writer returns once the task, outbox row and event are committed (a batch

@@ -46,6 +46,7 @@ async def test_submit_commits_task_outbox_and_event(
         "error": None,
         "attempts": 0,
         "priority": 5,
+        "keys": [],
         "created_at": view["created_at"],
         "run_at": None,
         "queued_at": None,

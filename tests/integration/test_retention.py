@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.support import submit_task, wait_for
 from throttler.db import SessionFactory
-from throttler.models import OutboxEntry, Task, TaskEvent, utcnow
+from throttler.models import OutboxEntry, Task, TaskEvent, TaskLabel, utcnow
 from throttler.retention import Pruner, prune_once
 from throttler.settings import Settings
 from throttler.statuses import TaskStatus
@@ -24,7 +24,11 @@ def recovery(settings: Settings, engine: AsyncEngine) -> RecoveryStore:
 
 
 async def _make_task(
-    sessions: SessionFactory, *, status: TaskStatus, finished_days_ago: float | None
+    sessions: SessionFactory,
+    *,
+    status: TaskStatus,
+    finished_days_ago: float | None,
+    labels: tuple[str, ...] = (),
 ) -> str:
     now = utcnow()
     async with sessions.begin() as session:
@@ -34,6 +38,7 @@ async def _make_task(
             account="default",
             payload={"name": "Ada"},
             now=now - timedelta(days=30),
+            labels=labels,
         )
         finished_at = None if finished_days_ago is None else now - timedelta(days=finished_days_ago)
         await session.execute(
@@ -70,6 +75,20 @@ async def test_prunes_old_terminal_tasks_with_their_events(
     assert events == 3  # one `submitted` each
     assert outbox == 3
     assert await prune_once(store=recovery, retention_days=7, now=utcnow()) == 0
+
+
+async def test_a_pruned_task_takes_its_labels(
+    sessions: SessionFactory, recovery: RecoveryStore
+) -> None:
+    labels = ("connector:salesforce", "tenant:acme")
+    await _make_task(sessions, status=TaskStatus.FAILED, finished_days_ago=10, labels=labels)
+    kept = await _make_task(sessions, status=TaskStatus.FAILED, finished_days_ago=1, labels=labels)
+
+    assert await prune_once(store=recovery, retention_days=7, now=utcnow()) == 1
+
+    async with sessions() as session:
+        rows = (await session.execute(select(TaskLabel.task_id, TaskLabel.label))).all()
+    assert sorted(rows) == [(kept, label) for label in labels]
 
 
 async def test_max_batches_bounds_one_call(

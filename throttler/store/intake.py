@@ -13,6 +13,10 @@ as ``Existing`` (``resolve_keys``). A submission with a key bound to a different
 that has other tasks inserted raises ``KeyReusedError``: the transaction is rolled back
 (the group committer then writes each of the batch's submissions alone), so a bulk
 request stays all or none.
+
+Labels (``NewTask.labels``): the task row carries them (``tasks.labels``) and each gets a
+``task_labels`` row, for inserted tasks only; a batch without labels runs no statement
+for them (the hot path stays what it was).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from sqlalchemy import Table, insert, select, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
-from throttler.models import OutboxEntry, Task, TaskEvent
+from throttler.models import OutboxEntry, Task, TaskEvent, TaskLabel
 from throttler.settings import Settings
 from throttler.statuses import EventKind, TaskStatus
 from throttler.submit import NewTask
@@ -34,6 +38,7 @@ T = TypeVar("T")
 TASKS = cast(Table, Task.__table__)
 OUTBOX = cast(Table, OutboxEntry.__table__)
 EVENTS = cast(Table, TaskEvent.__table__)
+LABELS = cast(Table, TaskLabel.__table__)
 
 # Rows per INSERT statement at most: well within every driver's limit on parameters
 # (32,767 for asyncpg, 32,766 for SQLite) at ten columns a row.
@@ -163,6 +168,8 @@ def task_row(task: NewTask) -> dict[str, Any]:
         "run_at": task.run_at,
         "idempotency_key": task.idempotency_key,
         "request_hash": task.request_hash,
+        # NULL, not an empty array, without labels (throttler.models.LabelsDocument).
+        "labels": list(task.labels) if task.labels else None,
     }
 
 
@@ -177,6 +184,19 @@ def event_row(task: NewTask) -> dict[str, Any]:
         "event": EventKind.SUBMITTED.value,
         "detail": {"account": task.account},
     }
+
+
+def label_rows(task: NewTask) -> list[dict[str, Any]]:
+    """The task's ``task_labels`` rows: none without labels."""
+    return [
+        {
+            "task_id": task.task_id,
+            "label": label,
+            "account": task.account,
+            "created_at": task.created_at,
+        }
+        for label in task.labels
+    ]
 
 
 def _chunks(items: Sequence[T], size: int = MAX_ROWS_PER_STATEMENT) -> list[Sequence[T]]:
@@ -227,7 +247,8 @@ async def insert_batch(
 ) -> list[Outcome]:
     """The reference: insert the submissions' tasks in the caller's transaction, one
     multi-row INSERT per table (per ``MAX_ROWS_PER_STATEMENT`` rows), outbox ids in
-    submission order; a task whose key is taken gets no rows (``resolve_keys``)."""
+    submission order; a task whose key is taken gets no rows (``resolve_keys``), and
+    ``task_labels`` only when some inserted task has labels."""
     tasks = [task for submission in submissions for task in submission]
     pairs = keyed_pairs(tasks)
     bound: Bound = {}
@@ -244,6 +265,9 @@ async def insert_batch(
     for table, row in ((OUTBOX, outbox_row), (EVENTS, event_row)):
         for chunk in _chunks(inserted):
             await executor.execute(insert(table).values([row(task) for task in chunk]))
+    labels = [row for task in inserted if task.labels for row in label_rows(task)]
+    for rows in _chunks(labels):
+        await executor.execute(insert(LABELS).values(list(rows)))
     return outcomes
 
 

@@ -21,12 +21,14 @@ from sqlalchemy import (
     Integer,
     Row,
     Select,
+    and_,
     bindparam,
     case,
     func,
     literal_column,
     select,
     text,
+    true,
     tuple_,
     union_all,
 )
@@ -35,7 +37,7 @@ from sqlalchemy.orm import QueryableAttribute
 
 from throttler.db import SessionFactory, create_read_session_factory
 from throttler.limits import Scope
-from throttler.models import Task, TaskEvent
+from throttler.models import Task, TaskEvent, TaskLabel
 from throttler.settings import Settings
 from throttler.statuses import INFLIGHT_STATUSES, TERMINAL_STATUSES, EventKind, TaskStatus
 from throttler.store.writable import WriteCheck, open_write_check
@@ -69,6 +71,7 @@ class TaskView:
     queued_at: datetime | None
     started_at: datetime | None
     finished_at: datetime | None
+    labels: tuple[str, ...] = ()  # sorted (throttler.labels)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -87,6 +90,8 @@ class TaskQuery:
     # None: every status; else only these (a non-empty set).
     statuses: frozenset[TaskStatus] | None = None
     name: str | None = None
+    # Only tasks carrying this label (throttler.labels).
+    label: str | None = None
     # Both bounds exclusive.
     created_after: datetime | None = None
     created_before: datetime | None = None
@@ -195,6 +200,7 @@ VIEW_COLUMNS = (
     Task.queued_at,
     Task.started_at,
     Task.finished_at,
+    Task.labels,
 )
 
 
@@ -212,6 +218,7 @@ def task_view(row: Row[Any]) -> TaskView:
         queued_at=row.queued_at,
         started_at=row.started_at,
         finished_at=row.finished_at,
+        labels=tuple(row.labels) if row.labels else (),
     )
 
 
@@ -248,7 +255,61 @@ def _page_branch(query: TaskQuery, status: TaskStatus | None, rows: int) -> Sele
     )
 
 
-def page_statement(query: TaskQuery) -> Select[Any]:
+def _labelled_page(query: TaskQuery, rows: int, *, dialect: str | None) -> Select[Any]:
+    """The first ``rows`` tasks of ``query`` with its label, newest first.
+
+    One keyset range of ix_task_labels_account_label_created_at_task_id read backwards,
+    each row's task read by primary key and kept if it matches the status and name
+    asked: the page stops once it has ``rows`` tasks, having read the label's newest rows
+    and never another task. On PostgreSQL the task is read in a fenced LATERAL subquery
+    (OFFSET 0 keeps the planner from flattening it): as a plain join, with a status or
+    name filter, the planner may instead hash-join every task of that status and name
+    (ix_tasks_status_name, all accounts) and sort, a cost that grows with the table.
+    SQLite has no LATERAL, and its planner drives this join from the label's index.
+    """
+    conditions: list[ColumnElement[bool]] = [
+        TaskLabel.account == query.account,
+        TaskLabel.label == query.label,
+    ]
+    if query.created_after is not None:
+        conditions.append(TaskLabel.created_at > query.created_after)
+    if query.created_before is not None:
+        conditions.append(TaskLabel.created_at < query.created_before)
+    if query.after is not None:
+        conditions.append(
+            tuple_(TaskLabel.created_at, TaskLabel.task_id)
+            < tuple_(
+                bindparam(None, query.after.created_at, type_=TaskLabel.created_at.type),
+                bindparam(None, query.after.task_id, type_=TaskLabel.task_id.type),
+            )
+        )
+    matches: list[ColumnElement[bool]] = [Task.id == TaskLabel.task_id]
+    if query.statuses is not None:
+        matches.append(Task.status.in_(sorted(status.value for status in query.statuses)))
+    if query.name is not None:
+        matches.append(Task.name == query.name)
+    newest_first = (TaskLabel.created_at.desc(), TaskLabel.task_id.desc())
+    if dialect == "postgresql":
+        task = select(*VIEW_COLUMNS).where(*matches).offset(0).lateral("task")
+        return (
+            select(*task.c)
+            .select_from(TaskLabel)
+            .join(task, true())
+            .where(*conditions)
+            .order_by(*newest_first)
+            .limit(rows)
+        )
+    return (
+        select(*VIEW_COLUMNS)
+        .select_from(TaskLabel)
+        .join(Task, and_(*matches))
+        .where(*conditions)
+        .order_by(*newest_first)
+        .limit(rows)
+    )
+
+
+def page_statement(query: TaskQuery, *, dialect: str | None = None) -> Select[Any]:
     """The statement behind ``ReadStore.tasks``: ``query.limit + 1`` rows, newest first.
 
     The extra row says whether another page follows. With a status or name filter, one
@@ -256,9 +317,11 @@ def page_statement(query: TaskQuery) -> Select[Any]:
     ix_tasks_account_status_created_at_id, merged: an index cannot keep the newest-first
     order across several values of a column it holds before created_at, and a sort of all
     the account's matching tasks would cost what the account holds. Public for the
-    EXPLAIN test.
+    EXPLAIN test. With a label, the label's index drives the page (``_labelled_page``).
     """
     rows = query.limit + 1
+    if query.label is not None:
+        return _labelled_page(query, rows, dialect=dialect)
     if query.statuses is None and query.name is None:
         return _page_branch(query, None, rows)
     statuses = sorted(query.statuses if query.statuses is not None else TaskStatus)
@@ -332,9 +395,12 @@ def _scope_filters(query: ScopeCountsQuery, *, account: str | None) -> list[Colu
 class SqlReadStore:
     """The reference ``ReadStore``, in portable SQLAlchemy Core."""
 
-    def __init__(self, *, read_sessions: SessionFactory, write_check: WriteCheck) -> None:
+    def __init__(
+        self, *, read_sessions: SessionFactory, write_check: WriteCheck, dialect: str | None = None
+    ) -> None:
         self._read_sessions = read_sessions
         self._write_check = write_check
+        self._dialect = dialect  # the database's name: a label's page has its own form there
 
     async def task(self, *, task_id: str, account: str) -> TaskView | None:
         async with self._read_sessions() as session:
@@ -347,7 +413,8 @@ class SqlReadStore:
 
     async def tasks(self, query: TaskQuery) -> TaskPage:
         async with self._read_sessions() as session:
-            rows = (await session.execute(page_statement(query))).all()
+            statement = page_statement(query, dialect=self._dialect)
+            rows = (await session.execute(statement)).all()
         views = [task_view(row) for row in rows[: query.limit]]
         if len(rows) <= query.limit:
             return TaskPage(tasks=views, next=None)
@@ -421,4 +488,5 @@ def open_reads(settings: Settings, engine: AsyncEngine) -> ReadStore:
     return SqlReadStore(
         read_sessions=create_read_session_factory(engine),
         write_check=open_write_check(settings, engine),
+        dialect=engine.dialect.name,
     )

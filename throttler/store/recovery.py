@@ -21,7 +21,7 @@ from sqlalchemy import ColumnElement, and_, delete, exists, func, insert, or_, s
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from throttler.db import SessionFactory, create_read_session_factory, create_session_factory
-from throttler.models import OutboxEntry, Task, TaskEvent
+from throttler.models import OutboxEntry, Task, TaskEvent, TaskLabel
 from throttler.settings import Settings
 from throttler.statuses import TERMINAL_STATUSES, EventKind, TaskStatus
 
@@ -266,6 +266,7 @@ class SqlRecoveryStore:
             # with foreign keys switched on, which a tool opening the file may not do.
             await session.execute(delete(TaskEvent).where(TaskEvent.task_id.in_(task_ids)))
             await session.execute(delete(OutboxEntry).where(OutboxEntry.task_id.in_(task_ids)))
+            await session.execute(delete(TaskLabel).where(TaskLabel.task_id.in_(task_ids)))
             await session.execute(
                 delete(Task).where(Task.id.in_(task_ids), Task.status.in_(_TERMINAL))
             )

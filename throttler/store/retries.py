@@ -59,7 +59,7 @@ class RetryAnswer:
 @dataclass(frozen=True, kw_only=True, slots=True)
 class RetryFilter(TaskFilter):
     """The tasks a retry by filter takes: the account's, in ``statuses`` (failed or
-    cancelled only), of ``name``, created before ``created_before``."""
+    cancelled only), of ``name``, carrying ``label``, created before ``created_before``."""
 
     applies_to: ClassVar[frozenset[TaskStatus]] = RETRIABLE_STATUSES
     operation: ClassVar[str] = "retried"

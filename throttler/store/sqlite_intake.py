@@ -19,6 +19,9 @@ as text), converted on the event loop when a request arrives (``prepare``), so t
 thread needs the GIL only briefly. The stored rows are the reference's: checked in
 tests/integration/store/test_intake_parity.py.
 
+Labels as the reference has them: ``tasks.labels`` is one more column of the tasks
+INSERT, and ``task_labels`` a fourth INSERT run only for a batch that has labels.
+
 Idempotency keys as the reference has them (``throttler.store.intake``): the tasks
 INSERT ends ``ON CONFLICT (account, idempotency_key) DO NOTHING``; only a batch with
 keys reads them back, and then only the inserted tasks' outbox and event rows go in.
@@ -27,7 +30,7 @@ keys reads them back, and then only the inserted tasks' outbox and event rows go
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -42,6 +45,7 @@ from throttler.settings import Settings
 from throttler.store.intake import (
     EVENTS,
     IDEMPOTENCY_INDEX,
+    LABELS,
     MAX_ROWS_PER_STATEMENT,
     OUTBOX,
     TASKS,
@@ -51,6 +55,7 @@ from throttler.store.intake import (
     Submission,
     event_row,
     keyed_pairs,
+    label_rows,
     outbox_row,
     resolve_keys,
     task_row,
@@ -78,7 +83,10 @@ class _Insert:
     ) -> _Insert:
         dialect = sqlite_dialect(paramstyle="qmark")
         quote = dialect.identifier_preparer
-        sample = NewTask(name="", account="", payload={}, created_at=datetime.now(UTC))
+        # With a label, so that ``_first_label_row`` gives the task_labels columns too.
+        sample = NewTask(
+            name="", account="", payload={}, created_at=datetime.now(UTC), labels=("a:b",)
+        )
         keys = tuple(row(sample))
         types = {column.key: column.type for column in table.columns}
         columns = ", ".join(quote.format_column(table.c[key]) for key in keys)
@@ -93,11 +101,15 @@ class _Insert:
         )
 
     def parameters(self, tasks: Sequence[NewTask]) -> list[Any]:
-        """The rows' values, converted, in placeholder order, one row after another."""
+        """The tasks' rows' values, converted, in placeholder order, one row after another."""
+        return self.values(map(self.row, tasks))
+
+    def values(self, rows: Iterable[dict[str, Any]]) -> list[Any]:
+        """``rows``' values, converted, in placeholder order, one row after another."""
         pairs = tuple(zip(self.keys, self.processors, strict=True))
         return [
             row[key] if process is None else process(row[key])
-            for row in map(self.row, tasks)
+            for row in rows
             for key, process in pairs
         ]
 
@@ -120,6 +132,17 @@ class _Insert:
             for value in parameters[index * width : (index + 1) * width]
         ]
 
+    def of_tasks(self, parameters: Sequence[Any], task_ids: set[str]) -> list[Any]:
+        """The rows of ``parameters`` (any number per task) whose task is in ``task_ids``."""
+        width = len(self.keys)
+        at = self.keys.index("task_id")
+        return [
+            value
+            for start in range(0, len(parameters), width)
+            if parameters[start + at] in task_ids
+            for value in parameters[start : start + width]
+        ]
+
 
 def _processor(column_type: Any, dialect: Any) -> Processor | None:
     process: Processor | None = column_type.dialect_impl(dialect).bind_processor(dialect)
@@ -137,6 +160,7 @@ class _Rows:
     tasks: list[Any]
     outbox: list[Any]
     events: list[Any]
+    labels: list[Any]  # empty for tasks without labels
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -144,6 +168,12 @@ class _Inserts:
     tasks: _Insert
     outbox: _Insert
     events: _Insert
+    labels: _Insert
+
+
+def _first_label_row(task: NewTask) -> dict[str, Any]:
+    # Only to name task_labels' columns (_Insert.of): a task may have 0 to 4 rows.
+    return label_rows(task)[0]
 
 
 _quote = sqlite_dialect().identifier_preparer.quote
@@ -160,6 +190,7 @@ def _inserts() -> _Inserts:
         tasks=_Insert.of(TASKS, task_row, tail=_ON_KEY_TAKEN),
         outbox=_Insert.of(OUTBOX, outbox_row),
         events=_Insert.of(EVENTS, event_row),
+        labels=_Insert.of(LABELS, _first_label_row),
     )
 
 
@@ -189,6 +220,11 @@ class SQLiteIntake(CoreIntake):
             tasks=inserts.tasks.parameters(tasks),
             outbox=inserts.outbox.parameters(tasks),
             events=inserts.events.parameters(tasks),
+            labels=inserts.labels.values(
+                row for task in tasks if task.labels for row in label_rows(task)
+            )
+            if any(task.labels for task in tasks)
+            else [],
         )
         return Submission(tasks=tasks, rows=rows)
 
@@ -235,6 +271,7 @@ def _insert_rows(
     inserts.tasks.execute(connection, [value for rows in batch for value in rows.tasks])
     outbox = [value for rows in batch for value in rows.outbox]
     events = [value for rows in batch for value in rows.events]
+    labels = [value for rows in batch for value in rows.labels]
     tasks = [task for submission in submissions for task in submission]
     pairs = keyed_pairs(tasks)
     if not pairs:
@@ -244,6 +281,11 @@ def _insert_rows(
         keep = [existing is None for outcome in outcomes for existing in outcome]
         outbox = inserts.outbox.only(outbox, keep)
         events = inserts.events.only(events, keep)
+        if labels:
+            inserted = {task.task_id for task, kept in zip(tasks, keep, strict=True) if kept}
+            labels = inserts.labels.of_tasks(labels, inserted)
     inserts.outbox.execute(connection, outbox)
     inserts.events.execute(connection, events)
+    if labels:  # no statement at all for a batch without labels
+        inserts.labels.execute(connection, labels)
     return outcomes

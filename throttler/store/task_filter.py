@@ -18,6 +18,7 @@ from sqlalchemy import ColumnElement, Connection, Row, func, select
 
 from throttler.statuses import TaskStatus
 from throttler.store.attempts import TASKS
+from throttler.store.intake import LABELS
 
 # Ids per statement, well under SQLite's and asyncpg's bound-parameter limits.
 CHUNK = 1000
@@ -30,7 +31,8 @@ def chunks(ids: Sequence[str]) -> list[list[str]]:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class TaskFilter:
-    """The account's tasks in ``statuses``, of ``name``, created before ``created_before``.
+    """The account's tasks in ``statuses``, of ``name``, carrying ``label``, created before
+    ``created_before``.
 
     A subclass names the statuses its operation applies to (``applies_to``); a filter
     asking for any other is a ValueError (the API refuses it first, naming the field).
@@ -42,6 +44,7 @@ class TaskFilter:
     account: str
     statuses: frozenset[TaskStatus]
     name: str | None = None
+    label: str | None = None
     created_before: datetime | None = None
 
     def __post_init__(self) -> None:
@@ -58,6 +61,12 @@ class TaskFilter:
             clauses.append(TASKS.c.name == self.name)
         if self.created_before is not None:
             clauses.append(TASKS.c.created_at < self.created_before)
+        if self.label is not None:
+            # The label's tasks from its index (account, label, ...), as a list page reads them.
+            labelled = select(LABELS.c.task_id).where(
+                LABELS.c.account == self.account, LABELS.c.label == self.label
+            )
+            clauses.append(TASKS.c.id.in_(labelled))
         return clauses
 
 

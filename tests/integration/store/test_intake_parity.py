@@ -21,7 +21,7 @@ from throttler.store.intake import CoreIntake, Existing, Intake, KeyReusedError,
 from throttler.submit import NewTask, new_task_id
 
 # Every table an intake or attempts batch writes, with the order its rows are read in.
-TABLES = {"tasks": "id", "outbox": "id", "task_events": "id"}
+TABLES = {"tasks": "id", "task_labels": "task_id, label", "outbox": "id", "task_events": "id"}
 Rows = dict[str, list[tuple[Any, ...]]]
 
 NOW = datetime(2026, 11, 28, 9, 0, 0, 123456, tzinfo=UTC)
@@ -97,10 +97,19 @@ def submissions() -> list[list[NewTask]]:
                 priority=9,
                 host="xn--bcher-kva.example",
                 run_at=NOW + timedelta(minutes=5),
+                labels=("connector:salesforce", "tenant:ACME.eu-1@x"),
             )
         ],
         # A bulk request: its tasks share one moment.
-        [task(index, created_at=NOW, priority=index % 10) for index in range(2, 10)],
+        [
+            task(
+                index,
+                created_at=NOW,
+                priority=index % 10,
+                labels=("a:1", "b:2", "c:3", "d:4:5")[: index % 5],
+            )
+            for index in range(2, 10)
+        ],
         [task(10, payload={"quote": "\"'\\", "empty": {}, "list": [1, None, "é ✓"]})],
         [task(11, created_at=NOW.astimezone(UTC) - timedelta(days=400))],
     ]
@@ -131,7 +140,8 @@ async def test_intake_override_writes_the_reference_rows(
     reference, override, _ = await rows_of_both(engine, run)
 
     count = sum(len(tasks) for tasks in requests)
-    assert [len(reference[table]) for table in TABLES] == [count] * 3
+    assert [len(reference[table]) for table in ("tasks", "outbox", "task_events")] == [count] * 3
+    assert len(reference["task_labels"]) == sum(len(t.labels) for r in requests for t in r) > 0
     assert override == reference
 
 
@@ -164,7 +174,7 @@ async def test_a_batch_with_a_failing_submission_writes_nothing_on_either(
     reference, override, (reference_error, override_error) = await rows_of_both(engine, run)
 
     assert reference_error == override_error == "IntegrityError"
-    assert [len(reference[table]) for table in TABLES] == [1, 1, 1]
+    assert [len(reference[table]) for table in TABLES] == [1, 0, 1, 1]
     assert override == reference
 
 
@@ -189,10 +199,10 @@ async def test_idempotency_keys_give_the_reference_rows_and_outcomes(
         [_keyed(1, "k2", "h2"), _keyed(2, "k3", "h3"), *submissions()[0]],
     ]
     second = [
-        [_keyed(3, "k1", "h1")],  # a replay of the first batch's task
+        [_keyed(3, "k1", "h1", labels=("x:replay",))],  # a replay of the first batch's task
         [_keyed(4, "k1", "other")],  # the same key, another request
-        [_keyed(5, "k4", "h4")],  # new...
-        [_keyed(6, "k4", "h4")],  # ...and its duplicate in the same transaction
+        [_keyed(5, "k4", "h4", labels=("x:new",))],  # new...
+        [_keyed(6, "k4", "h4", labels=("x:dup",))],  # ...and its duplicate in the same transaction
         [_keyed(7, "k4", "h5")],  # ...and a different request under it, same transaction
         [_keyed(8, "k1", "h1", account="acme")],  # another account's k1: a new task
         [_keyed(9, "k2", "h2"), _keyed(10, "k9", "h9")],  # a bulk: one replayed, one new
@@ -229,8 +239,9 @@ async def test_idempotency_keys_give_the_reference_rows_and_outcomes(
             [Existing(task_id=k2, same_request=True), None],
         ],
     ]
-    # One task per key, and outbox rows and events only for the tasks written.
-    assert [len(reference[table]) for table in TABLES] == [7] * 3
+    # One task per key, and outbox rows, events and labels only for the tasks written.
+    assert [len(reference[table]) for table in TABLES] == [7, 1, 7, 7]
+    assert [row[:2] for row in reference["task_labels"]] == [(k4, "x:new")]
 
 
 async def test_a_bulk_reusing_a_key_writes_nothing_of_its_batch_on_either(
@@ -255,5 +266,5 @@ async def test_a_bulk_reusing_a_key_writes_nothing_of_its_batch_on_either(
     reference, override, (reference_error, override_error) = await rows_of_both(engine, run)
 
     assert reference_error == override_error == "reused [1]"
-    assert [len(reference[table]) for table in TABLES] == [1, 1, 1]
+    assert [len(reference[table]) for table in TABLES] == [1, 0, 1, 1]
     assert override == reference
