@@ -11,6 +11,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
+import shutil
+import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -350,6 +353,48 @@ async def test_operator_actions_are_the_cancels_and_retries_with_who_asked(
         ("cancelled", history.download, "download", "bob", "root", "queued", True, None),
     ]
     assert [_utc(row.at) for row in rows] == [_at(3), _at(5), _at(5)]
+
+
+# --- the README's sqlite3 commands ------------------------------------------------------
+
+
+def _readme_sqlite3_script() -> str:
+    """The sqlite3 block of the README's audit section (the psql one: test_readme_psql)."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    start = readme.index("## Auditing the database")
+    section = readme[start : readme.index("\n## ", start)]
+    blocks = re.findall(r"^```sh\n(.*?)^```", section, re.MULTILINE | re.DOTALL)
+    (script,) = [block for block in blocks if re.search(r"^sqlite3 ", block, re.MULTILINE)]
+    return str(script)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_readme_sqlite3_commands_run_as_written(
+    audit_settings: Settings, audit_engine: AsyncEngine, tmp_path: Path
+) -> None:
+    if shutil.which("sqlite3") is None:
+        pytest.skip("needs the sqlite3 command-line shell")
+    await _write_history(audit_settings, audit_engine)
+    await audit_engine.dispose()
+    # The README names the default DATABASE_URL's file, in the directory it is run from.
+    shutil.copyfile(audit_settings.database_url.split("///", 1)[1], tmp_path / "arq_throttler.db")
+
+    finished = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", _readme_sqlite3_script()],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert finished.returncode == 0, finished.stderr
+    assert finished.stderr == ""
+    lines = finished.stdout.splitlines()
+    assert "second|released" in lines
+    assert "2026-11-29 12:00:01|2" in lines
+    assert "cluster|4" in lines  # the busiest 10-second window: all four releases
+    assert "at|action|task_id|asked_by|from_status|forced|attempts" in lines
 
 
 # --- down and up again -------------------------------------------------------------------
