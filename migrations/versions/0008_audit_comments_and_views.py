@@ -199,10 +199,10 @@ _UTC_SECOND = "The UTC second, truncated (PostgreSQL timestamptz; SQLite text YY
 # The views' comments (PostgreSQL COMMENT ON; audit_columns on SQLite), columns in order.
 VIEWS: dict[str, tuple[str, dict[str, str]]] = {
     "audit_releases_per_second": (
-        "Attempts released to ARQ per UTC second and per scope: a release is a queued event "
-        "at its at (the dispatch moment, one event per dispatch). The limits guarantee that "
-        "over any T seconds a scope's releases sum to at most rate*T + burst. Seconds "
-        "without releases have no row.",
+        "Attempts released to ARQ per UTC second and per scope. A release is a queued event, "
+        "counted at its task_events.at: the dispatch moment (one event per dispatch, retries "
+        "and recoveries included). The limits guarantee that over any T seconds a scope's "
+        "releases sum to at most rate*T + burst. Seconds without releases have no row.",
         {
             "second": _UTC_SECOND,
             "scope": "cluster (every release), task:<name>, account:<id> or host:<host> "
