@@ -51,6 +51,11 @@ HOST_LENGTH = 253
 IDEMPOTENCY_KEY_LENGTH = 255
 REQUEST_HASH_LENGTH = 64  # a SHA-256 in hex (throttler.submit.request_digest)
 
+# Every table and column carries a comment for the auditor who reads the database directly
+# (PostgreSQL: \d+ in psql; SQLite has no comments, so the view audit_columns lists them).
+# Migration 0008 holds frozen copies; tests/integration/test_audit_sql.py keeps them equal.
+_UTC = " UTC (PostgreSQL timestamptz; SQLite text YYYY-MM-DD HH:MM:SS.ffffff, UTC, no offset)."
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -110,31 +115,119 @@ class Task(Base):
         # second row on this index (ON CONFLICT DO NOTHING) rather than check first.
         # Rows without a key are NULL here, and NULLs never conflict.
         Index("ix_tasks_account_idempotency_key", "account", "idempotency_key", unique=True),
+        {
+            "comment": "One row per accepted task: its request, where it is now and how it "
+            "ended. Inserted by the API with its outbox row and submitted event; then changed "
+            "by the relay (queued), workers (running, outcomes), recovery and explicit "
+            "retries; deleted only by retention (RETENTION_DAYS), with its events. Its "
+            "history: task_events."
+        },
     )
 
-    id: Mapped[str] = mapped_column(String(TASK_ID_LENGTH), primary_key=True)
-    name: Mapped[str] = mapped_column(String(TASK_NAME_LENGTH))
-    account: Mapped[str] = mapped_column(String(ACCOUNT_LENGTH))
-    payload: Mapped[dict[str, Any]] = mapped_column(JSONDocument)
+    id: Mapped[str] = mapped_column(
+        String(TASK_ID_LENGTH),
+        primary_key=True,
+        comment="Task id, a UUID4 chosen by the API. Each ARQ job id is <id>@<release moment "
+        "in microseconds since the epoch> (one per dispatch).",
+    )
+    name: Mapped[str] = mapped_column(
+        String(TASK_NAME_LENGTH),
+        comment="Task name: the function a worker runs (greeting, download, ...). Limit "
+        "scope task:<name>.",
+    )
+    account: Mapped[str] = mapped_column(
+        String(ACCOUNT_LENGTH),
+        comment="Account that submitted the task: its API key's account, or 'default' when "
+        "API_KEYS is unset. Limit scope account:<id>.",
+    )
+    payload: Mapped[dict[str, Any]] = mapped_column(
+        JSONDocument, comment="The task's input (JSON) as submitted; never changed."
+    )
     # The hostname a download contacts, for ``host:`` limits; None for other tasks.
-    host: Mapped[str | None] = mapped_column(String(HOST_LENGTH), nullable=True)
-    status: Mapped[str] = mapped_column(String(16))
-    priority: Mapped[int] = mapped_column(SmallInteger, default=5, server_default="5")
-    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    host: Mapped[str | None] = mapped_column(
+        String(HOST_LENGTH),
+        nullable=True,
+        comment="Host a download contacts, canonical (lower case; an IP address in one "
+        "spelling, IPv6 in brackets). Limit scope host:<host>. NULL for other tasks.",
+    )
+    status: Mapped[str] = mapped_column(
+        String(16),
+        comment="Where the task is: pending (in the outbox), queued (released to ARQ), "
+        "running, succeeded, failed or cancelled (the last three final; only an explicit "
+        "retry takes failed or cancelled back to pending).",
+    )
+    priority: Mapped[int] = mapped_column(
+        SmallInteger,
+        default=5,
+        server_default="5",
+        comment="0 to 9, set at submission (default 5): the relay releases an account's "
+        "pending tasks by priority, higher first, then age.",
+    )
+    attempts: Mapped[int] = mapped_column(
+        Integer,
+        default=0,
+        server_default="0",
+        comment="Attempts started, every one counted (first, retries, recoveries, explicit "
+        "retries); a worker adds 1 when it starts one.",
+    )
     # ``attempts`` when the task was last explicitly retried (0 if never): the attempts
     # after it are the ones a worker counts against the task's tries (throttler.store.retries).
-    tries_base: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
-    result: Mapped[dict[str, Any] | None] = mapped_column(JSONDocument, nullable=True)
-    error: Mapped[str | None] = mapped_column(Text, nullable=True)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
-    run_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
-    queued_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
-    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
-    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
-    idempotency_key: Mapped[str | None] = mapped_column(
-        String(IDEMPOTENCY_KEY_LENGTH), nullable=True
+    tries_base: Mapped[int] = mapped_column(
+        Integer,
+        default=0,
+        server_default="0",
+        comment="attempts when the task was last explicitly retried (0 if never): a worker "
+        "counts only the attempts after it against the task's tries (WORKER_MAX_TRIES).",
     )
-    request_hash: Mapped[str | None] = mapped_column(String(REQUEST_HASH_LENGTH), nullable=True)
+    result: Mapped[dict[str, Any] | None] = mapped_column(
+        JSONDocument,
+        nullable=True,
+        comment="The task's result (JSON), written by the worker when it succeeded; NULL "
+        "otherwise (an explicit retry clears it).",
+    )
+    error: Mapped[str | None] = mapped_column(
+        Text,
+        nullable=True,
+        comment="Error of the last failed or retrying attempt, or recovery's; NULL after a "
+        "success and after an explicit retry (task_events keeps every error).",
+    )
+    created_at: Mapped[datetime] = mapped_column(
+        UTCDateTime, comment="When the API accepted the task." + _UTC
+    )
+    run_at: Mapped[datetime | None] = mapped_column(
+        UTCDateTime,
+        nullable=True,
+        comment="Earliest moment the relay may release the next attempt: the submission's "
+        "delay, a retry's backoff, an explicit retry's moment; NULL means at once." + _UTC,
+    )
+    queued_at: Mapped[datetime | None] = mapped_column(
+        UTCDateTime,
+        nullable=True,
+        comment="Release moment of the latest dispatch to ARQ, set by the relay (the job "
+        "starts no earlier; each release is also a queued event at this moment); NULL once "
+        "recovery puts the task back in the outbox." + _UTC,
+    )
+    started_at: Mapped[datetime | None] = mapped_column(
+        UTCDateTime, nullable=True, comment="When a worker started the latest attempt." + _UTC
+    )
+    finished_at: Mapped[datetime | None] = mapped_column(
+        UTCDateTime,
+        nullable=True,
+        comment="When the task became succeeded, failed or cancelled; NULL while not final "
+        "(an explicit retry clears it)." + _UTC,
+    )
+    idempotency_key: Mapped[str | None] = mapped_column(
+        String(IDEMPOTENCY_KEY_LENGTH),
+        nullable=True,
+        comment="The client's Idempotency-Key (header, or a bulk item's idempotency_key), "
+        "unique within the account; NULL without one.",
+    )
+    request_hash: Mapped[str | None] = mapped_column(
+        String(REQUEST_HASH_LENGTH),
+        nullable=True,
+        comment="SHA-256 (hex) of the request the idempotency key came with: a repeat with "
+        "another request under the same key is refused. NULL without a key.",
+    )
     labels: Mapped[list[str] | None] = mapped_column(
         LabelsDocument,
         nullable=True,
@@ -198,15 +291,43 @@ class OutboxEntry(Base):
     """A task waiting for the relay; deleted once the task is safely in ARQ."""
 
     __tablename__ = "outbox"
-    __table_args__ = (Index("ix_outbox_claimed_until", "claimed_until"),)
+    __table_args__ = (
+        Index("ix_outbox_claimed_until", "claimed_until"),
+        {
+            "comment": "Tasks waiting for the relay, one row per trip through the outbox "
+            "(submission, retry, recovery, explicit retry). A relay leases rows, marks their "
+            "tasks queued, hands them to ARQ, then deletes the rows."
+        },
+    )
 
     # Autoincrement id gives FIFO order without trusting clocks.
-    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), unique=True)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    id: Mapped[int] = mapped_column(
+        BigId,
+        primary_key=True,
+        autoincrement=True,
+        comment="Insertion order: the last tie-break of the claim order (priority, age).",
+    )
+    task_id: Mapped[str] = mapped_column(
+        ForeignKey("tasks.id", ondelete="CASCADE"),
+        unique=True,
+        comment="The waiting task (tasks.id); one row per task at most.",
+    )
+    created_at: Mapped[datetime] = mapped_column(
+        UTCDateTime, comment="When the row was written." + _UTC
+    )
     # A relay that claimed the row and is handing it to ARQ; expired leases are re-claimed.
-    claimed_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    claimed_by: Mapped[str | None] = mapped_column(
+        String(64),
+        nullable=True,
+        comment="Id of the relay that leased the row and is handing its task to ARQ; NULL "
+        "while unclaimed.",
+    )
+    claimed_until: Mapped[datetime | None] = mapped_column(
+        UTCDateTime,
+        nullable=True,
+        comment="End of that lease: after it another relay may take the row (a crashed "
+        "relay's claims)." + _UTC,
+    )
 
 
 class TaskEvent(Base):
@@ -217,10 +338,41 @@ class TaskEvent(Base):
         CheckConstraint(_status_check("event", EventKind), name="event"),
         Index("ix_task_events_task_id_id", "task_id", "id"),
         Index("ix_task_events_event_at", "event", "at"),
+        {
+            "comment": "The audit trail: one row per transition of a task, appended in the "
+            "transaction that makes it. Never updated, except that a relay moves a queued "
+            "event it has not yet handed to ARQ to its later release moment; deleted only "
+            "with its task, by retention. Views: audit_task_timeline, "
+            "audit_releases_per_second, audit_operator_actions."
+        },
     )
 
-    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"))
-    at: Mapped[datetime] = mapped_column(UTCDateTime)
-    event: Mapped[str] = mapped_column(String(16))
-    detail: Mapped[dict[str, Any]] = mapped_column(JSONDocument, default=dict)
+    id: Mapped[int] = mapped_column(
+        BigId,
+        primary_key=True,
+        autoincrement=True,
+        comment="Append order: a task's events by id are its history.",
+    )
+    task_id: Mapped[str] = mapped_column(
+        ForeignKey("tasks.id", ondelete="CASCADE"), comment="The task (tasks.id)."
+    )
+    at: Mapped[datetime] = mapped_column(
+        UTCDateTime,
+        comment="When the transition happened; for queued, the release moment (the job "
+        "starts no earlier; equals tasks.queued_at of that dispatch)." + _UTC,
+    )
+    event: Mapped[str] = mapped_column(
+        String(16),
+        comment="submitted (API), queued (relay released it to ARQ), started, retrying, "
+        "succeeded, failed (worker, or recovery), cancelled, requeued (back in the outbox "
+        "by recovery or a stopping worker), retried (an explicit retry).",
+    )
+    detail: Mapped[dict[str, Any]] = mapped_column(
+        JSONDocument,
+        default=dict,
+        comment="JSON by event: submitted {account}; queued {relay}; started {attempt, "
+        "worker}; retrying {attempt, worker, error, defer_s}; succeeded {attempt, worker}; "
+        "failed {attempt, worker, error} or by recovery {reason, previous_status, attempt, "
+        "error}; requeued {reason, previous_status, attempt} by recovery or {attempt, worker, "
+        "reason, error} by a worker; cancelled {by, from, force}; retried {by, attempts}.",
+    )

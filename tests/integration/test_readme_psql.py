@@ -64,4 +64,4 @@ def test_readme_psql_commands_run_as_written(postgres_database: str) -> None:
     # psql pads its columns to the widest value: compare with the padding folded.
     shown = " ".join(finished.stdout.split())
     assert "status | count" in shown
-    assert "second | count" in shown
+    assert "second | released" in shown
