@@ -32,6 +32,9 @@ def _run(connection: Connection) -> None:
         # rename works as before 3.26, leaving views as they are (they name the table, which
         # exists again once the copy is renamed).
         connection.exec_driver_sql("PRAGMA legacy_alter_table = ON")
+        # A connection setting, not a change: end the transaction it began, so that the
+        # migrations' own transaction below is the one that commits.
+        connection.commit()
     context.configure(
         connection=connection,
         target_metadata=target_metadata,
