@@ -125,11 +125,10 @@ def _submit_endpoint(spec: TaskSpec) -> Callable[..., Awaitable[TaskPublic]]:
             # The key is bound to a task already: nothing was written.
             if not existing.same_request:
                 raise header_reused()
-            views = await original_views(request, account=account, task_ids=[existing.task_id])
             response.status_code = status.HTTP_200_OK
             response.headers[REPLAYED_HEADER] = "true"
             response.headers["Location"] = _location(request, existing.task_id)
-            return views[existing.task_id]
+            return TaskPublic.from_task(existing.view)
         log.info(
             "task.submitted",
             extra=fields(
@@ -202,7 +201,7 @@ async def submit_tasks(
     if reused:  # every item's key was bound already: nothing was written
         raise items_reused(reused)
     replayed = [existing.task_id for existing in outcome if existing is not None]
-    originals = await original_views(request, account=account, task_ids=replayed)
+    originals = original_views(outcome)
     log.info(
         "tasks.submitted",
         extra=fields(
