@@ -171,8 +171,13 @@ class _BoundSelect:
         names = ", ".join(quote.format_column(column) for column in columns)
         return cls(
             # Only names from the table's own metadata, quoted by the dialect, go in.
-            sql=f"SELECT {names} FROM {quote.format_table(TASKS)}"  # noqa: S608
-            " WHERE (account, idempotency_key) IN (VALUES {})",
+            # The pairs as the outer loop, each a look-up in the unique index: SQLite plans
+            # ``(account, idempotency_key) IN (VALUES ...)`` as a scan of every task (the
+            # replay bench fell to a third of a plain submit on a table of 100,000 tasks).
+            sql=f"SELECT {names} FROM (VALUES {{}}) AS pair"  # noqa: S608
+            f" CROSS JOIN {quote.format_table(TASKS)}"
+            f" ON {quote.format_column(TASKS.c.account)} = pair.column1"
+            f" AND {quote.format_column(TASKS.c.idempotency_key)} = pair.column2",
             row=namedtuple("BoundRow", [column.key for column in columns]),
             processors=tuple(
                 column.type.dialect_impl(dialect).result_processor(dialect, None)
