@@ -7,7 +7,8 @@ its own account: the request asked for something it may not have. With ``API_KEY
 everything is open, as in development, so every caller may pass ``account=``.
 
 ``AdminDep`` is the guard for admin-only calls (403 otherwise); ``ReadAccountDep`` is the
-account a read is about.
+account a task read is about; ``CountedAccountDep`` whose tasks the relay status counts
+(an admin: every account's unless it names one).
 """
 
 from __future__ import annotations
@@ -125,6 +126,33 @@ async def get_read_account(
 
 
 ReadAccountDep = Annotated[str, Depends(get_read_account)]
+
+
+async def get_counted_account(
+    request: Request,
+    caller: CallerDep,
+    account: Annotated[
+        str | None,
+        Query(
+            description="Admin keys only (API_ADMIN_KEYS): count only this account's tasks "
+            "(an admin key counts every account's without it). Another key passing it gets "
+            "403.",
+        ),
+    ] = None,
+) -> str | None:
+    """Whose tasks an operational view counts: None for every account's.
+
+    An admin (or anyone, without API_KEYS) sees the whole cluster unless it names an
+    account; any other key sees only its own account's tasks, as before admin keys.
+    """
+    if account is not None:
+        if not caller.admin:
+            raise forbidden("account= needs an admin key (API_ADMIN_KEYS)")
+        return _checked_account(request, account)
+    return None if caller.admin else caller.account
+
+
+CountedAccountDep = Annotated[str | None, Depends(get_counted_account)]
 
 # The answers these add to an operation's OpenAPI description.
 FORBIDDEN_RESPONSE: dict[int | str, dict[str, Any]] = {
