@@ -49,7 +49,8 @@ class Existing:
     # The key came with the same request (a replay) or a different one (a 422).
     same_request: bool
     # The bound task as the intake's transaction read it back: a replay answers with it
-    # rather than read the task a second time (the replay cost 3.7x a plain submit).
+    # rather than read the task a second time (which held a replay to 0.13-0.27x the rate
+    # of a plain submit).
     view: TaskView
 
 
