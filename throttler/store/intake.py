@@ -9,7 +9,8 @@ Idempotency keys: the tasks INSERT skips a row whose (account, idempotency_key) 
 taken (ON CONFLICT DO NOTHING on the unique index, so two concurrent requests, or two
 in one batch, can never both insert); the keyed rows are then read back, and a task
 whose key is bound to another task gets neither outbox row nor event, and is reported
-as ``Existing`` (``resolve_keys``). A submission with a key bound to a different request
+as ``Existing`` (``resolve_keys``) with the bound task's view as that read found it, which
+a replay answers with. A submission with a key bound to a different request
 that has other tasks inserted raises ``KeyReusedError``: the transaction is rolled back
 (the group committer then writes each of the batch's submissions alone), so a bulk
 request stays all or none.
