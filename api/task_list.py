@@ -16,7 +16,7 @@ from typing import Annotated
 from fastapi import Query, Request
 from pydantic import AwareDatetime
 
-from api.deps import AccountDep
+from api.admin import ACCOUNT_PARAMETER, ReadAccountDep
 from api.strict_query import QuerySpelling, query_error
 from throttler.labels import GRAMMAR, LabelError, check_label
 from throttler.models import TASK_ID_LENGTH
@@ -27,7 +27,16 @@ MAX_PAGE = 1000
 DEFAULT_PAGE = 100
 SPELLING = QuerySpelling(
     names=frozenset(
-        {"status", "name", "key", "created_after", "created_before", "limit", "cursor"}
+        {
+            "status",
+            "name",
+            "key",
+            "created_after",
+            "created_before",
+            "limit",
+            "cursor",
+            ACCOUNT_PARAMETER,
+        }
     ),
     integers=frozenset({"limit"}),
     times=frozenset({"created_after", "created_before"}),
@@ -79,7 +88,7 @@ def _label(value: str) -> str:
 
 async def get_task_query(
     request: Request,
-    account: AccountDep,
+    account: ReadAccountDep,
     status: Annotated[
         list[TaskStatus] | None,
         Query(description="Only tasks in this status; repeat for several (any of them)."),
@@ -105,7 +114,8 @@ async def get_task_query(
         str | None, Query(description="`next_cursor` of the previous page, as given.")
     ] = None,
 ) -> TaskQuery:
-    """The caller's account's tasks the query asks for; any parameter amiss is a 422."""
+    """The tasks the query asks for, of the caller's account (or, for an admin key, of
+    ``account=``); any parameter amiss is a 422."""
     SPELLING.check(request)
     return TaskQuery(
         account=account,

@@ -17,7 +17,16 @@ from collections.abc import Callable
 
 from bench.figures import Figure, render, summary
 
-BENCHMARKS = ("intake", "relay", "worker", "latency", "throttle", "end_to_end", "cancel")
+BENCHMARKS = (
+    "intake",
+    "relay",
+    "worker",
+    "latency",
+    "throttle",
+    "end_to_end",
+    "cancel",
+    "task_list",
+)
 
 
 def _runner(name: str) -> Callable[..., list[Figure]]:

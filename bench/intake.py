@@ -183,8 +183,9 @@ class _Series:
 
 
 def measure_all(*, sizes: Sizes, connections: int) -> dict[str, _Series]:
-    """Run every load ``sizes.runs`` times; keys: bare, seed, sqlite, postgres, replay, bulk."""
-    names = ("bare", "seed", "sqlite", "postgres", "replay", "bulk")
+    """Run every load ``sizes.runs`` times; keys: bare, seed, sqlite, postgres, replay,
+    replay_postgres, bulk."""
+    names = ("bare", "seed", "sqlite", "postgres", "replay", "replay_postgres", "bulk")
     series = {name: _Series.empty() for name in names}
     greeting = {"name": "bench"}
     bulk = {"tasks": [{"name": "greeting", "input": {"name": f"n{i}"}} for i in range(BULK_SIZE)]}
@@ -222,17 +223,21 @@ def measure_all(*, sizes: Sizes, connections: int) -> dict[str, _Series]:
             # Every request under one key: the warm-up's first creates the task (202), every
             # other answers the 200 replay.
             key = f"Idempotency-Key: bench-replay-{len(series['replay'].per_s)}\r\n"
-            series["replay"].add(
-                _measure(
-                    sqlite_port,
-                    path=GREETING,
-                    body=greeting,
-                    connections=connections,
-                    sizes=sizes,
-                    extra_head=key,
-                    expect=(b"HTTP/1.1 200", b"HTTP/1.1 202"),
+            replays = [("replay", sqlite_port)]
+            if postgres_url is not None:
+                replays.append(("replay_postgres", postgres_port))
+            for name, port in replays:
+                series[name].add(
+                    _measure(
+                        port,
+                        path=GREETING,
+                        body=greeting,
+                        connections=connections,
+                        sizes=sizes,
+                        extra_head=key,
+                        expect=(b"HTTP/1.1 200", b"HTTP/1.1 202"),
+                    )
                 )
-            )
             measured = _measure(
                 sqlite_port, path=BULK, body=bulk, connections=BULK_CONNECTIONS, sizes=sizes
             )
@@ -276,18 +281,22 @@ def figures_of(series: dict[str, _Series], *, sizes: Sizes, connections: int) ->
                 note=f"{connections} connections, {runs}",
             ),
         ]
-    if series["replay"].per_s and series["sqlite"].per_s:
-        figures.append(
-            Figure(
-                name="Idempotent replay, SQLite",
-                value=median(series["replay"].per_s),
-                unit="req/s",
-                target=REPLAY_TARGET,
-                baseline=median(series["sqlite"].per_s),
-                baseline_name="plain submit, SQLite",
-                note=f"{connections} connections, one key, each a 200 replay, {runs}",
+    for replay, plain, label in (
+        ("replay", "sqlite", "SQLite"),
+        ("replay_postgres", "postgres", "PostgreSQL"),
+    ):
+        if series[replay].per_s and series[plain].per_s:
+            figures.append(
+                Figure(
+                    name=f"Idempotent replay, {label}",
+                    value=median(series[replay].per_s),
+                    unit="req/s",
+                    target=REPLAY_TARGET,
+                    baseline=median(series[plain].per_s),
+                    baseline_name=f"plain submit, {label}",
+                    note=f"{connections} connections, one key, each a 200 replay, {runs}",
+                )
             )
-        )
     figures.append(
         Figure(
             name="Bulk, SQLite",

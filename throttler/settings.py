@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     api_port: int = Field(default=8000, ge=1, le=65535)
     api_max_body_bytes: int = Field(default=65_536, ge=1024)
     api_keys: str = ""
+    # Keys of API_KEYS that may also read every account (``?account=``) and, later, change
+    # limits; after api_keys, so its validator sees the parsed keys.
+    api_admin_keys: str = ""
     # Unset (or empty): "protected" when API_KEYS is set, else "public"; see docs_access.
     api_docs: DocsAccess | None = None
     # Request heads (api.http_limits): size of the whole head and of one line, and the time
@@ -106,6 +109,26 @@ class Settings(BaseSettings):
         parse_api_keys(value)
         return value
 
+    @field_validator("api_admin_keys")
+    @classmethod
+    def _admin_keys_are_api_keys(cls, value: str, info: ValidationInfo) -> str:
+        admin = parse_admin_keys(value)
+        if not admin:
+            return value
+        keys = info.data.get("api_keys")
+        if keys is None:  # API_KEYS itself is invalid, and is reported on its own
+            return value
+        known = parse_api_keys(keys)
+        if not known:
+            # Without API_KEYS everything is open: an admin key would be silently unused.
+            raise ValueError("needs API_KEYS: an admin key must also be one of API_KEYS")
+        # An admin key is an ordinary key too, with its own account (whose tasks it lists
+        # by default): so it must be one of API_KEYS. Entries named by position, not echoed.
+        unknown = [str(n) for n, key in enumerate(admin, start=1) if key not in known]
+        if unknown:
+            raise ValueError(f"entry {', '.join(unknown)} is not a key of API_KEYS")
+        return value
+
     @field_validator("api_docs", mode="before")
     @classmethod
     def _api_docs_value(cls, value: object, info: ValidationInfo) -> object:
@@ -144,6 +167,11 @@ class Settings(BaseSettings):
         """Map each API key to its account (empty when authentication is off)."""
         return parse_api_keys(self.api_keys)
 
+    @cached_property
+    def admin_keys(self) -> tuple[str, ...]:
+        """The API keys that may read every account (empty when there are none)."""
+        return parse_admin_keys(self.api_admin_keys)
+
     @property
     def docs_access(self) -> DocsAccess:
         """API_DOCS, or its default: docs need a key exactly when the API does."""
@@ -172,6 +200,11 @@ def parse_api_keys(raw: str) -> dict[str, str]:
             raise ValueError(f"entry {entry!r} is not key:account")
         keys[key.strip()] = account.strip()
     return keys
+
+
+def parse_admin_keys(raw: str) -> tuple[str, ...]:
+    """Parse ``key1,key2`` (blanks around entries and empty entries ignored)."""
+    return tuple(dict.fromkeys(filter(None, (part.strip() for part in raw.split(",")))))
 
 
 def describe_error(error: ValidationError) -> str:

@@ -6,7 +6,8 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from api.deps import AccountDep, ReadsDep, RedisDep, SettingsDep
+from api.admin import FORBIDDEN_RESPONSE, CountedAccountDep
+from api.deps import ReadsDep, RedisDep, SettingsDep
 from api.relay_status import relay_status, relays_alive
 from api.schemas import ErrorMessage, RelayStatus
 from throttler.constants import API_PREFIX
@@ -26,18 +27,17 @@ router = APIRouter(prefix=API_PREFIX, tags=["relay"])
     name="relay_status",
     operation_id="relay_status",
     response_model=RelayStatus,
-    responses=_RESPONSES,
+    responses=_RESPONSES | FORBIDDEN_RESPONSE,
     summary="Backlog, in-flight and recent dispatches per limited key; relays alive.",
 )
 async def get_relay_status(
-    account: AccountDep, settings: SettingsDep, reads: ReadsDep, redis: RedisDep
+    account: CountedAccountDep, settings: SettingsDep, reads: ReadsDep, redis: RedisDep
 ) -> RelayStatus:
-    # With API keys the view is the caller's: counts over its own tasks only.
-    scoped = account if settings.accounts_by_key else None
+    # With API keys an ordinary key's view is its own: counts over its own tasks only.
     return await relay_status(
         reads,
         rules=settings.limit_rules,
-        account=scoped,
+        account=account,
         now=utcnow(),
         alive_relays=await relays_alive(NodeRegistry(redis)),
     )

@@ -13,6 +13,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from api.admin import FORBIDDEN_RESPONSE, ReadAccountDep
 from api.bulk import BulkRoute, new_tasks
 from api.deps import AccountDep, AnnouncerDep, IntakeDep, ReadsDep, RetriesDep, WaitersDep
 from api.fast_path import FastPathRoute
@@ -126,11 +127,10 @@ def _submit_endpoint(spec: TaskSpec) -> Callable[..., Awaitable[TaskPublic]]:
             # The key is bound to a task already: nothing was written.
             if not existing.same_request:
                 raise header_reused()
-            views = await original_views(request, account=account, task_ids=[existing.task_id])
             response.status_code = status.HTTP_200_OK
             response.headers[REPLAYED_HEADER] = "true"
             response.headers["Location"] = _location(request, existing.task_id)
-            return views[existing.task_id]
+            return TaskPublic.from_task(existing.view)
         log.info(
             "task.submitted",
             extra=fields(
@@ -203,7 +203,7 @@ async def submit_tasks(
     if reused:  # every item's key was bound already: nothing was written
         raise items_reused(reused)
     replayed = [existing.task_id for existing in outcome if existing is not None]
-    originals = await original_views(request, account=account, task_ids=replayed)
+    originals = original_views(outcome)
     log.info(
         "tasks.submitted",
         extra=fields(
@@ -273,7 +273,7 @@ def _checked_id(task_id: str) -> HTTPException:
     name="list_tasks",
     operation_id="list_tasks",
     response_model=TaskListPublic,
-    responses=_UNAUTHORIZED | _UNAVAILABLE,
+    responses=_UNAUTHORIZED | FORBIDDEN_RESPONSE | _UNAVAILABLE,
     summary="List the caller's tasks newest first, filtered, a page at a time.",
 )
 async def list_tasks(
@@ -291,10 +291,10 @@ async def list_tasks(
     name="get_task",
     operation_id="get_task",
     response_model=TaskPublic,
-    responses=_RESULT_RESPONSES,
+    responses=_RESULT_RESPONSES | FORBIDDEN_RESPONSE,
     summary="Read a task: the same view as the result endpoint, without waiting.",
 )
-async def get_task(task_id: str, account: AccountDep, reads: ReadsDep) -> TaskPublic:
+async def get_task(task_id: str, account: ReadAccountDep, reads: ReadsDep) -> TaskPublic:
     not_found = _checked_id(task_id)
     task = await reads.task(task_id=task_id, account=account)
     if task is None:
@@ -307,10 +307,10 @@ async def get_task(task_id: str, account: AccountDep, reads: ReadsDep) -> TaskPu
     name="task_events",
     operation_id="task_events",
     response_model=TaskEventsPublic,
-    responses=_RESULT_RESPONSES,
+    responses=_RESULT_RESPONSES | FORBIDDEN_RESPONSE,
     summary="Read a task's history: one event per transition, oldest first.",
 )
-async def task_events(task_id: str, account: AccountDep, reads: ReadsDep) -> TaskEventsPublic:
+async def task_events(task_id: str, account: ReadAccountDep, reads: ReadsDep) -> TaskEventsPublic:
     not_found = _checked_id(task_id)
     events = await reads.events(task_id=task_id, account=account)
     if events is None:
@@ -323,13 +323,13 @@ async def task_events(task_id: str, account: AccountDep, reads: ReadsDep) -> Tas
     name=RESULT_ROUTE,
     operation_id=RESULT_ROUTE,
     response_model=TaskPublic,
-    responses=_RESULT_RESPONSES,
+    responses=_RESULT_RESPONSES | FORBIDDEN_RESPONSE,
     summary="Read a task's status and result, optionally waiting for it to finish.",
 )
 async def task_result(
     task_id: str,
     request: Request,
-    account: AccountDep,
+    account: ReadAccountDep,
     reads: ReadsDep,
     waiters: WaitersDep,
     wait: Annotated[

@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
+from sqlalchemy import update
 
+from throttler.db import SessionFactory
+from throttler.models import Task
 from throttler.settings import Settings
+from throttler.statuses import TaskStatus
 
 if TYPE_CHECKING:
     from tests.integration.conftest import ApiClientFactory, RowCounter
@@ -57,6 +62,40 @@ async def test_a_replay_answers_the_original_and_writes_nothing(
     assert again.json() == first.json()
     assert again.headers["location"] == first.headers["location"]
     assert await row_counts() == written
+
+
+@pytest.mark.parametrize("headers", [FAST, STANDARD], ids=["fast", "standard"])
+async def test_a_replay_answers_the_task_as_it_stands_now(
+    api_client: httpx.AsyncClient, sessions: SessionFactory, headers: dict[str, str]
+) -> None:
+    first = await _post(api_client, GREETING, {"name": "Ada"}, key="order-9", headers=headers)
+    assert first.status_code == 202, first.text
+    task_id = first.json()["task_id"]
+    finished = datetime(2026, 11, 29, 9, 0, tzinfo=UTC)
+    async with sessions.begin() as session:
+        await session.execute(
+            update(Task)
+            .where(Task.id == task_id)
+            .values(
+                status=TaskStatus.SUCCEEDED.value,
+                attempts=1,
+                result={"message": "Hello, Ada!"},
+                finished_at=finished,
+            )
+        )
+
+    again = await _post(api_client, GREETING, {"name": "Ada"}, key="order-9", headers=headers)
+
+    assert again.status_code == 200, again.text
+    # The intake's read-back gives the whole current view, exactly as a read of the task.
+    assert again.json() == (await api_client.get(f"/api/v1/tasks/{task_id}")).json()
+    assert again.json()["status"] == "succeeded"
+    assert again.json()["result"] == {"message": "Hello, Ada!"}
+    assert again.json()["finished_at"] == "2026-11-29T09:00:00Z"
+    bulk = {"tasks": [{"name": "greeting", "input": {"name": "Ada"}, "idempotency_key": "order-9"}]}
+    replayed = await _post(api_client, BULK, bulk, headers=headers)
+    assert replayed.status_code == 200, replayed.text
+    assert replayed.json()["tasks"] == [again.json()]
 
 
 @pytest.mark.parametrize("headers", [FAST, STANDARD], ids=["fast", "standard"])

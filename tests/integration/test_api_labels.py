@@ -3,8 +3,9 @@
 On SQLite and PostgreSQL, through the API: a single submit's repeated ``key`` query
 parameter (on the fast path too) and a bulk item's ``keys``; the view's ``keys``; the
 ``task_labels`` rows (none without labels); ``GET /tasks?key=`` with the other filters
-and keyset pages; ``POST /tasks/retry`` and ``POST /tasks/cancel`` with ``key``; a bad label is a 422 naming its
-field, and writes nothing; labels are part of an idempotent request.
+and keyset pages; ``POST /tasks/retry`` and ``POST /tasks/cancel`` with ``key``; a bad
+label is a 422 naming its field, and writes nothing; labels are part of an idempotent
+request.
 """
 
 from __future__ import annotations

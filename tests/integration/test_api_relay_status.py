@@ -204,6 +204,41 @@ async def test_with_api_keys_the_view_is_the_callers(keyed_client: httpx.AsyncCl
     }
 
 
+@pytest.mark.usefixtures("populated")
+async def test_an_admin_counts_every_account_or_the_one_it_names(
+    settings: Settings, make_api_client: ApiClientFactory
+) -> None:
+    keys = f"{KEY_ACME}:acme,{KEY_BETA}:beta,key-ops-0123:ops"
+    admin = {"Authorization": "Bearer key-ops-0123"}
+    limited = _limited(settings, api_keys=keys, api_admin_keys="key-ops-0123")
+    async with make_api_client(limited) as client:
+        everyone = await client.get(STATUS, headers=admin)
+        named = await client.get(STATUS, params={"account": "beta"}, headers=admin)
+        refused = await client.get(
+            STATUS, params={"account": "beta"}, headers={"Authorization": f"Bearer {KEY_ACME}"}
+        )
+        empty = await client.get(STATUS, params={"account": ""}, headers=admin)
+        acme = await _status(client, KEY_ACME)
+
+    # Every account's tasks, as without API_KEYS; and beta's alone, as beta sees them.
+    assert everyone.status_code == 200, everyone.text
+    assert everyone.json()["account"] is None
+    assert everyone.json()["totals"] == {"pending": 2, "inflight": 3, "dispatched_last_minute": 3}
+    assert named.status_code == 200, named.text
+    assert named.json()["account"] == "beta"
+    assert _by_key(named.json()) == {
+        "task:download": (0, 0, 1),
+        "account:beta": (1, 1, 1),
+        "host:a.example": (0, 0, 1),
+        "host:slow.example": (0, 0, 0),
+    }
+    assert refused.status_code == 403, refused.text
+    assert empty.status_code == 422, empty.text
+    assert empty.json()["detail"][0]["loc"] == ["query", "account"]
+    # An ordinary key still sees only its own account.
+    assert acme["account"] == "acme"
+
+
 @pytest.mark.parametrize(
     "headers",
     [{}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY_ACME}],

@@ -458,7 +458,8 @@ def test_downgrade_removes_views_and_comments_and_upgrade_restores_them(
     # 0008 gave the labels their comments and keeps them; 0009 took every other away.
     if comments:  # PostgreSQL
         labels_comment, labels_columns = comments.pop("task_labels")
-        assert labels_comment and None not in labels_columns.values()
+        assert labels_comment
+        assert None not in labels_columns.values()
         assert comments["tasks"][1].pop("labels")
     for table, (comment, columns) in comments.items():
         assert comment is None, table

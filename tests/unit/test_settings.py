@@ -243,3 +243,61 @@ def test_bad_api_docs_exits_2_naming_api_docs(
     message = capsys.readouterr().err
     assert message.startswith("invalid setting API_DOCS: "), message
     assert repr(api_docs) in message
+
+
+@pytest.mark.parametrize(
+    ("keys", "admin_keys", "expected"),
+    [
+        ("", "", ()),
+        ("k1:acme", "", ()),
+        ("k1:acme,k2:ops", "k2", ("k2",)),
+        ("k1:acme,k2:ops", " k2 , k1 ,, k2", ("k2", "k1")),
+    ],
+)
+def test_admin_keys(
+    monkeypatch: pytest.MonkeyPatch, keys: str, admin_keys: str, expected: tuple[str, ...]
+) -> None:
+    monkeypatch.setenv("API_KEYS", keys)
+    monkeypatch.setenv("API_ADMIN_KEYS", admin_keys)
+    assert load_settings().admin_keys == expected
+
+
+@pytest.mark.parametrize(
+    ("keys", "admin_keys", "reason"),
+    [
+        # Without API_KEYS everything is open: an admin key would be silently meaningless.
+        ("", "k2", "needs API_KEYS"),
+        # An admin key is also an ordinary key with its own account.
+        ("k1:acme", "k2", "entry 1 is not a key of API_KEYS"),
+        ("k1:acme,k2:ops", "k2,k1,k3", "entry 3 is not a key of API_KEYS"),
+        ("k1:acme", "acme", "entry 1 is not a key of API_KEYS"),  # an account is not a key
+    ],
+)
+def test_bad_api_admin_keys_exits_2_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    keys: str,
+    admin_keys: str,
+    reason: str,
+) -> None:
+    monkeypatch.setenv("API_KEYS", keys)
+    monkeypatch.setenv("API_ADMIN_KEYS", admin_keys)
+    with pytest.raises(SystemExit) as exit_info:
+        load_settings()
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.rstrip("\n")
+    assert "\n" not in message
+    assert message.startswith("invalid setting API_ADMIN_KEYS: "), message
+    assert reason in message
+
+
+def test_a_bad_api_keys_is_reported_once_with_admin_keys_set(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("API_KEYS", "nocolon")
+    monkeypatch.setenv("API_ADMIN_KEYS", "nocolon")
+    with pytest.raises(SystemExit):
+        load_settings()
+    message = capsys.readouterr().err
+    assert message.startswith("invalid setting API_KEYS: "), message
+    assert "API_ADMIN_KEYS" not in message

@@ -9,7 +9,8 @@ Idempotency keys: the tasks INSERT skips a row whose (account, idempotency_key) 
 taken (ON CONFLICT DO NOTHING on the unique index, so two concurrent requests, or two
 in one batch, can never both insert); the keyed rows are then read back, and a task
 whose key is bound to another task gets neither outbox row nor event, and is reported
-as ``Existing`` (``resolve_keys``). A submission with a key bound to a different request
+as ``Existing`` (``resolve_keys``) with the bound task's view as that read found it, which
+a replay answers with. A submission with a key bound to a different request
 that has other tasks inserted raises ``KeyReusedError``: the transaction is rolled back
 (the group committer then writes each of the batch's submissions alone), so a bulk
 request stays all or none.
@@ -32,6 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from throttler.models import OutboxEntry, Task, TaskEvent, TaskLabel
 from throttler.settings import Settings
 from throttler.statuses import EventKind, TaskStatus
+from throttler.store.reads import VIEW_COLUMNS, TaskView, task_view
 from throttler.submit import NewTask
 
 T = TypeVar("T")
@@ -52,6 +54,10 @@ class Existing:
     task_id: str
     # The key came with the same request (a replay) or a different one (a 422).
     same_request: bool
+    # The bound task as the intake's transaction read it back: a replay answers with it
+    # rather than read the task a second time (which held a replay to 0.13-0.27x the rate
+    # of a plain submit).
+    view: TaskView
 
 
 # Per task of a submission, in its order: None where inserted.
@@ -71,8 +77,18 @@ def reused_indexes(outcome: Outcome) -> list[int]:
     return [index for index, held in enumerate(outcome) if held and not held.same_request]
 
 
-# (account, idempotency_key) -> (task id, request hash), as stored
-Bound = dict[tuple[str, str], tuple[str, str | None]]
+@dataclass(frozen=True, kw_only=True, slots=True)
+class KeyHolder:
+    """The task an (account, idempotency key) is bound to, as read back after the INSERT."""
+
+    request_hash: str | None
+    view: TaskView
+
+
+# (account, idempotency_key) -> the task holding it
+Bound = dict[tuple[str, str], KeyHolder]
+# What the read-back selects: the key, the request hash, and the holder's whole view.
+BOUND_COLUMNS = (TASKS.c.account, TASKS.c.idempotency_key, TASKS.c.request_hash, *VIEW_COLUMNS)
 
 
 def keyed_pairs(tasks: Sequence[NewTask]) -> list[tuple[str, str]]:
@@ -96,11 +112,15 @@ def resolve_keys(
             holder = None
             if task.idempotency_key:
                 holder = bound.get((task.account, task.idempotency_key))
-            if holder is None or holder[0] == task.task_id:
+            if holder is None or holder.view.task_id == task.task_id:
                 outcome.append(None)
             else:
                 outcome.append(
-                    Existing(task_id=holder[0], same_request=holder[1] == task.request_hash)
+                    Existing(
+                        task_id=holder.view.task_id,
+                        same_request=holder.request_hash == task.request_hash,
+                        view=holder.view,
+                    )
                 )
         reused = [
             index
@@ -206,16 +226,18 @@ def _chunks(items: Sequence[T], size: int = MAX_ROWS_PER_STATEMENT) -> list[Sequ
 async def bound_keys(
     executor: AsyncConnection | AsyncSession, pairs: Sequence[tuple[str, str]]
 ) -> Bound:
-    """The task each (account, key) is bound to now, with its request hash."""
+    """The task each (account, key) is bound to now, with its request hash and view."""
     bound: Bound = {}
     for chunk in _chunks(pairs):
         rows = await executor.execute(
-            select(
-                TASKS.c.account, TASKS.c.idempotency_key, TASKS.c.id, TASKS.c.request_hash
-            ).where(tuple_(TASKS.c.account, TASKS.c.idempotency_key).in_(list(chunk)))
+            select(*BOUND_COLUMNS).where(
+                tuple_(TASKS.c.account, TASKS.c.idempotency_key).in_(list(chunk))
+            )
         )
-        for account, key, task_id, request_hash in rows:
-            bound[(account, key)] = (task_id, request_hash)
+        for row in rows:
+            bound[(row.account, row.idempotency_key)] = KeyHolder(
+                request_hash=row.request_hash, view=task_view(row)
+            )
     return bound
 
 

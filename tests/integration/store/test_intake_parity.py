@@ -17,7 +17,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from throttler.settings import Settings
-from throttler.store.intake import CoreIntake, Existing, Intake, KeyReusedError, open_intake
+from throttler.store.intake import CoreIntake, Intake, KeyReusedError, open_intake
+from throttler.store.reads import open_reads
 from throttler.submit import NewTask, new_task_id
 
 # Every table an intake or attempts batch writes, with the order its rows are read in.
@@ -227,21 +228,41 @@ async def test_idempotency_keys_give_the_reference_rows_and_outcomes(
     assert override == reference
     assert override_outcomes == reference_outcomes
     k1, k2, k4 = ids["default:k0"], ids["default:k1"], ids["default:k5"]
-    assert reference_outcomes == [
+    assert isinstance(reference_outcomes, list)
+    assert isinstance(override_outcomes, list)
+    assert _holders(reference_outcomes) == [
         [[None], [None, None, None]],
         [
-            [Existing(task_id=k1, same_request=True)],
-            [Existing(task_id=k1, same_request=False)],
+            [(k1, True)],
+            [(k1, False)],
             [None],
-            [Existing(task_id=k4, same_request=True)],
-            [Existing(task_id=k4, same_request=False)],
+            [(k4, True)],
+            [(k4, False)],
             [None],
-            [Existing(task_id=k2, same_request=True), None],
+            [(k2, True), None],
         ],
     ]
+    # Each replay carries its task's view as the read store gives it (the API answers a
+    # replay with it, without reading the task again).
+    reads = open_reads(settings, engine)
+    for batch in reference_outcomes + override_outcomes:
+        for outcome in batch:
+            for existing in outcome:
+                if existing is not None:
+                    assert existing.view == await reads.task(
+                        task_id=existing.task_id, account="default"
+                    )
     # One task per key, and outbox rows, events and labels only for the tasks written.
     assert [len(reference[table]) for table in TABLES] == [7, 1, 7, 7]
     assert [row[:2] for row in reference["task_labels"]] == [(k4, "x:new")]
+
+
+def _holders(outcomes: list[Any]) -> list[Any]:
+    """Each outcome's (task id, same request) per task, None where inserted."""
+    return [
+        [[None if e is None else (e.task_id, e.same_request) for e in outcome] for outcome in batch]
+        for batch in outcomes
+    ]
 
 
 async def test_a_bulk_reusing_a_key_writes_nothing_of_its_batch_on_either(
