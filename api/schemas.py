@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from enum import Enum
 from typing import Any, Literal
 
 from pydantic import (
@@ -18,15 +19,43 @@ from pydantic import (
 from api.strict_query import ISO_TIME_WITH_ZONE
 from api.submit_options import MAX_DELAY_S, MAX_PRIORITY, MIN_PRIORITY
 from throttler.constants import DEFAULT_PRIORITY
-from throttler.models import IDEMPOTENCY_KEY_LENGTH, TASK_NAME_LENGTH
+from throttler.models import IDEMPOTENCY_KEY_LENGTH, TASK_NAME_LENGTH, utcnow
 from throttler.nodes import ALIVE_WITHIN_S, FORGET_AFTER_S
 from throttler.statuses import EventKind, TaskStatus
 from throttler.store.reads import EventView, TaskView
 from throttler.store.retries import MAX_RETRIES_PER_CALL, RETRIABLE_STATUSES, RetryFilter
 from throttler.submit import NewTask
+from throttler.waiting import Reason, Waiting, on_arrival
 
 # 1 to 255 visible ASCII characters (0x21-0x7E), for an idempotency key.
 KEY_PATTERN = rf"^[!-~]{{1,{IDEMPOTENCY_KEY_LENGTH}}}$"
+
+
+class Unasked(Enum):
+    """``TaskPublic.from_task`` was given no ``waiting``: no board was read."""
+
+    UNASKED = "unasked"
+
+
+class WaitingPublic(BaseModel):
+    """Why a pending task has not been handed to ARQ yet, as the relays saw it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    reason: Reason
+    scope: str | None = Field(
+        description="The limited scope holding it back, e.g. `task:greeting`; null if none."
+    )
+    until: datetime | None = Field(
+        description="When that ends, if known: run_at, the next token, the pause's end."
+    )
+
+    @classmethod
+    def of(cls, waiting: Waiting | None) -> WaitingPublic | None:
+        if waiting is None:
+            return None
+        scope = None if waiting.scope is None else str(waiting.scope)
+        return cls(reason=waiting.reason, scope=scope, until=waiting.until)
 
 
 class TaskPublic(BaseModel):
@@ -41,6 +70,10 @@ class TaskPublic(BaseModel):
     error: str | None
     attempts: int
     priority: int = Field(description="0-9; higher runs first among the account's tasks.")
+    waiting: WaitingPublic | None = Field(
+        default=None,
+        description="Why a pending task waits; null for other statuses, or if Redis is away.",
+    )
     created_at: datetime
     run_at: datetime | None = Field(
         description="When the task becomes eligible to run; null means at once."
@@ -50,7 +83,18 @@ class TaskPublic(BaseModel):
     finished_at: datetime | None
 
     @classmethod
-    def from_task(cls, task: TaskView) -> TaskPublic:
+    def from_task(
+        cls, task: TaskView, *, waiting: Waiting | Unasked | None = Unasked.UNASKED
+    ) -> TaskPublic:
+        """The view of ``task``; ``waiting``: its reason, as ``api.waiting`` found it.
+
+        Not given (a view no relay board was read for: a retry's, a replay's), a pending
+        task waits for its run_at or its turn, as a submitted one does.
+        """
+        if waiting is Unasked.UNASKED:
+            waiting = None
+            if task.status is TaskStatus.PENDING:
+                waiting = on_arrival(run_at=task.run_at, now=utcnow())
         return cls(
             task_id=task.task_id,
             name=task.name,
@@ -59,6 +103,7 @@ class TaskPublic(BaseModel):
             error=task.error,
             attempts=task.attempts,
             priority=task.priority,
+            waiting=WaitingPublic.of(waiting),
             created_at=task.created_at,
             run_at=task.run_at,
             queued_at=task.queued_at,
@@ -77,6 +122,8 @@ class TaskPublic(BaseModel):
             error=None,
             attempts=0,
             priority=task.priority,
+            # No relay was asked: a 202 costs no Redis round trip.
+            waiting=WaitingPublic.of(on_arrival(run_at=task.run_at, now=task.created_at)),
             created_at=task.created_at,
             run_at=task.run_at,
             queued_at=None,

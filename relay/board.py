@@ -25,12 +25,11 @@ from datetime import UTC, datetime
 
 from redis.asyncio import Redis
 
-from throttler.constants import WAITING_BOARD_KEY_PREFIX
 from throttler.errors import REDIS_ERRORS
 from throttler.limits import LimitKey
 from throttler.logs import fields
 from throttler.throttle import Admission, Candidate, InflightCaps
-from throttler.waiting import WaitingBoard
+from throttler.waiting import WaitingBoard, board_key
 
 log = logging.getLogger("relay")
 
@@ -43,10 +42,6 @@ REFRESH_EVERY_S = 1.0
 KEEP_AFTER_STEP_S = 5.0
 # A clean stop waits at most this long to delete the board.
 DELETE_TIMEOUT_S = 1.0
-
-
-def board_key(relay_id: str) -> str:
-    return WAITING_BOARD_KEY_PREFIX + relay_id
 
 
 def next_tokens(admission: Admission) -> dict[LimitKey, datetime]:

@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
+from throttler.constants import WAITING_BOARD_KEY_PREFIX
 from throttler.limits import LimitKey, RuleSet, Scope
 from throttler.statuses import TaskStatus
 
@@ -106,6 +107,15 @@ class WaitingBoard:
             raise ValueError(f"not a waiting board: {error!r}") from error
 
 
+# A board on which nothing holds anything back: a live relay's that has not written one.
+NOTHING_SEEN = WaitingBoard(relay_id="", written_at=datetime.min.replace(tzinfo=UTC))
+
+
+def board_key(relay_id: str) -> str:
+    """The Redis key of one relay's board."""
+    return WAITING_BOARD_KEY_PREFIX + relay_id
+
+
 def merge(boards: Sequence[WaitingBoard]) -> WaitingBoard | None:
     """One board from every live relay's (None: there is none).
 
@@ -166,6 +176,15 @@ def why_waiting(
     if board.queue_full:
         return Waiting(reason=Reason.QUEUE_FULL, until=board.queue_until)
     return Waiting(reason=Reason.TURN)
+
+
+def on_arrival(*, run_at: datetime | None, now: datetime) -> Waiting:
+    """A task just submitted, before any relay saw it: waiting for run_at, or its turn."""
+    waiting = why_waiting(
+        status=TaskStatus.PENDING, run_at=run_at, keys=(), board=NOTHING_SEEN, now=now
+    )
+    assert waiting is not None  # pending
+    return waiting
 
 
 def parse_key(text: str) -> LimitKey:

@@ -1,0 +1,146 @@
+"""Why a pending task waits, as the task views show it: the relays' boards, read once.
+
+A request that shows tasks reads the boards once (``look``: the live relays from the node
+registry, then their boards, two round trips) and then names each pending task's reason
+with ``throttler.waiting.why_waiting``: what the relays decided with, never a verdict of
+the API's own. When Redis cannot be asked, ``waiting`` is null: the view, read from the
+database, still stands. A submit's answer asks nothing: its task can only be waiting for
+its ``run_at``, or for its turn (``at_submit``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import Depends, Request
+from redis.asyncio import Redis
+
+from api.schemas import TaskPublic
+from throttler.errors import REDIS_ERRORS
+from throttler.limits import RuleSet
+from throttler.logs import fields
+from throttler.models import utcnow
+from throttler.nodes import NodeKind, NodeRegistry
+from throttler.statuses import TaskStatus
+from throttler.store.reads import TaskView
+from throttler.waiting import (
+    NOTHING_SEEN,
+    Waiting,
+    WaitingBoard,
+    board_key,
+    merge,
+    task_keys,
+    why_waiting,
+)
+
+log = logging.getLogger(__name__)
+
+# A view waits at most this long for the boards, then shows ``waiting`` null.
+LOOK_TIMEOUT_S = 0.5
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Sighting:
+    """What one request saw of the relays."""
+
+    # False: Redis could not be asked (then every ``waiting`` is null).
+    known: bool
+    # The live relays' boards merged; None: no relay is alive.
+    board: WaitingBoard | None = None
+
+
+UNKNOWN = Sighting(known=False)
+
+
+async def look(redis: Redis) -> Sighting:
+    """Read the boards of the live relays (an alive relay without one saw nothing)."""
+    try:
+        async with asyncio.timeout(LOOK_TIMEOUT_S):
+            relay_ids = await NodeRegistry(redis).alive_ids(NodeKind.RELAY)
+            if not relay_ids:
+                return Sighting(known=True)
+            raws = await redis.mget([board_key(relay_id) for relay_id in relay_ids])
+    except REDIS_ERRORS as error:
+        log.debug("waiting.unknown", extra=fields(error=repr(error)))
+        return UNKNOWN
+    boards = []
+    for raw in raws:
+        if raw is None:
+            continue
+        try:
+            boards.append(WaitingBoard.decode(raw))
+        except ValueError as error:
+            # Written by another version of the relay: its verdicts are not ours to guess.
+            log.debug("waiting.unreadable", extra=fields(error=repr(error)))
+    return Sighting(known=True, board=merge(boards) or NOTHING_SEEN)
+
+
+def waiting_of(
+    *,
+    status: TaskStatus,
+    run_at: datetime | None,
+    name: str,
+    account: str,
+    host: str | None,
+    rules: RuleSet,
+    sighting: Sighting,
+    now: datetime,
+) -> Waiting | None:
+    """One task's reason from what the request saw (None: not pending, or unknown)."""
+    if status is not TaskStatus.PENDING or not sighting.known:
+        return None
+    return why_waiting(
+        status=status,
+        run_at=run_at,
+        keys=task_keys(rules, name=name, account=account, host=host),
+        board=sighting.board,
+        now=now,
+    )
+
+
+class WaitingReporter:
+    """Task views with their reasons, for one request: the boards read at most once."""
+
+    def __init__(self, *, redis: Redis, rules: RuleSet) -> None:
+        self.redis = redis
+        self.rules = rules
+
+    async def views(self, tasks: Sequence[TaskView], *, account: str) -> list[TaskPublic]:
+        """``account``'s tasks as views; Redis is asked only if one of them is pending."""
+        pending = any(task.status is TaskStatus.PENDING for task in tasks)
+        sighting = await look(self.redis) if pending else UNKNOWN
+        now = utcnow()
+        return [
+            TaskPublic.from_task(
+                task,
+                waiting=waiting_of(
+                    status=task.status,
+                    run_at=task.run_at,
+                    name=task.name,
+                    account=account,
+                    host=task.host,
+                    rules=self.rules,
+                    sighting=sighting,
+                    now=now,
+                ),
+            )
+            for task in tasks
+        ]
+
+    async def view(self, task: TaskView, *, account: str) -> TaskPublic:
+        [public] = await self.views([task], account=account)
+        return public
+
+
+async def get_waiting_reporter(request: Request) -> WaitingReporter:
+    state = request.app.state
+    return WaitingReporter(redis=state.redis, rules=state.settings.limit_rules)
+
+
+# Task views with ``waiting`` filled from the live relays' boards.
+WaitingDep = Annotated[WaitingReporter, Depends(get_waiting_reporter)]
