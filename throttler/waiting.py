@@ -103,7 +103,7 @@ class WaitingBoard:
                     None if data["queue_until"] is None else _time_in(data["queue_until"])
                 ),
             )
-        except (KeyError, TypeError, AttributeError) as error:
+        except (KeyError, TypeError, AttributeError, ValueError) as error:
             raise ValueError(f"not a waiting board: {error!r}") from error
 
 
