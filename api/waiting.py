@@ -22,7 +22,6 @@ from redis.asyncio import Redis
 
 from api.schemas import TaskPublic
 from throttler.errors import REDIS_ERRORS
-from throttler.limits import RuleSet
 from throttler.logs import fields
 from throttler.models import utcnow
 from throttler.nodes import NodeKind, NodeRegistry
@@ -87,7 +86,6 @@ def waiting_of(
     name: str,
     account: str,
     host: str | None,
-    rules: RuleSet,
     sighting: Sighting,
     now: datetime,
 ) -> Waiting | None:
@@ -97,7 +95,7 @@ def waiting_of(
     return why_waiting(
         status=status,
         run_at=run_at,
-        keys=task_keys(rules, name=name, account=account, host=host),
+        keys=task_keys(name=name, account=account, host=host),
         board=sighting.board,
         now=now,
     )
@@ -106,9 +104,8 @@ def waiting_of(
 class WaitingReporter:
     """Task views with their reasons, for one request: the boards read at most once."""
 
-    def __init__(self, *, redis: Redis, rules: RuleSet) -> None:
+    def __init__(self, *, redis: Redis) -> None:
         self.redis = redis
-        self.rules = rules
 
     async def views(self, tasks: Sequence[TaskView], *, account: str) -> list[TaskPublic]:
         """``account``'s tasks as views; Redis is asked only if one of them is pending."""
@@ -124,7 +121,6 @@ class WaitingReporter:
                     name=task.name,
                     account=account,
                     host=task.host,
-                    rules=self.rules,
                     sighting=sighting,
                     now=now,
                 ),
@@ -138,8 +134,7 @@ class WaitingReporter:
 
 
 async def get_waiting_reporter(request: Request) -> WaitingReporter:
-    state = request.app.state
-    return WaitingReporter(redis=state.redis, rules=state.settings.limit_rules)
+    return WaitingReporter(redis=request.app.state.redis)
 
 
 # Task views with ``waiting`` filled from the live relays' boards.

@@ -5,8 +5,9 @@ relay publishes a ``WaitingBoard`` (``relay.board``): the keys whose buckets it 
 empty and until when their next token falls due, the keys at their in-flight cap, the
 paused keys, and whether ARQ's queue is full. ``why_waiting`` then names one reason for a
 task from its own facts and the boards of the live relays, merged (``merge``); it never
-re-derives a limit. A task's keys are those the relay asks the limiter and the caps
-about (``task_keys``).
+re-derives a limit, nor reads the limit rules: a task's keys are every key the relay
+could ask the limiter and the caps about (``task_keys``), and the boards say which of
+them hold it back.
 
 Times on the board are UTC wall time: a bucket's next token is the limiter's own answer
 (Redis ``TIME`` plus its wait), not the relay's early re-ask moment.
@@ -22,7 +23,7 @@ from enum import StrEnum
 from typing import Any
 
 from throttler.constants import WAITING_BOARD_KEY_PREFIX
-from throttler.limits import LimitKey, RuleSet, Scope
+from throttler.limits import EACH, Limit, LimitKey, Rule, RuleSet, Scope
 from throttler.statuses import TaskStatus
 
 
@@ -138,9 +139,28 @@ def merge(boards: Sequence[WaitingBoard]) -> WaitingBoard | None:
     )
 
 
-def task_keys(rules: RuleSet, *, name: str, account: str, host: str | None) -> list[LimitKey]:
-    """The limited keys of a task, as the relay finds them for its limiter and caps."""
-    return [applied.key for applied in rules.applicable(name=name, account=account, host=host)]
+# A rule of every scope for every value: what ``RuleSet.applicable`` returns for it is every
+# key a task has, whatever limits are configured (the boards say which are limited).
+_EVERY_KEY = RuleSet(
+    tuple(
+        Rule(
+            scope=scope,
+            value=None if scope is Scope.CLUSTER else EACH,
+            limit=Limit(inflight=1),
+            text=f"every {scope.value} key",
+        )
+        for scope in Scope
+    )
+)
+
+
+def task_keys(*, name: str, account: str, host: str | None) -> list[LimitKey]:
+    """Every key of a task, found as the relay finds the keys it asks the limiter about.
+
+    Not filtered by the limits in force: the reader's rules might not be the relays'
+    (they change at run time), and a key that is not limited is on no board.
+    """
+    return [applied.key for applied in _EVERY_KEY.applicable(name=name, account=account, host=host)]
 
 
 def why_waiting(

@@ -132,18 +132,21 @@ def test_on_arrival_knows_only_run_at() -> None:
     assert on_arrival(run_at=None, now=NOW) == Waiting(reason=Reason.TURN)
 
 
-def test_task_keys_are_the_rules_keys_the_relay_asks_about() -> None:
-    rules = RuleSet.parse(
-        "task:greeting rate=1/m; account:* inflight=2; host:* rate=1/s; task:download inflight=1",
-        cluster_rate_per_s=10,
-    )
-    assert task_keys(rules, name="greeting", account="acme", host=None) == KEYS
-    assert task_keys(rules, name="download", account="b", host="EXAMPLE.com") == [
+def test_task_keys_are_every_key_the_relay_could_ask_about() -> None:
+    assert task_keys(name="greeting", account="acme", host=None) == KEYS
+    assert task_keys(name="download", account="b", host="EXAMPLE.com") == [
         CLUSTER_KEY,
         LimitKey(scope=Scope.TASK, value="download"),
         LimitKey(scope=Scope.ACCOUNT, value="b"),
         LimitKey(scope=Scope.HOST, value="example.com"),
     ]
+
+
+def test_task_keys_match_the_keys_configured_rules_give() -> None:
+    rules = RuleSet.parse("task:greeting rate=1/m; account:* inflight=2; host:* rate=1/s")
+    for name, account, host in [("greeting", "acme", None), ("download", "b", "[::1]")]:
+        limited = [a.key for a in rules.applicable(name=name, account=account, host=host)]
+        assert set(limited) <= set(task_keys(name=name, account=account, host=host))
 
 
 _keys = st.sampled_from([CLUSTER_KEY, GREETING, ACME, HOST])
