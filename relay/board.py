@@ -1,23 +1,26 @@
 """Publish why pending tasks wait: the relay's own verdicts, as a board in Redis.
 
-After each claim the relay hands ``BoardPublisher.offer`` what it just decided with
-(``board_from``): the keys it left out for want of tokens, each with the moment its next
-token falls due on the limiter's clock (the real moment, not the relay's early re-ask),
-the keys at their in-flight cap once this claim's leases count, and whether ARQ's queue
-has room. The API reads the boards of the live relays (throttler.waiting).
+After each claim the relay offers ``BoardPublisher`` a way to build a board of what that
+claim decided with (``board_from``): the keys it leaves out for want of tokens, each with
+the moment its next token falls due on the limiter's clock (the real moment, not the
+relay's early re-ask), the keys at their in-flight cap once the claim's own leases count,
+and whether ARQ's queue has room. The API reads the live relays' boards
+(throttler.waiting, api.waiting).
 
-A write never slows a claim: it runs in a task of its own, at most every
-``MIN_WRITE_INTERVAL_S`` when the verdicts change and every ``REFRESH_EVERY_S`` when they
-do not, and a Redis error there is logged at DEBUG and forgotten (the next claim offers
-again). The key lives until a while after the relay's next planned step, so a relay
-that sleeps for its cluster bucket (a minute at 1/m) keeps its board; a dead relay's
-board is ignored at once anyway, since readers ask only the live relays' (throttler.nodes).
+A board never slows a claim: it is built and written in a task of its own, from the
+latest offer, at most every ``MIN_WRITE_INTERVAL_S``; written when its verdicts changed,
+else every ``REFRESH_EVERY_S``. A Redis error there is logged at DEBUG and forgotten (the
+next claim offers again). The key lives until a while after the relay's next planned
+step, so a relay that sleeps for its cluster bucket (a minute at 1/m) keeps its board; a
+dead relay's board is ignored at once anyway: readers ask only the live relays'
+(throttler.nodes).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping
@@ -73,8 +76,12 @@ def board_from(
     """
     occupied: Counter[LimitKey] = Counter(inflight)
     if caps:
-        for candidate in occupying:
-            occupied.update(caps.keys(candidate))
+        # The keys of each kind of task once (a claim leases many alike), times its count.
+        shapes = Counter((c.name, c.account, c.host) for c in occupying)
+        for (name, account, host), count in shapes.items():
+            shape = Candidate(task_id="", name=name, account=account, host=host)
+            for key in caps.keys(shape):
+                occupied[key] += count
     return WaitingBoard(
         relay_id=relay_id,
         written_at=written_at,
@@ -85,7 +92,11 @@ def board_from(
 
 
 class BoardPublisher:
-    """Write one relay's board to Redis in the background, never failing its caller."""
+    """Write one relay's board to Redis in the background, never failing its caller.
+
+    ``offer`` takes how to build the board, not the board: at most one is built per
+    ``MIN_WRITE_INTERVAL_S``, from the latest offer, in a task of its own.
+    """
 
     def __init__(
         self, *, redis: Redis, relay_id: str, clock: Callable[[], float] = time.monotonic
@@ -93,48 +104,53 @@ class BoardPublisher:
         self.redis = redis
         self.key = board_key(relay_id)
         self.clock = clock
-        self._offered: tuple[WaitingBoard, float] | None = None
+        self._offer: tuple[Callable[[], WaitingBoard], float] | None = None
+        self._offers = 0
+        self._looked_at = 0  # offers looked at so far
+        self._checked_at = -math.inf
         self._written: WaitingBoard | None = None
-        self._written_at = -float("inf")
+        self._written_at = -math.inf
+        self._expires_at = -math.inf
         self._task: asyncio.Task[None] | None = None
 
-    def offer(self, board: WaitingBoard, *, keep_s: float) -> None:
-        """Publish ``board`` soon, keeping it at least ``keep_s`` (the relay's next step)."""
-        self._offered = (board, max(0.0, keep_s))
-        if (self._task is None or self._task.done()) and self._wait_s() is not None:
+    def offer(self, build: Callable[[], WaitingBoard], *, keep_s: float) -> None:
+        """Publish ``build()`` soon, kept at least ``keep_s`` (until the relay's next step)."""
+        self._offer = (build, max(0.0, keep_s))
+        self._offers += 1
+        if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._publish())
 
-    def _wait_s(self) -> float | None:
-        """How long to wait before writing the offered board; None: not now.
-
-        A change waits out the least interval between writes; an unchanged board is
-        written only once a refresh is due (the next offer asks again).
-        """
-        if self._offered is None or self._offered[0] is self._written:
-            return None
-        board, _ = self._offered
-        since_s = self.clock() - self._written_at
-        if board.same_verdicts(self._written):
-            return 0.0 if since_s >= REFRESH_EVERY_S else None
-        return max(0.0, MIN_WRITE_INTERVAL_S - since_s)
-
     async def _publish(self) -> None:
-        """Write the latest offer when due, until what is written is the latest."""
-        while (wait_s := self._wait_s()) is not None:
+        """Look at the latest offer when due; write it if it says something new."""
+        while self._looked_at < self._offers and self._offer is not None:
+            wait_s = self._checked_at + MIN_WRITE_INTERVAL_S - self.clock()
             if wait_s > 0:
                 await asyncio.sleep(wait_s)
-            assert self._offered is not None
-            board, keep_s = self._offered
+            build, keep_s = self._offer
+            self._looked_at = self._offers
+            now = self._checked_at = self.clock()
+            board = build()
+            if not self._worth_writing(board, now=now, keep_s=keep_s):
+                continue
             # Tried or not, this counts as a write: a failing Redis is asked at this pace.
-            self._written_at = self.clock()
+            self._written_at = now
             try:
-                ttl_ms = round((keep_s + KEEP_AFTER_STEP_S) * 1000)
-                await self.redis.set(self.key, board.encode(), px=ttl_ms)
+                ttl_s = keep_s + KEEP_AFTER_STEP_S
+                await self.redis.set(self.key, board.encode(), px=round(ttl_s * 1000))
             except REDIS_ERRORS as error:
                 # Only the report suffers; the next claim offers a board again.
                 log.debug("relay.board_failed", extra=fields(key=self.key, error=repr(error)))
                 return
             self._written = board
+            self._expires_at = now + ttl_s
+
+    def _worth_writing(self, board: WaitingBoard, *, now: float, keep_s: float) -> bool:
+        """A change, a refresh due, or a relay that plans to sleep past the board's TTL."""
+        return (
+            not board.same_verdicts(self._written)
+            or now - self._written_at >= REFRESH_EVERY_S
+            or now + keep_s > self._expires_at - KEEP_AFTER_STEP_S / 2
+        )
 
     async def close(self) -> None:
         """Stop writing and delete the board: a relay that stops cleanly says nothing."""
