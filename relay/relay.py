@@ -32,6 +32,10 @@ far, a longer lead ahead), moves their queued_at under its lease, and enqueues t
 the new moments (``_hand_over``): a slow relay releases later, never faster. Dying in
 between leaves the rows leased; once the lease lapses a relay claims and admits them
 afresh.
+
+After each committed claim the relay offers what it decided with (blocked keys and their
+next tokens, full caps, queue room) to ``relay.board``, which publishes it in the
+background for the task views' ``waiting`` (throttler.waiting); a claim never waits for it.
 """
 
 from __future__ import annotations
