@@ -1,11 +1,11 @@
 """Why a pending task waits, as the task views show it: the relays' boards, read once.
 
 A request that shows tasks reads the boards once (``look``: the live relays from the node
-registry, then their boards, two round trips) and then names each pending task's reason
+registry and every relay's board, in one round trip) and then names each pending task's reason
 with ``throttler.waiting.why_waiting``: what the relays decided with, never a verdict of
 the API's own. When Redis cannot be asked, ``waiting`` is null: the view, read from the
 database, still stands. A submit's answer asks nothing: its task can only be waiting for
-its ``run_at``, or for its turn (``at_submit``).
+its ``run_at``, or for its turn (``TaskPublic.pending``).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from fastapi import Depends, Request
 from redis.asyncio import Redis
 
 from api.schemas import TaskPublic
+from throttler.constants import WAITING_BOARDS_KEY
 from throttler.errors import REDIS_ERRORS
 from throttler.logs import fields
 from throttler.models import utcnow
@@ -31,7 +32,6 @@ from throttler.waiting import (
     NOTHING_SEEN,
     Waiting,
     WaitingBoard,
-    board_key,
     merge,
     task_keys,
     why_waiting,
@@ -56,27 +56,41 @@ class Sighting:
 UNKNOWN = Sighting(known=False)
 
 
-async def look(redis: Redis) -> Sighting:
-    """Read the boards of the live relays (an alive relay without one saw nothing)."""
+async def look(redis: Redis, *, now: datetime) -> Sighting:
+    """Read the live relays and their boards: one round trip.
+
+    A live relay without a current board saw nothing holding anything back.
+    """
+    registry = NodeRegistry(redis)
     try:
         async with asyncio.timeout(LOOK_TIMEOUT_S):
-            relay_ids = await NodeRegistry(redis).alive_ids(NodeKind.RELAY)
-            if not relay_ids:
-                return Sighting(known=True)
-            raws = await redis.mget([board_key(relay_id) for relay_id in relay_ids])
+            async with redis.pipeline(transaction=False) as pipe:
+                registry.read_alive(pipe)
+                pipe.hgetall(WAITING_BOARDS_KEY)
+                members, raws = await pipe.execute()
     except REDIS_ERRORS as error:
         log.debug("waiting.unknown", extra=fields(error=repr(error)))
         return UNKNOWN
+    alive = set(NodeRegistry.alive_of(NodeKind.RELAY, members))
+    if not alive:
+        return Sighting(known=True)
     boards = []
-    for raw in raws:
-        if raw is None:
-            continue
+    for relay_id, raw in raws.items():
+        if _text(relay_id) not in alive:
+            continue  # a dead relay's, not pruned yet
         try:
-            boards.append(WaitingBoard.decode(raw))
+            board = WaitingBoard.decode(raw)
         except ValueError as error:
             # Written by another version of the relay: its verdicts are not ours to guess.
             log.debug("waiting.unreadable", extra=fields(error=repr(error)))
+            continue
+        if board.expires_at is None or board.expires_at > now:
+            boards.append(board)
     return Sighting(known=True, board=merge(boards) or NOTHING_SEEN)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def waiting_of(
@@ -110,8 +124,8 @@ class WaitingReporter:
     async def views(self, tasks: Sequence[TaskView], *, account: str) -> list[TaskPublic]:
         """``account``'s tasks as views; Redis is asked only if one of them is pending."""
         pending = any(task.status is TaskStatus.PENDING for task in tasks)
-        sighting = await look(self.redis) if pending else UNKNOWN
         now = utcnow()
+        sighting = await look(self.redis, now=now) if pending else UNKNOWN
         return [
             TaskPublic.from_task(
                 task,

@@ -10,10 +10,14 @@ and whether ARQ's queue has room. The API reads the live relays' boards
 A board never slows a claim: it is built and written in a task of its own, from the
 latest offer, at most every ``MIN_WRITE_INTERVAL_S``; written when its verdicts changed,
 else every ``REFRESH_EVERY_S``. A Redis error there is logged at DEBUG and forgotten (the
-next claim offers again). The key lives until a while after the relay's next planned
-step, so a relay that sleeps for its cluster bucket (a minute at 1/m) keeps its board; a
-dead relay's board is ignored at once anyway: readers ask only the live relays'
-(throttler.nodes).
+next claim offers again).
+
+Every relay's board is a field of one hash (``WAITING_BOARDS_KEY``), so a reader gets
+them all with the live relays in one round trip. A board says until when it holds
+(``expires_at``: a while after the relay's next planned step, so a relay that sleeps for
+its cluster bucket, a minute at 1/m, keeps its board); readers ignore boards past it, and
+boards of relays that are not alive (throttler.nodes). A relay that stops cleanly removes
+its field; every relay removes long-expired fields now and then (dead relays' boards).
 """
 
 from __future__ import annotations
@@ -24,15 +28,17 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping
-from datetime import UTC, datetime
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 
 from redis.asyncio import Redis
 
+from throttler.constants import WAITING_BOARDS_KEY
 from throttler.errors import REDIS_ERRORS
 from throttler.limits import LimitKey
 from throttler.logs import fields
 from throttler.throttle import Admission, Candidate, InflightCaps
-from throttler.waiting import WaitingBoard, board_key
+from throttler.waiting import WaitingBoard
 
 log = logging.getLogger("relay")
 
@@ -40,9 +46,12 @@ log = logging.getLogger("relay")
 MIN_WRITE_INTERVAL_S = 0.25
 # An unchanged board is written again this often: ``written_at`` shows the relay looked.
 REFRESH_EVERY_S = 1.0
-# How long a board outlives the relay's next planned step: Redis then drops a board its
+# How long a board outlives the relay's next planned step: readers then ignore a board its
 # relay stopped writing (a dead relay's is ignored sooner, by its heartbeat).
 KEEP_AFTER_STEP_S = 5.0
+# How often a relay removes boards that expired at least ``PRUNE_AFTER_S`` ago.
+PRUNE_EVERY_S = 60.0
+PRUNE_AFTER_S = 60.0
 # A clean stop waits at most this long to delete the board.
 DELETE_TIMEOUT_S = 1.0
 
@@ -102,8 +111,9 @@ class BoardPublisher:
         self, *, redis: Redis, relay_id: str, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.redis = redis
-        self.key = board_key(relay_id)
+        self.relay_id = relay_id
         self.clock = clock
+        self._pruned_at = clock()
         self._offer: tuple[Callable[[], WaitingBoard], float] | None = None
         self._offers = 0
         self._looked_at = 0  # offers looked at so far
@@ -134,15 +144,41 @@ class BoardPublisher:
                 continue
             # Tried or not, this counts as a write: a failing Redis is asked at this pace.
             self._written_at = now
+            keep_until = datetime.now(UTC) + timedelta(seconds=keep_s + KEEP_AFTER_STEP_S)
             try:
-                ttl_s = keep_s + KEEP_AFTER_STEP_S
-                await self.redis.set(self.key, board.encode(), px=round(ttl_s * 1000))
+                published = replace(board, expires_at=keep_until).encode()
+                # Pipelines throughout: redis-py types their results for the async client.
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.hset(WAITING_BOARDS_KEY, mapping={self.relay_id: published})
+                    await pipe.execute()
+                if now - self._pruned_at >= PRUNE_EVERY_S:
+                    self._pruned_at = now
+                    await self._prune()
             except REDIS_ERRORS as error:
                 # Only the report suffers; the next claim offers a board again.
-                log.debug("relay.board_failed", extra=fields(key=self.key, error=repr(error)))
+                log.debug("relay.board_failed", extra=fields(error=repr(error)))
                 return
             self._written = board
-            self._expires_at = now + ttl_s
+            self._expires_at = now + keep_s + KEEP_AFTER_STEP_S
+
+    async def _prune(self) -> None:
+        """Remove boards that expired long ago: relays that died (or stopped unheard)."""
+        stale_before = datetime.now(UTC) - timedelta(seconds=PRUNE_AFTER_S)
+        stale = []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(WAITING_BOARDS_KEY)
+            [boards] = await pipe.execute()
+        for relay_id, raw in boards.items():
+            try:
+                expires_at = WaitingBoard.decode(raw).expires_at
+            except ValueError:
+                expires_at = None  # not ours to read: it expires as unreadable
+            if expires_at is None or expires_at < stale_before:
+                stale.append(relay_id)
+        if stale:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hdel(WAITING_BOARDS_KEY, *stale)
+                await pipe.execute()
 
     def _worth_writing(self, board: WaitingBoard, *, now: float, keep_s: float) -> bool:
         """A change, a refresh due, or a relay that plans to sleep past the board's TTL."""
@@ -160,6 +196,8 @@ class BoardPublisher:
             await asyncio.wait([self._task])
         try:
             async with asyncio.timeout(DELETE_TIMEOUT_S):
-                await self.redis.delete(self.key)
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.hdel(WAITING_BOARDS_KEY, self.relay_id)
+                    await pipe.execute()
         except REDIS_ERRORS as error:
-            log.debug("relay.board_failed", extra=fields(key=self.key, error=repr(error)))
+            log.debug("relay.board_failed", extra=fields(error=repr(error)))

@@ -22,7 +22,6 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from throttler.constants import WAITING_BOARD_KEY_PREFIX
 from throttler.limits import EACH, Limit, LimitKey, Rule, RuleSet, Scope
 from throttler.statuses import TaskStatus
 
@@ -63,6 +62,8 @@ class WaitingBoard:
     # ARQ's queue had no room (RELAY_MAX_QUEUE_DEPTH); until: when it will, if known.
     queue_full: bool = False
     queue_until: datetime | None = None
+    # Past this moment the board is stale (its relay meant to claim again well before).
+    expires_at: datetime | None = None
 
     def same_verdicts(self, other: WaitingBoard | None) -> bool:
         """Whether ``other`` says the same about every key (who and when aside)."""
@@ -84,6 +85,7 @@ class WaitingBoard:
                 "paused": _times_out(self.paused),
                 "queue_full": self.queue_full,
                 "queue_until": _time_out(self.queue_until),
+                "expires_at": _time_out(self.expires_at),
             },
             separators=(",", ":"),
         ).encode()
@@ -100,9 +102,8 @@ class WaitingBoard:
                 inflight=frozenset(parse_key(text) for text in data["inflight"]),
                 paused=_times_in(data["paused"]),
                 queue_full=bool(data["queue_full"]),
-                queue_until=(
-                    None if data["queue_until"] is None else _time_in(data["queue_until"])
-                ),
+                queue_until=_maybe_time_in(data["queue_until"]),
+                expires_at=_maybe_time_in(data["expires_at"]),
             )
         except (KeyError, TypeError, AttributeError, ValueError) as error:
             raise ValueError(f"not a waiting board: {error!r}") from error
@@ -110,11 +111,6 @@ class WaitingBoard:
 
 # A board on which nothing holds anything back: a live relay's that has not written one.
 NOTHING_SEEN = WaitingBoard(relay_id="", written_at=datetime.min.replace(tzinfo=UTC))
-
-
-def board_key(relay_id: str) -> str:
-    """The Redis key of one relay's board."""
-    return WAITING_BOARD_KEY_PREFIX + relay_id
 
 
 def merge(boards: Sequence[WaitingBoard]) -> WaitingBoard | None:
@@ -236,6 +232,10 @@ def _time_out(moment: datetime | None) -> float | None:
 
 def _time_in(posix_s: Any) -> datetime:
     return datetime.fromtimestamp(float(posix_s), UTC)
+
+
+def _maybe_time_in(posix_s: Any) -> datetime | None:
+    return None if posix_s is None else _time_in(posix_s)
 
 
 def _times_out(untils: Mapping[LimitKey, datetime]) -> dict[str, float]:

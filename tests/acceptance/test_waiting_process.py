@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 from devtools.redis_server import free_port
 from tests.acceptance.processes import cluster
 from tests.support import wait_for
-from throttler.constants import WAITING_BOARD_KEY_PREFIX
+from throttler.constants import WAITING_BOARDS_KEY
 from throttler.nodes import ALIVE_WITHIN_S
 
 pytestmark = pytest.mark.slow
@@ -82,4 +82,4 @@ async def test_a_real_relay_publishes_why_and_a_killed_one_stops_vouching(
 
         # Its heartbeat goes stale within ALIVE_WITHIN_S; its board is still there.
         await wait_for(no_relay, timeout_s=ALIVE_WITHIN_S + 5, message="no relay alive")
-        assert await redis.keys(f"{WAITING_BOARD_KEY_PREFIX}*")
+        assert await redis.hlen(WAITING_BOARDS_KEY) == 1  # type: ignore[misc]

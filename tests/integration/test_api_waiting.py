@@ -20,13 +20,15 @@ from redis.asyncio import Redis
 from relay.relay import Relay
 from tests.integration.conftest import ApiClientFactory
 from tests.support import wait_for
+from throttler.constants import WAITING_BOARDS_KEY
 from throttler.db import create_engine
+from throttler.limits import LimitKey, Scope
 from throttler.models import utcnow
 from throttler.nodes import Heartbeat, Node, NodeKind, NodeRegistry
 from throttler.settings import Settings
 from throttler.store import open_store
 from throttler.throttle import build_limiter
-from throttler.waiting import board_key
+from throttler.waiting import WaitingBoard
 
 log = logging.getLogger(__name__)
 API = "/api/v1"
@@ -136,7 +138,7 @@ async def test_the_task_list_reads_the_boards_once(
         listed = (await client.get(f"{API}/tasks")).json()["tasks"]
         stats = await redis.info("commandstats")
     assert sorted(view["waiting"]["reason"] for view in listed if view["waiting"]) == ["rate"] * 4
-    assert stats["cmdstat_mget"]["calls"] == 1
+    assert stats["cmdstat_hgetall"]["calls"] == 1
     assert stats["cmdstat_zrangebyscore"]["calls"] == 1
 
 
@@ -194,9 +196,9 @@ async def test_without_a_live_relay_a_pending_task_says_no_relay(
             second = await _submit(client, "greeting", {"name": "next"})
             view = await _until_view(client, second, waiting="rate", message="cluster empty")
             assert view["waiting"]["scope"] == "cluster"
-            assert await redis.exists(board_key(relay.relay_id))
+            assert await redis.hexists(WAITING_BOARDS_KEY, relay.relay_id)  # type: ignore[misc]
         # A relay that stopped forgets its board and leaves the registry.
-        assert not await redis.exists(board_key(relay.relay_id))
+        assert not await redis.hexists(WAITING_BOARDS_KEY, relay.relay_id)  # type: ignore[misc]
         assert (await _view(client, second))["waiting"] == no_relay
 
 
@@ -247,3 +249,29 @@ async def test_waiting_is_null_when_redis_cannot_be_asked(
         view = await _view(client, response.json()["task_id"])
     assert view["status"] == "pending"
     assert view["waiting"] is None
+
+
+async def test_only_current_boards_of_live_relays_count(
+    settings: Settings, make_api_client: ApiClientFactory, redis: Redis
+) -> None:
+    now = utcnow()
+    registry = NodeRegistry(redis)
+    await registry.beat(Node.this_process(NodeKind.RELAY, "live"))
+    greeting = LimitKey(scope=Scope.TASK, value="greeting")
+
+    async def publish(relay_id: str, expires_in_s: float) -> None:
+        board = WaitingBoard(
+            relay_id=relay_id,
+            written_at=now,
+            rate={greeting: now + timedelta(seconds=60)},
+            expires_at=now + timedelta(seconds=expires_in_s),
+        )
+        await redis.hset(WAITING_BOARDS_KEY, mapping={relay_id: board.encode()})  # type: ignore[misc]
+
+    async with make_api_client(settings) as client:
+        task_id = await _submit(client, "greeting", {"name": "a"})
+        await publish("dead", expires_in_s=600)  # its relay never heartbeats
+        await publish("live", expires_in_s=-1)  # its relay's board went stale
+        assert (await _view(client, task_id))["waiting"]["reason"] == "turn"
+        await publish("live", expires_in_s=600)
+        assert (await _view(client, task_id))["waiting"]["reason"] == "rate"

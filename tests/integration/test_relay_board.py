@@ -9,10 +9,11 @@ from datetime import UTC, datetime, timedelta
 
 from redis.asyncio import Redis
 
-from relay.board import KEEP_AFTER_STEP_S, BoardPublisher
+from relay.board import KEEP_AFTER_STEP_S, PRUNE_AFTER_S, PRUNE_EVERY_S, BoardPublisher
 from tests.support import wait_for
+from throttler.constants import WAITING_BOARDS_KEY
 from throttler.limits import LimitKey, Scope
-from throttler.waiting import WaitingBoard, board_key
+from throttler.waiting import WaitingBoard
 
 GREETING = LimitKey(scope=Scope.TASK, value="greeting")
 
@@ -22,7 +23,7 @@ def _board(**verdicts: object) -> WaitingBoard:
 
 
 async def _written(redis: Redis) -> WaitingBoard | None:
-    raw = await redis.get(board_key("r1"))
+    raw = await redis.hget(WAITING_BOARDS_KEY, "r1")  # type: ignore[misc]
     return None if raw is None else WaitingBoard.decode(raw)
 
 
@@ -49,10 +50,12 @@ async def test_a_burst_of_claims_builds_few_boards_and_publishes_the_latest(redi
     elapsed_s = time.monotonic() - started
     # One look at once, then at most one per interval (a quarter of a second).
     assert len(built) <= 2 + elapsed_s / 0.2, (len(built), elapsed_s)
-    ttl_ms = await redis.pttl(board_key("r1"))
-    assert 0 < ttl_ms <= (0.05 + KEEP_AFTER_STEP_S) * 1000
+    written = await _written(redis)
+    assert written is not None
+    assert written.expires_at is not None
+    assert written.expires_at <= datetime.now(UTC) + timedelta(seconds=0.05 + KEEP_AFTER_STEP_S)
     await publisher.close()
-    assert await redis.exists(board_key("r1")) == 0
+    assert await _written(redis) is None
 
 
 async def _has_rate(redis: Redis) -> bool:
@@ -68,7 +71,9 @@ async def test_a_relay_that_will_sleep_long_keeps_its_board_that_long(redis: Red
     publisher.offer(_board, keep_s=60)
 
     async def kept_long() -> bool:
-        return int(await redis.pttl(board_key("r1"))) > 60_000
+        board = await _written(redis)
+        expires_at = None if board is None else board.expires_at
+        return expires_at is not None and expires_at > datetime.now(UTC) + timedelta(seconds=60)
 
     await wait_for(kept_long, timeout_s=5, message="the board kept past the relay's sleep")
     await publisher.close()
@@ -87,3 +92,21 @@ async def test_a_redis_that_is_away_fails_no_claim(closed_port: int) -> None:
         await publisher.close()
     finally:
         await away.aclose()
+
+
+async def test_a_relay_removes_boards_long_expired(redis: Redis) -> None:
+    long_ago = datetime.now(UTC) - timedelta(seconds=PRUNE_AFTER_S + 1)
+    for relay_id, expires_at in [("dead", long_ago), ("recent", datetime.now(UTC))]:
+        board = WaitingBoard(relay_id=relay_id, written_at=long_ago, expires_at=expires_at)
+        await redis.hset(WAITING_BOARDS_KEY, mapping={relay_id: board.encode()})  # type: ignore[misc]
+    clock = [0.0]
+    publisher = BoardPublisher(redis=redis, relay_id="r1", clock=lambda: clock[0])
+    clock[0] = PRUNE_EVERY_S  # a prune is due with the next write
+    publisher.offer(_board, keep_s=0.05)
+
+    async def pruned() -> bool:
+        fields = await redis.hkeys(WAITING_BOARDS_KEY)  # type: ignore[misc]
+        return sorted(fields) == [b"r1", b"recent"]
+
+    await wait_for(pruned, message="the dead relay's board removed")
+    await publisher.close()

@@ -160,6 +160,7 @@ _boards = st.builds(
     paused=st.dictionaries(_keys, _moments),
     queue_full=st.booleans(),
     queue_until=st.none() | _moments,
+    expires_at=st.none() | _moments,
 )
 
 
