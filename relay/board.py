@@ -172,7 +172,8 @@ class BoardPublisher:
             try:
                 expires_at = WaitingBoard.decode(raw).expires_at
             except ValueError:
-                expires_at = None  # not ours to read: it expires as unreadable
+                # Another version's: removed; its relay, if alive, writes it within a second.
+                expires_at = None
             if expires_at is None or expires_at < stale_before:
                 stale.append(relay_id)
         if stale:
@@ -181,7 +182,7 @@ class BoardPublisher:
                 await pipe.execute()
 
     def _worth_writing(self, board: WaitingBoard, *, now: float, keep_s: float) -> bool:
-        """A change, a refresh due, or a relay that plans to sleep past the board's TTL."""
+        """A change, a refresh due, or a relay that plans to sleep past the board's expiry."""
         return (
             not board.same_verdicts(self._written)
             or now - self._written_at >= REFRESH_EVERY_S
