@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from enum import Enum
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -20,13 +21,14 @@ from api.strict_query import ISO_TIME_WITH_ZONE
 from api.submit_options import MAX_DELAY_S, MAX_PRIORITY, MIN_PRIORITY
 from throttler.constants import DEFAULT_PRIORITY
 from throttler.labels import GRAMMAR, LABEL_PATTERN, MAX_LABELS, LabelError, check_label, labels_of
-from throttler.models import IDEMPOTENCY_KEY_LENGTH, TASK_NAME_LENGTH
+from throttler.models import IDEMPOTENCY_KEY_LENGTH, TASK_NAME_LENGTH, utcnow
 from throttler.nodes import ALIVE_WITHIN_S, FORGET_AFTER_S
 from throttler.statuses import EventKind, TaskStatus
 from throttler.store.cancels import CANCELLABLE_STATUSES, MAX_CANCELS_PER_CALL, CancelFilter
 from throttler.store.reads import EventView, TaskView
 from throttler.store.retries import MAX_RETRIES_PER_CALL, RETRIABLE_STATUSES, RetryFilter
 from throttler.submit import NewTask
+from throttler.waiting import Reason, Waiting, on_arrival
 
 # 1 to 255 visible ASCII characters (0x21-0x7E), for an idempotency key.
 KEY_PATTERN = rf"^[!-~]{{1,{IDEMPOTENCY_KEY_LENGTH}}}$"
@@ -34,6 +36,33 @@ KEY_PATTERN = rf"^[!-~]{{1,{IDEMPOTENCY_KEY_LENGTH}}}$"
 Label = Annotated[
     StrictStr, AfterValidator(check_label), Field(json_schema_extra={"pattern": LABEL_PATTERN})
 ]
+
+
+class Unasked(Enum):
+    """``TaskPublic.from_task`` was given no ``waiting``: no board was read."""
+
+    UNASKED = "unasked"
+
+
+class WaitingPublic(BaseModel):
+    """Why a pending task has not been handed to ARQ yet, as the relays saw it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    reason: Reason
+    scope: str | None = Field(
+        description="The limited scope holding it back, e.g. `task:greeting`; null if none."
+    )
+    until: datetime | None = Field(
+        description="When that ends, if known: run_at, the next token, the pause's end."
+    )
+
+    @classmethod
+    def of(cls, waiting: Waiting | None) -> WaitingPublic | None:
+        if waiting is None:
+            return None
+        scope = None if waiting.scope is None else str(waiting.scope)
+        return cls(reason=waiting.reason, scope=scope, until=waiting.until)
 
 
 class TaskPublic(BaseModel):
@@ -49,6 +78,10 @@ class TaskPublic(BaseModel):
     attempts: int
     priority: int = Field(description="0-9; higher runs first among the account's tasks.")
     keys: list[str] = Field(description="The task's labels (key at submission), sorted.")
+    waiting: WaitingPublic | None = Field(
+        default=None,
+        description="Why a pending task waits; null for other statuses, or if Redis is away.",
+    )
     created_at: datetime
     run_at: datetime | None = Field(
         description="When the task becomes eligible to run; null means at once."
@@ -58,7 +91,18 @@ class TaskPublic(BaseModel):
     finished_at: datetime | None
 
     @classmethod
-    def from_task(cls, task: TaskView) -> TaskPublic:
+    def from_task(
+        cls, task: TaskView, *, waiting: Waiting | Unasked | None = Unasked.UNASKED
+    ) -> TaskPublic:
+        """The view of ``task``; ``waiting``: its reason, as ``api.waiting`` found it.
+
+        Not given (a view no relay board was read for: a retry's, a replay's), a pending
+        task waits for its run_at or its turn, as a submitted one does.
+        """
+        if waiting is Unasked.UNASKED:
+            waiting = None
+            if task.status is TaskStatus.PENDING:
+                waiting = on_arrival(run_at=task.run_at, now=utcnow())
         return cls(
             task_id=task.task_id,
             name=task.name,
@@ -68,6 +112,7 @@ class TaskPublic(BaseModel):
             attempts=task.attempts,
             priority=task.priority,
             keys=list(task.labels),
+            waiting=WaitingPublic.of(waiting),
             created_at=task.created_at,
             run_at=task.run_at,
             queued_at=task.queued_at,
@@ -87,6 +132,8 @@ class TaskPublic(BaseModel):
             attempts=0,
             priority=task.priority,
             keys=list(task.labels),
+            # No relay was asked: a 202 costs no Redis round trip.
+            waiting=WaitingPublic.of(on_arrival(run_at=task.run_at, now=task.created_at)),
             created_at=task.created_at,
             run_at=task.run_at,
             queued_at=None,

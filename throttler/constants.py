@@ -23,3 +23,7 @@ RATE_DRAIN_FLOOR_KEY = "throttler:bucket-drain-floor"
 # sorted set indexing them by last heartbeat (see throttler.nodes).
 NODE_KEY_PREFIX = "throttler:node:"
 NODES_INDEX_KEY = "throttler:nodes"
+# Redis hash: relay id -> what that relay saw at its latest claims, why pending tasks
+# wait (see throttler.waiting); read for the live relays only, in one round trip with
+# the nodes index.
+WAITING_BOARDS_KEY = "throttler:waiting"

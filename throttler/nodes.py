@@ -31,12 +31,13 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 
 from throttler.constants import NODE_KEY_PREFIX, NODES_INDEX_KEY
 from throttler.errors import REDIS_ERRORS
@@ -185,6 +186,23 @@ class NodeRegistry:
             await self.redis.zrem(NODES_INDEX_KEY, *gone)
         states.sort(key=lambda state: state.started_at)
         return states
+
+    def read_alive(self, pipe: Pipeline) -> None:
+        """Queue the read of the live nodes' members on ``pipe`` (see ``alive_of``)."""
+        pipe.zrangebyscore(NODES_INDEX_KEY, self.clock() - self.alive_within_s, "+inf")
+
+    @staticmethod
+    def alive_of(kind: NodeKind, members: Iterable[bytes | str]) -> list[str]:
+        """The ids of the nodes of ``kind`` among what ``read_alive`` read."""
+        prefix = member_of(kind, "")
+        return [m[len(prefix) :] for m in map(_text, members) if m.startswith(prefix)]
+
+    async def alive_ids(self, kind: NodeKind) -> list[str]:
+        """The ids of the nodes of ``kind`` alive now: one read of the index alone."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            self.read_alive(pipe)
+            [members] = await pipe.execute()
+        return self.alive_of(kind, members)
 
     async def alive_count(self, kind: NodeKind) -> int:
         return sum(1 for state in await self.nodes(kind) if state.alive)

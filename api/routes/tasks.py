@@ -41,6 +41,7 @@ from api.schemas import (
 from api.submit_options import SubmitOptions, get_submit_options
 from api.task_list import encode_cursor, get_task_query
 from api.waiters import MAX_WAIT_S, long_poll
+from api.waiting import WaitingDep
 from throttler.catalog import CATALOG, TaskInput, TaskSpec
 from throttler.constants import API_PREFIX
 from throttler.logs import fields
@@ -277,11 +278,11 @@ def _checked_id(task_id: str) -> HTTPException:
     summary="List the caller's tasks newest first, filtered, a page at a time.",
 )
 async def list_tasks(
-    query: Annotated[TaskQuery, Depends(get_task_query)], reads: ReadsDep
+    query: Annotated[TaskQuery, Depends(get_task_query)], reads: ReadsDep, waiting: WaitingDep
 ) -> TaskListPublic:
     page = await reads.tasks(query)
     return TaskListPublic(
-        tasks=[TaskPublic.from_task(task) for task in page.tasks],
+        tasks=await waiting.views(page.tasks, account=query.account),
         next_cursor=None if page.next is None else encode_cursor(page.next),
     )
 
@@ -294,12 +295,14 @@ async def list_tasks(
     responses=_RESULT_RESPONSES | FORBIDDEN_RESPONSE,
     summary="Read a task: the same view as the result endpoint, without waiting.",
 )
-async def get_task(task_id: str, account: ReadAccountDep, reads: ReadsDep) -> TaskPublic:
+async def get_task(
+    task_id: str, account: ReadAccountDep, reads: ReadsDep, waiting: WaitingDep
+) -> TaskPublic:
     not_found = _checked_id(task_id)
     task = await reads.task(task_id=task_id, account=account)
     if task is None:
         raise not_found
-    return TaskPublic.from_task(task)
+    return await waiting.view(task, account=account)
 
 
 @router.get(
@@ -332,6 +335,7 @@ async def task_result(
     account: ReadAccountDep,
     reads: ReadsDep,
     waiters: WaitersDep,
+    waiting: WaitingDep,
     wait: Annotated[
         float,
         Query(
@@ -353,7 +357,7 @@ async def task_result(
     task = await long_poll(read, task_id=task_id, wait_s=wait, waiters=waiters, request=request)
     if task is None:
         raise not_found
-    return TaskPublic.from_task(task)
+    return await waiting.view(task, account=account)
 
 
 @router.post(

@@ -67,7 +67,16 @@ async def test_bulk_commits_every_task_with_its_options(
             assert await event_history(session, view["task_id"]) == ["submitted"]
     # Each task reads back at its own result URL.
     result = await api_client.get(f"/api/v1/task/result/{views[1]['task_id']}")
-    assert result.json() == views[1]
+    no_relay = {"reason": "no_relay", "scope": None, "until": None}
+    assert result.json() == views[1] | {"waiting": no_relay}
+    # The 202 asks no relay: a task waits for its run_at, or its turn.
+    assert [view["waiting"]["reason"] for view in views] == [
+        "turn",
+        "turn",
+        "scheduled",
+        "scheduled",
+    ]
+    assert views[3]["waiting"]["until"] == views[3]["run_at"]
 
 
 async def test_bulk_of_the_maximum_size_is_accepted(

@@ -47,6 +47,8 @@ async def test_submit_commits_task_outbox_and_event(
         "attempts": 0,
         "priority": 5,
         "keys": [],
+        # No relay was asked: nothing ahead of it but the relay's next look.
+        "waiting": {"reason": "turn", "scope": None, "until": None},
         "created_at": view["created_at"],
         "run_at": None,
         "queued_at": None,
@@ -71,7 +73,9 @@ async def test_submit_commits_task_outbox_and_event(
 
     result = await api_client.get(response.headers["location"])
     assert result.status_code == 200
-    assert result.json() == view
+    # A read looks at the relays: none runs here.
+    no_relay = {"reason": "no_relay", "scope": None, "until": None}
+    assert result.json() == view | {"waiting": no_relay}
 
 
 async def test_each_submission_is_its_own_task(

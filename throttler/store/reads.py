@@ -62,6 +62,8 @@ class TaskView:
     task_id: str
     name: str
     status: TaskStatus
+    # The download's host (a host: limit's key); None for other kinds.
+    host: str | None
     result: dict[str, Any] | None
     error: str | None
     attempts: int
@@ -191,6 +193,7 @@ VIEW_COLUMNS = (
     Task.id,
     Task.name,
     Task.status,
+    Task.host,
     Task.result,
     Task.error,
     Task.attempts,
@@ -209,6 +212,7 @@ def task_view(row: Row[Any]) -> TaskView:
         task_id=row.id,
         name=row.name,
         status=TaskStatus(row.status),
+        host=row.host,
         result=row.result,
         error=row.error,
         attempts=row.attempts,
