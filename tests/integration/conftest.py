@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
 
 import httpx
 import pytest
 from sqlalchemy import func, select
 
 from api.app import create_app
+from tests.conftest import POSTGRES_ENV
+from tests.support import admin_execute
 from throttler.db import SessionFactory
 from throttler.models import OutboxEntry, Task, TaskEvent
 from throttler.settings import Settings
@@ -69,3 +75,32 @@ def row_counts(sessions: SessionFactory) -> RowCounter:
             }
 
     return count
+
+
+# --- empty databases ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def empty_sqlite(tmp_path: Path) -> str:
+    return f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}"
+
+
+@pytest.fixture
+def empty_postgres() -> Iterator[str]:
+    """A throwaway PostgreSQL database with nothing in it, dropped afterwards."""
+    admin_url = os.environ.get(POSTGRES_ENV)
+    if not admin_url:
+        pytest.skip(f"PostgreSQL tests of an empty database need {POSTGRES_ENV}")
+    name = f"throttler_empty_{uuid.uuid4().hex[:12]}"
+    asyncio.run(admin_execute(admin_url, f'CREATE DATABASE "{name}"'))
+    try:
+        yield admin_url.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        asyncio.run(admin_execute(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def empty_database(request: pytest.FixtureRequest) -> str:
+    """An empty database (no schema) on each dialect, for migration tests."""
+    url: str = request.getfixturevalue(f"empty_{request.param}")
+    return url

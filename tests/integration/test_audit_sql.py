@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import shutil
 import subprocess
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,9 +23,7 @@ import pytest
 from sqlalchemy import Connection, inspect, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.conftest import POSTGRES_ENV
 from tests.support import (
-    admin_execute,
     downgrade,
     migrate,
     record_failure,
@@ -398,31 +394,6 @@ async def test_readme_sqlite3_commands_run_as_written(
 
 
 # --- down and up again -------------------------------------------------------------------
-
-
-@pytest.fixture
-def empty_sqlite(tmp_path: Path) -> str:
-    return f"sqlite+aiosqlite:///{tmp_path / 'audit.db'}"
-
-
-@pytest.fixture
-def empty_postgres() -> Iterator[str]:
-    """A throwaway PostgreSQL database with nothing in it, dropped afterwards."""
-    admin_url = os.environ.get(POSTGRES_ENV)
-    if not admin_url:
-        pytest.skip(f"PostgreSQL audit migration tests need {POSTGRES_ENV}")
-    name = f"throttler_audit_{uuid.uuid4().hex[:12]}"
-    asyncio.run(admin_execute(admin_url, f'CREATE DATABASE "{name}"'))
-    try:
-        yield admin_url.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        asyncio.run(admin_execute(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def empty_database(request: pytest.FixtureRequest) -> str:
-    url: str = request.getfixturevalue(f"empty_{request.param}")
-    return url
 
 
 def _schema(database_url: str) -> tuple[set[str], dict[str, tuple[str | None, dict[str, Any]]]]:

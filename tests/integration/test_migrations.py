@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 from alembic import command
@@ -17,7 +13,6 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from tests.conftest import POSTGRES_ENV
 from tests.support import admin_execute, alembic_config, downgrade, migrate
 from throttler.db import create_engine
 from throttler.models import Base
@@ -39,31 +34,6 @@ def _table_names(database_url: str) -> set[str]:
             await engine.dispose()
 
     return asyncio.run(read())
-
-
-@pytest.fixture
-def empty_sqlite(tmp_path: Path) -> str:
-    return f"sqlite+aiosqlite:///{tmp_path / 'migrations.db'}"
-
-
-@pytest.fixture
-def empty_postgres() -> Iterator[str]:
-    """A throwaway PostgreSQL database with nothing in it, dropped afterwards."""
-    admin_url = os.environ.get(POSTGRES_ENV)
-    if not admin_url:
-        pytest.skip(f"PostgreSQL migration tests need {POSTGRES_ENV}")
-    name = f"throttler_migrations_{uuid.uuid4().hex[:12]}"
-    asyncio.run(admin_execute(admin_url, f'CREATE DATABASE "{name}"'))
-    try:
-        yield admin_url.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        asyncio.run(admin_execute(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def empty_database(request: pytest.FixtureRequest) -> str:
-    url: str = request.getfixturevalue(f"empty_{request.param}")
-    return url
 
 
 def test_upgrade_downgrade_upgrade(empty_database: str) -> None:
