@@ -17,12 +17,13 @@ started). No events: the task list reads only ``tasks``.
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
+
+from bench.rows import unindexed_sqlite
 
 ACCOUNTS = ("account-0", "account-1", "account-2", "account-3")
 SPAN = timedelta(days=30)
@@ -129,27 +130,9 @@ def _moments(count: int, *, now: datetime) -> dict[str, int]:
 
 
 def fill_sqlite(path: Path, *, count: int) -> None:
-    """Add ``count`` finished tasks to the migrated SQLite file ``path`` (nobody else has
-    it open: no journal while filling)."""
-    connection = sqlite3.connect(path, isolation_level=None)
-    try:
-        connection.execute("PRAGMA journal_mode=OFF")
-        connection.execute("PRAGMA synchronous=OFF")
-        connection.execute("PRAGMA cache_size=-500000")
-        indexes = connection.execute(
-            "SELECT name, sql FROM sqlite_master WHERE type = 'index' "
-            "AND tbl_name = 'tasks' AND sql IS NOT NULL"
-        ).fetchall()
-        connection.execute("BEGIN")
-        for name, _ in indexes:
-            connection.execute(f'DROP INDEX "{name}"')
+    """Add ``count`` finished tasks to the migrated SQLite file ``path``."""
+    with unindexed_sqlite(path, ("tasks",)) as connection:
         connection.execute(_statement(_SQLITE), _moments(count, now=datetime.now(UTC)))
-        for _, sql in indexes:
-            connection.execute(sql)
-        connection.execute("COMMIT")
-        connection.execute("PRAGMA journal_mode=WAL")
-    finally:
-        connection.close()
 
 
 async def _fill_postgres(url: str, *, count: int) -> None:
