@@ -21,7 +21,7 @@ from typing import Annotated, Any
 from fastapi import Depends, HTTPException, Query, Request, status
 from fastapi.security import HTTPAuthorizationCredentials
 
-from api.deps import SettingsDep, _bearer, account_of_key, unauthorized
+from api.deps import SettingsDep, account_of_key, bearer_scheme, unauthorized
 from api.schemas import ErrorMessage
 from api.strict_query import query_error
 from throttler.constants import DEFAULT_ACCOUNT
@@ -50,7 +50,7 @@ def is_admin_key(admin_keys: Sequence[str], presented: str) -> bool:
 
 async def get_caller(
     settings: SettingsDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
 ) -> Caller:
     """The caller's account and rights: 401 without a valid key when API_KEYS is set."""
     accounts = settings.accounts_by_key

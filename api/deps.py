@@ -81,7 +81,7 @@ IntakeDep = Annotated[IntakeWriter, Depends(get_intake)]
 
 # auto_error=False: a missing key is only an error when API_KEYS is set, and then the
 # answer must be 401 with WWW-Authenticate. The scheme still shows in /docs.
-_bearer = HTTPBearer(auto_error=False, description="An API key from API_KEYS.")
+bearer_scheme = HTTPBearer(auto_error=False, description="An API key from API_KEYS.")
 
 
 def unauthorized() -> HTTPException:
@@ -116,7 +116,7 @@ def account_of_authorization(
 
 async def get_account(
     settings: SettingsDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
 ) -> str:
     """Return the caller's account: the API key's, or the default when keys are off."""
     accounts = settings.accounts_by_key

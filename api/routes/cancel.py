@@ -17,8 +17,8 @@ from fastapi import APIRouter, Depends, Query, Request, Response, status
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 
+from api.answers import TASK_RESPONSES, UNAUTHORIZED, UNAVAILABLE, checked_id
 from api.deps import AccountDep, CancelsDep, RedisDep
-from api.routes.tasks import _RESULT_RESPONSES, _UNAUTHORIZED, _UNAVAILABLE, _checked_id
 from api.schemas import CancelCountPublic, CancelFilterBody, TaskConflictPublic, TaskPublic
 from api.strict_json import StrictJSONRoute
 from api.strict_query import QuerySpelling, query_error
@@ -89,7 +89,7 @@ async def _after_commit(
     name="cancel_tasks",
     operation_id="cancel_tasks",
     response_model=CancelCountPublic,
-    responses={200: {"headers": _INTERRUPT_HEADER_DOC}, **_UNAUTHORIZED, **_UNAVAILABLE},
+    responses={200: {"headers": _INTERRUPT_HEADER_DOC}, **UNAUTHORIZED, **UNAVAILABLE},
     summary=(
         f"Cancel the caller's pending, queued and running tasks a filter matches, at most "
         f"{MAX_CANCELS_PER_CALL} a call, oldest first."
@@ -126,7 +126,7 @@ async def cancel_tasks(
     response_model=TaskPublic,
     responses={
         200: {"headers": _INTERRUPT_HEADER_DOC},
-        **_RESULT_RESPONSES,
+        **TASK_RESPONSES,
         409: {
             "model": TaskConflictPublic,
             "description": "Already succeeded, failed or cancelled; or running and "
@@ -143,7 +143,7 @@ async def cancel_task(
     redis: RedisDep,
     force: ForceDep,
 ) -> TaskPublic | JSONResponse:
-    not_found = _checked_id(task_id)
+    not_found = checked_id(task_id)
     answer = await cancels.cancel(task_id=task_id, account=account, now=utcnow(), force=force)
     if answer.view is None:
         raise not_found

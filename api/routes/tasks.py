@@ -8,12 +8,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
+from fastapi import APIRouter, Depends, Query, Request, Response, status
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from api.admin import FORBIDDEN_RESPONSE, ReadAccountDep
+from api.answers import TASK_RESPONSES, UNAUTHORIZED, UNAVAILABLE, checked_id
 from api.bulk import BulkRoute, new_tasks
 from api.deps import AccountDep, AnnouncerDep, IntakeDep, ReadsDep, RetriesDep, WaitersDep
 from api.fast_path import FastPathRoute
@@ -45,7 +46,7 @@ from api.waiting import WaitingDep
 from throttler.catalog import CATALOG, TaskInput, TaskSpec
 from throttler.constants import API_PREFIX
 from throttler.logs import fields
-from throttler.models import TASK_ID_LENGTH, utcnow
+from throttler.models import utcnow
 from throttler.store.intake import KeyReusedError, reused_indexes
 from throttler.store.reads import TaskQuery, TaskView
 from throttler.store.retries import MAX_RETRIES_PER_CALL, RetryOutcome
@@ -56,18 +57,6 @@ log = logging.getLogger(__name__)
 RESULT_ROUTE = "task_result"
 RESULT_PATH = "/task/result/{task_id}"
 
-_UNAUTHORIZED: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorMessage, "description": "Missing or invalid API key (API_KEYS set)."}
-}
-_UNAVAILABLE: dict[int | str, dict[str, Any]] = {
-    503: {
-        "model": ErrorMessage,
-        "description": "The database cannot take the request now; retry later.",
-        "headers": {
-            "Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}
-        },
-    }
-}
 _SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
     **REPLAY_RESPONSE,
     202: {
@@ -76,16 +65,10 @@ _SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
             "Location": {"description": "URL of the task's result.", "schema": {"type": "string"}}
         },
     },
-    **_UNAUTHORIZED,
+    **UNAUTHORIZED,
     413: {"model": ErrorMessage, "description": "Request body too large."},
-    **_UNAVAILABLE,
+    **UNAVAILABLE,
 }
-_RESULT_RESPONSES: dict[int | str, dict[str, Any]] = {
-    **_UNAUTHORIZED,
-    404: {"model": ErrorMessage, "description": "No such task for this account."},
-    **_UNAVAILABLE,
-}
-
 # Strict JSON bodies: NaN, duplicate keys, deep nesting and non-UTF-8 get a 422. The
 # submit endpoints' plain requests call them without FastAPI's dependency solving
 # (api.fast_path); everything else goes through FastAPI.
@@ -247,26 +230,15 @@ router.add_api_route(
             "an item whose idempotency_key was bound to the same request already shows "
             "its original task."
         },
-        **_UNAUTHORIZED,
+        **UNAUTHORIZED,
         413: {
             "model": ErrorMessage,
             "description": f"Request body too large, or more than {MAX_BULK_TASKS} tasks.",
         },
-        **_UNAVAILABLE,
+        **UNAVAILABLE,
     },
     summary=f"Submit up to {MAX_BULK_TASKS} tasks of any kinds at once: all or none.",
 )
-
-
-def _checked_id(task_id: str) -> HTTPException:
-    """The 404 for ``task_id``, raised at once if no task can have that id."""
-    # Another account's task answers exactly like a missing one: no existence leak.
-    not_found = HTTPException(status_code=status.HTTP_404_NOT_FOUND, detail="task not found")
-    # Ids are printable ASCII; anything else (NUL, which a database may reject outright) is
-    # unknown without asking the database.
-    if len(task_id) > TASK_ID_LENGTH or not (task_id.isascii() and task_id.isprintable()):
-        raise not_found
-    return not_found
 
 
 @router.get(
@@ -274,7 +246,7 @@ def _checked_id(task_id: str) -> HTTPException:
     name="list_tasks",
     operation_id="list_tasks",
     response_model=TaskListPublic,
-    responses=_UNAUTHORIZED | FORBIDDEN_RESPONSE | _UNAVAILABLE,
+    responses=UNAUTHORIZED | FORBIDDEN_RESPONSE | UNAVAILABLE,
     summary="List the caller's tasks newest first, filtered, a page at a time.",
 )
 async def list_tasks(
@@ -292,13 +264,13 @@ async def list_tasks(
     name="get_task",
     operation_id="get_task",
     response_model=TaskPublic,
-    responses=_RESULT_RESPONSES | FORBIDDEN_RESPONSE,
+    responses=TASK_RESPONSES | FORBIDDEN_RESPONSE,
     summary="Read a task: the same view as the result endpoint, without waiting.",
 )
 async def get_task(
     task_id: str, account: ReadAccountDep, reads: ReadsDep, waiting: WaitingDep
 ) -> TaskPublic:
-    not_found = _checked_id(task_id)
+    not_found = checked_id(task_id)
     task = await reads.task(task_id=task_id, account=account)
     if task is None:
         raise not_found
@@ -310,11 +282,11 @@ async def get_task(
     name="task_events",
     operation_id="task_events",
     response_model=TaskEventsPublic,
-    responses=_RESULT_RESPONSES | FORBIDDEN_RESPONSE,
+    responses=TASK_RESPONSES | FORBIDDEN_RESPONSE,
     summary="Read a task's history: one event per transition, oldest first.",
 )
 async def task_events(task_id: str, account: ReadAccountDep, reads: ReadsDep) -> TaskEventsPublic:
-    not_found = _checked_id(task_id)
+    not_found = checked_id(task_id)
     events = await reads.events(task_id=task_id, account=account)
     if events is None:
         raise not_found
@@ -326,7 +298,7 @@ async def task_events(task_id: str, account: ReadAccountDep, reads: ReadsDep) ->
     name=RESULT_ROUTE,
     operation_id=RESULT_ROUTE,
     response_model=TaskPublic,
-    responses=_RESULT_RESPONSES | FORBIDDEN_RESPONSE,
+    responses=TASK_RESPONSES | FORBIDDEN_RESPONSE,
     summary="Read a task's status and result, optionally waiting for it to finish.",
 )
 async def task_result(
@@ -349,7 +321,7 @@ async def task_result(
         ),
     ] = 0,
 ) -> TaskPublic:
-    not_found = _checked_id(task_id)
+    not_found = checked_id(task_id)
 
     async def read() -> TaskView | None:
         return await reads.task(task_id=task_id, account=account)
@@ -365,7 +337,7 @@ async def task_result(
     name="retry_tasks",
     operation_id="retry_tasks",
     response_model=RetryCountPublic,
-    responses=_UNAUTHORIZED | _UNAVAILABLE,
+    responses=UNAUTHORIZED | UNAVAILABLE,
     summary=(
         f"Retry the caller's failed and cancelled tasks a filter matches, at most "
         f"{MAX_RETRIES_PER_CALL} a call, oldest first."
@@ -391,7 +363,7 @@ async def retry_tasks(
     operation_id="retry_task",
     response_model=TaskPublic,
     responses={
-        **_RESULT_RESPONSES,
+        **TASK_RESPONSES,
         409: {
             "model": TaskPublic,
             "description": "Neither failed nor cancelled: the task as it is.",
@@ -402,7 +374,7 @@ async def retry_tasks(
 async def retry_task(
     task_id: str, account: AccountDep, retries: RetriesDep, announcer: AnnouncerDep
 ) -> TaskPublic | JSONResponse:
-    not_found = _checked_id(task_id)
+    not_found = checked_id(task_id)
     answer = await retries.retry(task_id=task_id, account=account, now=utcnow())
     if answer.view is None:
         raise not_found
