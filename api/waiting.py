@@ -102,6 +102,7 @@ def waiting_of(
     host: str | None,
     sighting: Sighting,
     now: datetime,
+    labels: Sequence[str] = (),
 ) -> Waiting | None:
     """One task's reason from what the request saw (None: not pending, or unknown)."""
     if status is not TaskStatus.PENDING or not sighting.known:
@@ -109,7 +110,7 @@ def waiting_of(
     return why_waiting(
         status=status,
         run_at=run_at,
-        keys=task_keys(name=name, account=account, host=host),
+        keys=task_keys(name=name, account=account, host=host, labels=labels),
         board=sighting.board,
         now=now,
     )
@@ -137,6 +138,7 @@ class WaitingReporter:
                     host=task.host,
                     sighting=sighting,
                     now=now,
+                    labels=task.labels,
                 ),
             )
             for task in tasks

@@ -86,9 +86,9 @@ def board_from(
     occupied: Counter[LimitKey] = Counter(inflight)
     if caps:
         # The keys of each kind of task once (a claim leases many alike), times its count.
-        shapes = Counter((c.name, c.account, c.host) for c in occupying)
-        for (name, account, host), count in shapes.items():
-            shape = Candidate(task_id="", name=name, account=account, host=host)
+        shapes = Counter((c.name, c.account, c.host, c.labels) for c in occupying)
+        for (name, account, host, labels), count in shapes.items():
+            shape = Candidate(task_id="", name=name, account=account, host=host, labels=labels)
             for key in caps.keys(shape):
                 occupied[key] += count
     return WaitingBoard(

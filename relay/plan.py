@@ -371,6 +371,7 @@ def _candidate(claim: ClaimedTask, earliest_s: float | None) -> Candidate:
         account=claim.account,
         host=claim.host,
         not_before_s=_latest(claim.run_at.timestamp() if claim.run_at else None, earliest_s),
+        labels=claim.labels,
     )
 
 

@@ -5,10 +5,16 @@ A rule is a scope and one or more settings, rules separated by ``;``::
     <scope> [rate=<N>/<s|m|h>] [burst=<B>] [inflight=<M>]
 
 Scopes: ``cluster``, ``task:<name>``, ``account:<id>``, ``host:<hostname>`` (an IP address
-in any spelling, IPv6 in brackets, folds to one key: see throttler.hosts); ``*`` in place
+in any spelling, IPv6 in brackets, folds to one key: see throttler.hosts),
+``key:<prefix>:<value>`` (a label given at submission, throttler.labels); ``*`` in place
 of a name gives every distinct value its own limit, and a rule for a specific value
-overrides the ``*`` rule of its scope. ``RELAY_RATE``, ``RELAY_BURST`` and
-``RELAY_MAX_INFLIGHT`` are shorthand for the ``cluster`` rule.
+overrides the ``*`` rule of its scope. For ``key:`` the ``*`` takes the value's place
+under one prefix (``key:connector:*``: each ``connector:<v>`` label its own limit,
+``key:connector:salesforce`` overriding it for that label). ``key:*`` alone is refused: a
+prefix names one dimension (connector, tenant), and one limit per label across every
+dimension would make a task labelled ``connector:x`` and ``tenant:y`` obey the same rule
+twice under two meanings; a rule must say which dimension it limits. ``RELAY_RATE``,
+``RELAY_BURST`` and ``RELAY_MAX_INFLIGHT`` are shorthand for the ``cluster`` rule.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from enum import StrEnum
 
 from throttler.catalog import CATALOG
 from throttler.hosts import host_key
+from throttler.labels import GRAMMAR as LABEL_GRAMMAR
+from throttler.labels import is_label
 
 EACH = "*"
 _SECONDS_PER_UNIT = {"s": 1.0, "m": 60.0, "h": 3600.0}
@@ -28,6 +36,8 @@ _INTEGER = re.compile(r"^\d+$")
 _VALUE = re.compile(r"^[A-Za-z0-9_.\-@]+$")
 # A host name or IPv4 address in any spelling, or an IPv6 address in brackets (no zone id).
 _HOST = re.compile(r"^(?:[A-Za-z0-9_.\-]+|\[[0-9A-Fa-f:.]+\])$")
+# A key: rule's wildcard, written after the label's prefix and its colon.
+_EACH_SUFFIX = ":" + EACH
 
 
 class LimitRuleError(ValueError):
@@ -41,6 +51,7 @@ class Scope(StrEnum):
     TASK = "task"  # tasks of one name
     ACCOUNT = "account"  # tasks of one account
     HOST = "host"  # download tasks to one hostname
+    KEY = "key"  # tasks carrying one label (prefix:value)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -63,12 +74,12 @@ class Rule:
 
     @property
     def is_each(self) -> bool:
-        return self.value == EACH
+        return is_each_value(self.scope, self.value)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class LimitKey:
-    """One limited thing: the cluster, or one task name, account or host."""
+    """One limited thing: the cluster, or one task name, account, host or label."""
 
     scope: Scope
     value: str | None = None
@@ -138,14 +149,22 @@ class RuleSet:
             rules[(Scope.CLUSTER, None)] = shorthand
         return cls(tuple(rules.values()))
 
-    def applicable(self, *, name: str, account: str, host: str | None = None) -> list[AppliedLimit]:
-        """Return the limits a task of this name, account and host must satisfy."""
-        wanted = (
+    def applicable(
+        self,
+        *,
+        name: str,
+        account: str,
+        host: str | None = None,
+        labels: Iterable[str] = (),
+    ) -> list[AppliedLimit]:
+        """Return the limits a task of this name, account, host and labels must satisfy."""
+        wanted = [
             (Scope.CLUSTER, None),
             (Scope.TASK, name),
             (Scope.ACCOUNT, account),
             (Scope.HOST, host.lower() if host else None),
-        )
+        ]
+        wanted += [(Scope.KEY, label) for label in labels]
         applied: list[AppliedLimit] = []
         for scope, value in wanted:
             if scope is not Scope.CLUSTER and value is None:
@@ -164,13 +183,28 @@ class RuleSet:
         own = self._index.get((key.scope, key.value))
         if own is not None or key.scope is Scope.CLUSTER:
             return own
-        return self._index.get((key.scope, EACH))
+        return self._index.get((key.scope, each_value(key)))
 
     def __bool__(self) -> bool:
         return bool(self.rules)
 
     def scopes(self) -> Iterable[Scope]:
         return {rule.scope for rule in self.rules}
+
+
+def each_value(key: LimitKey) -> str:
+    """The value a ``*`` rule covering ``key`` has: ``*``, or ``<prefix>:*`` for a label."""
+    if key.scope is Scope.KEY and key.value is not None:
+        prefix, _, _ = key.value.partition(":")
+        return prefix + _EACH_SUFFIX
+    return EACH
+
+
+def is_each_value(scope: Scope, value: str | None) -> bool:
+    """Whether a rule's value gives every distinct value its own limit (``*``, ``p:*``)."""
+    if value is None:
+        return False
+    return value.endswith(_EACH_SUFFIX) if scope is Scope.KEY else value == EACH
 
 
 def parse_rule(text: str) -> Rule:
@@ -214,6 +248,8 @@ def _parse_scope(written: str, text: str) -> tuple[Scope, str | None]:
         if sep:
             raise LimitRuleError(f"rule {text!r}: the cluster scope takes no value")
         return scope, None
+    if scope is Scope.KEY:
+        return scope, _parse_label_value(value, text)
     if not value:
         raise LimitRuleError(f"rule {text!r}: scope {kind!r} needs a value, e.g. {kind}:*")
     if scope is Scope.HOST and value != EACH:
@@ -223,6 +259,31 @@ def _parse_scope(written: str, text: str) -> tuple[Scope, str | None]:
     if scope is Scope.TASK and value != EACH and value not in CATALOG:
         raise LimitRuleError(f"rule {text!r}: no task is named {value!r}")
     return scope, value
+
+
+def _parse_label_value(value: str, text: str) -> str:
+    """A ``key:`` rule's label (``prefix:value``) or its prefix's wildcard (``prefix:*``)."""
+    if value == EACH:
+        # See the module's docstring: a rule must name the dimension (prefix) it limits.
+        raise LimitRuleError(
+            f"rule {text!r}: key:* names no label prefix; write key:<prefix>:* "
+            "(e.g. key:connector:*) or key:<prefix>:<value>"
+        )
+    if value.endswith(_EACH_SUFFIX):
+        # Checked as a label with a stand-in value: the prefix's grammar is the label's.
+        # Only a whole value is a wildcard: "connector:eu:*" is no prefix's.
+        prefix = value[: -len(_EACH_SUFFIX)]
+        if ":" in prefix or not is_label(prefix + ":x"):
+            raise LimitRuleError(
+                f"rule {text!r}: {value!r} is not <prefix>:* with a label prefix ({LABEL_GRAMMAR})"
+            )
+        return value
+    if not is_label(value):
+        raise LimitRuleError(
+            f"rule {text!r}: {value!r} is not a label, key:<prefix>:<value> or key:<prefix>:* "
+            f"({LABEL_GRAMMAR})"
+        )
+    return value
 
 
 def _parse_host(value: str, text: str) -> str:

@@ -8,7 +8,8 @@ the same buckets.
 Relays speak to a ``Limiter``: ``admit(candidates)`` answers which of them may be
 dispatched now, each at which moment, and which keys turned some away until when. A
 candidate goes only when every bucket of its rules (cluster, ``task:``, ``account:``,
-``host:``) holds a token; one that does not is skipped without holding back the rest.
+``host:``, ``key:`` per label) holds a token; one that does not is skipped without
+holding back the rest.
 
 A bucket whose state is missing is full, unless the buckets may have been drained
 shortly before they went missing: Redis restarted empty forgets every bucket while the
@@ -30,7 +31,7 @@ from typing import Protocol
 from redis.asyncio import Redis
 
 from throttler.constants import RATE_BUCKET_KEY_PREFIX, RATE_DRAIN_FLOOR_KEY
-from throttler.limits import EACH, LimitKey, RuleSet, Scope
+from throttler.limits import LimitKey, RuleSet, Scope, each_value
 
 CLUSTER_KEY = LimitKey(scope=Scope.CLUSTER)
 # The farthest ahead any relay takes tokens: relay.plan's horizon, stretched with its
@@ -209,6 +210,8 @@ class Candidate:
     host: str | None = None
     # POSIX time before which the task must not be dispatched (tasks.run_at).
     not_before_s: float | None = None
+    # The task's labels (tasks.labels, sorted): each a key: rule may limit.
+    labels: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -257,7 +260,10 @@ def plan(rules: RuleSet, candidates: Sequence[Candidate]) -> _Plan:
     for candidate in candidates:
         mine: list[int] = []
         for applied in rules.applicable(
-            name=candidate.name, account=candidate.account, host=candidate.host
+            name=candidate.name,
+            account=candidate.account,
+            host=candidate.host,
+            labels=candidate.labels,
         ):
             rate = applied.limit.rate_per_s
             if rate is None:
@@ -529,13 +535,16 @@ class InflightCaps:
         """The key's cap: its own rule's, else its scope's ``*`` rule's (None: no cap)."""
         rule = self._index.get((key.scope, key.value))
         if rule is None and key.scope is not Scope.CLUSTER:
-            rule = self._index.get((key.scope, EACH))
+            rule = self._index.get((key.scope, each_value(key)))
         return None if rule is None else rule.limit.inflight
 
     def keys(self, candidate: Candidate) -> list[LimitKey]:
         """The capped keys a candidate would occupy."""
         applied = self.rules.applicable(
-            name=candidate.name, account=candidate.account, host=candidate.host
+            name=candidate.name,
+            account=candidate.account,
+            host=candidate.host,
+            labels=candidate.labels,
         )
         return [a.key for a in applied if a.limit.inflight is not None]
 

@@ -136,7 +136,9 @@ def merge(boards: Sequence[WaitingBoard]) -> WaitingBoard | None:
 
 
 # A rule of every scope for every value: what ``RuleSet.applicable`` returns for it is every
-# key a task has, whatever limits are configured (the boards say which are limited).
+# key a task has, whatever limits are configured (the boards say which are limited). Labels
+# are not among them: a key: ``*`` rule covers one prefix, so a task's label keys are its
+# labels themselves (``task_keys``).
 _EVERY_KEY = RuleSet(
     tuple(
         Rule(
@@ -146,17 +148,21 @@ _EVERY_KEY = RuleSet(
             text=f"every {scope.value} key",
         )
         for scope in Scope
+        if scope is not Scope.KEY
     )
 )
 
 
-def task_keys(*, name: str, account: str, host: str | None) -> list[LimitKey]:
+def task_keys(
+    *, name: str, account: str, host: str | None, labels: Iterable[str] = ()
+) -> list[LimitKey]:
     """Every key of a task, found as the relay finds the keys it asks the limiter about.
 
     Not filtered by the limits in force: the reader's rules might not be the relays'
     (they change at run time), and a key that is not limited is on no board.
     """
-    return [applied.key for applied in _EVERY_KEY.applicable(name=name, account=account, host=host)]
+    keys = [applied.key for applied in _EVERY_KEY.applicable(name=name, account=account, host=host)]
+    return keys + [LimitKey(scope=Scope.KEY, value=label) for label in labels]
 
 
 def why_waiting(

@@ -50,6 +50,7 @@ from sqlalchemy import (
     and_,
     bindparam,
     delete,
+    exists,
     false,
     func,
     insert,
@@ -66,7 +67,7 @@ from sqlalchemy.sql.elements import ColumnClause
 
 from throttler.db import SessionFactory, create_read_session_factory, create_session_factory
 from throttler.limits import LimitKey, Scope
-from throttler.models import OutboxEntry, Task, TaskEvent
+from throttler.models import OutboxEntry, Task, TaskEvent, TaskLabel
 from throttler.settings import Settings
 from throttler.statuses import INFLIGHT_STATUSES, EventKind, TaskStatus
 
@@ -98,6 +99,8 @@ class ClaimedTask:
     run_at: datetime | None = None
     # When the relay released the task (``queued`` only): names its dispatch.
     queued_at: datetime | None = None
+    # The task's labels (tasks.labels, sorted), for key: rules; () when it has none.
+    labels: tuple[str, ...] = ()
 
     @property
     def needs_enqueue(self) -> bool:
@@ -114,6 +117,7 @@ class Exclusions:
     names: frozenset[str] = frozenset()
     accounts: frozenset[str] = frozenset()
     hosts: frozenset[str] = frozenset()
+    labels: frozenset[str] = frozenset()  # key: keys (prefix:value)
 
     @classmethod
     def of(cls, keys: Iterable[LimitKey]) -> Exclusions:
@@ -129,6 +133,7 @@ class Exclusions:
             names=frozenset(by_scope[Scope.TASK]),
             accounts=frozenset(by_scope[Scope.ACCOUNT]),
             hosts=frozenset(by_scope[Scope.HOST]),
+            labels=frozenset(by_scope[Scope.KEY]),
         )
 
 
@@ -232,6 +237,8 @@ _CLAIMED_ROWS = select(
     Task.queued_at,
     Task.priority,
     Task.created_at,
+    # The JSON copy on the task: key: rules need a claimed task's labels with no query more.
+    Task.labels,
 ).join(Task, Task.id == OutboxEntry.task_id)
 # A pending task's rank in its account's turn, without the rest of its row.
 _RANKED_IDS = select(Task.id.label("task_id"), Task.account, Task.priority, Task.created_at)
@@ -263,6 +270,7 @@ def _claimed(
     queued_at: datetime | None,
     priority: int,
     created_at: datetime,
+    labels: list[str] | None,
 ) -> ClaimedTask:
     """A row of ``_CLAIMED_ROWS``, its columns bound to these names (checked below).
 
@@ -278,6 +286,7 @@ def _claimed(
         host=host,
         run_at=run_at,
         queued_at=queued_at,
+        labels=tuple(labels) if labels else (),
     )
 
 
@@ -292,10 +301,21 @@ def _ranked_claim(
     queued_at: datetime | None,
     priority: int,
     created_at: datetime,
+    labels: list[str] | None,
 ) -> RankedRow:
     """A row of ``_CLAIMED_ROWS`` with its rank."""
     claim = _claimed(
-        outbox_id, task_id, name, account, status, host, run_at, queued_at, priority, created_at
+        outbox_id,
+        task_id,
+        name,
+        account,
+        status,
+        host,
+        run_at,
+        queued_at,
+        priority,
+        created_at,
+        labels,
     )
     return RankedRow(
         task_id=task_id,
@@ -387,6 +407,9 @@ class CoreClaim:
                 total = (await self.session.execute(query)).scalar_one()
                 counts[LimitKey(scope=scope)] = int(total)
                 continue
+            if scope is Scope.KEY:
+                counts.update(await self._count_inflight_by_label())
+                continue
             column = _SCOPE_COLUMNS[scope]
             rows = await self.session.execute(
                 select(column.label("value"), func.count().label("inflight"))
@@ -396,6 +419,22 @@ class CoreClaim:
             for row in rows:
                 counts[LimitKey(scope=scope, value=row.value)] = int(row.inflight)
         return counts
+
+    async def _count_inflight_by_label(self) -> dict[LimitKey, int]:
+        """In-flight tasks per label: the in-flight tasks (ix_tasks_status_name), each
+        one's labels by task_labels' primary key; unlabelled tasks are passed over.
+
+        Every label, not only those a rule caps: the in-flight tasks are few (what the
+        workers and ARQ's queue hold), and keys without a cap are never full.
+        """
+        rows = await self.session.execute(
+            select(TaskLabel.label, func.count())
+            .select_from(Task)
+            .join(TaskLabel, TaskLabel.task_id == Task.id)
+            .where(Task.status.in_(_INFLIGHT), Task.labels.is_not(None))
+            .group_by(TaskLabel.label)
+        )
+        return {LimitKey(scope=Scope.KEY, value=label): int(count) for label, count in rows}
 
     async def count_leased(self, *, now: datetime) -> int:
         query = (
@@ -673,6 +712,18 @@ def _pending_filters(
         filters.append(Task.account.not_in(sorted(excluding.accounts)))
     if excluding.hosts:
         filters.append(or_(Task.host.is_(None), Task.host.not_in(sorted(excluding.hosts))))
+    if excluding.labels:
+        # A task with none of the excluded labels: unlabelled ones (NULL) without a look,
+        # labelled ones by at most 4 seeks of task_labels' primary key (task_id, label).
+        filters.append(
+            or_(
+                Task.labels.is_(None),
+                ~exists().where(
+                    TaskLabel.task_id == Task.id,
+                    TaskLabel.label.in_(sorted(excluding.labels)),
+                ),
+            )
+        )
     return filters
 
 
