@@ -1,8 +1,8 @@
 """Count, per limited key, the tasks waiting, in flight and recently dispatched.
 
 Which keys to show comes from the limit rules; the counts come from the read store in one
-grouped query per scope kind (task name, account, host) plus one for the totals, however
-many keys there are. Whether any relay is alive comes from the node registry
+grouped query per scope kind (task name, account, host, label) plus one for the totals,
+however many keys there are. Whether any relay is alive comes from the node registry
 (throttler.nodes): without one, nothing pending is ever dispatched.
 """
 
@@ -18,7 +18,7 @@ from throttler.nodes import NodeKind, NodeRegistry
 from throttler.store.reads import KeyCounts, ReadStore, ScopeCountsQuery
 
 DISPATCH_WINDOW_S = 60.0
-_SCOPES = (Scope.TASK, Scope.ACCOUNT, Scope.HOST)
+_SCOPES = (Scope.TASK, Scope.ACCOUNT, Scope.HOST, Scope.KEY)
 NO_RELAY_NOTE = "no relay is alive: pending tasks are not dispatched until one runs"
 RELAYS_UNKNOWN_NOTE = "Redis unavailable: cannot tell whether a relay is alive"
 
@@ -72,8 +72,18 @@ def _each(rules: list[Rule]) -> Rule | None:
 
 
 def _counts_query(scope: Scope, rules: list[Rule]) -> ScopeCountsQuery | None:
-    """Every value of a scope with a ``*`` rule, else only its specific rules' values."""
+    """Every value of a scope with a ``*`` rule, else only its specific rules' values.
+
+    ``key:`` rules: the specific labels, and every label under a ``key:<prefix>:*`` rule.
+    """
     specific = _specific(rules)
+    if scope is Scope.KEY:
+        prefixes = frozenset(
+            rule.value.partition(":")[0] for rule in rules if rule.is_each and rule.value
+        )
+        if not specific and not prefixes:
+            return None
+        return ScopeCountsQuery(scope=scope, only=frozenset(specific), prefixes=prefixes)
     if _each(rules) is not None:
         return ScopeCountsQuery(scope=scope)
     if specific:
@@ -84,17 +94,16 @@ def _counts_query(scope: Scope, rules: list[Rule]) -> ScopeCountsQuery | None:
 def _scope_statuses(
     scope: Scope, rules: list[Rule], counts: Mapping[str, KeyCounts] | None
 ) -> list[KeyStatus]:
-    """Every specific rule of one scope, and each active value of its ``*`` rule."""
+    """Every specific rule of one scope, and each active value of its ``*`` rules."""
     if counts is None:
         return []
-    each = _each(rules)
-    specific = _specific(rules)
-    values = set(specific)
-    if each is not None:
-        values.update(counts)
+    # The scope's rules alone, so that each value finds its rule as the relay does: its
+    # own, else its ``*`` rule (a label: its prefix's).
+    scope_rules = RuleSet(tuple(rules))
+    values = set(_specific(rules)) | set(counts)
     statuses = []
     for value in sorted(values):
-        rule = specific.get(value, each)
+        rule = scope_rules.rule_for(LimitKey(scope=scope, value=value))
         if rule is not None:
             key = LimitKey(scope=scope, value=value)
             statuses.append(_key_status(key, rule, counts.get(value, KeyCounts())))

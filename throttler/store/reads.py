@@ -26,6 +26,7 @@ from sqlalchemy import (
     case,
     func,
     literal_column,
+    or_,
     select,
     text,
     true,
@@ -52,6 +53,8 @@ _SCOPE_COLUMNS: dict[Scope, QueryableAttribute[Any]] = {
     Scope.TASK: Task.name,
     Scope.ACCOUNT: Task.account,
     Scope.HOST: Task.host,
+    # A label's tasks: task_labels joined to tasks (``_counts_query``).
+    Scope.KEY: TaskLabel.label,
 }
 
 
@@ -130,10 +133,15 @@ class KeyCounts:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ScopeCountsQuery:
-    """Which values of one scope kind to count: ``only`` these, or every value (None)."""
+    """Which values of one scope kind to count: ``only`` these, or every value (None).
+
+    For ``key:`` also every label under ``prefixes`` (its ``key:<prefix>:*`` rules):
+    ``only`` and ``prefixes`` together say which labels, and neither means all.
+    """
 
     scope: Scope
     only: frozenset[str] | None = None
+    prefixes: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -342,23 +350,34 @@ def _counts_query(
     *,
     filters: Sequence[ColumnElement[bool]],
     since: datetime,
+    by_label: bool = False,
 ) -> Select[Any, Any, Any, Any]:
-    """Backlog, in-flight and recent dispatches grouped by ``key``, in one statement."""
+    """Backlog, in-flight and recent dispatches grouped by ``key``, in one statement.
+
+    ``by_label``: ``key`` is a task_labels column, joined to each task (a row per label).
+    """
     # Constants are inlined: PostgreSQL cannot type a bound parameter in a UNION column.
     zero: ColumnElement[int] = literal_column("0", Integer)
     one: ColumnElement[int] = literal_column("1", Integer)
-    live = select(
-        key.label("key"),
-        case((Task.status == TaskStatus.PENDING.value, 1), else_=0).label("backlog"),
-        case((Task.status.in_(_INFLIGHT), 1), else_=0).label("inflight"),
-        zero.label("dispatched"),
-    ).where(Task.status.in_(_LIVE), *filters)
+    live = (
+        select(
+            key.label("key"),
+            case((Task.status == TaskStatus.PENDING.value, 1), else_=0).label("backlog"),
+            case((Task.status.in_(_INFLIGHT), 1), else_=0).label("inflight"),
+            zero.label("dispatched"),
+        )
+        .select_from(Task)
+        .where(Task.status.in_(_LIVE), *filters)
+    )
     recent = (
         select(key.label("key"), zero, zero, one)
         .select_from(TaskEvent)
         .join(Task, Task.id == TaskEvent.task_id)
         .where(TaskEvent.event == EventKind.QUEUED.value, TaskEvent.at >= since, *filters)
     )
+    if by_label:
+        live = live.join(TaskLabel, TaskLabel.task_id == Task.id)
+        recent = recent.join(TaskLabel, TaskLabel.task_id == Task.id)
     rows = union_all(live, recent).subquery()
     return select(
         rows.c.key.label("key"),
@@ -374,8 +393,11 @@ async def _grouped_counts(
     *,
     filters: Sequence[ColumnElement[bool]],
     since: datetime,
+    by_label: bool = False,
 ) -> dict[str, KeyCounts]:
-    rows = await session.execute(_counts_query(key, filters=filters, since=since))
+    rows = await session.execute(
+        _counts_query(key, filters=filters, since=since, by_label=by_label)
+    )
     return {
         str(row.key): KeyCounts(
             backlog=int(row.backlog or 0),
@@ -391,8 +413,13 @@ def _scope_filters(query: ScopeCountsQuery, *, account: str | None) -> list[Colu
     filters: list[ColumnElement[bool]] = [column.is_not(None)]
     if account is not None:
         filters.append(Task.account == account)
+    wanted: list[ColumnElement[bool]] = []
     if query.only is not None:
-        filters.append(column.in_(sorted(query.only)))
+        wanted.append(column.in_(sorted(query.only)))
+    # "_" is a LIKE wildcard and a prefix may hold one: escaped.
+    wanted += [column.startswith(f"{p}:", autoescape=True) for p in sorted(query.prefixes)]
+    if wanted:
+        filters.append(or_(*wanted))
     return filters
 
 
@@ -473,6 +500,7 @@ class SqlReadStore:
                     _SCOPE_COLUMNS[query.scope],
                     filters=_scope_filters(query, account=account),
                     since=since,
+                    by_label=query.scope is Scope.KEY,
                 )
         return RelayCounts(totals=next(iter(everything.values()), KeyCounts()), by_scope=by_scope)
 
