@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from throttler.limits import LimitKey, LimitRuleError, RuleSet, Scope, parse_rule
+from throttler.settings import load_settings
 from throttler.statuses import TaskStatus
 from throttler.store.outbox import Exclusions
 from throttler.throttle import Candidate, InflightCaps, plan
@@ -157,3 +158,15 @@ def test_why_waiting_names_the_key_scope_and_boards_keep_label_keys() -> None:
     assert waiting == Waiting(
         reason=Reason.RATE, scope=_key("tenant:acme"), until=now + timedelta(seconds=1)
     )
+
+
+def test_a_malformed_key_rule_stops_the_process_quoting_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("RELAY_LIMITS", "key:connector:* inflight=2; key:* inflight=1")
+    with pytest.raises(SystemExit) as exit_info:
+        load_settings()
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err
+    assert message.startswith("invalid setting RELAY_LIMITS: ")
+    assert "rule 'key:* inflight=1'" in message
