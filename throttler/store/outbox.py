@@ -240,6 +240,14 @@ _CLAIMED_ROWS = select(
     # The JSON copy on the task: key: rules need a claimed task's labels with no query more.
     Task.labels,
 ).join(Task, Task.id == OutboxEntry.task_id)
+# In-flight tasks per label (``count_inflight_by_key``); public for the EXPLAIN test.
+INFLIGHT_BY_LABEL = (
+    select(TaskLabel.label, func.count())
+    .select_from(Task)
+    .join(TaskLabel, TaskLabel.task_id == Task.id)
+    .where(Task.status.in_(_INFLIGHT), Task.labels.is_not(None))
+    .group_by(TaskLabel.label)
+)
 # A pending task's rank in its account's turn, without the rest of its row.
 _RANKED_IDS = select(Task.id.label("task_id"), Task.account, Task.priority, Task.created_at)
 
@@ -374,6 +382,8 @@ class CoreClaim:
     reads_are_locks: ClassVar[bool] = False
     # Text put where ``_PENDING_ACCOUNTS`` says ``{hint}``.
     accounts_hint: ClassVar[str] = ""
+    # In-flight tasks per label (``count_inflight_by_key``).
+    inflight_by_label: ClassVar[Select[str, int]] = INFLIGHT_BY_LABEL
 
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
@@ -420,6 +430,10 @@ class CoreClaim:
                 counts[LimitKey(scope=scope, value=row.value)] = int(row.inflight)
         return counts
 
+    def without_labels(self, labels: frozenset[str]) -> ColumnElement[bool]:
+        """How this claim leaves out tasks carrying any of ``labels`` (excluded key: keys)."""
+        return without_labels(labels)
+
     async def _count_inflight_by_label(self) -> dict[LimitKey, int]:
         """In-flight tasks per label: the in-flight tasks (ix_tasks_status_name), each
         one's labels by task_labels' primary key; unlabelled tasks are passed over.
@@ -427,13 +441,7 @@ class CoreClaim:
         Every label, not only those a rule caps: the in-flight tasks are few (what the
         workers and ARQ's queue hold), and keys without a cap are never full.
         """
-        rows = await self.session.execute(
-            select(TaskLabel.label, func.count())
-            .select_from(Task)
-            .join(TaskLabel, TaskLabel.task_id == Task.id)
-            .where(Task.status.in_(_INFLIGHT), Task.labels.is_not(None))
-            .group_by(TaskLabel.label)
-        )
+        rows = await self.session.execute(self.inflight_by_label)
         return {LimitKey(scope=Scope.KEY, value=label): int(count) for label, count in rows}
 
     async def count_leased(self, *, now: datetime) -> int:
@@ -468,7 +476,9 @@ class CoreClaim:
         if limit <= 0:
             return []
         excluding = excluding or Exclusions()
-        filters = _pending_filters(due_by=due_by, excluding=excluding)
+        filters = _pending_filters(
+            due_by=due_by, excluding=excluding, without_labels=self.without_labels
+        )
         claims: list[ClaimedTask] = []
         if recover_lapsed:
             claims += await self._locked(
@@ -698,8 +708,20 @@ def _in_turns_by_rank(ranked: Sequence[RankedRow]) -> list[RankedRow]:
     return [row for *_, row in keyed]
 
 
+def without_labels(labels: frozenset[str]) -> ColumnElement[bool]:
+    """A task with none of ``labels``: unlabelled ones (NULL) without a look, labelled ones
+    by at most 4 seeks of task_labels' primary key (task_id, label)."""
+    return or_(
+        Task.labels.is_(None),
+        ~exists().where(TaskLabel.task_id == Task.id, TaskLabel.label.in_(sorted(labels))),
+    )
+
+
 def _pending_filters(
-    *, due_by: datetime | None, excluding: Exclusions
+    *,
+    due_by: datetime | None,
+    excluding: Exclusions,
+    without_labels: Callable[[frozenset[str]], ColumnElement[bool]] = without_labels,
 ) -> list[ColumnElement[bool]]:
     filters: list[ColumnElement[bool]] = []
     if due_by is not None:
@@ -713,17 +735,7 @@ def _pending_filters(
     if excluding.hosts:
         filters.append(or_(Task.host.is_(None), Task.host.not_in(sorted(excluding.hosts))))
     if excluding.labels:
-        # A task with none of the excluded labels: unlabelled ones (NULL) without a look,
-        # labelled ones by at most 4 seeks of task_labels' primary key (task_id, label).
-        filters.append(
-            or_(
-                Task.labels.is_(None),
-                ~exists().where(
-                    TaskLabel.task_id == Task.id,
-                    TaskLabel.label.in_(sorted(excluding.labels)),
-                ),
-            )
-        )
+        filters.append(without_labels(excluding.labels))
     return filters
 
 

@@ -1,18 +1,44 @@
-"""PostgreSQL's fast paths for the outbox store: an advisory lock, a planner setting."""
+"""PostgreSQL's fast paths for the outbox store: an advisory lock, a planner setting, and
+labels read from the task's own JSONB (``tasks.labels``) rather than task_labels."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import ClassVar
 
-from sqlalchemy import ColumnElement, func, select, text
+from sqlalchemy import ColumnElement, Select, func, or_, select, text, type_coerce
+from sqlalchemy.dialects.postgresql import JSONB, array
 
 from throttler.constants import CLAIM_LOCK_KEY
+from throttler.models import Task
+from throttler.statuses import INFLIGHT_STATUSES
 from throttler.store.outbox import CoreClaim, CoreOutbox, RankedRow
+
+_LABELS = type_coerce(Task.labels, JSONB)
+_INFLIGHT = sorted(status.value for status in INFLIGHT_STATUSES)
+# Each in-flight task's labels, unnested from its own JSONB: the in-flight tasks are found
+# by ix_tasks_status_name and nothing else is read. A join to task_labels instead lets the
+# planner hash the whole label table (every task ever labelled) for a few in-flight rows.
+_INFLIGHT_LABELS = (
+    select(func.jsonb_array_elements_text(_LABELS).label("label"))
+    .where(Task.status.in_(_INFLIGHT), Task.labels.is_not(None))
+    .subquery()
+)
+INFLIGHT_BY_LABEL_PG: Select[str, int] = select(_INFLIGHT_LABELS.c.label, func.count()).group_by(
+    _INFLIGHT_LABELS.c.label
+)
 
 
 class PostgresClaim(CoreClaim):
     """A claim under READ COMMITTED, beside other relays' claims."""
+
+    inflight_by_label = INFLIGHT_BY_LABEL_PG
+
+    def without_labels(self, labels: frozenset[str]) -> ColumnElement[bool]:
+        # The task's own JSONB (?|: any of these strings among its elements), checked on
+        # the row the claim reads anyway. NOT EXISTS on task_labels is planned as a hashed
+        # subplan, a scan of every row with those labels ever written, on every claim.
+        return or_(Task.labels.is_(None), ~_LABELS.has_any(array(sorted(labels))))
 
     async def serialize(self) -> None:
         # Claims that count in-flight tasks or queue room take turns until they commit.

@@ -1,0 +1,135 @@
+"""``key:`` limits cost the claim what the other scopes do, at any backlog.
+
+Two statements are new: the claim's per-account read with labels left out (a full or
+out-of-tokens label's tasks skipped in SQL, so that they hold back nothing), and the
+count of in-flight tasks per label. Checked with the databases' own plans on thousands
+of analysed rows (the planners' choice of join depends on statistics): the claim still
+walks ix_tasks_pending_turn in rank order, each task's excluded labels looked up by
+task_labels' primary key (never a scan or a hash of the label table, which grows with
+every task ever labelled); the count starts from the few in-flight tasks
+(ix_tasks_status_name) and reads their labels by the same primary key. No index is
+needed beyond those of migrations 0003, 0005 and 0008.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import ClauseElement, update
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+
+from throttler.models import Task
+from throttler.statuses import TaskStatus
+from throttler.store.intake import insert_batch
+from throttler.store.outbox import CoreClaim, Exclusions, _first_of_each, _pending_filters
+from throttler.store.postgres_outbox import PostgresClaim
+from throttler.store.sqlite_outbox import SqliteClaim
+from throttler.submit import NewTask
+
+COUNT = 20_000
+EXCLUDED = Exclusions(labels=frozenset({"connector:c1", "connector:c2", "tenant:t3"}))
+
+
+async def _seed(engine: AsyncEngine) -> None:
+    """``COUNT`` tasks of three accounts: most finished, a third pending, a few in flight;
+    most labelled (connectors and tenants, with strides that do not correlate); then
+    ANALYZE, so that the planners choose with statistics, as on a real table."""
+    start = datetime(2026, 11, 1, tzinfo=UTC)
+    tasks = [
+        NewTask(
+            name="greeting",
+            account=("a", "b", "c")[index % 3],
+            payload={"name": "x"},
+            created_at=start + timedelta(seconds=index),
+            labels=(
+                *((f"connector:c{index % 7}",) if index % 5 else ()),
+                *((f"tenant:t{index % 11}",) if index % 4 == 0 else ()),
+            ),
+        )
+        for index in range(COUNT)
+    ]
+    async with engine.begin() as connection:
+        await insert_batch(connection, [tasks])
+        for status, share in (
+            (TaskStatus.SUCCEEDED, slice(0, None, 3)),
+            (TaskStatus.FAILED, slice(1, None, 6)),
+            (TaskStatus.QUEUED, slice(2, None, 400)),
+            (TaskStatus.RUNNING, slice(5, None, 400)),
+        ):
+            await connection.execute(
+                update(Task)
+                .where(Task.id.in_([t.task_id for t in tasks[share]]))
+                .values(status=status)
+            )
+    async with engine.connect() as connection:
+        await connection.execution_options(isolation_level="AUTOCOMMIT")
+        await connection.exec_driver_sql("ANALYZE")
+
+
+async def _plan(engine: AsyncEngine, statement: ClauseElement) -> list[str]:
+    sql = str(statement.compile(engine, compile_kwargs={"literal_binds": True}))
+    async with engine.connect() as connection:
+        explain = "EXPLAIN" if engine.dialect.name == "postgresql" else "EXPLAIN QUERY PLAN"
+        rows = await connection.exec_driver_sql(f"{explain} {sql}")
+        return [str(row[-1]).strip() for row in rows]
+
+
+def _claim_type(engine: AsyncEngine) -> type[CoreClaim]:
+    return SqliteClaim if engine.dialect.name == "sqlite" else PostgresClaim
+
+
+async def test_the_claim_skips_excluded_labels_by_primary_key_in_rank_order(
+    engine: AsyncEngine,
+) -> None:
+    await _seed(engine)
+    sqlite = engine.dialect.name == "sqlite"
+    async with engine.connect() as connection:
+        claim = _claim_type(engine)(AsyncSession(bind=connection))
+    filters = _pending_filters(
+        due_by=datetime(2026, 12, 1, tzinfo=UTC),
+        excluding=EXCLUDED,
+        without_labels=claim.without_labels,
+    )
+    statement = _first_of_each(["a", "b"], limit=100, filters=filters, whole_rows=sqlite)
+    plan = await _plan(engine, statement)
+    shown = "\n".join(plan)
+    if sqlite:
+        tasks = [line for line in plan if " tasks " in f"{line} "]
+        assert tasks == ["SEARCH tasks USING INDEX ix_tasks_pending_turn (account=?)"] * 2, shown
+        labels = [line for line in plan if "task_labels" in line]
+        # Each task's excluded labels: one seek of the primary key (task_id, label).
+        assert len(labels) == 2, shown
+        assert all(
+            line.startswith("SEARCH task_labels USING")
+            and "sqlite_autoindex_task_labels_1 (task_id=? AND label=?)" in line
+            for line in labels
+        ), shown
+        assert not any("TEMP B-TREE" in line for line in plan), shown
+    else:
+        scans = [line for line in plan if " Scan " in line]
+        assert scans, shown
+        assert all("Index Scan using ix_tasks_pending_turn on tasks" in line for line in scans), (
+            shown
+        )
+        # The task's own labels (?| on tasks.labels): no subplan, task_labels not read.
+        assert not any("task_labels" in line or "SubPlan" in line for line in plan), shown
+        assert any("labels ?|" in line for line in plan), shown
+        assert not any("Sort" in line for line in plan), shown
+
+
+async def test_inflight_per_label_starts_from_the_tasks_in_flight(engine: AsyncEngine) -> None:
+    await _seed(engine)
+    plan = await _plan(engine, _claim_type(engine).inflight_by_label)
+    shown = "\n".join(plan)
+    if engine.dialect.name == "sqlite":
+        assert plan[0].startswith("SEARCH tasks USING INDEX ix_tasks_status_"), shown
+        assert plan[0].endswith("(status=?)"), shown
+        assert plan[1].startswith("SEARCH task_labels USING"), shown
+        assert plan[1].endswith("sqlite_autoindex_task_labels_1 (task_id=?)"), shown
+        assert not any(line.startswith("SCAN") for line in plan), shown
+    else:
+        # The in-flight tasks by an index on status, their labels from their own JSONB.
+        reads = [line for line in plan if "Scan" in line]
+        assert reads, shown
+        assert not any("Seq Scan" in line or "task_labels" in line for line in plan), shown
+        assert any("Index Scan" in line and "ix_tasks_status_" in line for line in reads), shown
