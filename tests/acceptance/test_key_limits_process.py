@@ -81,9 +81,9 @@ async def test_each_connector_runs_at_most_two_at_once_and_others_flow(
         ).all()
     moments: dict[str, dict[EventKind, float]] = defaultdict(dict)
     group: dict[str, str] = {}
-    for labels, task_id, at, event in rows:
+    for task_labels, task_id, at, event in rows:
         moments[task_id][EventKind(event)] = at.timestamp()
-        group[task_id] = labels[0] if labels else "-"
+        group[task_id] = task_labels[0] if task_labels else "-"
     spans: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for task_id, seen in moments.items():
         spans[group[task_id]].append((seen[EventKind.STARTED], seen[EventKind.SUCCEEDED]))
