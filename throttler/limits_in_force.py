@@ -62,20 +62,18 @@ class RulesInForce:
 
     def listing(self, *, now: datetime) -> list[RuleInForce]:
         """Every rule in force and every pause still running, ordered by scope."""
-        keys: dict[LimitKey, None] = {}
-        for rule in self.rules.rules:
-            keys[key_of(rule)] = None
+        keys: dict[LimitKey, None] = {key_of(rule): None for rule in self.rules.rules}
         paused = self.paused_at(now)
         for key in paused:
             keys[key] = None
         own = {key_of(rule): rule for rule in self.rules.rules}
         listed = []
         for key in sorted(keys, key=_order):
-            rule = own.get(key)
+            found = own.get(key)
             listed.append(
                 RuleInForce(
                     key=key,
-                    limit=None if rule is None else rule.limit,
+                    limit=None if found is None else found.limit,
                     paused_until=paused.get(key),
                     source=self.sources.get(key, Source.API),
                 )
