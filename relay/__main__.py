@@ -13,6 +13,7 @@ from throttler.constants import FINISHED_CHANNEL, LIMITS_CHANNEL, SUBMITTED_CHAN
 from throttler.db import create_engine
 from throttler.dispatches import last_dispatch_from
 from throttler.errors import REDIS_ERRORS
+from throttler.limits import RuleSet
 from throttler.logs import configure_logging
 from throttler.nodes import Heartbeat, Node, NodeKind, NodeRegistry
 from throttler.periodic import Periodic
@@ -21,7 +22,6 @@ from throttler.retention import Pruner
 from throttler.retry import REDIS_RECONNECT, Outage, retry_until_done
 from throttler.settings import Settings, load_settings
 from throttler.store import open_store
-from throttler.limits import RuleSet
 from throttler.throttle import Limiter, build_limiter
 from throttler.wakeup import WakeupListener
 

@@ -1,4 +1,4 @@
-"""ORM classes for the tables: tasks, task_labels, outbox, task_events, limit_rules and limit_changes."""
+"""ORM classes: tasks, task_labels, outbox, task_events, limit_rules and limit_changes."""
 
 from __future__ import annotations
 
@@ -412,8 +412,7 @@ class LimitOverride(Base):
         "host:<host> (canonical), or * in place of a value.",
     )
     rate_per_s: Mapped[float | None] = mapped_column(
-        Float,
-        nullable=True, comment="Tasks per second of the token bucket; NULL: no rate."
+        Float, nullable=True, comment="Tasks per second of the token bucket; NULL: no rate."
     )
     burst: Mapped[int | None] = mapped_column(
         Integer, nullable=True, comment="Depth of that bucket (>= 1); NULL without a rate."

@@ -432,7 +432,8 @@ end
 reply[#reply + 1] = #blocked / 2
 for i = 1, #blocked do reply[#reply + 1] = blocked[i] end
 for b = 1, nb do
-  redis.call('HSET', KEYS[b], 'tokens', g(tokens[b]), 'updated_s', g(updated[b]), 'rate', g(rate[b]))
+  redis.call('HSET', KEYS[b], 'tokens', g(tokens[b]), 'updated_s', g(updated[b]),
+    'rate', g(rate[b]))
   -- Once idle long enough to refill, a missing key means the same as a full bucket
   -- (unless the drain floor is later: then it is emptier, which errs on the safe side).
   redis.call('PEXPIRE', KEYS[b], math.ceil((burst[b] - tokens[b]) / rate[b] * 1000) + 1000)

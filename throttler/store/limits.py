@@ -92,7 +92,7 @@ def _changed(
     limit: Limit | None,
     paused_until: datetime | None,
     now: datetime,
-) -> Override | None | ChangeOutcome:
+) -> Override | ChangeOutcome | None:
     """The row after ``kind``; None: no row; NO_API_RULE: refused."""
     kept_pause = before.paused_until if before is not None else None
     if kept_pause is not None and kept_pause <= now:
@@ -103,7 +103,9 @@ def _changed(
     if kind is ChangeKind.DELETE:
         if kept_limit is None:
             return ChangeOutcome.NO_API_RULE
-        return None if kept_pause is None else Override(key=key, limit=None, paused_until=kept_pause)
+        return (
+            None if kept_pause is None else Override(key=key, limit=None, paused_until=kept_pause)
+        )
     if kind is ChangeKind.PAUSE:
         return Override(key=key, limit=kept_limit, paused_until=paused_until)
     # Resume: the row stays only for a rule it carries.
