@@ -15,12 +15,12 @@ import asyncio
 import logging
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Request, Response, status
+from fastapi import APIRouter, HTTPException, Path, Response, status
 from fastapi.exceptions import RequestValidationError
 from redis.asyncio import Redis
 
 from api.admin import AdminDep, Caller, CallerDep
-from api.deps import RedisDep, SettingsDep
+from api.deps import LimitsDep, RedisDep, SettingsDep
 from api.schemas import (
     ErrorMessage,
     LimitPauseBody,
@@ -59,12 +59,6 @@ _ADMIN: dict[int | str, dict[str, Any]] = {
 router = APIRouter(prefix=API_PREFIX, tags=["limits"])
 
 
-async def get_limits(request: Request) -> LimitStore:
-    limits: LimitStore = request.app.state.limits
-    return limits
-
-
-LimitsDep = Annotated[LimitStore, Depends(get_limits)]
 ScopePath = Annotated[
     str,
     Path(

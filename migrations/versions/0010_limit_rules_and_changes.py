@@ -90,7 +90,8 @@ def _sqlite_audit_columns(extra: dict[str, tuple[str, dict[str, str]]]) -> str:
     """0009's SQLite audit_columns body, listing ``extra``'s comments too."""
     audit = _audit_0009()
     frozen = audit._all_comments
-    audit._all_comments = lambda: {**frozen(), **extra}
+    # 0009 builds the view from _all_comments(): give it these tables' comments too.
+    setattr(audit, "_all_comments", lambda: {**frozen(), **extra})  # noqa: B010
     body: str = audit._sqlite_columns()
     return body
 
