@@ -498,10 +498,10 @@ class LimitRuleUpdate(BaseModel):
 
     @model_validator(mode="after")
     def _some_setting(self) -> LimitRuleUpdate:
-        if self.rate is None and self.inflight is None:
-            raise ValueError("a rule needs rate or inflight (or both)")
         if self.burst is not None and self.rate is None:
             raise ValueError("burst needs a rate")
+        if self.rate is None and self.inflight is None:
+            raise ValueError("a rule needs rate or inflight (or both)")
         return self
 
     def limit(self) -> Limit:
