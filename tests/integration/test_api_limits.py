@@ -213,7 +213,8 @@ async def test_pause_and_resume_an_env_scope_keep_its_rule(
     assert resumed.json()["rate"] == "2/s"
     changes = await _changes(sessions)
     assert [c.change for c in changes] == ["pause", "resume"]
-    assert changes[0].after is not None and changes[0].after["paused_until"] is not None
+    assert changes[0].after is not None
+    assert changes[0].after["paused_until"] is not None
     assert changes[1].after is None
 
 
