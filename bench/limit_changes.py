@@ -155,6 +155,9 @@ def _pause_run(workdir: Path, sizes: Sizes) -> list[Figure]:
             names = dict(connection.execute("SELECT id, name FROM tasks").fetchall())
     start, end = paused_at + 1.0, resumed_at
     greetings = [t for task, t in times.items() if names[task] == "greeting" and start <= t <= end]
+    first_second = sum(
+        1 for task, t in times.items() if names[task] == "greeting" and paused_at <= t < start
+    )
     others = sorted(t for task, t in times.items() if names[task] == other and start <= t <= end)
     rate = (len(others) - 1) / (others[-1] - others[0]) if len(others) > 1 else 0.0
     return [
@@ -163,7 +166,8 @@ def _pause_run(workdir: Path, sizes: Sizes) -> list[Figure]:
             value=len(greetings),
             unit="tasks",
             target=Target(at_most=0),
-            note=f"task:greeting paused {sizes.pause_s - 1:.0f} s (from 1 s after the answer)",
+            note=f"task:greeting paused {sizes.pause_s - 1:.0f} s from 1 s after the answer; "
+            f"{first_second} in that first second, released before it up to the horizon ahead",
         ),
         Figure(
             name="Another scope's rate during the pause",
