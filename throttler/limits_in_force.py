@@ -124,12 +124,16 @@ def parse_scope(text: str) -> LimitKey:
 
 
 def rate_text(rate_per_s: float) -> str:
-    """A rate as a rule writes it: ``5/s``, ``300/m`` read back as ``5/s``, ``1/h``."""
+    """A rate as a rule writes it: a whole number in the first unit that has one (``5/s``;
+    ``300/m`` reads back as ``5/s``, ``2.5/s`` as ``150/m``), else decimals."""
     for unit, seconds in _UNITS:
         count = rate_per_s * seconds
         if count >= 1 and math.isclose(count, round(count), rel_tol=1e-9):
             return f"{round(count)}/{unit}"
-    return f"{rate_per_s:g}/s"
+    # No whole number in any unit: the smallest unit with at least one, in plain decimals
+    # (the grammar has no exponent).
+    unit, seconds = next(((u, s) for u, s in _UNITS if rate_per_s * s >= 1), _UNITS[-1])
+    return f"{rate_per_s * seconds:.9f}".rstrip("0").rstrip(".") + f"/{unit}"
 
 
 def rule_text(key: LimitKey, limit: Limit) -> str:
