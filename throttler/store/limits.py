@@ -21,6 +21,7 @@ from sqlalchemy import Connection, Table, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from throttler.constants import CLAIM_LOCK_KEY
+from throttler.db import create_read_session_factory
 from throttler.limits import Limit, LimitKey
 from throttler.limits_in_force import Override
 from throttler.models import LimitChange, LimitOverride
@@ -174,15 +175,17 @@ class LimitStore:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
+        # Reads never wait behind writers (SQLite: BEGIN, not BEGIN IMMEDIATE).
+        self._reads = create_read_session_factory(engine)
 
     async def version(self) -> int:
         """``max(limit_changes.id)``: moves with every change (0: none yet)."""
-        async with self._engine.connect() as connection:
-            return int((await connection.execute(VERSION)).scalar_one())
+        async with self._reads() as session:
+            return int(await session.scalar(VERSION) or 0)
 
     async def overrides(self) -> Overrides:
-        async with self._engine.connect() as connection:
-            return await connection.run_sync(read_overrides)
+        async with self._reads() as session:
+            return await session.run_sync(lambda sync: read_overrides(sync.connection()))
 
     async def change(
         self,
