@@ -344,6 +344,8 @@ class Relay:
     async def claim(self) -> Batch:
         """Lease what queue room, in-flight caps and the limiter admit (one transaction)."""
         carried = list(self._unreleased)
+        # Heard: this claim reads the version (or, spared, has nothing to obey it with).
+        self._limits_changed.clear()
         opening = plan.begin(self._memory, now=self.clock(), carrying=bool(carried))
         self._memory = opening.memory
         if opening.may_skip_if_idle and await self.outbox.surely_idle():
@@ -355,7 +357,6 @@ class Relay:
             serialized = self._serialize
             if serialized:
                 await claim.serialize()
-            self._limits_changed.clear()
             if await self._follow_limits(claim):
                 if self._serialize and not serialized:
                     # The new rules brought a cap: take the lock, and read what changed

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import datetime
 
 import pytest
 from arq.connections import ArqRedis, RedisSettings, create_pool
@@ -15,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from relay.relay import Relay
 from tests.integration.test_relay_flow import outbox_of
-from tests.support import submit_greetings
+from tests.support import submit_greetings, wait_for
 from throttler.db import SessionFactory
 from throttler.limits import Limit, LimitKey, RuleSet, Scope
 from throttler.models import Task, utcnow
@@ -119,3 +120,38 @@ async def test_on_postgres_a_change_waits_for_a_claim_holding_the_lock(
     async with outbox.claiming() as claim:
         await claim.serialize()
         assert await claim.limits_version() == before + 1
+
+
+class _CountingRelay(Relay):
+    steps = 0
+
+    async def step(self) -> datetime:
+        self.steps += 1
+        return await super().step()
+
+
+async def test_an_idle_relay_told_of_a_change_does_not_spin(
+    settings: Settings, sessions: SessionFactory, arq: ArqRedis
+) -> None:
+    configured = Settings(**{**settings.model_dump(), "relay_poll_interval_s": 0.05})
+    relay = _CountingRelay(
+        settings=configured,
+        outbox=outbox_of(configured, sessions),
+        arq=arq,
+        limiter=build_limiter(redis=arq, rules=configured.limit_rules),
+    )
+    running = asyncio.create_task(relay.run())
+
+    async def idling() -> bool:
+        # Past the first steps, which recover and sweep: the next ones are spared.
+        return relay.steps >= 3
+
+    await wait_for(idling, message="an idle relay")
+    relay.limits_changed()  # nothing pending: the claims are spared, the news is heard
+    before = relay.steps
+    # An observation window, not a wait for a condition: the relay's pace over it.
+    await asyncio.sleep(0.5)
+    relay.stop()
+    await running
+    # About one step per poll interval (10 in 0.5 s), not one per event-loop turn.
+    assert relay.steps - before <= 20, relay.steps - before
