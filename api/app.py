@@ -17,13 +17,14 @@ from api.docs import mount_docs
 from api.errors import register_error_handlers
 from api.intake import IntakeWriter
 from api.key_first import KeyBeforeBodyMiddleware
-from api.routes import cancel, health, nodes, relay, tasks
+from api.routes import cancel, health, limits, nodes, relay, tasks
 from api.waiters import FinishedListener, FinishedSweep, Waiters
 from throttler.constants import API_PREFIX
 from throttler.db import create_engine
 from throttler.logs import fields
 from throttler.settings import Settings
 from throttler.store import open_store
+from throttler.store.limits import LimitStore
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.reads = store.reads
         app.state.retries = store.retries
         app.state.cancels = store.cancels
+        app.state.limits = LimitStore(engine)
         app.state.redis = redis
         announcer = NewWorkAnnouncer(redis)
         app.state.announcer = announcer
@@ -100,6 +102,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(tasks.router)
     app.include_router(cancel.router)
     app.include_router(relay.router)
+    app.include_router(limits.router)
     app.include_router(nodes.router)
     app.include_router(health.router)
     register_error_handlers(app)

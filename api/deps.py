@@ -21,6 +21,7 @@ from api.waiters import Waiters
 from throttler.constants import DEFAULT_ACCOUNT
 from throttler.settings import Settings
 from throttler.store.cancels import CancelStore
+from throttler.store.limits import LimitStore
 from throttler.store.reads import ReadStore
 from throttler.store.retries import RetryStore
 
@@ -60,6 +61,11 @@ def get_waiters(request: Request) -> Waiters:
     return waiters
 
 
+async def get_limits(request: Request) -> LimitStore:
+    limits: LimitStore = request.app.state.limits
+    return limits
+
+
 async def get_redis(request: Request) -> Redis:
     redis: Redis = request.app.state.redis
     return redis
@@ -75,6 +81,8 @@ CancelsDep = Annotated[CancelStore, Depends(get_cancels)]
 # Wakes idle relays after a commit that put tasks in the outbox other than the intake's.
 AnnouncerDep = Annotated[NewWorkAnnouncer, Depends(get_announcer)]
 RedisDep = Annotated[Redis, Depends(get_redis)]
+# Rules and pauses set through the API (throttler.store.limits).
+LimitsDep = Annotated[LimitStore, Depends(get_limits)]
 WaitersDep = Annotated[Waiters, Depends(get_waiters)]
 # New tasks go through the process's group-commit writer (api.intake).
 IntakeDep = Annotated[IntakeWriter, Depends(get_intake)]

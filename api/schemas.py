@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import Enum
 from typing import Annotated, Any, Literal
 
@@ -15,12 +15,14 @@ from pydantic import (
     StrictInt,
     StrictStr,
     field_validator,
+    model_validator,
 )
 
 from api.strict_query import ISO_TIME_WITH_ZONE
 from api.submit_options import MAX_DELAY_S, MAX_PRIORITY, MIN_PRIORITY
 from throttler.constants import DEFAULT_PRIORITY
 from throttler.labels import GRAMMAR, LABEL_PATTERN, MAX_LABELS, LabelError, check_label, labels_of
+from throttler.limits import Limit, LimitRuleError, parse_rule
 from throttler.models import IDEMPOTENCY_KEY_LENGTH, TASK_NAME_LENGTH, utcnow
 from throttler.nodes import ALIVE_WITHIN_S, FORGET_AFTER_S
 from throttler.statuses import EventKind, TaskStatus
@@ -439,3 +441,113 @@ class TaskConflictPublic(TaskPublic):
     """A 409: the task as it stands, and why the request did not change it."""
 
     detail: str
+
+
+# Limits (api.routes.limits). A pause lasts at most this long: a longer one is a mistake
+# more often than an intent (delete the rule's tasks, or pause again).
+MAX_PAUSE_S = 366 * 24 * 3600
+
+
+def _checked_rate(value: str) -> str:
+    """A rate as a rule writes it (``5/s``, ``300/m``, ``1/h``), above zero."""
+    try:
+        parse_rule(f"cluster rate={value}")
+    except LimitRuleError:
+        raise ValueError(f"rate {value[:40]!r} is not <N>/<s|m|h> with N above zero") from None
+    return value
+
+
+class LimitRulePublic(BaseModel):
+    """One rule in force, or one pause, as every relay obeys it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    scope: str = Field(description="cluster, task:<name>, account:<id>, host:<host>; * for each.")
+    rate: str | None = Field(description="Tokens per second, minute or hour (`5/s`); null: none.")
+    burst: int | None = Field(description="Depth of the bucket; null without a rate.")
+    inflight: int | None = Field(description="Cap on tasks queued or running; null: none.")
+    paused_until: datetime | None = Field(
+        description="Nothing of the scope is released before this moment; null: not paused."
+    )
+    source: Literal["env", "api"] = Field(
+        description="env: RELAY_LIMITS (or RELAY_RATE, ...) at start; api: set through the "
+        "API, overriding the environment's rule of the scope until deleted."
+    )
+
+
+class LimitRulesPublic(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    rules: list[LimitRulePublic]
+
+
+class LimitRuleUpdate(BaseModel):
+    """The whole rule for a scope: a setting left out is not limited (burst: 1)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rate: Annotated[StrictStr, AfterValidator(_checked_rate)] | None = Field(
+        default=None, max_length=40, description="`<N>/<s|m|h>`, N above zero, e.g. `5/s`."
+    )
+    burst: StrictInt | None = Field(
+        default=None, ge=1, le=1_000_000, description="Bucket depth, >= 1; needs rate."
+    )
+    inflight: StrictInt | None = Field(
+        default=None, ge=1, le=1_000_000, description="Cap on tasks queued or running, >= 1."
+    )
+
+    @model_validator(mode="after")
+    def _some_setting(self) -> LimitRuleUpdate:
+        if self.burst is not None and self.rate is None:
+            raise ValueError("burst needs a rate")
+        if self.rate is None and self.inflight is None:
+            raise ValueError("a rule needs rate or inflight (or both)")
+        return self
+
+    def limit(self) -> Limit:
+        rate_per_s = None
+        if self.rate is not None:
+            rate_per_s = parse_rule(f"cluster rate={self.rate}").limit.rate_per_s
+        return Limit(rate_per_s=rate_per_s, burst=self.burst or 1, inflight=self.inflight)
+
+
+class LimitPauseBody(BaseModel):
+    """How long to pause: until a moment, or for a number of seconds (one of them)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    until: AwareDatetime | None = Field(
+        default=None, description="An ISO-8601 time with a timezone, in the future."
+    )
+    for_s: float | None = Field(
+        default=None, gt=0, le=MAX_PAUSE_S, allow_inf_nan=False, description="Seconds, > 0."
+    )
+
+    @field_validator("until", mode="before")
+    @classmethod
+    def _iso_time(cls, value: object) -> object:
+        if value is not None and not (
+            isinstance(value, str) and ISO_TIME_WITH_ZONE.fullmatch(value)
+        ):
+            raise ValueError("Input should be an ISO-8601 time with a timezone")
+        return value
+
+    @field_validator("for_s", mode="before")
+    @classmethod
+    def _number(cls, value: object) -> object:
+        # Not a string or a boolean that pydantic would read as a number.
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise ValueError("Input should be a number of seconds")
+        return value
+
+    @model_validator(mode="after")
+    def _one_of(self) -> LimitPauseBody:
+        if (self.until is None) == (self.for_s is None):
+            raise ValueError("give exactly one of until and for_s")
+        return self
+
+    def paused_until(self, now: datetime) -> datetime:
+        if self.until is not None:
+            return self.until
+        assert self.for_s is not None
+        return now + timedelta(seconds=self.for_s)

@@ -26,6 +26,7 @@ BENCHMARKS = (
     "end_to_end",
     "cancel",
     "task_list",
+    "limit_changes",
 )
 
 

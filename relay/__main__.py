@@ -9,10 +9,11 @@ import signal
 from arq.connections import ArqRedis, RedisSettings, create_pool
 
 from relay.relay import Relay
-from throttler.constants import FINISHED_CHANNEL, SUBMITTED_CHANNEL
+from throttler.constants import FINISHED_CHANNEL, LIMITS_CHANNEL, SUBMITTED_CHANNEL
 from throttler.db import create_engine
 from throttler.dispatches import last_dispatch_from
 from throttler.errors import REDIS_ERRORS
+from throttler.limits import RuleSet
 from throttler.logs import configure_logging
 from throttler.nodes import Heartbeat, Node, NodeKind, NodeRegistry
 from throttler.periodic import Periodic
@@ -21,7 +22,7 @@ from throttler.retention import Pruner
 from throttler.retry import REDIS_RECONNECT, Outage, retry_until_done
 from throttler.settings import Settings, load_settings
 from throttler.store import open_store
-from throttler.throttle import build_limiter
+from throttler.throttle import Limiter, build_limiter
 from throttler.wakeup import WakeupListener
 
 log = logging.getLogger("relay")
@@ -60,7 +61,7 @@ async def serve(settings: Settings, *, relay_type: type[Relay] = Relay) -> None:
     stopping = asyncio.Event()
     relay: Relay | None = None
     housekeepers: list[Periodic] = []
-    listener: WakeupListener | None = None
+    listeners: list[WakeupListener] = []
 
     def on_signal() -> None:
         stopping.set()
@@ -68,7 +69,7 @@ async def serve(settings: Settings, *, relay_type: type[Relay] = Relay) -> None:
             relay.stop()
         for housekeeper in housekeepers:
             housekeeper.stop()
-        if listener is not None:
+        for listener in listeners:
             listener.stop()
 
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -81,15 +82,19 @@ async def serve(settings: Settings, *, relay_type: type[Relay] = Relay) -> None:
             return
         store = open_store(settings, engine)
         recovery = store.recovery
+        redis = arq
+
+        def limiter_for(rules: RuleSet) -> Limiter:
+            return build_limiter(
+                redis=redis, rules=rules, last_dispatch=last_dispatch_from(recovery)
+            )
+
         relay = relay_type(
             settings=settings,
             outbox=store.outbox,
             arq=arq,
-            limiter=build_limiter(
-                redis=arq,
-                rules=settings.limit_rules,
-                last_dispatch=last_dispatch_from(recovery),
-            ),
+            limiter=limiter_for(settings.limit_rules),
+            limiter_for=limiter_for,
         )
         housekeepers.extend(
             [
@@ -102,12 +107,16 @@ async def serve(settings: Settings, *, relay_type: type[Relay] = Relay) -> None:
                 ),
             ]
         )
-        listener = WakeupListener(redis=arq, channels=wakeup_channels(relay), on_message=relay.wake)
+        listeners += [
+            WakeupListener(redis=arq, channels=wakeup_channels(relay), on_message=relay.wake),
+            # Limit changes end any sleep (relay.wake does not while the cluster is blocked).
+            WakeupListener(redis=arq, channels=[LIMITS_CHANNEL], on_message=relay.limits_changed),
+        ]
         if stopping.is_set():
             return
         await asyncio.gather(
             relay.run(),
-            listener.run(),
+            *(listener.run() for listener in listeners),
             *(housekeeper.run() for housekeeper in housekeepers),
         )
     finally:

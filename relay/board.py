@@ -75,6 +75,7 @@ def board_from(
     inflight: Mapping[LimitKey, int],
     occupying: Collection[Candidate],
     room: int | None,
+    paused: Mapping[LimitKey, datetime] | None = None,
 ) -> WaitingBoard:
     """What a claim decided with, as a board.
 
@@ -82,6 +83,7 @@ def board_from(
     ``next_token``: when each holds a token again. ``inflight``: the counts the claim
     read; ``occupying``: the candidates it leased that take a slot now (not re-claimed
     queued tasks, counted already). ``room``: the queue room it read (None: no cap).
+    ``paused``: the scopes paused, each until its pause ends.
     """
     occupied: Counter[LimitKey] = Counter(inflight)
     if caps:
@@ -97,6 +99,7 @@ def board_from(
         rate={key: next_token[key] for key in blocked if key in next_token},
         inflight=frozenset(caps.full(occupied)),
         queue_full=room is not None and room - len(occupying) <= 0,
+        paused=dict(paused or {}),
     )
 
 

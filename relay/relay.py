@@ -33,6 +33,15 @@ the new moments (``_hand_over``): a slow relay releases later, never faster. Dyi
 between leaves the rows leased; once the lease lapses a relay claims and admits them
 afresh.
 
+Limits change at run time (PUT /limits, pauses: ``throttler.store.limits``). Each claim
+reads the version of the rules set through the API (``max(limit_changes.id)``) inside
+its transaction, after the claims' lock when it takes one, and on a new version reloads
+the rows and rebuilds its rules, caps, policy and limiter before deciding anything: a
+change that answered before the claim's lock is obeyed by that claim. Paused scopes are
+left out of claims as keys out of tokens are, until the pause ends. A relay never sleeps
+longer than ``LIMITS_CHECK_EVERY_S`` between claims, and a message on
+``LIMITS_CHANNEL`` ends its sleep at once.
+
 After each committed claim the relay offers what it decided with (blocked keys and their
 next tokens, full caps, queue room) to ``relay.board``, which publishes it in the
 background for the task views' ``waiting`` (throttler.waiting); a claim never waits for it.
@@ -57,12 +66,14 @@ from relay.enqueue import BatchEnqueuer, JobSpec, Outcome
 from relay.plan import Memory, Opening, Policy, Settlement, Snapshot
 from throttler.errors import RECOVERABLE_ERRORS
 from throttler.job_ids import Dispatch
-from throttler.limits import LimitKey
+from throttler.limits import LimitKey, RuleSet
+from throttler.limits_in_force import RulesInForce, in_force
 from throttler.logs import fields
 from throttler.models import utcnow
 from throttler.retry import RELAY_STEP, Outage
 from throttler.settings import Settings
 from throttler.statuses import TaskStatus
+from throttler.store.limits import Overrides
 from throttler.store.outbox import ClaimedTask, Outbox, OutboxClaim
 from throttler.throttle import Admission, InflightCaps, Limiter, has_rates, max_admissible
 from throttler.waiting import WaitingBoard
@@ -75,6 +86,9 @@ LOG_EVERY_S = 1.0
 RETIME_ATTEMPTS = 5
 # Steps in a row that must succeed before an outage counts as over.
 STEPS_TO_RECOVER = 3
+# The longest a relay sleeps between claims (each reads the limits' version): a change
+# through the API is obeyed within this, even without its announcement.
+LIMITS_CHECK_EVERY_S = 0.5
 
 
 def new_relay_id() -> str:
@@ -141,6 +155,7 @@ class Relay:
         limiter: Limiter,
         clock: Callable[[], datetime] = utcnow,
         relay_id: str | None = None,
+        limiter_for: Callable[[RuleSet], Limiter] | None = None,
     ) -> None:
         self.settings = settings
         self.outbox = outbox
@@ -154,24 +169,15 @@ class Relay:
         # Outbox rows of tasks handed to ARQ (or needing no enqueue), not yet deleted.
         self._unreleased: list[int] = []
         self._handing: _Handing | None = None
-        self.rules = settings.limit_rules
-        self.caps = InflightCaps(self.rules)
-        # Rows worth locking per claim: about what the limiter can admit in one go
-        # (selecting a hundred rows to admit two costs every step).
-        claim_limit = settings.relay_batch_size
-        admissible = max_admissible(self.rules, horizon_s=plan.RESERVE_AHEAD_S)
-        if admissible is not None:
-            claim_limit = min(claim_limit, admissible)
-        self.policy = Policy(
-            caps=self.caps,
-            claim_limit=claim_limit,
-            rated=has_rates(self.rules),
-            poll_interval_s=settings.relay_poll_interval_s,
-            sweep_every_s=settings.reconcile_interval_s,
-        )
-        # Claims that count in-flight tasks or queue room must take turns across relays.
-        self._serialize = bool(self.caps) or bool(settings.relay_max_queue_depth)
+        # Rebuilds the limiter when the rules change (None: keep ``limiter``, for tests).
+        self._limiter_for = limiter_for
+        # The rules of RELAY_LIMITS; those set through the API override them.
+        self._env_rules = settings.limit_rules
+        self._limits_version = 0
+        self._limits_changed = asyncio.Event()
+        self.in_force = RulesInForce(rules=self._env_rules)
         self._memory = Memory()
+        self._configure(self._env_rules)
         # The handover lead of the next claim (``plan.next_lead``).
         self._lead_s = self.policy.handover_lead_s
         self._dispatched = 0
@@ -182,6 +188,67 @@ class Relay:
         # Keys out of tokens -> when their next token falls due (the limiter's clock).
         self._next_token: dict[LimitKey, datetime] = {}
         self._seen: Callable[[], WaitingBoard] | None = None
+
+    def _configure(self, rules: RuleSet) -> None:
+        """Derive everything the rules decide: caps, the claim policy, serialization."""
+        self.rules = rules
+        self.caps = InflightCaps(rules)
+        settings = self.settings
+        # Rows worth locking per claim: about what the limiter can admit in one go
+        # (selecting a hundred rows to admit two costs every step).
+        claim_limit = settings.relay_batch_size
+        admissible = max_admissible(rules, horizon_s=plan.RESERVE_AHEAD_S)
+        if admissible is not None:
+            claim_limit = min(claim_limit, admissible)
+        self.policy = Policy(
+            caps=self.caps,
+            claim_limit=claim_limit,
+            rated=has_rates(rules),
+            poll_interval_s=settings.relay_poll_interval_s,
+            sweep_every_s=settings.reconcile_interval_s,
+        )
+        # Claims that count in-flight tasks or queue room must take turns across relays.
+        self._serialize = bool(self.caps) or bool(settings.relay_max_queue_depth)
+
+    def _apply_limits(self, overrides: Overrides) -> None:
+        """Obey the rules and pauses read at ``overrides.version`` from the next decision on.
+
+        What the relay remembered of the old rules goes: keys it left out for want of
+        tokens are asked again (under the new rates), and the paused keys are left out
+        until their pauses end.
+        """
+        self._limits_version = overrides.version
+        self.in_force = in_force(self._env_rules, overrides.rows)
+        self._configure(self.in_force.rules)
+        self._lead_s = max(self._lead_s, self.policy.handover_lead_s)
+        if self._limiter_for is not None:
+            self.limiter = self._limiter_for(self.rules)
+        self._memory = Memory(
+            blocked=self.in_force.paused_at(self.clock()),
+            recover_due_at=self._memory.recover_due_at,
+            sweep_due_at=self._memory.sweep_due_at,
+        )
+        self._next_token = {}
+        log.info(
+            "relay.limits_changed",
+            extra=fields(
+                relay=self.relay_id,
+                version=overrides.version,
+                rules="; ".join(rule.text for rule in self.rules.rules) or "-",
+                paused=",".join(str(k) for k in self.in_force.paused_at(self.clock())) or "-",
+            ),
+        )
+
+    async def _follow_limits(self, claim: OutboxClaim) -> bool:
+        """Reload the rules if they changed since the last claim; whether they did."""
+        if await claim.limits_version() == self._limits_version:
+            return False
+        self._apply_limits(await claim.limit_overrides())
+        return True
+
+    def limits_changed(self) -> None:
+        """A limit changed (``LIMITS_CHANNEL``): end the current sleep, whatever it waits for."""
+        self._limits_changed.set()
 
     def stop(self) -> None:
         """Finish the batch in hand, then return from ``run``."""
@@ -238,8 +305,9 @@ class Relay:
             delays = RELAY_STEP.delays()
             # New work (or a freed slot) cuts the pause short, unless the cluster bucket
             # is what the relay waits for: then nothing could go any sooner.
+            # Never longer than LIMITS_CHECK_EVERY_S: the next claim reads the limits.
             await self._pause(
-                (next_step_at - self.clock()).total_seconds(),
+                min(LIMITS_CHECK_EVERY_S, (next_step_at - self.clock()).total_seconds()),
                 wakeable=not self._memory.cluster_blocked,
             )
         try:
@@ -276,6 +344,8 @@ class Relay:
     async def claim(self) -> Batch:
         """Lease what queue room, in-flight caps and the limiter admit (one transaction)."""
         carried = list(self._unreleased)
+        # Heard: this claim reads the version (or, spared, has nothing to obey it with).
+        self._limits_changed.clear()
         opening = plan.begin(self._memory, now=self.clock(), carrying=bool(carried))
         self._memory = opening.memory
         if opening.may_skip_if_idle and await self.outbox.surely_idle():
@@ -284,8 +354,16 @@ class Relay:
             if carried:
                 # First, so that rows known to be in ARQ no longer count as in hand.
                 await self.release(claim, carried)
-            if self._serialize:
+            serialized = self._serialize
+            if serialized:
                 await claim.serialize()
+            if await self._follow_limits(claim):
+                if self._serialize and not serialized:
+                    # The new rules brought a cap: take the lock, and read what changed
+                    # while waiting for it.
+                    await claim.serialize()
+                    await self._follow_limits(claim)
+                opening = replace(opening, memory=self._memory)
             settlement, read_at = await self._claim_in(claim, opening)
             backlog = await self._backlog(claim, opening, leased=len(settlement.to_lease))
         self._unreleased = self._unreleased[len(carried) :]
@@ -368,6 +446,7 @@ class Relay:
         the claim rate (a board of 1,000 leases under two caps costs about 0.4 ms).
         """
         blocked = self._memory.blocked
+        paused = self.in_force.paused_at(self.clock())
         if admission is not None and admission.blocked:
             self._next_token = {**self._next_token, **next_tokens(admission)}
         if self._next_token:
@@ -388,6 +467,7 @@ class Relay:
                 inflight=inflight,
                 occupying=[c for c in admitted if c.task_id not in holding],
                 room=room,
+                paused=paused,
             )
 
         return build
@@ -590,9 +670,9 @@ class Relay:
 
     async def _pause(self, seconds: float, *, wakeable: bool = False) -> None:
         """Sleep, but return at once on ``stop`` (and on ``wake`` when ``wakeable``)."""
-        if seconds <= 0:
+        if seconds <= 0 or self._limits_changed.is_set():
             return
-        waits = [self._stopping.wait()]
+        waits = [self._stopping.wait(), self._limits_changed.wait()]
         if wakeable:
             waits.append(self._woken.wait())
         waiters = [asyncio.ensure_future(w) for w in waits]

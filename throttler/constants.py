@@ -27,3 +27,6 @@ NODES_INDEX_KEY = "throttler:nodes"
 # wait (see throttler.waiting); read for the live relays only, in one round trip with
 # the nodes index.
 WAITING_BOARDS_KEY = "throttler:waiting"
+# Redis pub/sub channel on which the API announces, after the commit, that a limit rule
+# or pause changed; relays reload at once instead of at their next version check.
+LIMITS_CHANNEL = "throttler:limits"

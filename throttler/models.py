@@ -1,4 +1,4 @@
-"""ORM classes for the tables: tasks, task_labels, outbox and task_events."""
+"""ORM classes: tasks, task_labels, outbox, task_events, limit_rules and limit_changes."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from sqlalchemy import (
     BigInteger,
     CheckConstraint,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -375,4 +376,105 @@ class TaskEvent(Base):
         "failed {attempt, worker, error} or by recovery {reason, previous_status, attempt, "
         "error}; requeued {reason, previous_status, attempt} by recovery or {attempt, worker, "
         "reason, error} by a worker; cancelled {by, from, force}; retried {by, attempts}.",
+    )
+
+
+SCOPE_LENGTH = 300  # "host:" and a 253-character host name, with room
+LIMIT_CHANGES = ("set", "delete", "pause", "resume")
+LIMIT_CHANGE_REASONS = ("api", "upstream")
+
+
+def _one_of(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class LimitOverride(Base):
+    """A rule or pause set through the API, in force on every relay over RELAY_LIMITS."""
+
+    __tablename__ = "limit_rules"
+    __table_args__ = (
+        CheckConstraint("rate_per_s > 0", name="rate_per_s"),
+        CheckConstraint("burst >= 1", name="burst"),
+        CheckConstraint("inflight >= 1", name="inflight"),
+        {
+            "comment": "Limits set through the API (PUT /limits/{scope}, pause): one row per "
+            "scope, overriding the RELAY_LIMITS rule of that scope on every relay within 1 s. "
+            "The environment's rules are not rows (each process reads them at start). A row "
+            "with rate_per_s and inflight both NULL carries only a pause. Every change is also "
+            "a row of limit_changes."
+        },
+    )
+
+    scope: Mapped[str] = mapped_column(
+        String(SCOPE_LENGTH),
+        primary_key=True,
+        comment="The scope as a rule names it: cluster, task:<name>, account:<id>, "
+        "host:<host> (canonical), or * in place of a value.",
+    )
+    rate_per_s: Mapped[float | None] = mapped_column(
+        Float, nullable=True, comment="Tasks per second of the token bucket; NULL: no rate."
+    )
+    burst: Mapped[int | None] = mapped_column(
+        Integer, nullable=True, comment="Depth of that bucket (>= 1); NULL without a rate."
+    )
+    inflight: Mapped[int | None] = mapped_column(
+        Integer, nullable=True, comment="Cap on the scope's tasks queued or running; NULL: none."
+    )
+    paused_until: Mapped[datetime | None] = mapped_column(
+        UTCDateTime,
+        nullable=True,
+        comment="Nothing of the scope is released before this moment; NULL or past: not "
+        "paused." + _UTC,
+    )
+    updated_at: Mapped[datetime] = mapped_column(
+        UTCDateTime, comment="When the row last changed." + _UTC
+    )
+    updated_by: Mapped[str] = mapped_column(
+        String(ACCOUNT_LENGTH),
+        comment="Who changed it last: the account of the API key (limit_changes.by).",
+    )
+
+
+class LimitChange(Base):
+    """Append-only history of limits: one row per change, never updated."""
+
+    __tablename__ = "limit_changes"
+    __table_args__ = (
+        CheckConstraint(_one_of("change", LIMIT_CHANGES), name="change"),
+        CheckConstraint(_one_of("reason", LIMIT_CHANGE_REASONS), name="reason"),
+        {
+            "comment": "The history of limits set through the API: one row per change (set, "
+            "delete, pause, resume), appended in the transaction that makes it; never updated. "
+            "Relays reload the rules when max(id) moves."
+        },
+    )
+
+    id: Mapped[int] = mapped_column(
+        BigId, primary_key=True, autoincrement=True, comment="Append order."
+    )
+    at: Mapped[datetime] = mapped_column(UTCDateTime, comment="When it was changed." + _UTC)
+    scope: Mapped[str] = mapped_column(
+        String(SCOPE_LENGTH), comment="The scope changed (limit_rules.scope)."
+    )
+    change: Mapped[str] = mapped_column(
+        String(16),
+        comment="set (PUT), delete (DELETE: the environment's rule is in force again), "
+        "pause, resume.",
+    )
+    before: Mapped[dict[str, Any] | None] = mapped_column(
+        JSONDocument,
+        nullable=True,
+        comment="The scope's limit_rules row before (JSON: rate_per_s, burst, inflight, "
+        "paused_until); NULL when there was none.",
+    )
+    after: Mapped[dict[str, Any] | None] = mapped_column(
+        JSONDocument,
+        nullable=True,
+        comment="The row after, same shape; NULL when it was removed.",
+    )
+    reason: Mapped[str] = mapped_column(
+        String(16), comment="api (an admin's request) or upstream (a 429/503 Retry-After)."
+    )
+    by: Mapped[str] = mapped_column(
+        String(ACCOUNT_LENGTH), comment="Who: the account of the API key, or the task id."
     )

@@ -57,10 +57,15 @@ NEVER_DRAINED = -math.inf
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class BucketState:
-    """Tokens at ``updated_s`` (negative: taken ahead); a missing state: see ``refill``."""
+    """Tokens at ``updated_s`` (negative: taken ahead); a missing state: see ``refill``.
+
+    ``rate_per_s``: the rate the tokens were counted at (None: unknown, a state written
+    before rates could change), so that a rule changed since keeps the debt's meaning.
+    """
 
     tokens: float
     updated_s: float
+    rate_per_s: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -124,16 +129,31 @@ def refill(
 
     A missing bucket was empty at ``drained_at_s`` (the drain floor) and has
     refilled since; before that moment it is in debt.
+
+    Under a changed rule (``rate_per_s`` or ``burst`` not the state's): saved tokens
+    beyond the new burst are gone (a lowered rate lets at most the new burst through at
+    once), and a debt (tokens taken ahead for tasks already released to later moments)
+    keeps its length in time, ``-tokens / rate``: the new rate's first token falls due
+    when the old rate's last grant does, so the old and the new releases never overlap.
     """
     if state is None:
         tokens = min(float(burst), (now_s - drained_at_s) * rate_per_s)
-        return BucketState(tokens=tokens, updated_s=now_s)
+        return BucketState(tokens=tokens, updated_s=now_s, rate_per_s=rate_per_s)
+    saved = rescaled(state.tokens, saved_rate_per_s=state.rate_per_s, rate_per_s=rate_per_s)
     # A clock that steps back (another host's view, an explicit test time) refills nothing.
     elapsed_s = max(0.0, now_s - state.updated_s)
     return BucketState(
-        tokens=min(float(burst), state.tokens + elapsed_s * rate_per_s),
+        tokens=min(float(burst), saved + elapsed_s * rate_per_s),
         updated_s=max(state.updated_s, now_s),
+        rate_per_s=rate_per_s,
     )
+
+
+def rescaled(tokens: float, *, saved_rate_per_s: float | None, rate_per_s: float) -> float:
+    """Saved tokens under a new rate: a debt keeps its length in time (see ``refill``)."""
+    if tokens >= 0 or saved_rate_per_s is None or saved_rate_per_s == rate_per_s:
+        return tokens
+    return tokens * rate_per_s / saved_rate_per_s
 
 
 def decide(
@@ -191,7 +211,8 @@ def decide(
         admitted.append((index, delay_s))
     blocked = {b: _wait_s(tokens[b], buckets[b].rate_per_s) for b in sorted(refused)}
     states_out = tuple(
-        BucketState(tokens=t, updated_s=u) for t, u in zip(tokens, updated, strict=True)
+        BucketState(tokens=t, updated_s=u, rate_per_s=bucket.rate_per_s)
+        for t, u, bucket in zip(tokens, updated, buckets, strict=True)
     )
     return Decision(states=states_out, admitted=tuple(admitted), blocked=blocked)
 
@@ -346,10 +367,15 @@ local rate, burst, tokens, updated = {}, {}, {}, {}
 for b = 1, nb do
   rate[b] = tonumber(ARGV[7 + 2 * b - 1])
   burst[b] = tonumber(ARGV[7 + 2 * b])
-  local saved = redis.call('HMGET', KEYS[b], 'tokens', 'updated_s')
+  local saved = redis.call('HMGET', KEYS[b], 'tokens', 'updated_s', 'rate')
   if saved[1] and saved[2] then
     local elapsed = math.max(0.0, now - tonumber(saved[2]))
-    tokens[b] = math.min(burst[b], tonumber(saved[1]) + elapsed * rate[b])
+    local kept = tonumber(saved[1])
+    -- A rule changed since: a debt keeps its length in time (throttle.rescaled).
+    if saved[3] and kept < 0 and tonumber(saved[3]) ~= rate[b] then
+      kept = kept * rate[b] / tonumber(saved[3])
+    end
+    tokens[b] = math.min(burst[b], kept + elapsed * rate[b])
     updated[b] = math.max(tonumber(saved[2]), now)
   else
     if drained then
@@ -412,7 +438,8 @@ end
 reply[#reply + 1] = #blocked / 2
 for i = 1, #blocked do reply[#reply + 1] = blocked[i] end
 for b = 1, nb do
-  redis.call('HSET', KEYS[b], 'tokens', g(tokens[b]), 'updated_s', g(updated[b]))
+  redis.call('HSET', KEYS[b], 'tokens', g(tokens[b]), 'updated_s', g(updated[b]),
+    'rate', g(rate[b]))
   -- Once idle long enough to refill, a missing key means the same as a full bucket
   -- (unless the drain floor is later: then it is emptier, which errs on the safe side).
   redis.call('PEXPIRE', KEYS[b], math.ceil((burst[b] - tokens[b]) / rate[b] * 1000) + 1000)
@@ -478,7 +505,11 @@ class RedisLimiter:
         blocked = {int(reply[pos + 1 + 2 * i]): float(reply[pos + 2 + 2 * i]) for i in range(count)}
         pos += 1 + 2 * count
         states = tuple(
-            BucketState(tokens=float(reply[pos + 2 * b]), updated_s=float(reply[pos + 2 * b + 1]))
+            BucketState(
+                tokens=float(reply[pos + 2 * b]),
+                updated_s=float(reply[pos + 2 * b + 1]),
+                rate_per_s=buckets[b].rate_per_s,
+            )
             for b in range(len(buckets))
         )
         return now, Decision(states=states, admitted=admitted, blocked=blocked)

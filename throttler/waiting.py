@@ -57,7 +57,7 @@ class WaitingBoard:
     rate: Mapping[LimitKey, datetime] = field(default_factory=dict)
     # Keys at their in-flight cap.
     inflight: frozenset[LimitKey] = frozenset()
-    # Paused keys -> when the pause ends (no relay pauses yet: a later feature).
+    # Paused keys -> when the pause ends (a ``*`` key: every value of its scope).
     paused: Mapping[LimitKey, datetime] = field(default_factory=dict)
     # ARQ's queue had no room (RELAY_MAX_QUEUE_DEPTH); until: when it will, if known.
     queue_full: bool = False
@@ -186,7 +186,9 @@ def why_waiting(
         return Waiting(reason=Reason.SCHEDULED, until=run_at)
     if board is None:
         return Waiting(reason=Reason.NO_RELAY)
-    paused = _latest_of(keys, board.paused, now=now)
+    # A paused ``*`` scope pauses each of its values.
+    each = [LimitKey(scope=k.scope, value=EACH) for k in keys if k.value is not None]
+    paused = _latest_of([*keys, *each], board.paused, now=now)
     if paused is not None:
         return Waiting(reason=Reason.PAUSED, scope=paused[0], until=paused[1])
     capped = next((key for key in keys if key in board.inflight), None)

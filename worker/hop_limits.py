@@ -16,6 +16,11 @@ host's rule (its own, else ``host:*``, as the relay does):
   left is not waited for; the attempt fails retriably and the task is tried again after
   its backoff.
 
+The rules are those in force: ``RELAY_LIMITS`` overridden by the rules set through the
+API (throttler.limits_in_force), read again when their version moved, looked at no more
+often than ``LIMITS_CHECK_EVERY_S`` and only when a hop needs a rule. A hop to a paused
+host waits for the pause's end if the download has the time, else fails retriably.
+
 A hop to the task's own host, or to a host already paid for in this attempt, takes
 nothing: a ``host:`` limit counts downloads, the relay charged this one for its host,
 and ``DOWNLOAD_MAX_REDIRECTS`` bounds the requests one download makes.
@@ -25,7 +30,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
+from datetime import datetime
 
 import httpx
 from redis.asyncio import Redis
@@ -33,9 +40,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from throttler.dispatches import last_dispatch_from
 from throttler.hosts import url_host_key
-from throttler.limits import Limit, LimitKey, RuleSet, Scope
+from throttler.limits import EACH, Limit, LimitKey, RuleSet, Scope
+from throttler.limits_in_force import RulesInForce, in_force
 from throttler.logs import fields
+from throttler.models import utcnow
 from throttler.settings import Settings
+from throttler.store.limits import LimitStore
 from throttler.store.recovery import open_recovery
 from throttler.throttle import Bucket, RedisLimiter, Request
 from worker.taskkit.errors import PermanentError, RetriableError
@@ -43,6 +53,18 @@ from worker.taskkit.errors import PermanentError, RetriableError
 log = logging.getLogger("worker.hop_limits")
 # Shortest wait before asking the bucket again, so that float rounding cannot spin.
 _MIN_WAIT_S = 0.001
+# How stale the rules a hop looks at may be: a change through the API reaches hops as
+# fast as it reaches the relays.
+LIMITS_CHECK_EVERY_S = 0.5
+
+
+@dataclass(kw_only=True, slots=True)
+class _Cached:
+    """The rules in force as last read, and when (the event loop's clock)."""
+
+    rules: RulesInForce | None = None
+    version: int = -1
+    checked_at: float = -math.inf
 
 
 class RedirectRefused(PermanentError):
@@ -59,29 +81,28 @@ def hop_host_key(target: httpx.URL) -> str:
         ) from None
 
 
-def needs_tokens(rules: RuleSet) -> bool:
-    """Whether some hop may need a token: a ``host:`` rule has a rate."""
-    return any(
-        rule.scope is Scope.HOST and rule.limit.rate_per_s is not None for rule in rules.rules
-    )
-
-
 @dataclass(frozen=True, kw_only=True, slots=True)
 class HopLimits:
     """The ``host:`` rules in force, and the shared buckets to take hop tokens from."""
 
+    # RELAY_LIMITS' rules; those set through the API (``limits``) override them.
     rules: RuleSet
-    # None when no host: rule has a rate: no hop ever needs a token.
+    # None when no host: rule can have a rate: no hop ever needs a token.
     limiter: RedisLimiter | None = None
     # The limiter's own connection, closed with it (None when there is no limiter).
     redis: Redis | None = None
+    # Rules and pauses set through the API; None: RELAY_LIMITS' rules only.
+    limits: LimitStore | None = None
+    _cached: _Cached = field(default_factory=_Cached)
 
     @classmethod
     def open(cls, settings: Settings, engine: AsyncEngine) -> HopLimits:
-        """The worker's hop limits: ``RELAY_LIMITS``' rules on the relays' Redis buckets."""
+        """The worker's hop limits: the rules in force on the relays' Redis buckets.
+
+        Always with a limiter: a rule with a rate may be set through the API at any time
+        (the Redis client connects on first use only).
+        """
         rules = settings.limit_rules
-        if not needs_tokens(rules):
-            return cls(rules=rules)
         # A connection of its own, not ARQ's pool: the worker's service replaces that pool
         # after a Redis outage. redis-py connects on first use and reconnects by itself.
         redis = Redis.from_url(settings.redis_url)
@@ -89,7 +110,7 @@ class HopLimits:
         # the database's last dispatch, exactly as a relay would.
         last_dispatch = last_dispatch_from(open_recovery(settings, engine))
         limiter = RedisLimiter(redis=redis, rules=rules, last_dispatch=last_dispatch)
-        return cls(rules=rules, limiter=limiter, redis=redis)
+        return cls(rules=rules, limiter=limiter, redis=redis, limits=LimitStore(engine))
 
     async def close(self) -> None:
         if self.redis is not None:
@@ -104,7 +125,20 @@ class HopLimits:
         key = hop_host_key(target)
         if key in paid:
             return
-        rule = self.rules.rule_for(LimitKey(scope=Scope.HOST, value=key))
+        host = LimitKey(scope=Scope.HOST, value=key)
+        loop = asyncio.get_running_loop()
+        deadline_s = loop.time() + time_left_s
+        while True:
+            current = await self._in_force()
+            paused = current.paused_at(utcnow())
+            until = max(
+                (paused[k] for k in (host, LimitKey(scope=Scope.HOST, value=EACH)) if k in paused),
+                default=None,
+            )
+            if until is None:
+                break
+            await self._wait_out_pause(key, until, target=target, deadline_s=deadline_s)
+        rule = current.rules.rule_for(host)
         if rule is not None and rule.limit.inflight is not None:
             raise RedirectRefused(
                 f"refused redirect to {target}: host {key} has a limit on downloads in "
@@ -112,8 +146,38 @@ class HopLimits:
                 "final URL instead"
             )
         if rule is not None and rule.limit.rate_per_s is not None:
+            time_left_s = deadline_s - loop.time()
             await self._take_token(key, rule.limit, target=target, time_left_s=time_left_s)
         paid.add(key)
+
+    async def _in_force(self) -> RulesInForce:
+        """The rules in force now, read again when their version moved."""
+        cached = self._cached
+        if self.limits is None:
+            return cached.rules or RulesInForce(rules=self.rules)
+        now_s = asyncio.get_running_loop().time()
+        if cached.rules is None or now_s - cached.checked_at >= LIMITS_CHECK_EVERY_S:
+            if await self.limits.version() != cached.version:
+                overrides = await self.limits.overrides()
+                cached.rules = in_force(self.rules, overrides.rows)
+                cached.version = overrides.version
+            cached.checked_at = now_s
+        assert cached.rules is not None
+        return cached.rules
+
+    async def _wait_out_pause(
+        self, key: str, until: datetime, *, target: httpx.URL, deadline_s: float
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        wait_s = (until - utcnow()).total_seconds()
+        if wait_s > deadline_s - loop.time():
+            raise RetriableError(
+                f"redirect to {target}: host {key} is paused until {until.isoformat()}, "
+                "longer than the download has left; trying again later"
+            )
+        log.debug("download.hop_paused", extra=fields(host=key, wait_s=round(wait_s, 3)))
+        # No longer than the rules may be stale: a resume lets the hop go at once.
+        await asyncio.sleep(max(_MIN_WAIT_S, min(wait_s, LIMITS_CHECK_EVERY_S)))
 
     async def _take_token(
         self, key: str, limit: Limit, *, target: httpx.URL, time_left_s: float

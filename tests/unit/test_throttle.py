@@ -426,3 +426,71 @@ def test_inflight_caps_are_never_exceeded(
     if waiting:
         kept, _ = caps.fit(waiting, {}, room=None)
         assert kept[:1] == waiting[:1]
+
+
+@given(
+    old_rate=rates,
+    old_burst=bursts,
+    new_rate=rates,
+    new_burst=bursts,
+    horizon_s=horizons,
+    gaps=st.lists(st.floats(min_value=0.0, max_value=0.3), min_size=2, max_size=40),
+    change_at=st.integers(min_value=1, max_value=39),
+    idle_s=st.floats(min_value=0.0, max_value=3.0),
+)
+@settings(max_examples=300, deadline=None)
+def test_a_rate_change_lets_no_old_token_through_faster_than_the_new_rule(
+    old_rate: float,
+    old_burst: int,
+    new_rate: float,
+    new_burst: int,
+    horizon_s: float,
+    gaps: list[float],
+    change_at: int,
+    idle_s: float,
+) -> None:
+    """A standing backlog under one rule, then under another (PUT /limits).
+
+    What the new rule grants alone keeps rate·T + burst (old tokens beyond the new burst
+    are gone), and starts only after the old rule's last grant: a debt keeps its length
+    in time, so the old and the new releases never overlap (lowering: the taken-ahead
+    tasks are not followed by a burst; raising: the new rate starts when they end).
+    """
+    key = LimitKey(scope=Scope.CLUSTER)
+    rules = [
+        Bucket(key=key, rate_per_s=old_rate, burst=old_burst),
+        Bucket(key=key, rate_per_s=new_rate, burst=new_burst),
+    ]
+    state: BucketState | None = None
+    now_s = 1000.0
+    granted: list[list[float]] = [[], []]
+    for step, gap_s in enumerate(gaps):
+        now_s += gap_s + (idle_s if step == change_at else 0.0)
+        rule = 0 if step < change_at else 1
+        decision = decide(
+            [state],
+            [rules[rule]],
+            [Request(buckets=(0,)) for _ in range(20)],
+            now_s=now_s,
+            horizon_s=horizon_s,
+        )
+        [state] = decision.states
+        granted[rule] += [now_s + delay_s for _, delay_s in decision.admitted]
+    old, new = granted
+    assert_rate_bound(new, rate_per_s=new_rate, burst=new_burst)
+    if old and new:
+        assert min(new) >= max(old) - 1e-6, (max(old), min(new))
+
+
+def test_a_lowered_rate_keeps_at_most_its_new_burst_of_a_full_bucket() -> None:
+    key = LimitKey(scope=Scope.CLUSTER)
+    full = BucketState(tokens=500.0, updated_s=0.0, rate_per_s=500.0)
+    decision = decide(
+        [full],
+        [Bucket(key=key, rate_per_s=50.0, burst=1)],
+        [Request(buckets=(0,)) for _ in range(100)],
+        now_s=1.0,
+        horizon_s=0.5,
+    )
+    # One token now, then one per 20 ms within the horizon: 1 + 25.
+    assert len(decision.admitted) == 26

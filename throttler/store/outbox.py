@@ -66,10 +66,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.sql.elements import ColumnClause
 
 from throttler.db import SessionFactory, create_read_session_factory, create_session_factory
-from throttler.limits import LimitKey, Scope
+from throttler.limits import EACH, LimitKey, Scope
 from throttler.models import OutboxEntry, Task, TaskEvent, TaskLabel
 from throttler.settings import Settings
 from throttler.statuses import INFLIGHT_STATUSES, EventKind, TaskStatus
+from throttler.store.limits import VERSION as LIMITS_VERSION
+from throttler.store.limits import Overrides, read_overrides
 
 # Written into the SQL as a literal, not a bound parameter: only then may SQLite and
 # PostgreSQL's generic plans use the partial index (its WHERE must be implied).
@@ -126,6 +128,9 @@ class Exclusions:
         for key in keys:
             if key.scope is Scope.CLUSTER:
                 everything = True
+            elif key.value == EACH and key.scope is not Scope.HOST:
+                # Every value of a scope every task has (a paused task:* or account:*).
+                everything = True
             elif key.value is not None:
                 by_scope[key.scope].add(key.value)
         return cls(
@@ -154,6 +159,12 @@ class OutboxClaim(Protocol):
 
     async def serialize(self) -> None:
         """Make concurrent claim transactions take turns until they commit."""
+
+    async def limits_version(self) -> int:
+        """``max(limit_changes.id)``: moves with every limit change (throttler.store.limits)."""
+
+    async def limit_overrides(self) -> Overrides:
+        """Every rule and pause set through the API, with the version read."""
 
     async def release(self, *, relay_id: str, outbox_ids: Sequence[int]) -> None:
         """Delete outbox rows this relay has handed to ARQ (or needed no enqueue)."""
@@ -387,6 +398,12 @@ class CoreClaim:
 
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
+
+    async def limits_version(self) -> int:
+        return int(await self.session.scalar(LIMITS_VERSION) or 0)
+
+    async def limit_overrides(self) -> Overrides:
+        return await self.session.run_sync(lambda session: read_overrides(session.connection()))
 
     async def serialize(self) -> None:
         """Make concurrent claim transactions take turns until they commit.
@@ -732,7 +749,10 @@ def _pending_filters(
         filters.append(Task.name.not_in(sorted(excluding.names)))
     if excluding.accounts:
         filters.append(Task.account.not_in(sorted(excluding.accounts)))
-    if excluding.hosts:
+    if EACH in excluding.hosts:
+        # Every host (a paused host:*): only tasks without one may go.
+        filters.append(Task.host.is_(None))
+    elif excluding.hosts:
         filters.append(or_(Task.host.is_(None), Task.host.not_in(sorted(excluding.hosts))))
     if excluding.labels:
         filters.append(without_labels(excluding.labels))
