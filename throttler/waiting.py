@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from throttler.limits import EACH, Limit, LimitKey, Rule, RuleSet, Scope
+from throttler.limits import EACH, Limit, LimitKey, Rule, RuleSet, Scope, each_value
 from throttler.statuses import TaskStatus
 
 
@@ -187,7 +187,7 @@ def why_waiting(
     if board is None:
         return Waiting(reason=Reason.NO_RELAY)
     # A paused ``*`` scope pauses each of its values.
-    each = [LimitKey(scope=k.scope, value=EACH) for k in keys if k.value is not None]
+    each = [LimitKey(scope=k.scope, value=each_value(k)) for k in keys if k.value is not None]
     paused = _latest_of([*keys, *each], board.paused, now=now)
     if paused is not None:
         return Waiting(reason=Reason.PAUSED, scope=paused[0], until=paused[1])

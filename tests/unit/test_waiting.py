@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from relay.board import board_from, next_tokens
-from throttler.limits import LimitKey, RuleSet, Scope
+from throttler.limits import EACH, LimitKey, RuleSet, Scope
 from throttler.statuses import TaskStatus
 from throttler.throttle import CLUSTER_KEY, Admission, Candidate, InflightCaps
 from throttler.waiting import (
@@ -241,3 +241,18 @@ def test_board_from_a_claim_counts_its_own_leases_and_the_queue_room() -> None:
         room=None,
     )
     assert no_cap == WaitingBoard(relay_id="r1", written_at=NOW)
+
+
+def test_a_paused_each_scope_pauses_each_of_its_values() -> None:
+    # host:* pauses every host; key:connector:* every connector label, and no other label.
+    every_host = LimitKey(scope=Scope.HOST, value=EACH)
+    assert _why(_board(paused={every_host: _s(7)}), keys=[*KEYS, HOST]) == Waiting(
+        reason=Reason.PAUSED, scope=every_host, until=_s(7)
+    )
+    connectors = LimitKey(scope=Scope.KEY, value=f"connector:{EACH}")
+    labelled = [*KEYS, LimitKey(scope=Scope.KEY, value="connector:sf")]
+    assert _why(_board(paused={connectors: _s(9)}), keys=labelled) == Waiting(
+        reason=Reason.PAUSED, scope=connectors, until=_s(9)
+    )
+    other = [*KEYS, LimitKey(scope=Scope.KEY, value="connectors:sf")]
+    assert _why(_board(paused={connectors: _s(9)}), keys=other) == Waiting(reason=Reason.TURN)

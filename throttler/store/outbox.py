@@ -66,7 +66,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.sql.elements import ColumnClause
 
 from throttler.db import SessionFactory, create_read_session_factory, create_session_factory
-from throttler.limits import EACH, LimitKey, Scope
+from throttler.limits import EACH, LimitKey, Scope, is_each_value
 from throttler.models import OutboxEntry, Task, TaskEvent, TaskLabel
 from throttler.settings import Settings
 from throttler.statuses import INFLIGHT_STATUSES, EventKind, TaskStatus
@@ -725,12 +725,23 @@ def _in_turns_by_rank(ranked: Sequence[RankedRow]) -> list[RankedRow]:
     return [row for *_, row in keyed]
 
 
+def label_patterns(labels: frozenset[str]) -> tuple[list[str], list[str]]:
+    """``labels`` as exact labels and prefixes: a paused ``key:<prefix>:*`` excludes
+    ``<prefix>:*``, every label of that prefix (a label's value never holds ``*``)."""
+    exact = sorted(label for label in labels if not is_each_value(Scope.KEY, label))
+    prefixes = sorted(label[: -len(EACH)] for label in labels if is_each_value(Scope.KEY, label))
+    return exact, prefixes
+
+
 def without_labels(labels: frozenset[str]) -> ColumnElement[bool]:
     """A task with none of ``labels``: unlabelled ones (NULL) without a look, labelled ones
     by at most 4 seeks of task_labels' primary key (task_id, label)."""
+    exact, prefixes = label_patterns(labels)
+    matches: list[ColumnElement[bool]] = [TaskLabel.label.in_(exact)] if exact else []
+    matches += [TaskLabel.label.startswith(prefix, autoescape=True) for prefix in prefixes]
     return or_(
         Task.labels.is_(None),
-        ~exists().where(TaskLabel.task_id == Task.id, TaskLabel.label.in_(sorted(labels))),
+        ~exists().where(TaskLabel.task_id == Task.id, or_(*matches)),
     )
 
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import ClassVar
 
-from sqlalchemy import ColumnElement, Select, func, or_, select, text, type_coerce
+from sqlalchemy import ColumnElement, Select, exists, func, or_, select, text, type_coerce
 from sqlalchemy.dialects.postgresql import JSONB, array
 
 from throttler.constants import CLAIM_LOCK_KEY
 from throttler.models import Task
 from throttler.statuses import INFLIGHT_STATUSES
-from throttler.store.outbox import CoreClaim, CoreOutbox, RankedRow
+from throttler.store.outbox import CoreClaim, CoreOutbox, RankedRow, label_patterns
 
 _LABELS = type_coerce(Task.labels, JSONB)
 _INFLIGHT = sorted(status.value for status in INFLIGHT_STATUSES)
@@ -38,7 +38,14 @@ class PostgresClaim(CoreClaim):
         # The task's own JSONB (?|: any of these strings among its elements), checked on
         # the row the claim reads anyway. NOT EXISTS on task_labels is planned as a hashed
         # subplan, a scan of every row with those labels ever written, on every claim.
-        return or_(Task.labels.is_(None), ~_LABELS.has_any(array(sorted(labels))))
+        exact, prefixes = label_patterns(labels)
+        carried: list[ColumnElement[bool]] = [_LABELS.has_any(array(exact))] if exact else []
+        if prefixes:
+            # A paused key:<prefix>:*: any of the task's own labels with that prefix.
+            element = func.jsonb_array_elements_text(_LABELS).table_valued("value")
+            starts = [element.c.value.startswith(prefix, autoescape=True) for prefix in prefixes]
+            carried.append(exists().select_from(element).where(or_(*starts)))
+        return or_(Task.labels.is_(None), ~or_(*carried))
 
     async def serialize(self) -> None:
         # Claims that count in-flight tasks or queue room take turns until they commit.
