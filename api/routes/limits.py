@@ -28,6 +28,7 @@ from api.schemas import (
     LimitRulesPublic,
     LimitRuleUpdate,
 )
+from api.strict_json import StrictJSONRoute
 from throttler.constants import API_PREFIX, LIMITS_CHANNEL
 from throttler.errors import REDIS_ERRORS
 from throttler.limits import EACH, LimitKey, LimitRuleError, Scope
@@ -56,7 +57,7 @@ _ADMIN: dict[int | str, dict[str, Any]] = {
     403: {"model": ErrorMessage, "description": "Not an admin key (API_ADMIN_KEYS)."},
 }
 
-router = APIRouter(prefix=API_PREFIX, tags=["limits"])
+router = APIRouter(prefix=API_PREFIX, tags=["limits"], route_class=StrictJSONRoute)
 
 
 ScopePath = Annotated[

@@ -269,3 +269,24 @@ async def test_relay_status_shows_the_rules_in_force(client: httpx.AsyncClient) 
     status = await client.get("/api/v1/relay/status", headers=ADMIN)
     assert status.json()["cluster"]["limit"]["rate_per_s"] == 7.0
     assert status.json()["cluster"]["rule"] == "cluster rate=7/s burst=1"
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("PUT", "/task:greeting"), ("POST", "/task:greeting/pause")],
+)
+@pytest.mark.parametrize(
+    "body", [b'{"rate": ', b'{"rate": "5/s", "rate": "6/s"}', b"\xff\xfe", b'{"for_s": NaN}']
+)
+async def test_malformed_bodies_are_422_and_change_nothing(
+    client: httpx.AsyncClient, sessions: SessionFactory, method: str, path: str, body: bytes
+) -> None:
+    answer = await client.request(
+        method,
+        LIMITS + path,
+        content=body,
+        headers={**ADMIN, "content-type": "application/json"},
+    )
+
+    assert answer.status_code == 422, answer.text
+    assert await _changes(sessions) == []
