@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import httpx
 import pytest
+from fastapi.routing import APIRoute
+from starlette.routing import BaseRoute
 
-from api.strict_json import MAX_JSON_DEPTH, parse_strict_json
+from api.app import create_app
+from api.strict_json import MAX_JSON_DEPTH, StrictJSONRoute, parse_strict_json
 from throttler.catalog import DownloadInput
+from throttler.settings import Settings
 
 if TYPE_CHECKING:
     from tests.integration.conftest import RowCounter
 
 NOTHING_WRITTEN = {"tasks": 0, "outbox": 0, "task_events": 0}
+API = "/api/v1"
 GREETING = "/api/v1/task/greeting"
 DOWNLOAD = "/api/v1/task/download"
 BLOCKING = "/api/v1/task/blocking_long_running_task"
@@ -194,3 +200,21 @@ def test_strict_parser_accepts_ordinary_json() -> None:
     for _ in range(MAX_JSON_DEPTH - 1):
         nested = [nested]
     assert parse_strict_json(json.dumps(nested).encode()) == nested
+
+
+def _api_routes(routes: Sequence[BaseRoute]) -> Iterator[APIRoute]:
+    for route in routes:
+        if isinstance(route, APIRoute):
+            yield route
+        # FastAPI keeps an included router's own routes behind a wrapper.
+        elif (included := getattr(route, "original_router", None)) is not None:
+            yield from _api_routes(included.routes)
+
+
+def test_every_route_with_a_body_parses_it_strictly(settings: Settings) -> None:
+    # A router made without StrictJSONRoute answers a malformed body with FastAPI's 400 and
+    # takes duplicate keys and NaN: every route that reads a body must parse it strictly.
+    routes = list(_api_routes(create_app(settings).routes))
+    with_body = [route for route in routes if route.body_field is not None]
+    assert {route.path for route in with_body} >= {API + "/tasks", API + "/limits/{scope}"}
+    assert [r.path for r in with_body if not isinstance(r, StrictJSONRoute)] == []
