@@ -28,8 +28,10 @@ from tests.integration.worker_harness import (
 from tests.support import wait_for
 from throttler.catalog import GREETING, GreetingInput
 from throttler.db import SessionFactory
-from throttler.models import LimitChange, LimitOverride, Task, TaskEvent
+from throttler.limits import LimitKey, Scope
+from throttler.models import LimitChange, LimitOverride, Task, TaskEvent, utcnow
 from throttler.settings import Settings
+from throttler.store.limits import ChangeKind, ChangeReason, LimitStore
 from worker.taskkit import Backpressure, Resources, RetriableTask
 from worker.tasks import DEFAULT_TASKS
 from worker.tasks.greeting import GreetingOutput
@@ -268,9 +270,36 @@ async def test_other_hosts_keep_going_during_the_pause(
 
 
 async def test_an_upstream_pause_never_shortens_a_longer_one(
+    settings: Settings, sessions: SessionFactory
+) -> None:
+    """The store's own change (as the API uses it): upstream only extends; an admin sets."""
+    limits = LimitStore(sessions.kw["bind"])
+    host = LimitKey(scope=Scope.HOST, value="partner.example")
+    now = utcnow()
+
+    async def pause(until: datetime, reason: ChangeReason) -> datetime | None:
+        answer = await limits.change(
+            ChangeKind.PAUSE, key=host, by="t", now=now, paused_until=until, reason=reason
+        )
+        assert answer.after is not None
+        return answer.after.paused_until
+
+    long, short = now + timedelta(seconds=60), now + timedelta(seconds=2)
+    assert await pause(long, ChangeReason.UPSTREAM) == long
+    assert await pause(short, ChangeReason.UPSTREAM) == long
+    assert await _paused_until(sessions, "host:partner.example") == long
+    assert await pause(now + timedelta(seconds=90), ChangeReason.UPSTREAM) == now + timedelta(
+        seconds=90
+    )
+    assert await pause(short, ChangeReason.API) == short
+    assert [c.reason for c in await _changes(sessions)] == ["upstream"] * 3 + ["api"]
+
+
+async def test_a_download_released_before_the_pause_waits_it_out(
     trusted: Settings, sessions: SessionFactory, server: PushBackServer
 ) -> None:
-    """Two push-backs on one host: the second, shorter, leaves the first's end."""
+    """A download already in ARQ when its host is paused does not reach the host during
+    the pause: it goes back to the outbox until the end, no try spent, nothing recorded."""
     async with (
         arq_pool(trusted) as pool,
         running_relay(trusted, sessions, pool),
@@ -279,25 +308,23 @@ async def test_an_upstream_pause_never_shortens_a_longer_one(
         first = await dispatch(
             sessions, pool, trusted, name="download", payload={"url": server.url("/429-seconds")}
         )
-        await wait_for(lambda: _changes(sessions), message="the first pause")
+        await wait_for(lambda: _changes(sessions), message="the pause")
         until = await _paused_until(sessions, "host:127.0.0.1")
-        # Dispatched straight to the worker (as a relay that had not heard of the pause).
-        second = await dispatch(
-            sessions, pool, trusted, name="download", payload={"url": server.url("/503-seconds")}
-        )
-
-        async def two_changes() -> list[LimitChange] | None:
-            changes = await _changes(sessions)
-            return changes if len(changes) == 2 else None
-
-        changes = await wait_for(two_changes, message="the second push-back")
-        assert changes is not None
-        assert await _paused_until(sessions, "host:127.0.0.1") == until
-        assert changes[1].after is not None
         assert until is not None
-        assert changes[1].after["paused_until"] == until.isoformat()
-        for task_id in (first, second):
-            assert (await wait_final(sessions, task_id)).status == "succeeded"
+        # Dispatched straight to the worker, as a relay released it just before the pause.
+        second = await dispatch(
+            sessions, pool, trusted, name="download", payload={"url": server.url("/file")}
+        )
+        tasks = [await wait_final(sessions, task_id) for task_id in (first, second)]
+    assert [task.status for task in tasks] == ["succeeded", "succeeded"]
+    assert (tasks[1].attempts, tasks[1].tries_base) == (2, 1)
+    hits = server.hits("/file")
+    assert len(hits) == 1
+    assert hits[0] >= until.timestamp() - 0.05
+    assert len(await _changes(sessions)) == 1
+    detail = await _retrying_detail(sessions, second)
+    assert detail["reason"] == "upstream"
+    assert "ScopePaused" in detail["error"]
 
 
 class PushesBackOnce(RetriableTask[GreetingInput, GreetingOutput], spec=GREETING):

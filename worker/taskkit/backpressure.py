@@ -37,7 +37,7 @@ from throttler.models import utcnow
 from throttler.settings import Settings
 from throttler.store.attempts import Attempt
 from throttler.store.limits import ChangeKind, ChangeReason, LimitStore
-from worker.taskkit.errors import Backpressure, PermanentError
+from worker.taskkit.errors import Backpressure, PermanentError, ScopePaused
 from worker.taskkit.persist import retry_until_written
 from worker.taskkit.resources import Resources
 
@@ -84,6 +84,8 @@ async def push_back(
         raise PermanentError(f"Backpressure names no scope: {invalid}") from None
     now = utcnow()
     until = now + timedelta(seconds=pause_s(resources.settings, error.retry_after_s))
+    if isinstance(error, ScopePaused):
+        return PushedBack(scope=str(key), until=until, now=now)
     store = LimitStore(resources.engine)
     answer = await retry_until_written(
         lambda: store.change(
@@ -108,6 +110,8 @@ async def push_back(
             paused_until=pushed.until.isoformat(),
         ),
     )
+    # This worker's other downloads of the scope see the pause at their next request.
+    resources.hops.forget()
     if redis is not None:
         await _announce(redis)
     return pushed

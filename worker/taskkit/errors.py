@@ -32,3 +32,12 @@ class Backpressure(Exception):
         self.retry_after_s = retry_after_s
         self.detail = detail
         super().__init__(f"{detail or 'upstream push-back'}: pause {scope} {retry_after_s:g}s")
+
+
+class ScopePaused(Backpressure):
+    """The scope is paused already (through the API or a push-back): run the task after the
+    pause, without spending a try, and record nothing (no upstream asked anything).
+
+    A task released just before its scope was paused raises it rather than reach the
+    paused upstream (the download does, for its host).
+    """

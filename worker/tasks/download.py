@@ -20,6 +20,7 @@ from throttler.catalog import DOWNLOAD, DownloadInput
 from throttler.hosts import url_host_key
 from worker.hop_limits import HopLimits
 from worker.taskkit import Backpressure, PermanentError, Resources, RetriableError, RetriableTask
+from worker.taskkit.errors import ScopePaused
 
 ALLOWED_SCHEMES = frozenset({"http", "https"})
 # Ask for the stored bytes: the digest and the size cap then apply to what the server
@@ -82,6 +83,7 @@ async def fetch(
         paid = {url_host_key(target)}
     except ValueError as error:
         raise PermanentError(f"URL host is not valid: {error}") from None
+    await _check_not_paused(hops, next(iter(paid)), url=url)
     for hop in range(max_redirects + 1):
         if target.scheme not in ALLOWED_SCHEMES:
             raise PermanentError(f"refused {target}: only http and https URLs are fetched")
@@ -97,6 +99,19 @@ async def fetch(
         except httpx.TransportError as error:
             raise RetriableError(f"network error fetching {target}: {_describe(error)}") from error
     raise PermanentError(f"too many redirects: more than {max_redirects} from {url}")
+
+
+async def _check_not_paused(hops: HopLimits, key: str, *, url: str) -> None:
+    """Raise ScopePaused when the task's own host is paused: it was released before the
+    pause (a push-back by another download, or the API), and must not reach the host
+    during it. It runs again after the pause, without spending a try."""
+    until = await hops.paused_until(key)
+    if until is not None:
+        raise ScopePaused(
+            f"host:{key}",
+            retry_after_s=(until - datetime.now(UTC)).total_seconds(),
+            detail=f"host {key} is paused until {until.isoformat()}; not fetched {url}",
+        )
 
 
 def _redirect_target(current: httpx.URL, location: str) -> httpx.URL:
