@@ -16,6 +16,9 @@ from typing import Any, ClassVar
 import pytest
 from sqlalchemy import select
 
+from tests.integration.conftest import ApiClientFactory
+from tests.integration.test_api_waiting import _configured, _submit, _until_view
+from tests.integration.test_api_waiting import running_relay as waiting_relay
 from tests.integration.worker_harness import (
     arq_pool,
     dispatch,
@@ -125,17 +128,19 @@ async def _paused_until(sessions: SessionFactory, scope: str) -> datetime | None
     return None if row is None else row.paused_until
 
 
-async def _retrying_detail(sessions: SessionFactory, task_id: str) -> dict[str, Any]:
+async def _retrying(sessions: SessionFactory, task_id: str) -> TaskEvent:
     async with sessions() as session:
-        details = (
+        events = (
             await session.scalars(
-                select(TaskEvent.detail).where(
-                    TaskEvent.task_id == task_id, TaskEvent.event == "retrying"
-                )
+                select(TaskEvent).where(TaskEvent.task_id == task_id, TaskEvent.event == "retrying")
             )
         ).all()
-    assert len(details) == 1
-    detail = details[0]
+    assert len(events) == 1
+    return events[0]
+
+
+async def _retrying_detail(sessions: SessionFactory, task_id: str) -> dict[str, Any]:
+    detail = (await _retrying(sessions, task_id)).detail
     assert isinstance(detail, dict)
     return detail
 
@@ -184,10 +189,11 @@ async def _check_pushed_back(
     assert change.after is not None
     assert change.after["paused_until"] == until.isoformat()
     assert abs((until - change.at).total_seconds() - pause_s) < tolerance_s
-    detail = await _retrying_detail(sessions, task.id)
-    assert detail["reason"] == "upstream"
-    # The task went back to the outbox with run_at at the pause's end.
-    assert change.at + timedelta(seconds=detail["defer_s"]) == until
+    retrying = await _retrying(sessions, task.id)
+    assert retrying.detail["reason"] == "upstream"
+    # The task went back to the outbox with run_at (the event's moment + defer_s) at the
+    # pause's end.
+    assert retrying.at + timedelta(seconds=retrying.detail["defer_s"]) == until
 
 
 async def test_429_with_retry_after_seconds_pauses_the_host_and_spends_no_try(
@@ -394,3 +400,36 @@ async def test_past_the_cap_a_push_back_spends_a_try(
     assert "HTTP 429" in task.error
     assert (task.attempts, task.tries_base) == (1, 0)
     assert [change.reason for change in changes] == ["upstream"]
+
+
+async def test_an_upstream_pause_shows_in_the_task_views(
+    settings: Settings,
+    sessions: SessionFactory,
+    make_api_client: ApiClientFactory,
+    server: PushBackServer,
+) -> None:
+    """Through the API and a relay's board: the host's other tasks wait ``paused``; the
+    pushed-back task is ``scheduled`` until the pause's end."""
+    configured = _configured(settings, download_allow_private=True, upstream_default_pause_s=20)
+    async with (
+        make_api_client(configured) as client,
+        waiting_relay(configured),
+        running_worker(configured),
+    ):
+        pushed = await _submit(client, "download", {"url": server.url("/429-bare")})
+        await wait_for(lambda: _changes(sessions), message="the pause")
+        until = await _paused_until(sessions, "host:127.0.0.1")
+        assert until is not None
+        held = await _submit(client, "download", {"url": server.url("/file")})
+        view = await _until_view(client, held, waiting="paused", message="held by the pause")
+        assert view["waiting"]["scope"] == "host:127.0.0.1"
+        assert datetime.fromisoformat(view["waiting"]["until"]) == until
+        view = await _until_view(client, pushed, waiting="scheduled", message="pushed back")
+        assert datetime.fromisoformat(view["waiting"]["until"]) == until
+        listed = (await client.get("/api/v1/limits")).json()["rules"]
+        assert {"scope": "host:127.0.0.1", "paused_until": until} in [
+            {"scope": rule["scope"], "paused_until": datetime.fromisoformat(rule["paused_until"])}
+            for rule in listed
+            if rule["paused_until"]
+        ]
+    assert server.hits("/file") == []

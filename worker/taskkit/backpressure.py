@@ -54,10 +54,6 @@ class PushedBack:
     until: datetime
     now: datetime
 
-    @property
-    def defer_s(self) -> float:
-        return max((self.until - self.now).total_seconds(), 0.0)
-
 
 def pause_s(settings: Settings, retry_after_s: float) -> float:
     """The pause asked for, within [0, UPSTREAM_MAX_PAUSE_S] (not a number: the default)."""

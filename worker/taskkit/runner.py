@@ -23,6 +23,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from arq.worker import Retry
@@ -187,6 +188,7 @@ class _Ending:
         defer_s: float | None = None,
         reason: str | None = None,
         tries_base: int | None = None,
+        now: datetime | None = None,
     ) -> Outcome:
         if event is EventKind.RETRYING and tries_base is None:
             tries_base = self.attempt.tries_base
@@ -195,7 +197,7 @@ class _Ending:
             event=event,
             attempt=self.attempt.attempt,
             worker_id=self.resources.worker_id,
-            now=utcnow(),
+            now=now or utcnow(),
             result=result,
             error=error,
             defer_s=defer_s,
@@ -229,12 +231,15 @@ class _Ending:
         attempt = self.attempt
         if not spares_try(self.resources.settings, attempt):
             return self.retriable(f"{error} (past UPSTREAM_MAX_PUSHBACKS: counted as a try)")
+        now = utcnow()
         return self.outcome(
             EventKind.RETRYING,
             error=error,
-            defer_s=pushed.defer_s,
+            # From the outcome's own moment: run_at is the pause's end exactly.
+            defer_s=max((pushed.until - now).total_seconds(), 0.0),
             reason="upstream",
             tries_base=attempt.tries_base + 1,
+            now=now,
         )
 
     def interrupted(self) -> Outcome:
