@@ -4,6 +4,7 @@ kit (worker.taskkit.backpressure). A real HTTP server, a real relay and worker."
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Iterator
@@ -35,7 +36,7 @@ from throttler.limits import LimitKey, Scope
 from throttler.models import LimitChange, LimitOverride, Task, TaskEvent, utcnow
 from throttler.settings import Settings
 from throttler.store.limits import ChangeKind, ChangeReason, LimitStore
-from worker.taskkit import Backpressure, Resources, RetriableTask
+from worker.taskkit import Backpressure, Resources, RetriableTask, SideEffectingTask
 from worker.tasks import DEFAULT_TASKS
 from worker.tasks.greeting import GreetingOutput
 
@@ -433,3 +434,41 @@ async def test_an_upstream_pause_shows_in_the_task_views(
             if rule["paused_until"]
         ]
     assert server.hits("/file") == []
+
+
+SIDE_EFFECTING_GREETING = dataclasses.replace(GREETING, side_effecting=True)
+
+
+class SendsOnceAfterPushBack(
+    SideEffectingTask[GreetingInput, GreetingOutput], spec=SIDE_EFFECTING_GREETING
+):
+    """A side-effecting task whose upstream refused the first call (nothing was done)."""
+
+    output_model = GreetingOutput
+    calls: ClassVar[int] = 0
+
+    async def run(self, resources: Resources, params: GreetingInput) -> GreetingOutput:
+        type(self).calls += 1
+        if type(self).calls == 1:
+            raise Backpressure(params.name, retry_after_s=0.3)
+        return GreetingOutput(message=f"Sent to {params.name}")
+
+
+async def test_a_side_effecting_task_pushed_back_runs_again(
+    trusted: Settings, sessions: SessionFactory
+) -> None:
+    """A push-back means the request was not done: run it again, as any other task."""
+    SendsOnceAfterPushBack.calls = 0
+    async with (
+        arq_pool(trusted) as pool,
+        running_relay(trusted, sessions, pool),
+        running_worker(trusted, tasks=[SendsOnceAfterPushBack, *DEFAULT_TASKS[1:]]),
+    ):
+        task_id = await dispatch(
+            sessions, pool, trusted, name="greeting", payload={"name": "account:default"}
+        )
+        task = await wait_final(sessions, task_id)
+
+    assert task.status == "succeeded", task.error
+    assert (task.attempts, task.tries_base) == (2, 1)
+    assert SendsOnceAfterPushBack.calls == 2
