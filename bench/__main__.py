@@ -27,6 +27,7 @@ BENCHMARKS = (
     "cancel",
     "task_list",
     "limit_changes",
+    "upstream",
 )
 
 

@@ -81,6 +81,11 @@ class Settings(BaseSettings):
     download_timeout_s: PositiveFloat = 30.0
     download_max_redirects: int = Field(default=5, ge=0)
 
+    # Upstream backpressure (a 429/503, or a task raising taskkit.Backpressure)
+    upstream_default_pause_s: NonNegativeFloat = 30.0
+    upstream_max_pause_s: NonNegativeFloat = 3600.0
+    upstream_max_pushbacks: int = Field(default=50, ge=0)
+
     # Logging
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

@@ -67,6 +67,12 @@ class _Cached:
     checked_at: float = -math.inf
 
 
+def _paused_until(current: RulesInForce, host: LimitKey) -> datetime | None:
+    paused = current.paused_at(utcnow())
+    keys = (host, LimitKey(scope=Scope.HOST, value=EACH))
+    return max((paused[k] for k in keys if k in paused), default=None)
+
+
 class RedirectRefused(PermanentError):
     """A redirect leads to a host whose limit a hop cannot honour."""
 
@@ -130,11 +136,7 @@ class HopLimits:
         deadline_s = loop.time() + time_left_s
         while True:
             current = await self._in_force()
-            paused = current.paused_at(utcnow())
-            until = max(
-                (paused[k] for k in (host, LimitKey(scope=Scope.HOST, value=EACH)) if k in paused),
-                default=None,
-            )
+            until = _paused_until(current, host)
             if until is None:
                 break
             await self._wait_out_pause(key, until, target=target, deadline_s=deadline_s)
@@ -149,6 +151,15 @@ class HopLimits:
             time_left_s = deadline_s - loop.time()
             await self._take_token(key, rule.limit, target=target, time_left_s=time_left_s)
         paid.add(key)
+
+    async def paused_until(self, key: str) -> datetime | None:
+        """When the pause of host ``key`` (its own or ``host:*``) ends; None: not paused."""
+        return _paused_until(await self._in_force(), LimitKey(scope=Scope.HOST, value=key))
+
+    def forget(self) -> None:
+        """Read the rules again at the next look: this worker just changed them (an
+        upstream pause), and its other downloads must see it at once."""
+        self._cached.checked_at = -math.inf
 
     async def _in_force(self) -> RulesInForce:
         """The rules in force now, read again when their version moved."""

@@ -223,6 +223,7 @@ async def _write_history(settings: Settings, engine: AsyncEngine) -> History:
             now=_at(0.3),
             error="boom",
             defer_s=0.0,
+            tries_base=0,
         )
         assert await record_outcome(session, retrying)
     await _release(settings, engine, moments={history.flaky: _at(1.5), history.stopped: _at(1.2)})

@@ -83,12 +83,20 @@ class Outcome:
     # Back to the outbox only: the delay before the next attempt may be released (its
     # run_at), kept in the event for the audit.
     defer_s: float | None = None
-    # Requeued only: why the attempt was cut short, kept in the event.
+    # Requeued only: why the attempt was cut short, kept in the event. Retrying: why, when
+    # not a failure (``upstream``: a push-back, see worker.taskkit.backpressure).
     reason: str | None = None
+    # Retrying only (required): the task's ``tries_base`` after this attempt. The
+    # attempt's own, or one more when the attempt spends none of the task's tries (an
+    # upstream push-back: the request was refused before it was done). Every retrying
+    # outcome writes it, so each kind of outcome keeps one shape of update.
+    tries_base: int | None = None
 
     def __post_init__(self) -> None:
         if self.event not in OUTCOME_STATUS:
             raise ValueError(f"not an outcome event: {self.event!r}")
+        if (self.event is EventKind.RETRYING) != (self.tries_base is not None):
+            raise ValueError("tries_base is required for retrying outcomes, and only there")
 
     @property
     def terminal(self) -> bool:
@@ -107,6 +115,8 @@ class Outcome:
         }
         if self.event is EventKind.SUCCEEDED:
             values["result"] = self.result
+        if self.event is EventKind.RETRYING:
+            values["tries_base"] = self.tries_base
         if self.terminal:
             values["finished_at"] = self.now
         else:

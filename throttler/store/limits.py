@@ -41,7 +41,9 @@ class ChangeKind(StrEnum):
 
 class ChangeReason(StrEnum):
     API = "api"  # an admin's request
-    UPSTREAM = "upstream"  # a 429/503 with Retry-After (a later feature)
+    # An upstream push-back: a 429/503 with Retry-After, or a task raising
+    # taskkit.Backpressure; ``by`` is the task id. It only extends a pause.
+    UPSTREAM = "upstream"
 
 
 class ChangeOutcome(StrEnum):
@@ -93,6 +95,7 @@ def _changed(
     limit: Limit | None,
     paused_until: datetime | None,
     now: datetime,
+    reason: ChangeReason = ChangeReason.API,
 ) -> Override | ChangeOutcome | None:
     """The row after ``kind``; None: no row; NO_API_RULE: refused."""
     kept_pause = before.paused_until if before is not None else None
@@ -108,6 +111,14 @@ def _changed(
             None if kept_pause is None else Override(key=key, limit=None, paused_until=kept_pause)
         )
     if kind is ChangeKind.PAUSE:
+        if (
+            reason is ChangeReason.UPSTREAM
+            and kept_pause is not None
+            and (paused_until is None or kept_pause > paused_until)
+        ):
+            # An upstream push-back never shortens a pause (an admin's or a longer
+            # Retry-After); an admin's pause is what they ask, shorter or longer.
+            paused_until = kept_pause
         return Override(key=key, limit=kept_limit, paused_until=paused_until)
     # Resume: the row stays only for a rule it carries.
     return None if kept_limit is None else Override(key=key, limit=kept_limit, paused_until=None)
@@ -130,7 +141,9 @@ def change_limit(
     scope = str(key)
     found = connection.execute(select(RULES).where(RULES.c.scope == scope)).one_or_none()
     before = None if found is None else _override(found)
-    after = _changed(kind, before, key=key, limit=limit, paused_until=paused_until, now=now)
+    after = _changed(
+        kind, before, key=key, limit=limit, paused_until=paused_until, now=now, reason=reason
+    )
     if isinstance(after, ChangeOutcome):
         return ChangeAnswer(outcome=after, after=before)
     if found is not None:

@@ -133,7 +133,14 @@ class _Statements:
 @lru_cache(maxsize=1)
 def _statements() -> _Statements:
     sample = {
-        event: Outcome(task_id="", event=event, attempt=1, worker_id="", now=datetime.now())
+        event: Outcome(
+            task_id="",
+            event=event,
+            attempt=1,
+            worker_id="",
+            now=datetime.now(),
+            tries_base=0 if event is EventKind.RETRYING else None,
+        )
         for event in (
             EventKind.SUCCEEDED,
             EventKind.FAILED,

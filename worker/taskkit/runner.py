@@ -23,6 +23,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from arq.worker import Retry
@@ -36,9 +37,10 @@ from throttler.models import utcnow
 from throttler.statuses import EventKind
 from throttler.store.attempts import Attempt, Outcome
 from worker.taskkit.backoff import retry_delay_s
+from worker.taskkit.backpressure import PushedBack, push_back, spares_try
 from worker.taskkit.base import BlockingTask
 from worker.taskkit.definition import TaskDefinition
-from worker.taskkit.errors import PermanentError
+from worker.taskkit.errors import Backpressure, PermanentError
 from worker.taskkit.persist import retry_until_written
 from worker.taskkit.resources import Resources
 from worker.taskkit.status_writer import StatusWriterClosed
@@ -133,7 +135,7 @@ async def run_task(
         extra=fields(task_id=task_id, name=definition.name, attempt=attempt.attempt),
     )
     try:
-        outcome = await _attempt(definition, resources, attempt)
+        outcome = await _attempt(definition, resources, attempt, redis=redis)
     except asyncio.CancelledError:
         if aborted is not None and aborted():
             _log_aborted(definition, attempt, started=started)
@@ -184,16 +186,23 @@ class _Ending:
         result: dict[str, Any] | None = None,
         error: str | None = None,
         defer_s: float | None = None,
+        reason: str | None = None,
+        tries_base: int | None = None,
+        now: datetime | None = None,
     ) -> Outcome:
+        if event is EventKind.RETRYING and tries_base is None:
+            tries_base = self.attempt.tries_base
         return Outcome(
             task_id=self.attempt.task_id,
             event=event,
             attempt=self.attempt.attempt,
             worker_id=self.resources.worker_id,
-            now=utcnow(),
+            now=now or utcnow(),
             result=result,
             error=error,
             defer_s=defer_s,
+            reason=reason,
+            tries_base=tries_base,
         )
 
     def succeeded(self, result: dict[str, Any]) -> Outcome:
@@ -216,6 +225,22 @@ class _Ending:
             max_s=settings.worker_retry_backoff_max_s,
         )
         return self.outcome(EventKind.RETRYING, error=error, defer_s=defer_s)
+
+    def pushed_back(self, error: str, pushed: PushedBack) -> Outcome:
+        """Back to the outbox until the pause ends, the try spared (worker.taskkit.backpressure)."""
+        attempt = self.attempt
+        if not spares_try(self.resources.settings, attempt):
+            return self.retriable(f"{error} (past UPSTREAM_MAX_PUSHBACKS: counted as a try)")
+        now = utcnow()
+        return self.outcome(
+            EventKind.RETRYING,
+            error=error,
+            # From the outcome's own moment: run_at is the pause's end exactly.
+            defer_s=max((pushed.until - now).total_seconds(), 0.0),
+            reason="upstream",
+            tries_base=attempt.tries_base + 1,
+            now=now,
+        )
 
     def interrupted(self) -> Outcome:
         """The worker stopped during the attempt."""
@@ -245,7 +270,9 @@ class _Ending:
         )
 
 
-async def _attempt(definition: TaskDefinition, resources: Resources, attempt: Attempt) -> Outcome:
+async def _attempt(
+    definition: TaskDefinition, resources: Resources, attempt: Attempt, *, redis: Redis | None
+) -> Outcome:
     ending = _Ending(definition=definition, resources=resources, attempt=attempt)
     if attempt.name != definition.name:
         return ending.failed(
@@ -279,6 +306,12 @@ async def _attempt(definition: TaskDefinition, resources: Resources, attempt: At
         return ending.retriable(describe(error))
     except PermanentError as error:
         return ending.failed(describe(error))
+    except Backpressure as error:
+        try:
+            pushed = await push_back(resources, attempt, error, redis=redis)
+        except PermanentError as invalid:
+            return ending.failed(describe(invalid))
+        return ending.pushed_back(describe(error), pushed)
     except Exception as error:
         log.debug("task.exception", exc_info=True, extra=fields(task_id=attempt.task_id))
         return ending.retriable(describe(error))

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 
 import httpx
 from pydantic import BaseModel
@@ -16,12 +19,15 @@ from pydantic import BaseModel
 from throttler.catalog import DOWNLOAD, DownloadInput
 from throttler.hosts import url_host_key
 from worker.hop_limits import HopLimits
-from worker.taskkit import PermanentError, Resources, RetriableError, RetriableTask
+from worker.taskkit import Backpressure, PermanentError, Resources, RetriableError, RetriableTask
+from worker.taskkit.errors import ScopePaused
 
 ALLOWED_SCHEMES = frozenset({"http", "https"})
 # Ask for the stored bytes: the digest and the size cap then apply to what the server
 # holds, and no decompression can inflate a small response past the cap.
 REQUEST_HEADERS = {"Accept-Encoding": "identity"}
+# The answers by which a server asks to be left alone for a while (Retry-After).
+PUSH_BACK_STATUSES = frozenset({429, 503})
 
 
 class DownloadOutput(BaseModel):
@@ -77,6 +83,7 @@ async def fetch(
         paid = {url_host_key(target)}
     except ValueError as error:
         raise PermanentError(f"URL host is not valid: {error}") from None
+    await _check_not_paused(hops, next(iter(paid)), url=url)
     for hop in range(max_redirects + 1):
         if target.scheme not in ALLOWED_SCHEMES:
             raise PermanentError(f"refused {target}: only http and https URLs are fetched")
@@ -94,6 +101,19 @@ async def fetch(
     raise PermanentError(f"too many redirects: more than {max_redirects} from {url}")
 
 
+async def _check_not_paused(hops: HopLimits, key: str, *, url: str) -> None:
+    """Raise ScopePaused when the task's own host is paused: it was released before the
+    pause (a push-back by another download, or the API), and must not reach the host
+    during it. It runs again after the pause, without spending a try."""
+    until = await hops.paused_until(key)
+    if until is not None:
+        raise ScopePaused(
+            f"host:{key}",
+            retry_after_s=(until - datetime.now(UTC)).total_seconds(),
+            detail=f"host {key} is paused until {until.isoformat()}; not fetched {url}",
+        )
+
+
 def _redirect_target(current: httpx.URL, location: str) -> httpx.URL:
     try:
         return current.join(location)
@@ -106,10 +126,37 @@ def _describe(error: Exception) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
+def retry_after_s(value: str | None, *, now: datetime) -> float:
+    """Seconds a Retry-After header asks for: delta-seconds or an HTTP-date (RFC 9110
+    10.2.3); NaN when missing or invalid (the caller's default applies: the worker's
+    UPSTREAM_DEFAULT_PAUSE_S). A date in the past asks for 0."""
+    text = (value or "").strip()
+    if text.isdigit():
+        return float(text)
+    if not text:
+        return math.nan
+    try:
+        moment = parsedate_to_datetime(text)
+    except (TypeError, ValueError):
+        return math.nan
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)  # HTTP-dates are GMT
+    return max((moment - now).total_seconds(), 0.0)
+
+
 def _check_status(response: httpx.Response) -> None:
     status = response.status_code
     if 200 <= status < 300:
         return
+    if status in PUSH_BACK_STATUSES:
+        # Too many requests, or unavailable for now: pause the host's scope (every
+        # relay stops releasing its downloads) and run this one again after the pause,
+        # without spending a try (worker.taskkit.backpressure).
+        raise Backpressure(
+            f"host:{url_host_key(response.url)}",
+            retry_after_s=retry_after_s(response.headers.get("Retry-After"), now=datetime.now(UTC)),
+            detail=f"HTTP {status} from {response.url}",
+        )
     if 500 <= status < 600:
         raise RetriableError(f"HTTP {status} from {response.url}")
     # 4xx, and anything else a GET should not get (e.g. 304 or a 3xx without Location).

@@ -119,7 +119,7 @@ async def _write_all(
                 outcomes=[
                     _outcome(ids[0], EventKind.SUCCEEDED, result={"message": "é ✓", "n": [1]}),
                     _outcome(ids[1], EventKind.FAILED, error="ValueError: no"),
-                    _outcome(ids[2], EventKind.RETRYING, error="again", defer_s=0.25),
+                    _outcome(ids[2], EventKind.RETRYING, error="again", defer_s=0.25, tries_base=0),
                     _outcome(
                         ids[3],
                         EventKind.REQUEUED,
