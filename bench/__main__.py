@@ -28,6 +28,7 @@ BENCHMARKS = (
     "task_list",
     "limit_changes",
     "upstream",
+    "cli_submit",
 )
 
 
