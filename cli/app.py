@@ -92,7 +92,7 @@ def submit(
             )
         )
     elapsed = time.monotonic() - started
-    total = len(outcome.task_ids)
+    total = outcome.submitted
     line = f"submitted {total} tasks ({outcome.replayed} replayed) in {elapsed:.1f}s"
     if wait:
         line += f"; {outcome.finished - outcome.failed} succeeded, {outcome.failed} did not"
