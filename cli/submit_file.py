@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,7 +90,13 @@ def _bad_item(path: Path, batch: Batch, response: httpx.Response) -> str:
 
 
 async def _post(
-    http: httpx.AsyncClient, path: Path, batch: Batch, *, retry_for_s: float, ids: bool
+    http: httpx.AsyncClient,
+    path: Path,
+    batch: Batch,
+    *,
+    retry_for_s: float,
+    ids: bool,
+    notice: Callable[[str], None],
 ) -> tuple[list[str], bool]:
     """Post one batch until it is written; a 503 or a refused connection is retried."""
     loop = asyncio.get_running_loop()
@@ -116,6 +122,7 @@ async def _post(
             problem = f"HTTP {response.status_code}: {detail(response)}"
         if loop.time() + pause > deadline:
             raise ApiError(f"gave up after {retry_for_s:g}s: {problem}")
+        notice(f"lines {batch.first_line}-{batch.lines[-1]}: retrying in {pause:g}s: {problem}")
         await asyncio.sleep(pause)
         pause = min(pause * 2, 5.0)
 
@@ -164,7 +171,14 @@ async def submit_file(
 
         async def send(group: asyncio.TaskGroup, batch: Batch) -> None:
             try:
-                ids, replayed = await _post(http, path, batch, retry_for_s=retry_for_s, ids=wait)
+                ids, replayed = await _post(
+                    http,
+                    path,
+                    batch,
+                    retry_for_s=retry_for_s,
+                    ids=wait,
+                    notice=progress.console.print,
+                )
             finally:
                 slots.release()
             outcome.submitted += len(batch.items)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import IO
 
 import httpx
 import pytest
@@ -107,6 +110,49 @@ async def test_submit_file_survives_a_late_api_and_a_rerun_creates_nothing(
     assert refused.returncode == 2
     assert f"{bad}:2: input.name" in refused.stderr
     assert await task_count(database_url) == 2_500
+
+
+async def test_submit_file_rides_out_503s_while_the_database_is_locked(
+    database_url: str, env: dict[str, str], port: int, tmp_path: Path
+) -> None:
+    if not database_url.startswith("sqlite"):
+        pytest.skip("holds SQLite's write lock")
+    tasks = write_jsonl(
+        tmp_path / "tasks.jsonl",
+        [{"name": "greeting", "input": {"name": f"n{i}"}} for i in range(1_500)],
+    )
+    # A short lock timeout: a locked database fails the intake's transaction, a 503.
+    with cluster(env={**env, "DATABASE_TIMEOUT_S": "0.2"}, log_dir=tmp_path) as running:
+        running.start("api")
+        await wait_for(lambda: api_up(port), timeout_s=30, interval_s=0.1, message="API up")
+        lock = sqlite3.connect(database_url.split("///", 1)[1], isolation_level=None)
+        lock.execute("BEGIN EXCLUSIVE")
+        cli = start(port, "submit", "--file", str(tasks))
+        try:
+            assert cli.stderr is not None
+            told = await asyncio.wait_for(
+                asyncio.to_thread(_line_with, cli.stderr, "HTTP 503"), timeout=60
+            )
+            assert "retrying" in told
+        except BaseException:
+            cli.kill()
+            cli.communicate()
+            raise
+        finally:
+            lock.execute("COMMIT")
+            lock.close()
+        out, err = cli.communicate(timeout=60)
+    assert cli.returncode == 0, out + err
+    assert "submitted 1500 tasks" in out
+    assert await task_count(database_url) == 1_500
+
+
+def _line_with(stream: IO[str], needle: str) -> str:
+    """The first line of ``stream`` containing ``needle`` (blocking)."""
+    for line in stream:
+        if needle in line:
+            return line
+    raise AssertionError(f"no line with {needle!r}")
 
 
 async def test_commands_against_a_running_cluster(
