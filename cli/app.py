@@ -22,8 +22,16 @@ console = Console()
 
 
 @click.group()
-@click.option("--url", envvar="THROTTLER_URL", default="http://127.0.0.1:8000", show_default=True)
-@click.option("--key", envvar="THROTTLER_API_KEY", default=None, help="An API key (Bearer).")
+@click.option(
+    "--url",
+    envvar="THROTTLER_URL",
+    default="http://127.0.0.1:8000",
+    show_default=True,
+    show_envvar=True,
+)
+@click.option(
+    "--key", envvar="THROTTLER_API_KEY", default=None, show_envvar=True, help="An API key (Bearer)."
+)
 @click.pass_context
 def cli(ctx: click.Context, url: str, key: str | None) -> None:
     """Talk to an ARQ Task Throttler's REST API."""
@@ -141,12 +149,14 @@ def show(task_id: str) -> None:
     console.print(render.events_table(client.call("GET", f"/tasks/{task_id}/events")["events"]))
 
 
-def _by_filter(path: str, status: str | None, name: str | None) -> None:
+def _by_filter(
+    path: str, status: str | None, name: str | None, params: dict[str, str] | None = None
+) -> None:
     """Call a filter endpoint until nothing remains: each call takes a bounded slice."""
     body = {k: v for k, v in {"status": status, "name": name}.items() if v}
     count = skipped = 0
     while True:
-        answer = _client().call("POST", path, json=body)
+        answer = _client().call("POST", path, json=body, params=params or {})
         count += answer["count"]
         skipped += answer.get("skipped", 0)
         if answer["remaining"] == 0 or answer["count"] == 0:
@@ -161,11 +171,11 @@ def _by_filter(path: str, status: str | None, name: str | None) -> None:
 @click.option("--name", default=None, help="By filter: this kind of task.")
 def cancel(task_id: str | None, force: bool, status: str | None, name: str | None) -> None:
     """Cancel one task (ID) or every task matching --status/--name."""
+    params = {"force": "true"} if force else {}
     if task_id:
-        params = {"force": "true"} if force else {}
         _json(_client().call("POST", f"/tasks/{task_id}/cancel", params=params))
     elif status or name:
-        _by_filter("/tasks/cancel", status, name)
+        _by_filter("/tasks/cancel", status, name, params)
     else:
         raise click.UsageError("give an ID or a filter (--status, --name)")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -28,10 +29,14 @@ def port() -> int:
     return free_port()
 
 
-def throttler(port: int, *args: str, timeout_s: float = 90) -> subprocess.CompletedProcess[str]:
+def throttler(
+    port: int, *args: str, timeout_s: float = 90, key: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "THROTTLER_API_KEY"}
     return subprocess.run(
         [sys.executable, "-m", "cli", "--url", f"http://127.0.0.1:{port}", *args],
         cwd=ROOT,
+        env={**env, "THROTTLER_API_KEY": key} if key else env,
         capture_output=True,
         text=True,
         timeout=timeout_s,
@@ -243,3 +248,30 @@ def test_an_unreachable_api_names_the_url() -> None:
     result = throttler(port, "limits")
     assert result.returncode == 2
     assert f"http://127.0.0.1:{port}" in result.stderr
+
+
+async def test_the_key_from_the_environment_or_option_reaches_the_api(
+    database_url: str, env: dict[str, str], port: int, tmp_path: Path
+) -> None:
+    keys = {"API_KEYS": "k-acme:acme,k-ops:ops", "API_ADMIN_KEYS": "k-ops"}
+    with cluster(env={**env, **keys}, log_dir=tmp_path) as running:
+        running.start("api")
+        await wait_for(lambda: api_up(port), timeout_s=30, interval_s=0.1, message="API up")
+        anonymous = throttler(port, "limits")
+        assert anonymous.returncode == 2
+        assert "401" in anonymous.stderr
+
+        tasks = write_jsonl(
+            tmp_path / "tasks.jsonl",
+            [{"name": "greeting", "input": {"name": f"n{i}"}} for i in range(10)],
+        )
+        submitted = throttler(port, "submit", "--file", str(tasks), key="k-acme")
+        assert submitted.returncode == 0, submitted.stderr
+        assert await task_count(database_url) == 10
+
+        not_admin = throttler(port, "limit", "cluster", "--rate", "5/s", key="k-acme")
+        assert not_admin.returncode == 2
+        assert "403" in not_admin.stderr
+        admin = throttler(port, "--key", "k-ops", "limit", "cluster", "--rate", "5/s")
+        assert admin.returncode == 0, admin.stderr
+        assert '"5/s"' in admin.stdout
