@@ -114,7 +114,10 @@ def _run_unwrapped(work: Coroutine[Any, Any, Outcome]) -> Outcome:
     try:
         return asyncio.run(work)
     except* ApiError as group:
-        raise group.exceptions[0] from None
+        first: BaseException = group
+        while isinstance(first, BaseExceptionGroup):  # task groups nest
+            first = first.exceptions[0]
+        raise first from None
 
 
 @cli.command()

@@ -22,6 +22,8 @@ from cli.client import API, ApiError, detail, headers
 BATCH = 1000
 # Answers worth retrying with the same batch and keys: the write did not happen.
 RETRIABLE = frozenset({429, 502, 503, 504})
+# Tasks long-polled at once with --wait.
+WATCHERS = 64
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 
 
@@ -160,16 +162,18 @@ async def submit_file(
         sent = progress.add_task("submitted", total=None)
         done = progress.add_task("finished", total=None, visible=wait)
         slots = asyncio.Semaphore(concurrency)
-        waiting = asyncio.Semaphore(64)
+        # --wait: a fixed pool of long-polls takes ids as batches land (not one coroutine
+        # per task: a file may hold millions); None tells a watcher the file is done.
+        to_watch: asyncio.Queue[str | None] = asyncio.Queue()
 
-        async def watch(task_id: str) -> None:
-            async with waiting:
+        async def watch() -> None:
+            while (task_id := await to_watch.get()) is not None:
                 status = await _wait_one(http, task_id)
-            outcome.finished += 1
-            outcome.failed += status != "succeeded"
-            progress.advance(done)
+                outcome.finished += 1
+                outcome.failed += status != "succeeded"
+                progress.advance(done)
 
-        async def send(group: asyncio.TaskGroup, batch: Batch) -> None:
+        async def send(batch: Batch) -> None:
             try:
                 ids, replayed = await _post(
                     http,
@@ -189,11 +193,15 @@ async def submit_file(
                 outcome.task_ids.extend(ids)
                 progress.update(done, total=len(outcome.task_ids))
                 for task_id in ids:
-                    group.create_task(watch(task_id))
+                    to_watch.put_nowait(task_id)
 
         async with asyncio.TaskGroup() as group:
-            for batch in batches(path):
-                await slots.acquire()
-                group.create_task(send(group, batch))
-        progress.update(sent, total=outcome.submitted)
+            watchers = [group.create_task(watch()) for _ in range(WATCHERS if wait else 0)]
+            async with asyncio.TaskGroup() as senders:
+                for batch in batches(path):
+                    await slots.acquire()
+                    senders.create_task(send(batch))
+            progress.update(sent, total=outcome.submitted)
+            for _ in watchers:
+                to_watch.put_nowait(None)
     return outcome
