@@ -86,6 +86,11 @@ class Settings(BaseSettings):
     upstream_max_pause_s: NonNegativeFloat = 3600.0
     upstream_max_pushbacks: int = Field(default=50, ge=0)
 
+    # Metrics (GET /metrics on the API): how old its cached cluster view may get before a
+    # scrape starts a refresh, and how many values of each ``*`` rule get their own series.
+    metrics_refresh_s: PositiveFloat = 5.0
+    metrics_top_scopes: int = Field(default=20, ge=0)
+
     # Logging
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
