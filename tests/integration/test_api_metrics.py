@@ -96,17 +96,23 @@ async def test_cluster_view_counts_the_known_workload(
     # Backlog, in flight and caps per scope: the same numbers as /relay/status.
     backlog = by_label(samples, "throttler_scope_backlog", "scope")
     inflight = by_label(samples, "throttler_scope_inflight", "scope")
-    assert backlog["cluster"] == 2 and inflight["cluster"] == 3
-    assert backlog["task:download"] == 1 and inflight["task:download"] == 2
-    assert backlog["host:a.example"] == 1 and inflight["host:a.example"] == 1
+    assert backlog["cluster"] == 2
+    assert inflight["cluster"] == 3
+    assert backlog["task:download"] == 1
+    assert inflight["task:download"] == 2
+    assert backlog["host:a.example"] == 1
+    assert inflight["host:a.example"] == 1
     assert inflight["host:b.example"] == 1
     assert backlog["host:slow.example"] == 0
-    assert backlog["account:beta"] == 1 and inflight["account:beta"] == 1
+    assert backlog["account:beta"] == 1
+    assert inflight["account:beta"] == 1
     caps = by_label(samples, "throttler_scope_inflight_cap", "scope")
-    assert caps["task:download"] == 3 and caps["account:acme"] == 2
+    assert caps["task:download"] == 3
+    assert caps["account:acme"] == 2
     assert caps["host:slow.example"] == 1
     rates = by_label(samples, "throttler_scope_rate_cap_per_second", "scope")
-    assert rates["cluster"] == 10.0 and rates["host:a.example"] == 1.0
+    assert rates["cluster"] == 10.0
+    assert rates["host:a.example"] == 1.0
     dispatched = by_label(samples, "throttler_scope_dispatched_last_minute", "scope")
     # Queued 5 s, 30 s and 10 s ago: three downloads dispatched in the last minute.
     assert dispatched["task:download"] == 3
@@ -121,7 +127,8 @@ async def test_wildcard_scopes_keep_only_the_busiest_values(
     # host:*: a.example (pending, queued, a success: 3) beats b.example (running: 1);
     # host:slow.example is a specific rule, shown with no task at all.
     assert {s for s in scopes if s.startswith("host:")} == {"host:a.example", "host:slow.example"}
-    assert "task:download" in scopes and "cluster" in scopes
+    assert "task:download" in scopes
+    assert "cluster" in scopes
     async with make_api_client(_limited(settings, metrics_top_scopes=0)) as client:
         samples = await scrape(client)
     scopes = set(by_label(samples, "throttler_scope_backlog", "scope"))
@@ -156,7 +163,7 @@ async def test_requests_are_counted_by_route_template_and_the_view_refreshes(
     }
     submits = [(key, v) for key, v in requests.items() if key[0] == "POST"]
     assert len(submits) == 1, submits
-    (method, route, code), count = submits[0]
+    (_method, route, code), count = submits[0]
     assert (code, count, route) == ("202", 3, "/api/v1/task/greeting")
     assert requests[("GET", "unmatched", "404")] == 1
     # Templates, never paths: no task id appears as a label.
