@@ -28,6 +28,7 @@ BENCHMARKS = (
     "task_list",
     "limit_changes",
     "upstream",
+    "metrics_scrape",
 )
 
 
