@@ -74,6 +74,8 @@ class Settings(BaseSettings):
     worker_shutdown_grace_s: NonNegativeFloat = 30.0
     worker_lease_s: float = Field(default=3.0, ge=0.5)
     task_timeout_s: PositiveFloat = 300.0
+    # Port serving this worker's own metrics (worker.metrics); 0: none.
+    worker_metrics_port: int = Field(default=0, ge=0, le=65535)
 
     # Download task
     download_allow_private: bool = False
