@@ -60,7 +60,7 @@ from datetime import datetime
 
 from arq.connections import ArqRedis
 
-from relay import plan
+from relay import metrics, plan
 from relay.board import BoardPublisher, board_from, next_tokens
 from relay.enqueue import BatchEnqueuer, JobSpec, Outcome
 from relay.plan import Memory, Opening, Policy, Settlement, Snapshot
@@ -350,6 +350,7 @@ class Relay:
         self._memory = opening.memory
         if opening.may_skip_if_idle and await self.outbox.surely_idle():
             return Batch(to_enqueue=(), next_step_at=plan.idle_next_step_at(self.policy, opening))
+        metrics.CLAIMS.inc()
         async with self.outbox.claiming() as claim:
             if carried:
                 # First, so that rows known to be in ARQ no longer count as in hand.
@@ -554,6 +555,7 @@ class Relay:
             late = handed.late
             errors += handed.errors
         if late:
+            metrics.LATE.inc(len(late))
             log.warning(
                 "relay.late",
                 extra=fields(relay=self.relay_id, count=len(late), lead_s=round(lead_s, 3)),
@@ -622,6 +624,11 @@ class Relay:
         to_enqueue = handing.batch.to_enqueue
         self._unreleased.extend(c.outbox_id for c in to_enqueue if c.task_id in enqueued)
         self._count(len(enqueued), handing.batch.backlog)
+        for claimed in to_enqueue:
+            if claimed.task_id in enqueued:
+                metrics.RELEASED.labels(claimed.name).inc()
+        if failures:
+            metrics.ENQUEUE_FAILURES.inc(len(failures))
         if not failures:
             return None
         first = failures[0]

@@ -59,6 +59,8 @@ class Settings(BaseSettings):
     relay_batch_size: int = Field(default=1000, ge=1, le=10_000)
     relay_poll_interval_s: PositiveFloat = 0.05
     relay_claim_lease_s: PositiveFloat = 15.0
+    # Port serving this relay's own metrics (relay.metrics); 0: none.
+    relay_metrics_port: int = Field(default=0, ge=0, le=65535)
 
     # Recovery and housekeeping (run by the relay process)
     reconcile_interval_s: PositiveFloat = 5.0
