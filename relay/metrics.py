@@ -27,6 +27,13 @@ LATE = Counter(
     "Tasks still late after every retime: left leased, released again once the lease lapses.",
     registry=REGISTRY,
 )
+HELD_BACK = Counter(
+    "throttler_relay_held_back",
+    "Claimed rows a claim left in the outbox, by reason: cap (an in-flight cap or the queue "
+    "room) or rate (no token yet). A row held back by several claims counts each time.",
+    ["reason"],
+    registry=REGISTRY,
+)
 ENQUEUE_FAILURES = Counter(
     "throttler_relay_enqueue_failures",
     "Enqueues into ARQ that failed (the rows stay in the outbox and are claimed again).",

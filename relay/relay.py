@@ -91,6 +91,17 @@ STEPS_TO_RECOVER = 3
 LIMITS_CHECK_EVERY_S = 0.5
 
 
+def _count_held_back(planned: plan.Plan, admission: Admission | None) -> None:
+    """Count the claimed rows this claim left in the outbox, by what held them back."""
+    wanted = len(planned.claims) - len(planned.release_only)
+    capped = wanted - len(planned.candidates)
+    if capped > 0:
+        metrics.HELD_BACK.labels("cap").inc(capped)
+    refused = len(planned.candidates) - (0 if admission is None else len(admission.admitted))
+    if admission is not None and refused > 0:
+        metrics.HELD_BACK.labels("rate").inc(refused)
+
+
 def new_relay_id() -> str:
     """Name this relay ``hostname-pid-random`` (fits ``outbox.claimed_by``)."""
     return f"{socket.gethostname()[:40]}-{os.getpid()}-{secrets.token_hex(3)}"
@@ -410,6 +421,7 @@ class Relay:
         settlement = plan.settle(
             self.policy, opening, selection, planned, admission=admission, now=self.clock()
         )
+        _count_held_back(planned, admission)
         self._memory = settlement.memory
         self._seen = self._board_of(
             room=room, inflight=inflight, admission=admission, to_lease=settlement.to_lease
