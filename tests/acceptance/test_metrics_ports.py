@@ -102,5 +102,6 @@ async def test_a_relay_serves_its_releases(
             return samples if released in samples else None
 
         samples = await wait_for(counted, timeout_s=30, message="the release to be counted")
+        assert samples is not None
     assert samples[released] == 1
     assert samples["throttler_relay_claims_total"] >= 1
