@@ -8,15 +8,19 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
 from api.announce import NewWorkAnnouncer
 from api.body_limit import BodyLimitMiddleware
 from api.bulk import BULK_MAX_BODY_BYTES, BULK_PATH
+from api.cluster_view import ClusterReader, ClusterViewCache
 from api.docs import mount_docs
 from api.errors import register_error_handlers
 from api.intake import IntakeWriter
 from api.key_first import KeyBeforeBodyMiddleware
+from api.metrics import ApiMetrics, ClusterCollector, RequestMetricsMiddleware
+from api.metrics import router as metrics_router
 from api.routes import cancel, health, limits, nodes, relay, tasks
 from api.waiters import FinishedListener, FinishedSweep, Waiters
 from throttler.constants import API_PREFIX
@@ -68,12 +72,27 @@ def create_app(settings: Settings) -> FastAPI:
         listener = FinishedListener(redis=subscriber, waiters=waiters)
         sweep = FinishedSweep(reads=app.state.reads, waiters=waiters)
         app.state.waiters = waiters
+        cluster_view = ClusterViewCache(
+            ClusterReader(
+                settings=settings,
+                engine=engine,
+                reads=app.state.reads,
+                limits=app.state.limits,
+                redis=redis,
+            ),
+            max_age_s=settings.metrics_refresh_s,
+        )
+        app.state.cluster_view = cluster_view
+        collector = ClusterCollector(cluster_view)
+        registry.register(collector)
         background = [asyncio.create_task(listener.run()), asyncio.create_task(sweep.run())]
         try:
             yield
         finally:
             listener.stop()
             sweep.stop()
+            await cluster_view.close()
+            registry.unregister(collector)
             for job in background:
                 job.cancel()
             for outcome in await asyncio.gather(*background, return_exceptions=True):
@@ -98,6 +117,9 @@ def create_app(settings: Settings) -> FastAPI:
         redoc_url=None,
     )
     app.state.settings = settings
+    # This app's own registry (api.metrics): two apps in one process never share a series.
+    registry = CollectorRegistry()
+    app.state.metrics_registry = registry
     mount_docs(app, settings)
     app.include_router(tasks.router)
     app.include_router(cancel.router)
@@ -105,6 +127,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(limits.router)
     app.include_router(nodes.router)
     app.include_router(health.router)
+    app.include_router(metrics_router)
     register_error_handlers(app)
     app.add_middleware(
         BodyLimitMiddleware,
@@ -115,4 +138,6 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(
         KeyBeforeBodyMiddleware, accounts_by_key=settings.accounts_by_key, prefix=API_PREFIX
     )
+    # Added last of all, so it is outermost: it times and counts every answer, refusals too.
+    app.add_middleware(RequestMetricsMiddleware, metrics=ApiMetrics(registry))
     return app

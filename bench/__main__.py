@@ -29,6 +29,7 @@ BENCHMARKS = (
     "limit_changes",
     "upstream",
     "cli_submit",
+    "metrics_scrape",
 )
 
 

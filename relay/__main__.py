@@ -8,6 +8,7 @@ import signal
 
 from arq.connections import ArqRedis, RedisSettings, create_pool
 
+from relay.metrics import serve_metrics
 from relay.relay import Relay
 from throttler.constants import FINISHED_CHANNEL, LIMITS_CHANNEL, SUBMITTED_CHANNEL
 from throttler.db import create_engine
@@ -128,6 +129,7 @@ async def serve(settings: Settings, *, relay_type: type[Relay] = Relay) -> None:
 def main() -> None:
     settings = load_settings()
     configure_logging(component="relay", level=settings.log_level)
+    serve_metrics(settings.relay_metrics_port)
     asyncio.run(serve(settings))
 
 

@@ -60,7 +60,7 @@ from datetime import datetime
 
 from arq.connections import ArqRedis
 
-from relay import plan
+from relay import metrics, plan
 from relay.board import BoardPublisher, board_from, next_tokens
 from relay.enqueue import BatchEnqueuer, JobSpec, Outcome
 from relay.plan import Memory, Opening, Policy, Settlement, Snapshot
@@ -89,6 +89,17 @@ STEPS_TO_RECOVER = 3
 # The longest a relay sleeps between claims (each reads the limits' version): a change
 # through the API is obeyed within this, even without its announcement.
 LIMITS_CHECK_EVERY_S = 0.5
+
+
+def _count_held_back(planned: plan.Plan, admission: Admission | None) -> None:
+    """Count the claimed rows this claim left in the outbox, by what held them back."""
+    wanted = len(planned.claims) - len(planned.release_only)
+    capped = wanted - len(planned.candidates)
+    if capped > 0:
+        metrics.HELD_BACK.labels("cap").inc(capped)
+    refused = len(planned.candidates) - (0 if admission is None else len(admission.admitted))
+    if admission is not None and refused > 0:
+        metrics.HELD_BACK.labels("rate").inc(refused)
 
 
 def new_relay_id() -> str:
@@ -350,6 +361,7 @@ class Relay:
         self._memory = opening.memory
         if opening.may_skip_if_idle and await self.outbox.surely_idle():
             return Batch(to_enqueue=(), next_step_at=plan.idle_next_step_at(self.policy, opening))
+        metrics.CLAIMS.inc()
         async with self.outbox.claiming() as claim:
             if carried:
                 # First, so that rows known to be in ARQ no longer count as in hand.
@@ -409,6 +421,7 @@ class Relay:
         settlement = plan.settle(
             self.policy, opening, selection, planned, admission=admission, now=self.clock()
         )
+        _count_held_back(planned, admission)
         self._memory = settlement.memory
         self._seen = self._board_of(
             room=room, inflight=inflight, admission=admission, to_lease=settlement.to_lease
@@ -554,6 +567,7 @@ class Relay:
             late = handed.late
             errors += handed.errors
         if late:
+            metrics.LATE.inc(len(late))
             log.warning(
                 "relay.late",
                 extra=fields(relay=self.relay_id, count=len(late), lead_s=round(lead_s, 3)),
@@ -622,6 +636,11 @@ class Relay:
         to_enqueue = handing.batch.to_enqueue
         self._unreleased.extend(c.outbox_id for c in to_enqueue if c.task_id in enqueued)
         self._count(len(enqueued), handing.batch.backlog)
+        for claimed in to_enqueue:
+            if claimed.task_id in enqueued:
+                metrics.RELEASED.labels(claimed.name).inc()
+        if failures:
+            metrics.ENQUEUE_FAILURES.inc(len(failures))
         if not failures:
             return None
         first = failures[0]

@@ -59,6 +59,8 @@ class Settings(BaseSettings):
     relay_batch_size: int = Field(default=1000, ge=1, le=10_000)
     relay_poll_interval_s: PositiveFloat = 0.05
     relay_claim_lease_s: PositiveFloat = 15.0
+    # Port serving this relay's own metrics (relay.metrics); 0: none.
+    relay_metrics_port: int = Field(default=0, ge=0, le=65535)
 
     # Recovery and housekeeping (run by the relay process)
     reconcile_interval_s: PositiveFloat = 5.0
@@ -74,6 +76,8 @@ class Settings(BaseSettings):
     worker_shutdown_grace_s: NonNegativeFloat = 30.0
     worker_lease_s: float = Field(default=3.0, ge=0.5)
     task_timeout_s: PositiveFloat = 300.0
+    # Port serving this worker's own metrics (worker.metrics); 0: none.
+    worker_metrics_port: int = Field(default=0, ge=0, le=65535)
 
     # Download task
     download_allow_private: bool = False
@@ -85,6 +89,11 @@ class Settings(BaseSettings):
     upstream_default_pause_s: NonNegativeFloat = 30.0
     upstream_max_pause_s: NonNegativeFloat = 3600.0
     upstream_max_pushbacks: int = Field(default=50, ge=0)
+
+    # Metrics (GET /metrics on the API): how old its cached cluster view may get before a
+    # scrape starts a refresh, and how many values of each ``*`` rule get their own series.
+    metrics_refresh_s: PositiveFloat = 5.0
+    metrics_top_scopes: int = Field(default=20, ge=0)
 
     # Logging
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

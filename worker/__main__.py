@@ -11,6 +11,7 @@ from typing import Any
 
 from throttler.logs import configure_logging, fields
 from throttler.settings import Settings, load_settings
+from worker.metrics import serve_metrics
 from worker.service import Supervision, serve
 from worker.taskkit import TaskBase
 from worker.tasks import DEFAULT_TASKS
@@ -43,6 +44,7 @@ def run(
 def main() -> None:
     settings = load_settings()
     configure_logging(component="worker", level=settings.log_level)
+    serve_metrics(settings.worker_metrics_port)
     run(settings)
 
 

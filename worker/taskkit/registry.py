@@ -63,6 +63,8 @@ def arq_function(definition: TaskDefinition) -> Function:
             # ARQ's own pool: announces the outcome to API long-polls (best effort).
             redis=ctx.get("redis"),
             aborted=lambda: job_id in aborting,
+            # ARQ's score: when the job became due, in ms (a deferred job: its moment).
+            due_at=float(ctx["score"]) / 1000 if ctx.get("score") else None,
         )
 
     job.__qualname__ = f"run_{definition.name}"

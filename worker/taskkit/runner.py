@@ -36,6 +36,7 @@ from throttler.logs import fields
 from throttler.models import utcnow
 from throttler.statuses import EventKind
 from throttler.store.attempts import Attempt, Outcome
+from worker import metrics
 from worker.taskkit.backoff import retry_delay_s
 from worker.taskkit.backpressure import PushedBack, push_back, spares_try
 from worker.taskkit.base import BlockingTask
@@ -74,6 +75,7 @@ async def run_task(
     arq_try: int = 1,
     redis: Redis | None = None,
     aborted: Callable[[], bool] | None = None,
+    due_at: float | None = None,
 ) -> None:
     """Run one attempt of the task ``task_id`` and record how it ended.
 
@@ -82,6 +84,7 @@ async def run_task(
     cannot even record the start. With ``redis``, a terminal outcome is announced there
     once committed (see throttler.finished). ``aborted`` says whether a cancellation of
     the job is an abort (the task was cancelled: throttler.aborts) rather than a stop.
+    ``due_at`` (Unix time) is when the job became due in ARQ: the queue wait's start.
     """
     settings = resources.settings
     try:
@@ -120,6 +123,10 @@ async def run_task(
         return
 
     started = time.monotonic()
+    if not attempt.orphaned:
+        metrics.ATTEMPTS_STARTED.labels(definition.name).inc()
+        if due_at is not None:
+            metrics.QUEUE_WAIT.labels(definition.name).observe(max(0.0, time.time() - due_at))
     if attempt.orphaned:
         # ARQ delivered the job again: the worker running this attempt died (its lease
         # lapsed). Another attempt goes back through the outbox, as any other.
@@ -357,6 +364,9 @@ async def _record(
         "attempt": attempt.attempt,
         "duration_ms": round((time.monotonic() - started) * 1000),
     }
+    if changed:
+        metrics.ATTEMPTS_FINISHED.labels(definition.name, outcome.event.value).inc()
+        metrics.RUN_TIME.labels(definition.name).observe(time.monotonic() - started)
     if not changed:
         # The task is no longer running on this attempt: cancelled (an abort that did not
         # reach this worker), or recovered and perhaps running again elsewhere.
