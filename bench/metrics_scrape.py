@@ -15,20 +15,19 @@ of each round's p50 and p99, after an unmeasured warm-up.
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.figures import Figure, Target, median, render
-from bench.processes import free_port, http_server, migrate, postgres_database
+from bench.figures import Figure, Target, render
+from bench.processes import migrate, postgres_database
+from bench.sequential import FULL, QUICK, Sizes, api_on, medians_ms
 from bench.task_history import fill_postgres, fill_sqlite
 from devtools.redis_server import start_redis_server
 
@@ -40,27 +39,11 @@ LIMITS = "task:* inflight=50; host:* rate=5/s; account:* inflight=100"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class Sizes:
-    tasks: int
-    requests: int  # per round
-    rounds: int
-    warmup: int
-
-
-QUICK = Sizes(tasks=20_000, requests=50, rounds=1, warmup=10)
-FULL = Sizes(tasks=1_000_000, requests=700, rounds=3, warmup=100)
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
 class Measured:
     p50_ms: float
     p99_ms: float
     first_ms: float
     seed_s: float
-
-
-def _percentile(values: list[float], percent: int) -> float:
-    return statistics.quantiles(values, n=100, method="inclusive")[percent - 1]
 
 
 def _tasks_counted(body: str) -> float:
@@ -84,37 +67,15 @@ def _scrape(client: httpx.Client, url: str, count: int, tasks: int) -> list[floa
     return times_s
 
 
-@contextmanager
-def _api(database_url: str, redis_url: str) -> Iterator[str]:
-    port = free_port()
-    env = {
-        **os.environ,
-        "DATABASE_URL": database_url,
-        "REDIS_URL": redis_url,
-        "API_PORT": str(port),
-        "RELAY_LIMITS": LIMITS,
-        "METRICS_REFRESH_S": "1",
-        "LOG_LEVEL": "WARNING",
-    }
-    with http_server(["api"], env, port) as base_url:
-        yield base_url
-
-
 def _measure(database_url: str, redis_url: str, sizes: Sizes, seed_s: float) -> Measured:
-    p50: list[float] = []
-    p99: list[float] = []
     with (
-        _api(database_url, redis_url) as base_url,
+        api_on(database_url, redis_url, RELAY_LIMITS=LIMITS, METRICS_REFRESH_S="1") as base_url,
         httpx.Client(timeout=60.0, trust_env=False) as client,
     ):
         url = f"{base_url}{PATH}"
         first = _scrape(client, url, 1, sizes.tasks)[0]
-        _scrape(client, url, sizes.warmup, sizes.tasks)
-        for _ in range(sizes.rounds):
-            times_s = _scrape(client, url, sizes.requests, sizes.tasks)
-            p50.append(_percentile(times_s, 50) * 1000)
-            p99.append(_percentile(times_s, 99) * 1000)
-    return Measured(p50_ms=median(p50), p99_ms=median(p99), first_ms=first * 1000, seed_s=seed_s)
+        p50, p99 = medians_ms(lambda count: _scrape(client, url, count, sizes.tasks), sizes)
+    return Measured(p50_ms=p50, p99_ms=p99, first_ms=first * 1000, seed_s=seed_s)
 
 
 def measure_sqlite(workdir: Path, redis_url: str, sizes: Sizes) -> Measured:

@@ -18,12 +18,10 @@ import asyncio
 import os
 import re
 import sqlite3
-import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,8 +30,9 @@ from sqlalchemy import text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from bench.figures import Figure, Target, median, render
-from bench.processes import free_port, http_server, migrate, postgres_database
+from bench.figures import Figure, Target, render
+from bench.processes import migrate, postgres_database
+from bench.sequential import FULL, QUICK, Sizes, api_on, medians_ms
 from bench.task_history import ACCOUNTS, fill_postgres, fill_sqlite
 from devtools.redis_server import start_redis_server
 from throttler.statuses import TaskStatus
@@ -50,20 +49,6 @@ INDEX = "ix_tasks_account_status_created_at_id"
 KEYS = {account: f"bench-key-{account}" for account in ACCOUNTS}
 # The largest account (40 % of the tasks): its failed tasks are 4 % of the table.
 ACCOUNT = ACCOUNTS[0]
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Sizes:
-    tasks: int
-    requests: int  # per round
-    rounds: int
-    warmup: int
-
-
-QUICK = Sizes(tasks=20_000, requests=50, rounds=1, warmup=10)
-# Three rounds, the median of their percentiles: a p99 of one series on a shared 2-core
-# machine measures the neighbours' bursts as much as the API.
-FULL = Sizes(tasks=1_000_000, requests=700, rounds=3, warmup=100)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -116,10 +101,6 @@ def _plan_postgres(url: str) -> str:
     return reads[0]
 
 
-def _percentile(values: list[float], percent: int) -> float:
-    return statistics.quantiles(values, n=100, method="inclusive")[percent - 1]
-
-
 def _walk(client: httpx.Client, base_url: str, count: int) -> list[float]:
     """``count`` requests: the first page, then ``next_cursor`` for PAGES pages, again."""
     headers = {"Authorization": f"Bearer {KEYS[ACCOUNT]}"}
@@ -149,36 +130,14 @@ def _walk(client: httpx.Client, base_url: str, count: int) -> list[float]:
     return times_s
 
 
-@contextmanager
-def _api(database_url: str, redis_url: str) -> Iterator[str]:
-    port = free_port()
-    env = {
-        **os.environ,
-        "DATABASE_URL": database_url,
-        "REDIS_URL": redis_url,
-        "API_PORT": str(port),
-        "API_KEYS": ",".join(f"{key}:{account}" for account, key in KEYS.items()),
-        "API_ADMIN_KEYS": "",
-        "LOG_LEVEL": "WARNING",
-    }
-    with http_server(["api"], env, port) as base_url:
-        yield base_url
-
-
 def _measure(database_url: str, redis_url: str, sizes: Sizes) -> tuple[float, float]:
     """The medians over the rounds of each round's p50 and p99, in ms."""
-    p50: list[float] = []
-    p99: list[float] = []
+    keys = ",".join(f"{key}:{account}" for account, key in KEYS.items())
     with (
-        _api(database_url, redis_url) as base_url,
+        api_on(database_url, redis_url, API_KEYS=keys, API_ADMIN_KEYS="") as base_url,
         httpx.Client(timeout=10.0, trust_env=False) as client,
     ):
-        _walk(client, base_url, sizes.warmup)
-        for _ in range(sizes.rounds):
-            times_s = _walk(client, base_url, sizes.requests)
-            p50.append(_percentile(times_s, 50) * 1000)
-            p99.append(_percentile(times_s, 99) * 1000)
-    return median(p50), median(p99)
+        return medians_ms(lambda count: _walk(client, base_url, count), sizes)
 
 
 def measure_sqlite(workdir: Path, redis_url: str, sizes: Sizes) -> Measured:
