@@ -123,8 +123,10 @@ async def _announce(redis: Redis) -> None:
         log.debug("limits.change_not_announced", extra=fields(error=repr(error)))
 
 
-def _logged(kind: ChangeKind, key: LimitKey, caller: Caller) -> None:
+async def _changed(kind: ChangeKind, key: LimitKey, caller: Caller, redis: Redis) -> None:
+    """Log a committed change and tell the relays about it."""
     log.info("limits.changed", extra=fields(change=kind.value, scope=str(key), by=caller.account))
+    await _announce(redis)
 
 
 @router.get(
@@ -162,8 +164,7 @@ async def set_limit(
     await limits.change(
         ChangeKind.SET, key=key, by=caller.account, now=utcnow(), limit=body.limit()
     )
-    _logged(ChangeKind.SET, key, caller)
-    await _announce(redis)
+    await _changed(ChangeKind.SET, key, caller, redis)
     return await _one(limits, settings, key)
 
 
@@ -207,8 +208,7 @@ async def delete_limit(
             status_code=status.HTTP_404_NOT_FOUND,
             detail=f"no rule of {str(key)!r} was set through the API",
         )
-    _logged(ChangeKind.DELETE, key, caller)
-    await _announce(redis)
+    await _changed(ChangeKind.DELETE, key, caller, redis)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -243,8 +243,7 @@ async def pause_limit(
             ]
         )
     await limits.change(ChangeKind.PAUSE, key=key, by=caller.account, now=now, paused_until=until)
-    _logged(ChangeKind.PAUSE, key, caller)
-    await _announce(redis)
+    await _changed(ChangeKind.PAUSE, key, caller, redis)
     return await _one(limits, settings, key)
 
 
@@ -261,6 +260,5 @@ async def resume_limit(
 ) -> LimitRulePublic:
     key = _scope(scope)
     await limits.change(ChangeKind.RESUME, key=key, by=caller.account, now=utcnow())
-    _logged(ChangeKind.RESUME, key, caller)
-    await _announce(redis)
+    await _changed(ChangeKind.RESUME, key, caller, redis)
     return await _one(limits, settings, key)
