@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import time
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,10 +24,9 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.figures import Figure, Target, render
-from bench.processes import migrate, postgres_database
-from bench.sequential import FULL, QUICK, Sizes, api_on, medians_ms
+from bench.processes import migrate
+from bench.sequential import FULL, QUICK, Sizes, api_on, medians_ms, on_both_databases
 from bench.task_history import fill_postgres, fill_sqlite
-from devtools.redis_server import start_redis_server
 
 PATH = "/metrics"
 # Issue 12's bound.
@@ -125,17 +122,15 @@ def _figures(label: str, measured: Measured, sizes: Sizes) -> list[Figure]:
 
 def run(*, quick: bool) -> list[Figure]:
     sizes = QUICK if quick else FULL
-    figures: list[Figure] = []
-    with tempfile.TemporaryDirectory() as workdir_name, ExitStack() as stack:
-        workdir = Path(workdir_name)
-        redis = start_redis_server(workdir=workdir / "redis")
-        stack.callback(redis.stop)
-        figures += _figures("SQLite", measure_sqlite(workdir, redis.url, sizes), sizes)
-        with postgres_database("bench_metrics") as postgres_url:
-            if postgres_url is not None:
-                measured = measure_postgres(postgres_url, redis.url, sizes)
-                figures += _figures("PostgreSQL", measured, sizes)
-    return figures
+    return on_both_databases(
+        "bench_metrics",
+        lambda workdir, redis_url: _figures(
+            "SQLite", measure_sqlite(workdir, redis_url, sizes), sizes
+        ),
+        lambda url, redis_url: _figures(
+            "PostgreSQL", measure_postgres(url, redis_url, sizes), sizes
+        ),
+    )
 
 
 def main() -> None:

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import os
 import statistics
+import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
-from bench.figures import median
-from bench.processes import free_port, http_server
+from bench.figures import Figure, median
+from bench.processes import free_port, http_server, postgres_database
+from devtools.redis_server import start_redis_server
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -64,3 +67,23 @@ def api_on(database_url: str, redis_url: str, **settings: str) -> Iterator[str]:
     }
     with http_server(["api"], env, port) as base_url:
         yield base_url
+
+
+def on_both_databases(
+    database_name: str,
+    sqlite: Callable[[Path, str], list[Figure]],
+    postgres: Callable[[str, str], list[Figure]],
+) -> list[Figure]:
+    """Figures from a fresh SQLite file (``sqlite(workdir, redis_url)``) and, when a
+    PostgreSQL server is configured, from a throwaway database on it (``postgres(url,
+    redis_url)``), beside one private Redis."""
+    figures: list[Figure] = []
+    with tempfile.TemporaryDirectory() as workdir_name, ExitStack() as stack:
+        workdir = Path(workdir_name)
+        redis = start_redis_server(workdir=workdir / "redis")
+        stack.callback(redis.stop)
+        figures += sqlite(workdir, redis.url)
+        with postgres_database(database_name) as postgres_url:
+            if postgres_url is not None:
+                figures += postgres(postgres_url, redis.url)
+    return figures
