@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from logging.config import fileConfig
+from typing import Any
 
 from alembic import context
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from throttler.db import pgbouncer_connect_args
 from throttler.models import Base
 from throttler.settings import load_settings
 
@@ -23,6 +25,14 @@ def _database_url() -> str:
     # Tests and tools pass a URL explicitly; processes read DATABASE_URL via settings.
     explicit = config.get_main_option("sqlalchemy.url")
     return explicit or load_settings().database_url
+
+
+def _connect_args() -> dict[str, Any]:
+    # Through PgBouncer (DATABASE_PGBOUNCER) as the services connect; an explicit URL
+    # is a direct connection.
+    if config.get_main_option("sqlalchemy.url"):
+        return {}
+    return pgbouncer_connect_args(load_settings())
 
 
 def _run(connection: Connection) -> None:
@@ -46,7 +56,7 @@ def _run(connection: Connection) -> None:
 
 
 async def _run_online() -> None:
-    engine = create_async_engine(_database_url())
+    engine = create_async_engine(_database_url(), connect_args=_connect_args())
     try:
         async with engine.connect() as connection:
             await connection.run_sync(_run)

@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     database_url: str = f"sqlite+aiosqlite:///{DEFAULT_DATABASE_FILE}"
     database_pool_size: int = Field(default=10, ge=1)
     database_timeout_s: PositiveFloat = 5.0
+    # DATABASE_URL names a PgBouncer in transaction pooling mode (throttler.db): no
+    # prepared statement outlives its transaction. Said, not detected: see the README.
+    database_pgbouncer: bool = False
     sqlite_synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = "FULL"
     redis_url: str = "redis://127.0.0.1:6379/0"
     arq_queue_name: str = Field(default="arq:queue", min_length=1)
@@ -103,6 +106,14 @@ class Settings(BaseSettings):
     def _async_driver(cls, value: str) -> str:
         if not value.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
             raise ValueError("must start with sqlite+aiosqlite:// or postgresql+asyncpg://")
+        return value
+
+    @field_validator("database_pgbouncer")
+    @classmethod
+    def _pgbouncer_on_postgres(cls, value: bool, info: ValidationInfo) -> bool:
+        url = info.data.get("database_url")
+        if value and url is not None and not url.startswith("postgresql+asyncpg://"):
+            raise ValueError("is for PostgreSQL only: DATABASE_URL is not postgresql+asyncpg://")
         return value
 
     @field_validator("redis_url")
