@@ -9,7 +9,7 @@ import signal
 from arq.connections import ArqRedis, RedisSettings, create_pool
 
 from relay.metrics import serve_metrics
-from relay.relay import Relay
+from relay.relay import Relay, last_dispatch_within_claims
 from throttler.constants import FINISHED_CHANNEL, LIMITS_CHANNEL, SUBMITTED_CHANNEL
 from throttler.db import create_engine
 from throttler.dispatches import last_dispatch_from
@@ -87,7 +87,9 @@ async def serve(settings: Settings, *, relay_type: type[Relay] = Relay) -> None:
 
         def limiter_for(rules: RuleSet) -> Limiter:
             return build_limiter(
-                redis=redis, rules=rules, last_dispatch=last_dispatch_from(recovery)
+                redis=redis,
+                rules=rules,
+                last_dispatch=last_dispatch_within_claims(last_dispatch_from(recovery)),
             )
 
         relay = relay_type(

@@ -54,7 +54,9 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
@@ -75,7 +77,14 @@ from throttler.settings import Settings
 from throttler.statuses import TaskStatus
 from throttler.store.limits import Overrides
 from throttler.store.outbox import ClaimedTask, Outbox, OutboxClaim
-from throttler.throttle import Admission, InflightCaps, Limiter, has_rates, max_admissible
+from throttler.throttle import (
+    Admission,
+    InflightCaps,
+    LastDispatch,
+    Limiter,
+    has_rates,
+    max_admissible,
+)
 from throttler.waiting import WaitingBoard
 
 log = logging.getLogger("relay")
@@ -100,6 +109,38 @@ def _count_held_back(planned: plan.Plan, admission: Admission | None) -> None:
     refused = len(planned.candidates) - (0 if admission is None else len(admission.admitted))
     if admission is not None and refused > 0:
         metrics.HELD_BACK.labels("rate").inc(refused)
+
+
+# The claim transaction the running coroutine is in (a handover's retime runs in none).
+_OPEN_CLAIM: ContextVar[OutboxClaim | None] = ContextVar("open_claim", default=None)
+
+
+@asynccontextmanager
+async def _inside(claim: OutboxClaim) -> AsyncIterator[None]:
+    token = _OPEN_CLAIM.set(claim)
+    try:
+        yield
+    finally:
+        _OPEN_CLAIM.reset(token)
+
+
+def last_dispatch_within_claims(outside: LastDispatch) -> LastDispatch:
+    """The limiter's ``last_dispatch``: read in the claim transaction it is asked from,
+    else (a retime) by ``outside``.
+
+    A claim asks the limiter while its transaction holds a connection, and maybe the
+    claim lock that other relays' claims wait for in theirs: a second connection opened
+    then may wait behind PgBouncer for a server connection that only those hold.
+    """
+
+    async def last_dispatch() -> float | None:
+        claim = _OPEN_CLAIM.get()
+        if claim is None:
+            return await outside()
+        latest = await claim.last_dispatch_at()
+        return None if latest is None else latest.timestamp()
+
+    return last_dispatch
 
 
 def new_relay_id() -> str:
@@ -362,7 +403,7 @@ class Relay:
         if opening.may_skip_if_idle and await self.outbox.surely_idle():
             return Batch(to_enqueue=(), next_step_at=plan.idle_next_step_at(self.policy, opening))
         metrics.CLAIMS.inc()
-        async with self.outbox.claiming() as claim:
+        async with self.outbox.claiming() as claim, _inside(claim):
             if carried:
                 # First, so that rows known to be in ARQ no longer count as in hand.
                 await self.release(claim, carried)

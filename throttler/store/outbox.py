@@ -166,6 +166,9 @@ class OutboxClaim(Protocol):
     async def limit_overrides(self) -> Overrides:
         """Every rule and pause set through the API, with the version read."""
 
+    async def last_dispatch_at(self) -> datetime | None:
+        """The latest ``queued_at`` of any task (the limiter's drain floor, after a loss)."""
+
     async def release(self, *, relay_id: str, outbox_ids: Sequence[int]) -> None:
         """Delete outbox rows this relay has handed to ARQ (or needed no enqueue)."""
 
@@ -404,6 +407,10 @@ class CoreClaim:
 
     async def limit_overrides(self) -> Overrides:
         return await self.session.run_sync(lambda session: read_overrides(session.connection()))
+
+    async def last_dispatch_at(self) -> datetime | None:
+        latest: datetime | None = await self.session.scalar(select(func.max(Task.queued_at)))
+        return latest
 
     async def serialize(self) -> None:
         """Make concurrent claim transactions take turns until they commit.
