@@ -54,9 +54,12 @@ LIMITS = (
     f"task:greeting rate={GREETING_RATE}/s burst={GREETING_BURST}; "
     "task:non_blocking_long_running_task inflight=1"
 )
-# What asyncpg says when a prepared statement is not where it was left, or is already
-# there under another process's name.
-PREPARED_ERROR = re.compile(r'prepared statement "[^"]*" (does not exist|already exists)')
+# What asyncpg says when a prepared statement is not where it was left, is already there
+# under another process's name, or is another process's statement under that name (which
+# runs, if it takes as many parameters). Logs escape the quotes.
+PREPARED_ERROR = re.compile(
+    r'prepared statement \\?"__asyncpg_\w+\\?" (does not exist|already exists|requires)'
+)
 
 
 @dataclass(frozen=True, kw_only=True)
