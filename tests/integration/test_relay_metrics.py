@@ -111,7 +111,7 @@ async def test_rows_held_back_by_a_cap_are_counted(
     batch = await relay.claim()
     assert len(batch.to_enqueue) == 2
     after = samples()
-    assert delta(before, after, "throttler_relay_held_back_total", reason="cap") == 3
+    assert delta(before, after, "throttler_relay_held_back_total", reason="inflight") == 3
     assert delta(before, after, "throttler_relay_held_back_total", reason="rate") == 0
 
 
@@ -126,7 +126,7 @@ async def test_rows_held_back_by_a_rate_are_counted(
     assert len(batch.to_enqueue) == 2
     after = samples()
     assert delta(before, after, "throttler_relay_held_back_total", reason="rate") == 3
-    assert delta(before, after, "throttler_relay_held_back_total", reason="cap") == 0
+    assert delta(before, after, "throttler_relay_held_back_total", reason="inflight") == 0
 
 
 def _free_port() -> int:
