@@ -47,9 +47,12 @@ LATE = Counter(
     "Tasks still late after every retime: left leased, released again once the lease lapses.",
     registry=REGISTRY,
 )
-# Why a release was held back. inflight, queue_full, rate: claimed rows a claim left in
-# the outbox (a row held back by several claims counts each time). paused: a claim that
-# left a paused scope's tasks out, once per scope and claim (its rows are never read).
+# Why releases were held back. inflight, rate: claimed rows a claim left in the outbox
+# (a row held back by several claims counts each time). queue_full: a claim the room in
+# ARQ's queue cut short (it selects no more rows than the room, so none is read to be
+# left). paused: a paused scope a claim left out, once per scope and claim (its rows are
+# never read either). Keys found full or out of tokens are left out of the next claims
+# until they have room: their rows are counted when first turned away, not while left out.
 INFLIGHT = "inflight"
 QUEUE_FULL = "queue_full"
 RATE = "rate"
@@ -57,9 +60,9 @@ PAUSED = "paused"
 HELD_BACK_REASONS = (INFLIGHT, QUEUE_FULL, RATE, PAUSED)
 HELD_BACK = Counter(
     "throttler_relay_held_back",
-    "Releases a claim held back, by reason: inflight (an in-flight cap full), queue_full "
-    "(no room in ARQ's queue) or rate (no token yet), each a claimed row left in the "
-    "outbox; paused, each paused scope a claim left out.",
+    "Releases held back, by reason: inflight (a cap full) and rate (no token yet) count "
+    "claimed rows left in the outbox; queue_full counts claims ARQ's queue room cut short; "
+    "paused counts each paused scope a claim left out.",
     ["reason"],
     registry=REGISTRY,
 )

@@ -149,9 +149,6 @@ class Plan:
     full_page: bool
     # Every claimed row (the admission names candidates; the lease needs their rows).
     claims: tuple[ClaimedTask, ...] = ()
-    # Claimed rows left out by an in-flight cap, and (the caps permitting) by the queue room.
-    over_cap: int = 0
-    over_room: int = 0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -237,41 +234,17 @@ def make_plan(policy: Policy, selection: Selection, snapshot: Snapshot) -> Plan:
     earliest_s = snapshot.now.timestamp() + lead_s if policy.rated else None
     wanted = [_candidate(claim, earliest_s) for claim in claims if claim.needs_enqueue]
     holding = frozenset(c.task_id for c in claims if c.status == TaskStatus.QUEUED)
-    # The caps first, then the room: the same choice as fitting both at once (a candidate
-    # past the room takes no slot from one within it), and it tells the two reasons apart.
-    candidates, _ = policy.caps.fit(wanted, snapshot.inflight, holding=holding)
-    over_cap = len(wanted) - len(candidates)
-    over_room = 0
-    if snapshot.room is not None:
-        candidates, over_room = _within_room(candidates, snapshot.room, holding)
+    candidates, capped = policy.caps.fit(
+        wanted, snapshot.inflight, room=snapshot.room, holding=holding
+    )
     return Plan(
         candidates=tuple(candidates),
         horizon_s=horizon_for(policy, lead_s),
         release_only=tuple(claim for claim in claims if not claim.needs_enqueue),
-        capped=over_cap + over_room > 0,
+        capped=capped,
         full_page=selection.limit > 0 and len(claims) == selection.limit,
         claims=tuple(claims),
-        over_cap=over_cap,
-        over_room=over_room,
     )
-
-
-def _within_room(
-    candidates: Sequence[Candidate], room: int, holding: frozenset[str]
-) -> tuple[list[Candidate], int]:
-    """The candidates the queue has room for, in order (holders of a slot always), and
-    how many were left out."""
-    kept: list[Candidate] = []
-    left_out = 0
-    for candidate in candidates:
-        if candidate.task_id in holding:
-            kept.append(candidate)
-        elif room > 0:
-            room -= 1
-            kept.append(candidate)
-        else:
-            left_out += 1
-    return kept, left_out
 
 
 def settle(

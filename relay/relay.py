@@ -91,11 +91,16 @@ STEPS_TO_RECOVER = 3
 LIMITS_CHECK_EVERY_S = 0.5
 
 
-def _count_held_back(planned: plan.Plan, admission: Admission | None, *, paused: int) -> None:
+def _count_held_back(
+    planned: plan.Plan, admission: Admission | None, *, queue_full: bool, paused: int
+) -> None:
     """Count what this claim held back, by reason (relay.metrics.HELD_BACK)."""
+    wanted = len(planned.claims) - len(planned.release_only)
+    # The room never cuts what the claim selected (it selects no more than the room).
+    capped = wanted - len(planned.candidates)
     refused = 0 if admission is None else len(planned.candidates) - len(admission.admitted)
     metrics.count_held_back(
-        inflight=planned.over_cap, queue_full=planned.over_room, rate=refused, paused=paused
+        inflight=capped, queue_full=int(queue_full), rate=refused, paused=paused
     )
 
 
@@ -421,7 +426,13 @@ class Relay:
             self.policy, opening, selection, planned, admission=admission, now=self.clock()
         )
         paused = self.in_force.paused_at(self.clock())
-        _count_held_back(planned, admission, paused=len(paused))
+        # The queue's room cut this claim short: less than a page, and it took all of it.
+        cut_short = (
+            room is not None
+            and selection.limit < self.policy.claim_limit
+            and len(claims) >= selection.limit
+        )
+        _count_held_back(planned, admission, queue_full=cut_short, paused=len(paused))
         self._memory = settlement.memory
         self._seen = self._board_of(
             room=room,
