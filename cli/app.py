@@ -170,10 +170,11 @@ def _moment(_ctx: click.Context, _param: click.Parameter, value: str | None) -> 
         moment = datetime.fromisoformat(value)
     except ValueError:
         moment = None
-    if moment is None or moment.tzinfo is None or "T" not in value.upper():
+    if moment is None or moment.tzinfo is None:
         raise click.BadParameter(
             f"{value!r} is not an ISO 8601 time with a timezone, e.g. 2026-11-29T12:00:00Z"
         )
+    # As the API reads it (a "T", seconds), whatever spelling fromisoformat took.
     return moment.isoformat()
 
 
