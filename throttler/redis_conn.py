@@ -28,7 +28,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from redis.asyncio import Redis
-from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
 from redis.exceptions import AuthenticationError, ResponseError
 
 if TYPE_CHECKING:
@@ -127,9 +127,14 @@ class _SentinelPool(SentinelConnectionPool):
     """Closing the client closes its connections to the sentinels too."""
 
     async def disconnect(self, inuse_connections: bool = True) -> None:
+        # Also called, with inuse_connections=False, when the master moved: a sentinel
+        # query under way elsewhere is left alone then.
         await super().disconnect(inuse_connections)
         await asyncio.gather(
-            *(sentinel.connection_pool.disconnect() for sentinel in self.sentinel_manager.sentinels)
+            *(
+                sentinel.connection_pool.disconnect(inuse_connections)
+                for sentinel in self.sentinel_manager.sentinels
+            )
         )
 
 
@@ -255,6 +260,13 @@ def _misconfiguration(error: BaseException, settings: Settings) -> str | None:
         return (
             f"Redis refused the credentials of REDIS_URL ({who}, {given}): {error}; "
             "set redis://user:password@host (percent-encode special characters)"
+        )
+    if isinstance(error, MasterNotFoundError) and "AuthenticationError" in str(error):
+        # Every sentinel refused us (their errors are only in the message).
+        return (
+            "the sentinels refused REDIS_SENTINEL_PASSWORD"
+            + (" (unset)" if settings.redis_sentinel_password is None else "")
+            + f": {error}"
         )
     cause: BaseException | None = error
     while cause is not None:

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -269,3 +270,129 @@ def exits_with(component: Component, *, timeout_s: float = 30) -> int:
             f"{component.module} still running after {timeout_s}s (a hang, not an error):\n"
             + component.output()[-3000:]
         ) from None
+
+
+# --- Sentinel ----------------------------------------------------------------------------
+
+SENTINEL_SERVICE = "throttler"
+# Sentinel judges the master down after this much silence; failover follows within ~1 s.
+DOWN_AFTER_MS = 1000
+
+
+@dataclass(kw_only=True)
+class SentinelGroup:
+    """A master, one replica and three sentinels watching them (quorum 2)."""
+
+    master: RedisProcess
+    replica: RedisProcess
+    sentinels: list[RedisProcess]
+
+    @property
+    def setting(self) -> str:
+        """REDIS_SENTINELS for this group."""
+        return ",".join(f"127.0.0.1:{sentinel.port}" for sentinel in self.sentinels)
+
+    def master_port(self) -> int | None:
+        """The master's port as the first sentinel that answers sees it."""
+        for sentinel in self.sentinels:
+            client = redis.Redis(host="127.0.0.1", port=sentinel.port, socket_timeout=0.5)
+            try:
+                address = client.sentinel_get_master_addr_by_name(SENTINEL_SERVICE)  # type: ignore[no-untyped-call]
+            except (redis.RedisError, OSError):
+                continue
+            finally:
+                client.close()
+            if address:
+                return int(address[1])
+        return None
+
+    def stop(self) -> None:
+        for process in [*self.sentinels, self.replica, self.master]:
+            process.stop()
+
+
+def _watching(port: int, *, replicas: int, sentinels: int) -> Callable[[], bool]:
+    """A readiness check: this sentinel sees the master, its replica and the others."""
+
+    def check() -> bool:
+        client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=0.5)
+        try:
+            state: dict[str, Any] = client.sentinel_master(SENTINEL_SERVICE)  # type: ignore[no-untyped-call]
+        except (redis.RedisError, OSError):
+            return False
+        finally:
+            client.close()
+        return (
+            int(state.get("num-slaves", 0)) >= replicas
+            and int(state.get("num-other-sentinels", 0)) >= sentinels - 1
+        )
+
+    return check
+
+
+def start_sentinel_group(workdir: Path) -> SentinelGroup:
+    """Start the group and wait until every sentinel knows the replica and the others."""
+    common = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    master_port = free_port()
+    master = start_redis(
+        ["--port", str(master_port), *common],
+        port=master_port,
+        workdir=workdir / "master",
+        name="master",
+        ready=answers(host="127.0.0.1", port=master_port),
+    )
+    replica_port = free_port()
+    replica = start_redis(
+        ["--port", str(replica_port), *common, "--replicaof", "127.0.0.1", str(master_port)],
+        port=replica_port,
+        workdir=workdir / "replica",
+        name="replica",
+        ready=_replicating(replica_port),
+    )
+    sentinels = []
+    for index in range(3):
+        port = free_port()
+        directory = workdir / f"sentinel-{index}"
+        directory.mkdir(parents=True, exist_ok=True)
+        config = directory / "sentinel.conf"  # sentinel rewrites it: a file of its own
+        config.write_text(
+            f"port {port}\nbind 127.0.0.1\n"
+            f"sentinel monitor {SENTINEL_SERVICE} 127.0.0.1 {master_port} 2\n"
+            f"sentinel down-after-milliseconds {SENTINEL_SERVICE} {DOWN_AFTER_MS}\n"
+            f"sentinel failover-timeout {SENTINEL_SERVICE} 10000\n"
+            f"sentinel parallel-syncs {SENTINEL_SERVICE} 1\n"
+        )
+        sentinels.append(
+            start_redis(
+                [str(config), "--sentinel"],
+                port=port,
+                workdir=directory,
+                name=f"sentinel-{index}",
+                ready=answers(host="127.0.0.1", port=port),
+            )
+        )
+    group = SentinelGroup(master=master, replica=replica, sentinels=sentinels)
+    # Sentinels find the replica and each other through the master (hellos every 2 s).
+    deadline = time.monotonic() + 30
+    checks = [_watching(s.port, replicas=1, sentinels=len(sentinels)) for s in sentinels]
+    while not all(check() for check in checks):
+        if time.monotonic() > deadline:
+            group.stop()
+            logs = "\n".join(s.output()[-1000:] for s in sentinels)
+            raise AssertionError(f"the sentinels did not find each other in 30 s:\n{logs}")
+        time.sleep(0.2)
+    return group
+
+
+def _replicating(port: int) -> Callable[[], bool]:
+    def check() -> bool:
+        client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=0.5)
+        try:
+            info = cast(dict[str, Any], client.info("replication"))
+            return info.get("master_link_status") == "up"
+        except (redis.RedisError, OSError):
+            return False
+        finally:
+            client.close()
+
+    return check
