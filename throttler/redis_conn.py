@@ -275,7 +275,7 @@ def _misconfiguration(error: BaseException, settings: Settings) -> str | None:
             source = f"REDIS_TLS_CA_FILE={ca}" if ca else "the system CAs (REDIS_TLS_CA_FILE unset)"
             return (
                 f"Redis's TLS certificate did not verify against {source}: "
-                f"{cause.verify_message or cause}"
+                f"{getattr(cause, 'verify_message', None) or cause}"
                 + (
                     " (REDIS_TLS_CHECK_HOSTNAME=false skips the name check)"
                     if "hostname" in str(cause).lower() or "IP address" in str(cause)
