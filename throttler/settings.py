@@ -129,7 +129,11 @@ class Settings(BaseSettings):
         return value
 
     @field_validator(
-        "redis_tls_ca_file", "redis_tls_cert_file", "redis_tls_key_file", mode="before"
+        "redis_tls_ca_file",
+        "redis_tls_cert_file",
+        "redis_tls_key_file",
+        "redis_sentinel_password",
+        mode="before",
     )
     @classmethod
     def _tls_unset(cls, value: object) -> object:
