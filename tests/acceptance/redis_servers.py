@@ -243,7 +243,7 @@ async def greetings_succeed(
         except httpx.TransportError:
             return False
 
-    await wait_for(ready, timeout_s=30, message="the api to be ready")
+    await wait_for(ready, timeout_s=60, message="the api to be ready")
     task_ids = []
     for index in range(count):
         answer = await http.post("/api/v1/task/greeting", json={"name": f"n{index}"})

@@ -146,14 +146,14 @@ async def test_limits_hold_and_every_task_ends_once_across_a_sentinel_failover(
                 except httpx.TransportError:
                     return False
 
-            await wait_for(ready, timeout_s=30, message="the api to be ready")
+            await wait_for(ready, timeout_s=60, message="the api to be ready")
 
             async def workers_up() -> bool:
                 _check_alive(running)
                 workers = [c for c in running.components if c.module == "worker"]
                 return all("worker.ready" in worker.output() for worker in workers)
 
-            await wait_for(workers_up, timeout_s=30, message="the workers to connect")
+            await wait_for(workers_up, timeout_s=60, message="the workers to connect")
 
             started_at = time.time()
 
