@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from functools import cached_property, lru_cache
@@ -136,7 +137,7 @@ class Settings(BaseSettings):
         mode="before",
     )
     @classmethod
-    def _tls_unset(cls, value: object) -> object:
+    def _empty_is_unset(cls, value: object) -> object:
         # Compose passes an unset variable as "": unset.
         return None if isinstance(value, str) and not value.strip() else value
 
@@ -156,6 +157,8 @@ class Settings(BaseSettings):
             raise ValueError("needs a rediss:// REDIS_URL (TLS)")
         if not value.is_file():
             raise ValueError("no such file")
+        if not os.access(value, os.R_OK):
+            raise ValueError("not readable by this process")
         return value
 
     @field_validator("redis_sentinels")
