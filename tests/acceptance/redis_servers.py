@@ -396,3 +396,11 @@ def _replicating(port: int) -> Callable[[], bool]:
             client.close()
 
     return check
+
+
+def sqlite_copy(template: Path, directory: Path) -> str:
+    """A migrated SQLite database of its own: Redis's settings do not depend on the database,
+    so the TLS and ACL tests run on SQLite only (the failover test runs on both)."""
+    path = directory / "test.db"
+    shutil.copyfile(template, path)
+    return f"sqlite+aiosqlite:///{path}"

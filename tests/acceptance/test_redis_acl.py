@@ -13,11 +13,18 @@ from tests.acceptance.processes import cluster
 from tests.acceptance.redis_servers import (
     exits_with,
     greetings_succeed,
+    sqlite_copy,
     stack_env,
     start_acl_redis,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
+
+@pytest.fixture
+def database_url(sqlite_template: Path, tmp_path: Path) -> str:
+    return sqlite_copy(sqlite_template, tmp_path)
+
 
 USER = "app"
 PASSWORD = "s3cret/+@:pass"  # special characters on purpose: percent-encoded in the URL

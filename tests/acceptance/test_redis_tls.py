@@ -18,11 +18,17 @@ from tests.acceptance.redis_servers import (
     exits_with,
     greetings_succeed,
     make_certificates,
+    sqlite_copy,
     stack_env,
     start_tls_redis,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
+
+@pytest.fixture
+def database_url(sqlite_template: Path, tmp_path: Path) -> str:
+    return sqlite_copy(sqlite_template, tmp_path)
 
 
 def _tls_env(
