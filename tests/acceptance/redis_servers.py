@@ -11,7 +11,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -151,7 +151,10 @@ def make_certificates(directory: Path) -> Certificates:
     _signed(
         "server",
         ca="ca",
-        extensions="subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth",
+        extensions=(
+            # clientAuth too: a replica presents it to its master, a sentinel to the nodes.
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth"
+        ),
         cwd=directory,
     )
     _signed("client", ca="ca", extensions="extendedKeyUsage=clientAuth", cwd=directory)
@@ -281,11 +284,13 @@ DOWN_AFTER_MS = 1000
 
 @dataclass(kw_only=True)
 class SentinelGroup:
-    """A master, one replica and three sentinels watching them (quorum 2)."""
+    """A master, one replica and the sentinels watching them (quorum: a majority)."""
 
     master: RedisProcess
     replica: RedisProcess
     sentinels: list[RedisProcess]
+    # How a client connects to any of them (TLS keywords, or nothing).
+    client_options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def setting(self) -> str:
@@ -295,7 +300,7 @@ class SentinelGroup:
     def master_port(self) -> int | None:
         """The master's port as the first sentinel that answers sees it."""
         for sentinel in self.sentinels:
-            client = redis.Redis(host="127.0.0.1", port=sentinel.port, socket_timeout=0.5)
+            client = _client(sentinel.port, self.client_options)
             try:
                 address = client.sentinel_get_master_addr_by_name(SENTINEL_SERVICE)  # type: ignore[no-untyped-call]
             except (redis.RedisError, OSError):
@@ -311,11 +316,26 @@ class SentinelGroup:
             process.stop()
 
 
-def _watching(port: int, *, replicas: int, sentinels: int) -> Callable[[], bool]:
+def _client(port: int, options: dict[str, Any]) -> redis.Redis:
+    return redis.Redis(host="127.0.0.1", port=port, socket_timeout=0.5, **options)
+
+
+def _tls_client_options(certificates: Certificates) -> dict[str, Any]:
+    return {
+        "ssl": True,
+        "ssl_ca_certs": str(certificates.ca),
+        "ssl_certfile": str(certificates.client_cert),
+        "ssl_keyfile": str(certificates.client_key),
+    }
+
+
+def _watching(
+    port: int, options: dict[str, Any], *, replicas: int, sentinels: int
+) -> Callable[[], bool]:
     """A readiness check: this sentinel sees the master, its replica and the others."""
 
     def check() -> bool:
-        client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=0.5)
+        client = _client(port, options)
         try:
             state: dict[str, Any] = client.sentinel_master(SENTINEL_SERVICE)  # type: ignore[no-untyped-call]
         except (redis.RedisError, OSError):
@@ -330,34 +350,59 @@ def _watching(port: int, *, replicas: int, sentinels: int) -> Callable[[], bool]
     return check
 
 
-def start_sentinel_group(workdir: Path) -> SentinelGroup:
-    """Start the group and wait until every sentinel knows the replica and the others."""
+def start_sentinel_group(
+    workdir: Path, *, sentinel_count: int = 3, tls: Certificates | None = None
+) -> SentinelGroup:
+    """Start the group and wait until every sentinel knows the replica and the others.
+
+    With ``tls`` every node and sentinel speaks TLS only (replication and the sentinels'
+    own links too) and asks each client for a certificate.
+    """
+    options = _tls_client_options(tls) if tls is not None else {}
+
+    def listen(port: int) -> list[str]:
+        if tls is None:
+            return ["--port", str(port)]
+        return [
+            "--port", "0", "--tls-port", str(port),
+            "--tls-cert-file", str(tls.server_cert), "--tls-key-file", str(tls.server_key),
+            "--tls-ca-cert-file", str(tls.ca), "--tls-auth-clients", "yes",
+            "--tls-replication", "yes",
+        ]  # fmt: skip
+
     common = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
     master_port = free_port()
     master = start_redis(
-        ["--port", str(master_port), *common],
+        [*listen(master_port), *common],
         port=master_port,
         workdir=workdir / "master",
         name="master",
-        ready=answers(host="127.0.0.1", port=master_port),
+        ready=answers(host="127.0.0.1", port=master_port, **options),
     )
     replica_port = free_port()
     replica = start_redis(
-        ["--port", str(replica_port), *common, "--replicaof", "127.0.0.1", str(master_port)],
+        [*listen(replica_port), *common, "--replicaof", "127.0.0.1", str(master_port)],
         port=replica_port,
         workdir=workdir / "replica",
         name="replica",
-        ready=_replicating(replica_port),
+        ready=_replicating(replica_port, options),
     )
     sentinels = []
-    for index in range(3):
+    quorum = sentinel_count // 2 + 1
+    for index in range(sentinel_count):
         port = free_port()
         directory = workdir / f"sentinel-{index}"
         directory.mkdir(parents=True, exist_ok=True)
         config = directory / "sentinel.conf"  # sentinel rewrites it: a file of its own
+        words = listen(port)
+        # The same options as a config file: "--name value" becomes "name value".
+        lines = [
+            f"{name.removeprefix('--')} {value}"
+            for name, value in zip(words[::2], words[1::2], strict=True)
+        ]
         config.write_text(
-            f"port {port}\nbind 127.0.0.1\n"
-            f"sentinel monitor {SENTINEL_SERVICE} 127.0.0.1 {master_port} 2\n"
+            "\n".join(lines) + "\nbind 127.0.0.1\n"
+            f"sentinel monitor {SENTINEL_SERVICE} 127.0.0.1 {master_port} {quorum}\n"
             f"sentinel down-after-milliseconds {SENTINEL_SERVICE} {DOWN_AFTER_MS}\n"
             f"sentinel failover-timeout {SENTINEL_SERVICE} 10000\n"
             f"sentinel parallel-syncs {SENTINEL_SERVICE} 1\n"
@@ -368,13 +413,15 @@ def start_sentinel_group(workdir: Path) -> SentinelGroup:
                 port=port,
                 workdir=directory,
                 name=f"sentinel-{index}",
-                ready=answers(host="127.0.0.1", port=port),
+                ready=answers(host="127.0.0.1", port=port, **options),
             )
         )
-    group = SentinelGroup(master=master, replica=replica, sentinels=sentinels)
+    group = SentinelGroup(
+        master=master, replica=replica, sentinels=sentinels, client_options=options
+    )
     # Sentinels find the replica and each other through the master (hellos every 2 s).
     deadline = time.monotonic() + 30
-    checks = [_watching(s.port, replicas=1, sentinels=len(sentinels)) for s in sentinels]
+    checks = [_watching(s.port, options, replicas=1, sentinels=len(sentinels)) for s in sentinels]
     while not all(check() for check in checks):
         if time.monotonic() > deadline:
             group.stop()
@@ -384,9 +431,9 @@ def start_sentinel_group(workdir: Path) -> SentinelGroup:
     return group
 
 
-def _replicating(port: int) -> Callable[[], bool]:
+def _replicating(port: int, options: dict[str, Any]) -> Callable[[], bool]:
     def check() -> bool:
-        client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=0.5)
+        client = _client(port, options)
         try:
             info = cast(dict[str, Any], client.info("replication"))
             return info.get("master_link_status") == "up"

@@ -14,14 +14,18 @@ import pytest
 from devtools.redis_server import free_port
 from tests.acceptance.processes import cluster
 from tests.acceptance.redis_servers import (
+    SENTINEL_SERVICE,
     Certificates,
     exits_with,
     greetings_succeed,
     make_certificates,
     sqlite_copy,
     stack_env,
+    start_sentinel_group,
     start_tls_redis,
 )
+from throttler.redis_conn import connect_arq, redis_client
+from throttler.settings import Settings
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -81,3 +85,29 @@ async def test_a_wrong_ca_stops_every_component_at_once_naming_the_setting(
             assert [c.process.returncode for c in components[:2]] == [2, 2]
     finally:
         server.stop()
+
+
+async def test_the_factory_reaches_a_tls_master_through_tls_sentinels(tmp_path: Path) -> None:
+    """ARQ's own Sentinel support passes no CA or client certificate: ours does."""
+    certificates = make_certificates(tmp_path / "certs")
+    group = start_sentinel_group(tmp_path / "redis", sentinel_count=1, tls=certificates)
+    settings = Settings(
+        redis_url="rediss://ignored/0",
+        redis_tls_ca_file=certificates.ca,
+        redis_tls_cert_file=certificates.client_cert,
+        redis_tls_key_file=certificates.client_key,
+        redis_sentinels=group.setting,
+        redis_sentinel_service=SENTINEL_SERVICE,
+    )
+    arq = await connect_arq(settings)
+    client = redis_client(settings)
+    try:
+        job = await arq.enqueue_job("greeting", _job_id="through-sentinel")
+        assert job is not None
+        assert await client.exists("arq:job:through-sentinel") == 1
+        assert (await client.info("replication"))["role"] == "master"
+        assert client.connection_pool.master_address == ("127.0.0.1", group.master.port)  # type: ignore[attr-defined]
+    finally:
+        await client.aclose()
+        await arq.aclose()
+        group.stop()
