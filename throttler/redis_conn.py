@@ -21,6 +21,7 @@ raises RedisMisconfigured, naming the setting, instead of being retried for ever
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ssl
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -95,7 +96,7 @@ def parse_redis_url(url: str) -> RedisUrl:
 
 
 def _tls_options(settings: Settings) -> dict[str, Any]:
-    """redis-py's TLS keywords (a rediss:// URL), empty without TLS."""
+    """redis-py's TLS keywords, for a rediss:// URL: the server's certificate is verified."""
     return {
         "ssl": True,
         "ssl_cert_reqs": "required",
@@ -178,8 +179,6 @@ def arq_redis_settings(settings: Settings) -> RedisSettings:
         ssl_check_hostname=settings.redis_tls_check_hostname if url.tls else False,
         sentinel=bool(sentinels),
         sentinel_master=settings.redis_sentinel_service,
-        # Our callers retry with their own backoff, listening for signals; ARQ's sleep.
-        conn_retries=0,
     )
 
 
@@ -209,9 +208,9 @@ async def connect_arq(settings: Settings) -> ArqRedis:
     refuses our credentials or certificate."""
     try:
         if not settings.sentinels:
-            return await create_pool(
-                arq_redis_settings(settings), default_queue_name=settings.arq_queue_name
-            )
+            # Our callers retry with their own backoff, listening for signals; ARQ's sleep.
+            once = dataclasses.replace(arq_redis_settings(settings), conn_retries=0)
+            return await create_pool(once, default_queue_name=settings.arq_queue_name)
         url = parse_redis_url(settings.redis_url)
         pool = _sentinel(settings, url).master_for(
             settings.redis_sentinel_service,

@@ -119,7 +119,6 @@ def test_tls_settings_reach_arq(pem: Path) -> None:
             ssl_keyfile=str(pem),
             ssl_cert_reqs="required",
             ssl_check_hostname=True,
-            conn_retries=0,
         )
     )
 
