@@ -9,7 +9,6 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
-from redis.asyncio import Redis
 
 from api.announce import NewWorkAnnouncer
 from api.body_limit import BodyLimitMiddleware
@@ -25,7 +24,9 @@ from api.routes import cancel, health, limits, nodes, relay, tasks
 from api.waiters import FinishedListener, FinishedSweep, Waiters
 from throttler.constants import API_PREFIX
 from throttler.db import create_engine
+from throttler.errors import REDIS_ERRORS
 from throttler.logs import fields
+from throttler.redis_conn import RedisMisconfigured, check_redis, redis_client
 from throttler.settings import Settings
 from throttler.store import open_store
 from throttler.store.limits import LimitStore
@@ -44,11 +45,20 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = create_engine(settings)
-        redis = Redis.from_url(
-            settings.redis_url,
-            socket_connect_timeout=REDIS_TIMEOUT_S,
-            socket_timeout=REDIS_TIMEOUT_S,
+        redis = redis_client(
+            settings, connect_timeout_s=REDIS_TIMEOUT_S, socket_timeout_s=REDIS_TIMEOUT_S
         )
+        # A refused password or certificate stops the start; Redis merely away does not
+        # (submissions go to the database; /readyz says Redis is down).
+        try:
+            await check_redis(redis, settings)
+        except RedisMisconfigured as error:
+            log.error("api.redis_misconfigured", extra=fields(error=str(error)))  # noqa: TRY400 - one line, no traceback
+            await redis.aclose()
+            await engine.dispose()
+            raise
+        except REDIS_ERRORS as error:
+            log.warning("api.redis_unavailable", extra=fields(error=repr(error)))
         app.state.engine = engine
         store = open_store(settings, engine)
         app.state.reads = store.reads
@@ -63,11 +73,11 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.intake = intake
         # Long-polls: one subscription and one periodic query serve every waiter.
         waiters = Waiters()
-        subscriber = Redis.from_url(
-            settings.redis_url,
-            socket_connect_timeout=REDIS_TIMEOUT_S,
-            socket_timeout=REDIS_TIMEOUT_S,
-            health_check_interval=SUBSCRIBER_HEALTH_CHECK_S,
+        subscriber = redis_client(
+            settings,
+            connect_timeout_s=REDIS_TIMEOUT_S,
+            socket_timeout_s=REDIS_TIMEOUT_S,
+            health_check_interval_s=SUBSCRIBER_HEALTH_CHECK_S,
         )
         listener = FinishedListener(redis=subscriber, waiters=waiters)
         sweep = FinishedSweep(reads=app.state.reads, waiters=waiters)

@@ -5,7 +5,10 @@ reads once a first view exists: ``ClusterViewCache.current`` answers with the ca
 and, when that is older than ``METRICS_REFRESH_S``, starts one refresh in the background
 (stale-while-revalidate; at most one refresh runs at a time per process). The per-scope
 series are bounded: every specific rule's key, plus the ``METRICS_TOP_SCOPES`` busiest
-values (backlog + in flight + dispatched last minute) of each ``*`` rule.
+values (backlog + in flight + dispatched last minute) of each ``*`` rule. Scopes are
+named as the relays' ``throttler_relay_scope_released_total`` names them (``cluster``,
+``task:download``, ``host:example.com``, ``key:tenant:acme``: ``str(LimitKey)``); paused
+scopes are listed whatever their rules, as few as the pauses set.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 from sqlalchemy import func, select
@@ -57,6 +60,8 @@ class ClusterView:
     outbox_backlog: int
     outbox_oldest_age_s: float
     scopes: tuple[ScopeSample, ...] = ()
+    # Scopes paused now -> when their pauses end (Unix time): the admins' few.
+    paused: Mapping[str, float] = field(default_factory=dict)
     # None: Redis could not be asked.
     relays_alive: int | None = None
     workers_alive: int | None = None
@@ -132,7 +137,8 @@ class ClusterReader:
     async def read(self) -> ClusterView:
         by_status, backlog, oldest_age = await self._tasks_and_outbox()
         overrides = await self.limits.overrides()
-        rules = in_force(self.settings.limit_rules, overrides.rows).rules
+        forced = in_force(self.settings.limit_rules, overrides.rows)
+        rules = forced.rules
         relays, workers, running = await self._nodes()
         status = await relay_status(
             self.reads, rules=rules, account=None, now=utcnow(), alive_relays=relays
@@ -149,6 +155,7 @@ class ClusterReader:
             outbox_backlog=backlog,
             outbox_oldest_age_s=oldest_age,
             scopes=tuple(_sample(key) for key in keys),
+            paused={str(k): until.timestamp() for k, until in forced.paused_at(utcnow()).items()},
             relays_alive=relays,
             workers_alive=workers,
             workers_running=running,

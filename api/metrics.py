@@ -72,6 +72,13 @@ def _families(view: ClusterView) -> list[Metric]:
         "The release rate cap in force per scope (tasks per second).",
         labels=["scope"],
     )
+    paused = GaugeMetricFamily(
+        "throttler_scope_paused_until_timestamp_seconds",
+        "When the pause of a paused scope ends (Unix time); absent: not paused.",
+        labels=["scope"],
+    )
+    for scope, until in sorted(view.paused.items()):
+        paused.add_metric([scope], until)
     for sample in view.scopes:
         backlog.add_metric([sample.scope], sample.backlog)
         inflight.add_metric([sample.scope], sample.inflight)
@@ -93,6 +100,7 @@ def _families(view: ClusterView) -> list[Metric]:
         dispatched,
         cap,
         rate,
+        paused,
         *_gauge("throttler_relays_alive", "Relays heartbeating now.", view.relays_alive),
         *_gauge("throttler_workers_alive", "Workers heartbeating now.", view.workers_alive),
         *_gauge(

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from cli import render
 from cli.client import ApiError, Client
 from cli.submit_file import Outcome, submit_file
+from throttler.labels import GRAMMAR, is_label
 
 console = Console()
 
@@ -152,49 +154,145 @@ def show(task_id: str) -> None:
     console.print(render.events_table(client.call("GET", f"/tasks/{task_id}/events")["events"]))
 
 
-def _by_filter(
-    path: str, status: str | None, name: str | None, params: dict[str, str] | None = None
-) -> None:
+def _label(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    if value is not None and not is_label(value):
+        raise click.BadParameter(
+            f"{value!r} is not a label: give {GRAMMAR} (the API key goes before the "
+            "command: throttler --key KEY cancel ...)"
+        )
+    return value
+
+
+def _moment(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        moment = None
+    if moment is None or moment.tzinfo is None:
+        raise click.BadParameter(
+            f"{value!r} is not an ISO 8601 time with a timezone, e.g. 2026-11-29T12:00:00Z"
+        )
+    # As the API reads it (a "T", seconds), whatever spelling fromisoformat took.
+    return moment.isoformat()
+
+
+def _filter_options(
+    statuses: Sequence[str],
+) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """The filter options cancel and retry share (the body of POST /tasks/cancel|retry)."""
+
+    def add(command: Callable[..., None]) -> Callable[..., None]:
+        for option in reversed(
+            (
+                click.option(
+                    "--status",
+                    type=click.Choice(statuses),
+                    default=None,
+                    help="By filter: only these (default: " + ", ".join(statuses) + ").",
+                ),
+                click.option("--name", default=None, help="By filter: this kind of task."),
+                click.option(
+                    "--key",
+                    "label",
+                    default=None,
+                    callback=_label,
+                    help="By filter: tasks carrying this label (prefix:value).",
+                ),
+                click.option(
+                    "--created-before",
+                    default=None,
+                    callback=_moment,
+                    help="By filter: tasks created before this ISO 8601 time with a timezone.",
+                ),
+            )
+        ):
+            command = option(command)
+        return command
+
+    return add
+
+
+# Calls in a row that may take nothing while tasks still match (rows another transaction
+# holds) before the command gives up.
+STALLED_CALLS = 10
+
+
+def _by_filter(path: str, body: dict[str, str], params: dict[str, str] | None = None) -> None:
     """Call a filter endpoint until nothing remains: each call takes a bounded slice."""
-    body = {k: v for k, v in {"status": status, "name": name}.items() if v}
-    count = skipped = 0
+    if body.get("name") == "":
+        raise click.BadParameter("must not be empty", param_hint="--name")
+    count = skipped = stalled = 0
     while True:
         answer = _client().call("POST", path, json=body, params=params or {})
         count += answer["count"]
         skipped += answer.get("skipped", 0)
-        if answer["remaining"] == 0 or answer["count"] == 0:
+        if answer["remaining"] == 0:
             break
+        click.echo(f"{count} so far, {answer['remaining']} still match", err=True)
+        stalled = 0 if answer["count"] else stalled + 1
+        if stalled >= STALLED_CALLS:
+            click.echo(
+                f"{count} tasks; {answer['remaining']} still match but {STALLED_CALLS} calls "
+                "in a row took none",
+                err=True,
+            )
+            raise SystemExit(1)
+        if not answer["count"]:
+            time.sleep(0.1 * stalled)
     click.echo(f"{count} tasks" + (f", {skipped} skipped" if skipped else ""))
+
+
+def _filter_body(**fields: str | None) -> dict[str, str]:
+    return {k: v for k, v in fields.items() if v is not None}
 
 
 @cli.command()
 @click.argument("task_id", required=False)
 @click.option("--force", is_flag=True, help="Also a running side-effecting task.")
-@click.option("--status", default=None, help="By filter: pending, queued or running.")
-@click.option("--name", default=None, help="By filter: this kind of task.")
-def cancel(task_id: str | None, force: bool, status: str | None, name: str | None) -> None:
-    """Cancel one task (ID) or every task matching --status/--name."""
+@_filter_options(["pending", "queued", "running"])
+def cancel(
+    task_id: str | None,
+    force: bool,
+    status: str | None,
+    name: str | None,
+    label: str | None,
+    created_before: str | None,
+) -> None:
+    """Cancel one task (ID) or every task matching the filter, calling until none remains."""
     params = {"force": "true"} if force else {}
+    body = _filter_body(status=status, name=name, key=label, created_before=created_before)
+    if task_id and body:
+        raise click.UsageError("give an ID or a filter, not both")
     if task_id:
         _json(_client().call("POST", f"/tasks/{task_id}/cancel", params=params))
-    elif status or name:
-        _by_filter("/tasks/cancel", status, name, params)
+    elif body:
+        _by_filter("/tasks/cancel", body, params)
     else:
-        raise click.UsageError("give an ID or a filter (--status, --name)")
+        raise click.UsageError("give an ID or a filter (--status, --name, --key, --created-before)")
 
 
 @cli.command()
 @click.argument("task_id", required=False)
-@click.option("--status", default=None, help="By filter: failed or cancelled.")
-@click.option("--name", default=None, help="By filter: this kind of task.")
-def retry(task_id: str | None, status: str | None, name: str | None) -> None:
-    """Retry one task (ID) or every task matching --status/--name."""
+@_filter_options(["failed", "cancelled"])
+def retry(
+    task_id: str | None,
+    status: str | None,
+    name: str | None,
+    label: str | None,
+    created_before: str | None,
+) -> None:
+    """Retry one task (ID) or every task matching the filter, calling until none remains."""
+    body = _filter_body(status=status, name=name, key=label, created_before=created_before)
+    if task_id and body:
+        raise click.UsageError("give an ID or a filter, not both")
     if task_id:
         _json(_client().call("POST", f"/tasks/{task_id}/retry"))
-    elif status or name:
-        _by_filter("/tasks/retry", status, name)
+    elif body:
+        _by_filter("/tasks/retry", body)
     else:
-        raise click.UsageError("give an ID or a filter (--status, --name)")
+        raise click.UsageError("give an ID or a filter (--status, --name, --key, --created-before)")
 
 
 @cli.command()
@@ -239,34 +337,67 @@ def nodes() -> None:
     console.print(render.nodes_table(_client().call("GET", "/nodes")))
 
 
-def _top_view(client: Client) -> Group:
+def _top_view(client: Client, *, frame: int, interval_s: float) -> Group:
     status = client.call("GET", "/relay/status")
+    nodes = client.call("GET", "/nodes")
+    totals = status.get("totals") or {}
+    alive = sum(1 for node in nodes.get("relays", []) if node.get("alive"))
+    workers = sum(1 for node in nodes.get("workers", []) if node.get("alive"))
+    summary = (
+        f"pending {totals.get('pending', 0)} · in flight {totals.get('inflight', 0)} · "
+        f"dispatched/min {totals.get('dispatched_last_minute', 0)} · relays {alive} · "
+        f"workers {workers}"
+    )
     parts: list[Any] = [
+        summary,
         render.totals_table(status),
         render.status_table(status),
-        render.nodes_table(client.call("GET", "/nodes")),
+        render.nodes_table(nodes),
     ]
     if status.get("note"):
         parts.append(f"[bold red]{status['note']}")
+    parts.append(
+        f"[dim]{time.strftime('%H:%M:%S')} · frame {frame} · every {interval_s:g}s · Ctrl-C quits"
+    )
     return Group(*parts)
 
 
 @cli.command()
 @click.option("--once", is_flag=True, help="Print one frame and exit.")
-@click.option("--interval", default=1.0, show_default=True)
-def top(once: bool, interval: float) -> None:
-    """A live terminal view: totals, limits with backlog and in flight, nodes."""
+@click.option(
+    "--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True, help="Seconds."
+)
+@click.option(
+    "--count",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Stop after this many frames (default: until Ctrl-C).",
+)
+def top(once: bool, interval: float, count: int | None) -> None:
+    """A live terminal view: totals, limits with backlog and in flight, nodes.
+
+    Redraws every --interval seconds until Ctrl-C (exit 0). An API that stops answering
+    shows in the view, which keeps trying; only the first frame's failure exits 2.
+    """
     client = _client()
     if once:
-        console.print(_top_view(client))
+        console.print(_top_view(client, frame=1, interval_s=interval))
         return
-    with Live(_top_view(client), console=console, screen=False) as live:
-        try:
-            while True:
+    frame = 1
+    try:
+        first = _top_view(client, frame=frame, interval_s=interval)
+        with Live(first, console=console, screen=False, auto_refresh=False) as live:
+            while count is None or frame < count:
                 time.sleep(interval)
-                live.update(_top_view(client))
-        except KeyboardInterrupt:
-            pass
+                frame += 1
+                try:
+                    view: Any = _top_view(client, frame=frame, interval_s=interval)
+                except ApiError as error:
+                    view = Group(f"[bold red]{error.message}", f"[dim]frame {frame}, retrying")
+                live.update(view, refresh=True)
+    except KeyboardInterrupt:
+        # Ctrl-C is how a live view ends: a clean exit, no traceback.
+        pass
 
 
 def main() -> None:

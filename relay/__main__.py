@@ -6,7 +6,7 @@ import asyncio
 import logging
 import signal
 
-from arq.connections import ArqRedis, RedisSettings, create_pool
+from arq.connections import ArqRedis
 
 from relay.metrics import serve_metrics
 from relay.relay import Relay, last_dispatch_within_claims
@@ -15,10 +15,11 @@ from throttler.db import create_engine
 from throttler.dispatches import last_dispatch_from
 from throttler.errors import REDIS_ERRORS
 from throttler.limits import RuleSet
-from throttler.logs import configure_logging
+from throttler.logs import configure_logging, fields
 from throttler.nodes import Heartbeat, Node, NodeKind, NodeRegistry
 from throttler.periodic import Periodic
 from throttler.reconcile import Reconciler
+from throttler.redis_conn import RedisMisconfigured, connect_arq
 from throttler.retention import Pruner
 from throttler.retry import REDIS_RECONNECT, Outage, retry_until_done
 from throttler.settings import Settings, load_settings
@@ -31,11 +32,10 @@ log = logging.getLogger("relay")
 
 async def _connect_arq(settings: Settings, stopping: asyncio.Event) -> ArqRedis | None:
     """Connect to Redis, retrying with backoff until it answers or we are stopped."""
-    redis_settings = RedisSettings.from_dsn(settings.redis_url)
-    # arq's own retries sleep without listening for signals; we retry instead.
-    redis_settings.conn_retries = 0
+    # arq's own retries sleep without listening for signals; we retry instead (but not
+    # a refused password or certificate: RedisMisconfigured ends the start).
     return await retry_until_done(
-        lambda: create_pool(redis_settings, default_queue_name=settings.arq_queue_name),
+        lambda: connect_arq(settings),
         retry_on=REDIS_ERRORS,
         backoff=REDIS_RECONNECT,
         outage=Outage(log, down_event="relay.redis_unavailable", up_event="relay.redis_connected"),
@@ -132,7 +132,11 @@ def main() -> None:
     settings = load_settings()
     configure_logging(component="relay", level=settings.log_level)
     serve_metrics(settings.relay_metrics_port)
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except RedisMisconfigured as error:
+        log.error("relay.redis_misconfigured", extra=fields(error=str(error)))  # noqa: TRY400 - one line, no traceback
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -100,15 +100,17 @@ STEPS_TO_RECOVER = 3
 LIMITS_CHECK_EVERY_S = 0.5
 
 
-def _count_held_back(planned: plan.Plan, admission: Admission | None) -> None:
-    """Count the claimed rows this claim left in the outbox, by what held them back."""
+def _count_held_back(
+    planned: plan.Plan, admission: Admission | None, *, queue_full: bool, paused: int
+) -> None:
+    """Count what this claim held back, by reason (relay.metrics.HELD_BACK)."""
     wanted = len(planned.claims) - len(planned.release_only)
+    # The room never cuts what the claim selected (it selects no more than the room).
     capped = wanted - len(planned.candidates)
-    if capped > 0:
-        metrics.HELD_BACK.labels("cap").inc(capped)
-    refused = len(planned.candidates) - (0 if admission is None else len(admission.admitted))
-    if admission is not None and refused > 0:
-        metrics.HELD_BACK.labels("rate").inc(refused)
+    refused = 0 if admission is None else len(planned.candidates) - len(admission.admitted)
+    metrics.count_held_back(
+        inflight=capped, queue_full=int(queue_full), rate=refused, paused=paused
+    )
 
 
 # The claim transaction the running coroutine is in (a handover's retime runs in none).
@@ -229,6 +231,7 @@ class Relay:
         self._limits_changed = asyncio.Event()
         self.in_force = RulesInForce(rules=self._env_rules)
         self._memory = Memory()
+        metrics.SCOPE_RELEASES.top = settings.metrics_top_scopes
         self._configure(self._env_rules)
         # The handover lead of the next claim (``plan.next_lead``).
         self._lead_s = self.policy.handover_lead_s
@@ -245,6 +248,7 @@ class Relay:
         """Derive everything the rules decide: caps, the claim policy, serialization."""
         self.rules = rules
         self.caps = InflightCaps(rules)
+        self._scope_keys = metrics.ScopeKeys(rules)
         settings = self.settings
         # Rows worth locking per claim: about what the limiter can admit in one go
         # (selecting a hundred rows to admit two costs every step).
@@ -462,10 +466,21 @@ class Relay:
         settlement = plan.settle(
             self.policy, opening, selection, planned, admission=admission, now=self.clock()
         )
-        _count_held_back(planned, admission)
+        paused = self.in_force.paused_at(self.clock())
+        # The queue's room cut this claim short: less than a page, and it took all of it.
+        cut_short = (
+            room is not None
+            and selection.limit < self.policy.claim_limit
+            and len(claims) >= selection.limit
+        )
+        _count_held_back(planned, admission, queue_full=cut_short, paused=len(paused))
         self._memory = settlement.memory
         self._seen = self._board_of(
-            room=room, inflight=inflight, admission=admission, to_lease=settlement.to_lease
+            room=room,
+            inflight=inflight,
+            admission=admission,
+            to_lease=settlement.to_lease,
+            paused=paused,
         )
         lease_s = self.settings.relay_claim_lease_s
         await claim.lease(
@@ -493,6 +508,7 @@ class Relay:
         inflight: Mapping[LimitKey, int],
         admission: Admission | None,
         to_lease: Sequence[ClaimedTask],
+        paused: Mapping[LimitKey, datetime],
     ) -> Callable[[], WaitingBoard]:
         """What this claim decided with, for ``relay.board``: built only when published.
 
@@ -500,7 +516,6 @@ class Relay:
         the claim rate (a board of 1,000 leases under two caps costs about 0.4 ms).
         """
         blocked = self._memory.blocked
-        paused = self.in_force.paused_at(self.clock())
         if admission is not None and admission.blocked:
             self._next_token = {**self._next_token, **next_tokens(admission)}
         if self._next_token:
@@ -677,9 +692,7 @@ class Relay:
         to_enqueue = handing.batch.to_enqueue
         self._unreleased.extend(c.outbox_id for c in to_enqueue if c.task_id in enqueued)
         self._count(len(enqueued), handing.batch.backlog)
-        for claimed in to_enqueue:
-            if claimed.task_id in enqueued:
-                metrics.RELEASED.labels(claimed.name).inc()
+        metrics.count_released(to_enqueue, enqueued, self._scope_keys)
         if failures:
             metrics.ENQUEUE_FAILURES.inc(len(failures))
         if not failures:

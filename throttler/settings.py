@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import re
 import sys
 from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from throttler.limits import LimitRuleError, RuleSet
+from throttler.redis_conn import parse_redis_url
 
 DEFAULT_DATABASE_FILE = "arq_throttler.db"
 
@@ -33,7 +36,20 @@ class Settings(BaseSettings):
     # prepared statement outlives its transaction. Said, not detected: see the README.
     database_pgbouncer: bool = False
     sqlite_synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = "FULL"
+    # Credentials (``redis://user:password@host``) come in the URL; see throttler.redis_conn.
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # TLS (a rediss:// URL): the CA bundle that signs the server's certificate (unset: the
+    # system's), this client's certificate and key when the server asks for one, and
+    # whether the certificate must name the host connected to.
+    redis_tls_ca_file: Path | None = None
+    redis_tls_cert_file: Path | None = None
+    redis_tls_key_file: Path | None = Field(default=None, validate_default=True)
+    redis_tls_check_hostname: bool = True
+    # Sentinel: ``host:port,host:port``; when set, REDIS_URL's host is not used (its scheme,
+    # credentials and database are) and the master of REDIS_SENTINEL_SERVICE is asked for.
+    redis_sentinels: str = ""
+    redis_sentinel_service: str = Field(default="mymaster", min_length=1)
+    redis_sentinel_password: SecretStr | None = None
     arq_queue_name: str = Field(default="arq:queue", min_length=1)
 
     # API
@@ -121,6 +137,48 @@ class Settings(BaseSettings):
     def _redis_scheme(cls, value: str) -> str:
         if not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
+        parse_redis_url(value)  # host, port, database and query checked at start
+        return value
+
+    @field_validator(
+        "redis_tls_ca_file",
+        "redis_tls_cert_file",
+        "redis_tls_key_file",
+        "redis_sentinel_password",
+        mode="before",
+    )
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # Compose passes an unset variable as "": unset.
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("redis_tls_ca_file", "redis_tls_cert_file", "redis_tls_key_file")
+    @classmethod
+    def _tls_file(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if info.field_name == "redis_tls_key_file" and "redis_tls_cert_file" in info.data:
+            # redis-py loads a client certificate only with its key: both or neither.
+            if value is None and info.data["redis_tls_cert_file"] is not None:
+                raise ValueError("needed with REDIS_TLS_CERT_FILE (its private key)")
+            if value is not None and info.data["redis_tls_cert_file"] is None:
+                raise ValueError("needs REDIS_TLS_CERT_FILE (the certificate of this key)")
+        if value is None:
+            return None
+        url = info.data.get("redis_url")
+        if url is not None and not url.startswith("rediss://"):
+            raise ValueError("needs a rediss:// REDIS_URL (TLS)")
+        if not value.is_file():
+            raise ValueError("no such file")
+        if not os.access(value, os.R_OK):
+            raise ValueError("not readable by this process")
+        return value
+
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _sentinels_parse(cls, value: str, info: ValidationInfo) -> str:
+        if parse_sentinels(value):
+            url = info.data.get("redis_url")
+            if url is not None and url.startswith("unix://"):
+                raise ValueError("needs a redis:// or rediss:// REDIS_URL, not unix://")
         return value
 
     @field_validator("log_level", "sqlite_synchronous", mode="before")
@@ -205,6 +263,11 @@ class Settings(BaseSettings):
         return "protected" if self.accounts_by_key else "public"
 
     @property
+    def sentinels(self) -> tuple[tuple[str, int], ...]:
+        """REDIS_SENTINELS as (host, port) pairs; empty: no Sentinel, REDIS_URL's host."""
+        return parse_sentinels(self.redis_sentinels)
+
+    @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
 
@@ -232,12 +295,43 @@ def parse_admin_keys(raw: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(filter(None, (part.strip() for part in raw.split(",")))))
 
 
+def parse_sentinels(raw: str) -> tuple[tuple[str, int], ...]:
+    """Parse ``host:port,[v6]:port``; raise ValueError naming the bad entry."""
+    sentinels: list[tuple[str, int]] = []
+    for entry in filter(None, (part.strip() for part in raw.split(","))):
+        host, sep, port = entry.rpartition(":")
+        host = host.removeprefix("[").removesuffix("]")
+        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"entry {entry!r} is not host:port")
+        sentinels.append((host, int(port)))
+    return tuple(sentinels)
+
+
+# ``scheme://user:password@``: what a URL may carry that a log or an error must not show.
+_URL_PASSWORD = re.compile(r"^(?P<head>[a-z][a-z0-9+.-]*://[^:/@]*):[^@/]*@", re.IGNORECASE)
+
+
+def redact_url(url: str) -> str:
+    """Hide the password of ``scheme://user:password@host/...`` (``***``) for logs and errors."""
+    return _URL_PASSWORD.sub(r"\g<head>:***@", url)
+
+
 def describe_error(error: ValidationError) -> str:
-    """Render a settings error as one line naming each environment variable."""
+    """Render a settings error as one line naming each environment variable.
+
+    A URL's password is never shown; neither is REDIS_SENTINEL_PASSWORD.
+    """
     parts = []
     for item in error.errors():
         variable = str(item["loc"][0]).upper() if item["loc"] else "settings"
-        parts.append(f"{variable}: {item['msg']} (got {item.get('input')!r})")
+        given = item.get("input")
+        if variable == "REDIS_SENTINEL_PASSWORD":
+            shown = "***"
+        elif isinstance(given, str) and "://" in given:
+            shown = repr(redact_url(given))
+        else:
+            shown = repr(given)
+        parts.append(f"{variable}: {redact_url(item['msg'])} (got {shown})")
     return "invalid setting " + "; ".join(parts)
 
 

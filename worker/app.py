@@ -11,12 +11,13 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from arq.connections import ArqRedis, RedisSettings
+from arq.connections import ArqRedis
 from arq.worker import Worker
 
 from throttler.db import create_engine
 from throttler.errors import REDIS_ERRORS
 from throttler.logs import fields
+from throttler.redis_conn import arq_redis_settings
 from throttler.settings import Settings
 from throttler.store import open_store
 from worker.hop_limits import HopLimits
@@ -95,7 +96,7 @@ def worker_options(
 
     return {
         "functions": build_functions(tasks, settings=settings),
-        "redis_settings": RedisSettings.from_dsn(settings.redis_url),
+        "redis_settings": arq_redis_settings(settings),
         "queue_name": settings.arq_queue_name,
         "max_jobs": settings.worker_concurrency,
         "poll_delay": settings.worker_poll_delay_s,

@@ -44,6 +44,7 @@ from throttler.limits import EACH, Limit, LimitKey, RuleSet, Scope
 from throttler.limits_in_force import RulesInForce, in_force
 from throttler.logs import fields
 from throttler.models import utcnow
+from throttler.redis_conn import redis_client
 from throttler.settings import Settings
 from throttler.store.limits import LimitStore
 from throttler.store.recovery import open_recovery
@@ -111,7 +112,7 @@ class HopLimits:
         rules = settings.limit_rules
         # A connection of its own, not ARQ's pool: the worker's service replaces that pool
         # after a Redis outage. redis-py connects on first use and reconnects by itself.
-        redis = Redis.from_url(settings.redis_url)
+        redis = redis_client(settings)
         # A limiter that finds the drain floor gone (Redis restarted empty) sets it from
         # the database's last dispatch, exactly as a relay would.
         last_dispatch = last_dispatch_from(open_recovery(settings, engine))

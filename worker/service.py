@@ -19,11 +19,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from arq.connections import ArqRedis, RedisSettings, create_pool
+from arq.connections import ArqRedis
 
 from throttler.errors import REDIS_ERRORS
 from throttler.logs import fields
 from throttler.nodes import Heartbeat, Node, NodeKind, NodeRegistry
+from throttler.redis_conn import RedisMisconfigured, connect_arq
 from throttler.retry import REDIS_PROBE, Backoff, Outage, pause, retry_until_done
 from throttler.settings import Settings
 from worker.app import build_worker, close_worker, worker_id
@@ -154,11 +155,10 @@ class WorkerService:
 
     async def _connect(self) -> ArqRedis | None:
         """Open the Redis pool, retrying until Redis answers; None if stopped first."""
-        redis_settings = RedisSettings.from_dsn(self.settings.redis_url)
         # Our loop retries for ever with backoff and logs once; ARQ's gives up after 5 tries.
-        redis_settings.conn_retries = 0
+        # A refused password or certificate is not retried: RedisMisconfigured ends the start.
         return await retry_until_done(
-            lambda: create_pool(redis_settings, default_queue_name=self.settings.arq_queue_name),
+            lambda: connect_arq(self.settings),
             retry_on=REDIS_ERRORS,
             backoff=self.supervision.redis_reconnect,
             outage=self.redis_outage,
@@ -270,6 +270,10 @@ async def serve(
     )
     try:
         await service.run()
+    except RedisMisconfigured as error:
+        # A refused password or certificate: one line naming the setting, exit status 2.
+        log.error("worker.redis_misconfigured", extra=fields(error=str(error)))  # noqa: TRY400 - one line, no traceback
+        raise SystemExit(2) from None
     finally:
         for sig in STOP_SIGNALS:
             loop.remove_signal_handler(sig)

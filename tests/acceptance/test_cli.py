@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
+import pty
+import re
+import signal
 import sqlite3
+import struct
 import subprocess
 import sys
+import termios
+import threading
 from collections.abc import Iterator, Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
 
@@ -275,3 +283,200 @@ async def test_the_key_from_the_environment_or_option_reaches_the_api(
         admin = throttler(port, "--key", "k-ops", "limit", "cluster", "--rate", "5/s")
         assert admin.returncode == 0, admin.stderr
         assert '"5/s"' in admin.stdout
+
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\r")
+
+
+class PtyOutput:
+    """What a process writes to its terminal (a pty), read by a thread as it comes."""
+
+    def __init__(self, master: int) -> None:
+        self._master = master
+        self._chunks: list[bytes] = []
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                chunk = os.read(self._master, 65536)
+            except OSError:  # EIO: the other end closed
+                return
+            if not chunk:
+                return
+            with self._lock:
+                self._chunks.append(chunk)
+
+    @property
+    def raw(self) -> str:
+        with self._lock:
+            return b"".join(self._chunks).decode("utf-8", "replace")
+
+    @property
+    def text(self) -> str:
+        return ANSI.sub("", self.raw)
+
+    def close(self) -> None:
+        self._thread.join(timeout=5)
+        os.close(self._master)
+
+
+def start_in_pty(port: int, *args: str) -> tuple[subprocess.Popen[bytes], PtyOutput]:
+    master, slave = pty.openpty()
+    # A wide terminal: rich draws every column.
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 60, 220, 0, 0))
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in ("THROTTLER_API_KEY", "NO_COLOR")},
+        "TERM": "xterm-256color",
+        "LANG": "C.UTF-8",
+        "PYTHONIOENCODING": "utf-8",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cli", "--url", f"http://127.0.0.1:{port}", *args],
+        cwd=ROOT,
+        env=env,
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+    )
+    os.close(slave)
+    return process, PtyOutput(master)
+
+
+def frames_with(text: str, pattern: str) -> list[tuple[int, str]]:
+    """(frame number, what ``pattern`` caught) for each frame drawn, in order."""
+    found = []
+    for block in re.split(r"(?=pending \d+ · )", text):
+        caught = re.search(pattern, block)
+        number = re.search(r"frame (\d+)", block)
+        if caught and number:
+            found.append((int(number.group(1)), caught.group(1)))
+    return found
+
+
+async def test_top_redraws_with_changing_counts_and_ctrl_c_exits_cleanly(
+    port: int, running: Cluster
+) -> None:
+    running.start("api")  # no relay: what is submitted stays pending
+    await wait_for(lambda: api_up(port), timeout_s=30, interval_s=0.1, message="API up")
+    process, output = start_in_pty(port, "top", "--interval", "0.2")
+    try:
+
+        async def drawn(pending: str, *, after: int = 0) -> int | None:
+            for frame, count in frames_with(output.text, r"pending (\d+) · "):
+                if count == pending and frame > after:
+                    return frame
+            return None
+
+        first = await wait_for(lambda: drawn("0"), timeout_s=30, message="a frame with nothing")
+        assert first is not None
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            for n in range(3):
+                answer = await http.post("/api/v1/task/greeting", json={"name": f"t{n}"})
+                assert answer.status_code == 202, answer.text
+        later = await wait_for(
+            lambda: drawn("3", after=first), timeout_s=30, message="a frame with 3 pending"
+        )
+        assert later is not None
+        assert later > first
+        # Redrawn in place (the cursor moved back up over the last frame), not scrolled.
+        assert "\x1b[2K" in output.raw or re.search(r"\x1b\[\d*A", output.raw)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=15) == 0, output.text[-2000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        output.close()
+    assert "Traceback" not in output.text
+    assert "KeyboardInterrupt" not in output.text
+
+
+async def test_top_stops_after_count_frames(port: int, running: Cluster) -> None:
+    running.start("api")
+    await wait_for(lambda: api_up(port), timeout_s=30, interval_s=0.1, message="API up")
+    shown = throttler(port, "top", "--count", "3", "--interval", "0.1")
+    assert shown.returncode == 0, shown.stderr
+    assert "frame 3" in shown.stdout
+    for bad in (("--count", "0"), ("--interval", "0")):
+        refused = throttler(port, "top", *bad)
+        assert refused.returncode == 2
+        assert bad[0] in refused.stderr
+
+
+async def test_cancel_and_retry_by_label_and_creation_time_until_none_remain(
+    database_url: str, port: int, running: Cluster, tmp_path: Path
+) -> None:
+    running.start("api")  # no relay: every task stays pending until cancelled
+    await wait_for(lambda: api_up(port), timeout_s=30, interval_s=0.1, message="API up")
+    # More than one call takes (10,000): the command must call again until none remain.
+    many = write_jsonl(
+        tmp_path / "many.jsonl",
+        [{"name": "greeting", "input": {"name": f"m{i}"}} for i in range(10_050)],
+    )
+    submitted = throttler(port, "submit", "--file", str(many), timeout_s=300)
+    assert submitted.returncode == 0, submitted.stderr
+    cutoff = datetime.now(UTC).isoformat()
+    await wait_for_clock_past(cutoff)
+    labelled = write_jsonl(
+        tmp_path / "labelled.jsonl",
+        [
+            {"name": "greeting", "input": {"name": f"l{i}"}, "keys": [f"tenant:{tenant}"]}
+            for i, tenant in enumerate(["acme", "acme", "acme", "beta", "beta"])
+        ],
+    )
+    assert throttler(port, "submit", "--file", str(labelled)).returncode == 0
+
+    by_time = throttler(port, "cancel", "--created-before", cutoff, timeout_s=300)
+    assert by_time.returncode == 0, by_time.stderr
+    assert by_time.stdout.strip() == "10050 tasks"
+    assert "still match" in by_time.stderr  # a second call was needed
+    assert await status_counts(database_url) == {"cancelled": 10_050, "pending": 5}
+
+    by_label = throttler(port, "cancel", "--key", "tenant:acme", "--status", "pending")
+    assert by_label.returncode == 0, by_label.stderr
+    assert by_label.stdout.strip() == "3 tasks"
+    assert await status_counts(database_url) == {"cancelled": 10_053, "pending": 2}
+
+    again = throttler(port, "retry", "--key", "tenant:acme", "--status", "cancelled")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip() == "3 tasks"
+    assert await status_counts(database_url) == {"cancelled": 10_050, "pending": 5}
+
+    # Bad input: a clear error naming the option, exit 2, nothing sent.
+    for args, needle in (
+        (("cancel", "--key", "k-ops"), "--key"),
+        (("cancel", "--created-before", "yesterday"), "--created-before"),
+        (("cancel", "--created-before", "2026-11-29T12:00:00"), "timezone"),
+        (("retry", "--status", "pending"), "--status"),
+        (("cancel", "abc", "--name", "greeting"), "not both"),
+        (("retry",), "give an ID or a filter"),
+    ):
+        refused = throttler(port, *args)
+        assert refused.returncode == 2, (args, refused.stdout)
+        assert needle in refused.stderr, (args, refused.stderr)
+    assert await status_counts(database_url) == {"cancelled": 10_050, "pending": 5}
+
+
+async def wait_for_clock_past(moment: str) -> None:
+    """Wait until the clock has moved past ``moment``: tasks created next are after it."""
+    at = datetime.fromisoformat(moment)
+
+    async def past() -> bool:
+        return datetime.now(UTC) > at
+
+    await wait_for(past, timeout_s=5, interval_s=0.01, message="the clock to move on")
+
+
+async def status_counts(database_url: str) -> dict[str, int]:
+    engine = create_async_engine(database_url)
+    try:
+        async with engine.connect() as connection:
+            rows = await connection.execute(
+                text("SELECT status, count(*) FROM tasks GROUP BY status")
+            )
+            return {str(status): int(count) for status, count in rows}
+    finally:
+        await engine.dispose()

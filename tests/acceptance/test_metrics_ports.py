@@ -85,7 +85,8 @@ async def test_a_relay_serves_its_releases(
             session, name="greeting", account="a", payload={"name": "m"}, now=utcnow()
         )
     port = _free_port()
-    with cluster(env=_env(settings, RELAY_METRICS_PORT=str(port)), log_dir=tmp_path) as running:
+    env = _env(settings, RELAY_METRICS_PORT=str(port), RELAY_LIMITS="task:greeting inflight=100")
+    with cluster(env=env, log_dir=tmp_path) as running:
         running.start("relay")
 
         async def queued() -> bool:
@@ -104,4 +105,8 @@ async def test_a_relay_serves_its_releases(
         samples = await wait_for(counted, timeout_s=30, message="the release to be counted")
         assert samples is not None
     assert samples[released] == 1
+    assert samples['throttler_relay_scope_released_total{scope="task:greeting"}'] == 1
     assert samples["throttler_relay_claims_total"] >= 1
+    # Every reason from the start: nothing held back here.
+    for reason in ("inflight", "queue_full", "rate", "paused"):
+        assert samples[f'throttler_relay_held_back_total{{reason="{reason}"}}'] == 0

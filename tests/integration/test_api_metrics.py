@@ -9,14 +9,22 @@ from typing import TYPE_CHECKING
 
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
 
+from relay import metrics as relay_metrics
 from tests.integration.test_api_relay_status import LIMITS, ROWS, add_task
+from tests.integration.worker_harness import arq_pool, running_relay
+from tests.support import submit_task, wait_for
 from throttler.db import SessionFactory
-from throttler.models import utcnow
+from throttler.limits import LimitKey, Scope
+from throttler.models import OutboxEntry, utcnow
 from throttler.nodes import Node, NodeKind, NodeRegistry
 from throttler.settings import Settings
+from throttler.store.limits import ChangeKind, LimitStore
 
 if TYPE_CHECKING:
     from tests.integration.conftest import ApiClientFactory
@@ -186,3 +194,91 @@ async def test_metrics_need_no_api_key(
         assert refused.status_code == 401
         samples = await scrape(client)
     assert by_label(samples, "throttler_tasks", "status")["pending"] == 0
+
+
+async def test_scopes_are_named_as_the_relays_name_them(
+    settings: Settings,
+    sessions: SessionFactory,
+    make_api_client: ApiClientFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Every kind of scope, specific and *, released by a real relay: the API's series and
+    # the relay's own name the same scopes.
+    limited = _limited(
+        settings,
+        relay_limits=(
+            "host:* inflight=50; key:tenant:* inflight=50; account:acme inflight=50; "
+            "task:download inflight=50"
+        ),
+        relay_rate=0.0,
+        relay_max_inflight=100,
+    )
+    async with sessions.begin() as session:
+        for n, (host, tenant) in enumerate(
+            [("a.example", "acme"), ("a.example", "beta"), ("b.example", "acme")]
+        ):
+            await submit_task(
+                session,
+                name="download",
+                account="acme",
+                payload={"url": f"https://{host}/{n}"},
+                host=host,
+                labels=(f"tenant:{tenant}",),
+                now=utcnow(),
+            )
+    releases = relay_metrics.ScopeReleases()
+    monkeypatch.setattr(relay_metrics, "SCOPE_RELEASES", releases)
+    relay_registry = CollectorRegistry()
+    relay_registry.register(releases)
+
+    def relay_scopes() -> dict[str, float]:
+        text = generate_latest(relay_registry).decode()
+        return {
+            sample.labels["scope"]: sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
+
+    async def all_counted() -> bool:
+        async with sessions() as session:
+            left = await session.scalar(select(func.count()).select_from(OutboxEntry))
+        return left == 0 and relay_scopes().get("cluster") == 3
+
+    async with arq_pool(settings) as pool, running_relay(limited, sessions, pool):
+        await wait_for(all_counted, message="the relay to release and count every task")
+    expected = {
+        "cluster": 3,
+        "account:acme": 3,
+        "task:download": 3,
+        "host:a.example": 2,
+        "host:b.example": 1,
+        "key:tenant:acme": 2,
+        "key:tenant:beta": 1,
+    }
+    assert relay_scopes() == expected
+    async with make_api_client(limited) as client:
+        samples = await scrape(client)
+    assert by_label(samples, "throttler_scope_inflight", "scope") == expected
+    assert by_label(samples, "throttler_scope_dispatched_last_minute", "scope") == expected
+
+
+async def test_paused_scopes_show_when_their_pauses_end(
+    settings: Settings, engine: AsyncEngine, make_api_client: ApiClientFactory
+) -> None:
+    now = utcnow()
+    until = now.replace(year=2099)
+    limits = LimitStore(engine)
+    # One paused scope without a rule of its own, one with; one pause already over.
+    for key, end in (
+        (LimitKey(scope=Scope.HOST, value="paused.example"), until),
+        (LimitKey(scope=Scope.TASK, value="download"), until),
+        (LimitKey(scope=Scope.ACCOUNT, value="over"), now.replace(year=2001)),
+    ):
+        await limits.change(ChangeKind.PAUSE, key=key, by="ops", now=now, paused_until=end)
+    async with make_api_client(_limited(settings)) as client:
+        samples = await scrape(client)
+    paused = by_label(samples, "throttler_scope_paused_until_timestamp_seconds", "scope")
+    assert paused == {
+        "host:paused.example": until.timestamp(),
+        "task:download": until.timestamp(),
+    }

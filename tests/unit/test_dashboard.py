@@ -50,6 +50,7 @@ def defined_series() -> set[str]:
                 rate_per_s=1.0,
             ),
         ),
+        paused={"host:example.com": 1.0},
         relays_alive=1,
         workers_alive=1,
         workers_running=1,
@@ -88,6 +89,14 @@ def test_the_check_refuses_a_misspelt_metric() -> None:
     assert "throttler_task" not in defined_series()
     assert "throttler_worker_run_seconds_bucket" in defined_series()
     assert "throttler_worker_run_seconds" not in defined_series()
+
+
+def test_panels_draw_releases_per_scope_and_the_pauses() -> None:
+    exprs = " ".join(target["expr"] for panel in _panels() for target in panel["targets"])
+    assert "sum by (scope) (rate(throttler_relay_scope_released_total[1m]))" in exprs
+    assert "throttler_scope_paused_until_timestamp_seconds" in exprs
+    assert "throttler_relay_scope_released_total" in defined_series()
+    assert "throttler_scope_paused_until_timestamp_seconds" in defined_series()
 
 
 def test_the_profile_mounts_the_files_in_the_repo() -> None:
