@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, ColumnElement, Integer, cast, func, select
+from sqlalchemy import BigInteger, ColumnElement, Integer, Select, cast, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import QueryableAttribute
 
@@ -75,38 +75,50 @@ class ReleaseSeries:
         self._labels.update(by_label)
         self._counted_once = True
 
-    async def _count(
-        self, *, since: int, until: int, labels: list[str]
-    ) -> tuple[dict[int, Releases], dict[int, dict[str, int]]]:
-        second = epoch_second(TaskEvent.at, self._dialect).label("second")
-        in_window = (
+    def _window(self, since: int, until: int) -> tuple[ColumnElement[bool], ...]:
+        return (
             TaskEvent.event == EventKind.QUEUED.value,
             TaskEvent.at >= _moment(since),
             TaskEvent.at < _moment(until + 1),
         )
-        statement = (
+
+    def statement(self, *, since: int, until: int) -> Select[int, str, str, str | None, int]:
+        """Releases per second and (name, account, host) from ``since`` to ``until``."""
+        second = epoch_second(TaskEvent.at, self._dialect).label("second")
+        return (
             select(second, Task.name, Task.account, Task.host, func.count().label("released"))
             .select_from(TaskEvent)
             .join(Task, Task.id == TaskEvent.task_id)
-            .where(*in_window)
+            .where(*self._window(since, until))
             .group_by(second, Task.name, Task.account, Task.host)
         )
+
+    def label_statement(
+        self, *, since: int, until: int, labels: list[str]
+    ) -> Select[int, str, int]:
+        """Releases per second of tasks carrying each of ``labels``."""
+        second = epoch_second(TaskEvent.at, self._dialect).label("second")
+        return (
+            select(second, TaskLabel.label, func.count().label("released"))
+            .select_from(TaskEvent)
+            .join(TaskLabel, TaskLabel.task_id == TaskEvent.task_id)
+            .where(*self._window(since, until), TaskLabel.label.in_(labels))
+            .group_by(second, TaskLabel.label)
+        )
+
+    async def _count(
+        self, *, since: int, until: int, labels: list[str]
+    ) -> tuple[dict[int, Releases], dict[int, dict[str, int]]]:
         releases: dict[int, Releases] = {}
         by_label: dict[int, dict[str, int]] = {}
         async with self._sessions() as session:
-            for row in await session.execute(statement):
+            for row in await session.execute(self.statement(since=since, until=until)):
                 at = releases.setdefault(int(row.second), {})
                 at[(row.name, row.account, row.host)] = int(row.released)
             if labels:
-                labelled = (
-                    select(second, TaskLabel.label, func.count().label("released"))
-                    .select_from(TaskEvent)
-                    .join(TaskLabel, TaskLabel.task_id == TaskEvent.task_id)
-                    .where(*in_window, TaskLabel.label.in_(labels))
-                    .group_by(second, TaskLabel.label)
-                )
-                for second_of, label, released in await session.execute(labelled):
-                    by_label.setdefault(int(second_of), {})[label] = int(released)
+                labelled = self.label_statement(since=since, until=until, labels=labels)
+                for second, label, released in await session.execute(labelled):
+                    by_label.setdefault(int(second), {})[label] = int(released)
         return releases, by_label
 
     def series(self, scopes: Iterable[str], *, now_s: float) -> SeriesPublic:
@@ -132,7 +144,7 @@ class ReleaseSeries:
                 if targets is None:
                     targets = [series[CLUSTER]]
                     for column, part in enumerate(combo):
-                        found = None if value is None else by_column.get((column, value))
+                        found = None if part is None else by_column.get((column, part))
                         if found is not None:
                             targets.append(series[found])
                     matched[combo] = targets
