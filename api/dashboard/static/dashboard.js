@@ -41,6 +41,7 @@ function svg(tag, attrs) {
 }
 
 function showProblem(text) {
+  if (!text) delete $("problem").dataset.sticky;
   const box = $("problem");
   box.textContent = text;
   box.hidden = !text;
@@ -162,7 +163,7 @@ function drawInflight(summary) {
 function drawPaused(summary) {
   const items = summary.paused.map((p) =>
     el("li", { "data-scope": p.scope }, el("code", {}, p.scope), el("span", { class: "muted" }, `until ${fullTime(p.until)}`),
-      summary.admin ? el("button", { type: "button", class: "resume", on: { click: () => act("POST", `/limits/${encodeURIComponent(p.scope)}/resume`) } }, "Resume") : null));
+      el("button", { type: "button", class: "resume", on: { click: () => act("POST", `/limits/${encodeURIComponent(p.scope)}/resume`) } }, "Resume")));
   $("paused").replaceChildren(...(items.length ? items : [el("li", { class: "muted" }, "none")]));
 }
 
@@ -320,6 +321,7 @@ function numberOrNull(id) {
 }
 
 function wire() {
+  $("problem").addEventListener("click", () => showProblem(""));
   $("key-form").addEventListener("submit", (event) => {
     event.preventDefault();
     sessionStorage.setItem(KEY_ITEM, $("key-input").value.trim());
@@ -336,7 +338,7 @@ function wire() {
   });
   $("filter-form").addEventListener("submit", (event) => {
     event.preventDefault();
-    const query = new URLSearchParams({ limit: "50" });
+    const query = new URLSearchParams({ limit: "20" });
     for (const [name, id] of [["status", "filter-status"], ["name", "filter-name"], ["key", "filter-key"], ["account", "filter-account"]]) {
       const value = $(id).value.trim();
       if (value && !(name === "account" && !document.body.classList.contains("admin"))) query.set(name, value);
