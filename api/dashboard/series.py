@@ -42,6 +42,42 @@ def epoch_second(
     return cast(func.floor(func.extract("epoch", at)), BigInteger)
 
 
+def _window(since: int, until: int) -> tuple[ColumnElement[bool], ...]:
+    return (
+        TaskEvent.event == EventKind.QUEUED.value,
+        TaskEvent.at >= _moment(since),
+        TaskEvent.at < _moment(until + 1),
+    )
+
+
+def releases_statement(
+    *, dialect: str, since: int, until: int
+) -> Select[int, str, str, str | None, int]:
+    """Releases per second and (name, account, host) from second ``since`` to ``until``."""
+    second = epoch_second(TaskEvent.at, dialect).label("second")
+    return (
+        select(second, Task.name, Task.account, Task.host, func.count().label("released"))
+        .select_from(TaskEvent)
+        .join(Task, Task.id == TaskEvent.task_id)
+        .where(*_window(since, until))
+        .group_by(second, Task.name, Task.account, Task.host)
+    )
+
+
+def labels_statement(
+    *, dialect: str, since: int, until: int, labels: list[str]
+) -> Select[int, str, int]:
+    """Releases per second of the tasks carrying each of ``labels``."""
+    second = epoch_second(TaskEvent.at, dialect).label("second")
+    return (
+        select(second, TaskLabel.label, func.count().label("released"))
+        .select_from(TaskEvent)
+        .join(TaskLabel, TaskLabel.task_id == TaskEvent.task_id)
+        .where(*_window(since, until), TaskLabel.label.in_(labels))
+        .group_by(second, TaskLabel.label)
+    )
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class SeriesPublic:
     """Per scope, releases in each second from ``start`` (Unix seconds), oldest first."""
@@ -75,48 +111,21 @@ class ReleaseSeries:
         self._labels.update(by_label)
         self._counted_once = True
 
-    def _window(self, since: int, until: int) -> tuple[ColumnElement[bool], ...]:
-        return (
-            TaskEvent.event == EventKind.QUEUED.value,
-            TaskEvent.at >= _moment(since),
-            TaskEvent.at < _moment(until + 1),
-        )
-
-    def statement(self, *, since: int, until: int) -> Select[int, str, str, str | None, int]:
-        """Releases per second and (name, account, host) from ``since`` to ``until``."""
-        second = epoch_second(TaskEvent.at, self._dialect).label("second")
-        return (
-            select(second, Task.name, Task.account, Task.host, func.count().label("released"))
-            .select_from(TaskEvent)
-            .join(Task, Task.id == TaskEvent.task_id)
-            .where(*self._window(since, until))
-            .group_by(second, Task.name, Task.account, Task.host)
-        )
-
-    def label_statement(
-        self, *, since: int, until: int, labels: list[str]
-    ) -> Select[int, str, int]:
-        """Releases per second of tasks carrying each of ``labels``."""
-        second = epoch_second(TaskEvent.at, self._dialect).label("second")
-        return (
-            select(second, TaskLabel.label, func.count().label("released"))
-            .select_from(TaskEvent)
-            .join(TaskLabel, TaskLabel.task_id == TaskEvent.task_id)
-            .where(*self._window(since, until), TaskLabel.label.in_(labels))
-            .group_by(second, TaskLabel.label)
-        )
-
     async def _count(
         self, *, since: int, until: int, labels: list[str]
     ) -> tuple[dict[int, Releases], dict[int, dict[str, int]]]:
         releases: dict[int, Releases] = {}
         by_label: dict[int, dict[str, int]] = {}
         async with self._sessions() as session:
-            for row in await session.execute(self.statement(since=since, until=until)):
+            for row in await session.execute(
+                releases_statement(dialect=self._dialect, since=since, until=until)
+            ):
                 at = releases.setdefault(int(row.second), {})
                 at[(row.name, row.account, row.host)] = int(row.released)
             if labels:
-                labelled = self.label_statement(since=since, until=until, labels=labels)
+                labelled = labels_statement(
+                    dialect=self._dialect, since=since, until=until, labels=labels
+                )
                 for second, label, released in await session.execute(labelled):
                     by_label.setdefault(int(second), {})[label] = int(released)
         return releases, by_label

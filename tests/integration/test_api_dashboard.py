@@ -19,7 +19,7 @@ from sqlalchemy.dialects import sqlite
 
 from api.dashboard.reads import LIVE_STATUSES, failures_statement
 from api.dashboard.routes import CONTENT_SECURITY_POLICY
-from api.dashboard.series import WINDOW_S, ReleaseSeries
+from api.dashboard.series import WINDOW_S, labels_statement, releases_statement
 from tests.integration.test_api_relay_status import LIMITS, ROWS, Row, Stage, add_task
 from tests.support import wait_for
 from throttler.db import SessionFactory
@@ -28,8 +28,6 @@ from throttler.nodes import Node, NodeKind, NodeRegistry
 from throttler.settings import Settings
 
 if TYPE_CHECKING:
-    from sqlalchemy.ext.asyncio import AsyncEngine
-
     from tests.integration.conftest import ApiClientFactory
 
 SUMMARY = "/api/v1/dashboard"
@@ -315,14 +313,11 @@ def _compiled(statement: Any) -> str:
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
-async def test_the_summary_reads_never_scan_tasks_on_sqlite(
-    database_url: str, engine: AsyncEngine
-) -> None:
+async def test_the_summary_reads_never_scan_tasks_on_sqlite(database_url: str) -> None:
     path = database_url.removeprefix("sqlite+aiosqlite:///")
-    series = ReleaseSeries(engine)
     statements = {
-        "series": series.statement(since=0, until=1),
-        "labels": series.label_statement(since=0, until=1, labels=["tenant:a"]),
+        "series": releases_statement(dialect="sqlite", since=0, until=1),
+        "labels": labels_statement(dialect="sqlite", since=0, until=1, labels=["tenant:a"]),
         "failures": failures_statement(account="acme", since=utcnow()),
         "live counts": select(Task.status, func.count())
         .where(Task.status.in_([s.value for s in LIVE_STATUSES]))
