@@ -1,11 +1,11 @@
 """Releases per second over the last five minutes, per limited scope, from ``task_events``.
 
 A release is a ``queued`` event (its ``at`` is the release moment). The first refresh
-counts the whole window; later ones count again only the last ``RECOUNT_S`` seconds (a
-relay may move a queued event it has not handed to ARQ yet to its later release moment)
-and keep the older seconds as counted. Each count is one grouped statement over a range of
-``ix_task_events_event_at`` joined to each event's task by primary key: its cost follows
-the releases in the window, never the size of the tables.
+counts the whole window, ``RECOUNT_S`` + 1 seconds per statement; later ones count again
+only the last ``RECOUNT_S`` seconds (a relay may move a queued event it has not handed to
+ARQ yet to its later release moment) and keep the older seconds as counted. Each statement
+groups a range of ``ix_task_events_event_at`` joined to each event's task by primary key:
+its cost follows the releases it counts, never the size of the tables.
 """
 
 from __future__ import annotations
@@ -103,7 +103,16 @@ class ReleaseSeries:
         start = end - WINDOW_S + 1
         since = start if not self._counted_once else max(start, end - RECOUNT_S)
         wanted = sorted(set(labels))
-        releases, by_label = await self._count(since=since, until=end, labels=wanted)
+        releases: dict[int, Releases] = {}
+        by_label: dict[int, dict[str, int]] = {}
+        # The first count too goes RECOUNT_S + 1 seconds at a time: every statement covers
+        # the same short range, so each plan stays an index range joined by primary key
+        # (a whole window of releases made PostgreSQL hash-join a scan of every task).
+        for first in range(since, end + 1, RECOUNT_S + 1):
+            last = min(end, first + RECOUNT_S)
+            counted, labelled = await self._count(since=first, until=last, labels=wanted)
+            releases.update(counted)
+            by_label.update(labelled)
         for table in (self._releases, self._labels):
             for second in [s for s in table if s < start or s >= since]:
                 del table[second]
