@@ -14,6 +14,8 @@ from api.announce import NewWorkAnnouncer
 from api.body_limit import BodyLimitMiddleware
 from api.bulk import BULK_MAX_BODY_BYTES, BULK_PATH
 from api.cluster_view import ClusterReader, ClusterViewCache
+from api.dashboard.routes import mount_dashboard
+from api.dashboard.summary import Dashboard
 from api.docs import mount_docs
 from api.errors import register_error_handlers
 from api.intake import IntakeWriter
@@ -93,6 +95,15 @@ def create_app(settings: Settings) -> FastAPI:
             max_age_s=settings.metrics_refresh_s,
         )
         app.state.cluster_view = cluster_view
+        dashboard = Dashboard(
+            settings=settings,
+            engine=engine,
+            reads=app.state.reads,
+            limits=app.state.limits,
+            redis=redis,
+            cluster_view=cluster_view,
+        )
+        app.state.dashboard = dashboard
         collector = ClusterCollector(cluster_view)
         registry.register(collector)
         background = [asyncio.create_task(listener.run()), asyncio.create_task(sweep.run())]
@@ -101,6 +112,7 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             listener.stop()
             sweep.stop()
+            await dashboard.close()
             await cluster_view.close()
             registry.unregister(collector)
             for job in background:
@@ -138,6 +150,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(nodes.router)
     app.include_router(health.router)
     app.include_router(metrics_router)
+    mount_dashboard(app)
     register_error_handlers(app)
     app.add_middleware(
         BodyLimitMiddleware,

@@ -30,6 +30,7 @@ BENCHMARKS = (
     "upstream",
     "cli_submit",
     "metrics_scrape",
+    "dashboard_paint",
 )
 
 
