@@ -13,8 +13,9 @@ job that opened a transaction in the same turn has queued its commands and the w
 batch has been sent as one MULTI/EXEC.
 
 Each job's commands stay together and in order, and still run atomically (a larger
-transaction holds them); a batch that fails fails each of its jobs with the error, as
-each job's own transaction would have failed with Redis away.
+transaction holds them). A command that fails fails only its own job, with its error; a
+batch that cannot be sent (Redis away) fails each of its jobs with the error, as each
+job's own transaction would have failed.
 tests/contract/test_arq_private_api.py checks that ARQ still queues a transaction's
 commands with no await before its one ``execute`` (else a share could not be cut out of
 the batch); test_arq_pickup.py runs ARQ's jobs through this and through ARQ's own worker.
@@ -68,8 +69,13 @@ class _Share:
     async def execute(self) -> list[Any]:
         """This job's replies, once the batch holding its commands is sent."""
         last = len(self._batch.pipe)
-        replies = await asyncio.shield(self._batch.replies)
-        return replies[self._first : last]
+        replies = (await asyncio.shield(self._batch.replies))[self._first : last]
+        for reply in replies:
+            # A command of this job failed (the batch was sent without raising): the job
+            # fails as its own transaction would have, the others carry on.
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
 
 
 class BatchingPool:
@@ -104,7 +110,7 @@ class BatchingPool:
     @staticmethod
     async def _send(batch: _Batch) -> None:
         try:
-            replies = await batch.pipe.execute()
+            replies = await batch.pipe.execute(raise_on_error=False)
         except asyncio.CancelledError:
             batch.replies.cancel()
             raise

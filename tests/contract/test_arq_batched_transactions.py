@@ -16,9 +16,11 @@ from arq.connections import ArqRedis
 from arq.constants import retry_key_prefix
 from arq.jobs import Job
 from arq.worker import Retry, Worker
+from redis.exceptions import ResponseError
 
 from tests.contract.conftest import WorkerFactory, run_burst
 from worker.leases import LeasedWorker
+from worker.pipelines import BatchingPool
 
 JOBS = 20
 # Every job waits here until all have started, so that they all end in one turn.
@@ -106,3 +108,25 @@ async def test_jobs_of_one_turn_share_one_transaction(
     # Ours: the jobs are taken by one script call, started in one turn and ended in one
     # (give or take a turn: the gate opens inside the last job to start).
     assert counts["LeasedWorker"] <= 4, counts
+
+
+async def test_a_failing_command_fails_only_its_own_job(arq_redis: ArqRedis) -> None:
+    pool = BatchingPool(arq_redis)
+    await arq_redis.set("text", "not a number")
+
+    async def job(key: str) -> list[Any]:
+        async with pool.pipeline(transaction=True) as pipe:
+            pipe.set(f"{key}:seen", 1)
+            pipe.incr(key)
+            replies: list[Any] = await pipe.execute()
+            return replies
+
+    before = await _exec_calls(arq_redis)
+    replies: list[Any] = await asyncio.gather(job("count"), job("text"), return_exceptions=True)
+    counted, failed = replies
+
+    assert await _exec_calls(arq_redis) - before == 1
+    assert counted == [True, 1]
+    assert isinstance(failed, ResponseError)
+    # As in a transaction of its own: Redis ran the job's other commands.
+    assert await arq_redis.get("text:seen") == b"1"
