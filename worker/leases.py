@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
+from typing import Any, cast
 
 from arq.constants import in_progress_key_prefix
 from arq.utils import timestamp_ms
@@ -32,6 +32,7 @@ from redis.commands.core import AsyncScript
 from throttler.aborts import ABORT_CHECK_S, ABORT_KEY
 from throttler.errors import REDIS_ERRORS
 from throttler.logs import fields
+from worker.pipelines import BatchingPool
 from worker.taskkit.registry import ABORTING_KEY
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class LeasedWorker(Worker):
         self._take_script: AsyncScript | None = None
         # Set whenever a job ends and frees its slot (start_jobs waits on it when full).
         self._slot_freed = asyncio.Event()
+        self._view: _JobView | None = None
 
     def running_job_ids(self) -> list[str]:
         return [job_id for job_id, task in self.tasks.items() if not task.done()]
@@ -164,7 +166,8 @@ class LeasedWorker(Worker):
         judged and logged by the service, by a ping.
         """
         try:
-            await super().run_job(job_id, score)
+            # ARQ's own run_job, its transactions batched with other jobs' (worker.pipelines).
+            await Worker.run_job(cast(Worker, self._job_view()), job_id, score)
         except REDIS_ERRORS as error:
             current = asyncio.current_task()
             if current is not None and current.cancelling():
@@ -174,6 +177,13 @@ class LeasedWorker(Worker):
                 )
                 return
             log.debug("worker.job_bookkeeping_failed", extra=fields(task_id=job_id), exc_info=error)
+
+    def _job_view(self) -> _JobView:
+        """The worker as run_job sees it, on a batching pool over the current pool."""
+        view = self._view
+        if view is None or view.pool.redis is not self.pool:
+            view = self._view = _JobView(self, BatchingPool(self.pool))
+        return view
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         """Start the jobs of ``job_ids`` that no one runs yet, as many as there are free slots.
@@ -236,6 +246,29 @@ class LeasedWorker(Worker):
         )
         pairs = iter(reply)
         return [(raw.decode(), int(float(score))) for raw, score in zip(pairs, pairs, strict=True)]
+
+
+class _JobView:
+    """The worker as ARQ's ``run_job`` sees it: the worker's every attribute, read and
+    written through, but its ``pool`` batches each turn's job transactions into one
+    (worker.pipelines), for ``run_job`` and the ``finish_job`` it calls alike."""
+
+    # ARQ's own, bound to the view so that they use its pool.
+    finish_job = Worker.finish_job
+    finish_failed_job = Worker.finish_failed_job
+
+    def __init__(self, worker: LeasedWorker, pool: BatchingPool) -> None:
+        object.__setattr__(self, "_worker", worker)
+        object.__setattr__(self, "pool", pool)
+
+    pool: BatchingPool
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._worker, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # run_job counts jobs (self.jobs_complete += 1): the worker's counters.
+        setattr(self._worker, name, value)
 
 
 # KEYS: the queue, then the in-progress key of each job; ARGV: now (ms), the lease (ms),

@@ -1,6 +1,7 @@
 """Every part of ARQ our overrides touch, beyond its documented API, still has our shape.
 
 ``worker/leases.py`` (LeasedWorker: ``start_jobs`` replaced, leases renewed),
+``worker/pipelines.py`` (ARQ's job transactions batched, run through leases' _JobView),
 ``worker/app.py`` and ``worker/service.py`` (closing and draining a worker), and
 ``relay/enqueue.py`` (BatchEnqueuer: ARQ's enqueue in Lua) read and write ARQ's
 internals. Each check below names the attribute it guards and where we rely on it, so a
@@ -29,6 +30,7 @@ MAX_JOBS = 3
 LEASES = "worker/leases.py"
 ENQUEUE = "relay/enqueue.py"
 SERVICE = "worker/service.py, worker/app.py"
+PIPELINES = "worker/pipelines.py, worker/leases.py (_JobView)"
 
 
 async def noop(ctx: dict[str, Any]) -> None:
@@ -160,6 +162,72 @@ def _methods_reading(owner: type, attribute: str) -> set[str]:
     }
 
 
+def _transactions_batchable(name: str) -> Check:
+    # worker.pipelines cuts each job's share out of one batched transaction: ARQ must
+    # queue a transaction's commands with no await in between, then await execute() once,
+    # and use the pool for nothing else in the method (run_job aside: its rare setex).
+    async def check(worker: Worker, redis: ArqRedis) -> str | None:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(getattr(Worker, name))))
+        blocks = [
+            node
+            for node in ast.walk(tree)
+            if isinstance(node, ast.AsyncWith)
+            and ast.unparse(node.items[0].context_expr) == "self.pool.pipeline(transaction=True)"
+        ]
+        if not blocks:
+            return "opens no self.pool.pipeline(transaction=True) any more"
+        for block in blocks:
+            target = block.items[0].optional_vars
+            execute = f"{ast.unparse(target)}.execute()" if target is not None else None
+            awaits = [node for node in ast.walk(block) if isinstance(node, ast.Await)]
+            if (
+                target is None
+                or not awaits
+                or any(ast.unparse(node.value) != execute for node in awaits)
+            ):
+                return "awaits something other than execute() inside its transaction"
+            if not _nothing_queued_after_execute(block.body, ast.unparse(target)):
+                return "queues commands after execute() in its transaction"
+        pool_uses = {
+            ast.unparse(node)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Attribute)
+            and ast.unparse(node.value) == "self.pool"
+        }
+        if not pool_uses <= {"self.pool.pipeline", "self.pool.setex"}:
+            return f"uses {sorted(pool_uses)} of the pool; we batch only its transactions"
+        return None
+
+    return check
+
+
+def _nothing_queued_after_execute(body: list[ast.stmt], pipe: str) -> bool:
+    """Whether, in ``body`` and the bodies within it, no statement after one that awaits
+    names the pipeline ``pipe`` (queues a command after its execute)."""
+    awaited = False
+    for statement in body:
+        names = {node.id for node in ast.walk(statement) if isinstance(node, ast.Name)}
+        if awaited and pipe in names:
+            return False
+        awaited = awaited or any(isinstance(node, ast.Await) for node in ast.walk(statement))
+        for field in ("body", "orelse", "finalbody"):
+            inner = getattr(statement, field, None)
+            if isinstance(inner, list) and inner and not _nothing_queued_after_execute(inner, pipe):
+                return False
+    return True
+
+
+async def _run_job_finishes_through_self(worker: Worker, redis: ArqRedis) -> str | None:
+    # _JobView binds ARQ's finish_job and finish_failed_job to itself: run_job must call
+    # them as methods of self, so they see the view's batching pool.
+    source = inspect.getsource(Worker.run_job)
+    for call in ("self.finish_job(", "self.finish_failed_job("):
+        if call not in source:
+            return f"no longer calls {call}...): its transaction would not be batched"
+    return None
+
+
 async def _serialize_job(worker: Worker, redis: ArqRedis) -> str | None:
     expected = ["function_name", "args", "kwargs", "job_try", "enqueue_time_ms", "serializer"]
     found = _parameters(arq.jobs.serialize_job)
@@ -283,6 +351,48 @@ EXPECTATIONS = [
         name="arq.utils.timestamp_ms",
         used_by=f"{LEASES}, {ENQUEUE}",
         check=_function(arq.utils, "timestamp_ms", []),
+    ),
+    # --- the batched job transactions: worker.pipelines, run through _JobView ---
+    Expectation(
+        name="Worker.run_job (transactions)",
+        used_by=PIPELINES,
+        check=_transactions_batchable("run_job"),
+    ),
+    Expectation(
+        name="Worker.run_job (finishes)", used_by=PIPELINES, check=_run_job_finishes_through_self
+    ),
+    Expectation(
+        name="Worker.finish_job",
+        used_by=PIPELINES,
+        check=_method(
+            Worker,
+            "finish_job",
+            [
+                "self",
+                "job_id",
+                "finish",
+                "result_data",
+                "result_timeout_s",
+                "keep_result_forever",
+                "incr_score",
+                "keep_in_progress",
+            ],
+        ),
+    ),
+    Expectation(
+        name="Worker.finish_job (transaction)",
+        used_by=PIPELINES,
+        check=_transactions_batchable("finish_job"),
+    ),
+    Expectation(
+        name="Worker.finish_failed_job",
+        used_by=PIPELINES,
+        check=_method(Worker, "finish_failed_job", ["self", "job_id", "result_data"]),
+    ),
+    Expectation(
+        name="Worker.finish_failed_job (transaction)",
+        used_by=PIPELINES,
+        check=_transactions_batchable("finish_failed_job"),
     ),
     # --- stopping a worker (worker/service.py, worker/app.py) ---
     Expectation(
