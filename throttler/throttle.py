@@ -18,6 +18,21 @@ TTL): the latest moment the lost buckets may have been drained up to. It is set 
 when the limiter first finds it missing, from the database's latest dispatch
 (``restart_floor``), and a missing bucket refills from empty at that moment. Buckets that
 merely expired (idle long enough to refill) are full either way.
+
+Buckets can also come back *fuller* than they were: Redis replicates asynchronously, so a
+replica promoted by a failover may never have seen the master's latest takes, and a Redis
+restarted from an RDB or AOF file loses what it had not written out. The floor survives
+those, so it alone would not step in. So the buckets have *generations*: Redis keeps, next
+to the floor, the ``run_id`` of the server that started the current one (random at every
+start of a redis-server) and its number, and each bucket records the generation that
+wrote it. When the script finds itself on another server than the one named (a promoted
+replica, or the same server restarted), it starts the next generation with a floor set
+from the database as for a missing floor (never earlier than the floor kept), and every
+bucket of an older generation holds at most what a missing bucket would: the lower of its
+saved tokens and the refill since the floor (a lost take only ever left it fuller; a debt
+it still shows is kept). Buckets no call names are judged so when next named. Any change
+of server starts a generation, even one that lost nothing (a clean restart): the limiter
+cannot tell, so it pauses as after a restart empty.
 """
 
 from __future__ import annotations
@@ -382,10 +397,12 @@ local generation_key = KEYS[nb + 2]
 local server = ARGV[8]
 if server == '' then
   -- run_id: random at every start of a redis-server, so another server, or this one
-  -- restarted, has another (INFO is 40 hex digits after 'run_id:').
+  -- restarted, has another (INFO gives 40 hex digits after 'run_id:'). A server that
+  -- shows none is taken to be always the same one.
   local info = redis.call('INFO', 'server')
   local at = string.find(info, 'run_id:', 1, true)
-  server = string.sub(info, at + 7, at + 46)
+  server = '?'
+  if at then server = string.sub(info, at + 7, at + 46) end
 end
 local saved_keys = redis.call('MGET', floor_key, generation_key)
 local saved_floor = saved_keys[1]
