@@ -19,6 +19,10 @@ SUBMITTED_CHANNEL = "throttler:submitted"
 # Redis key (no TTL) holding the moment up to which buckets missing from Redis may have
 # been drained: set when the limiter finds Redis without it (see throttler.throttle).
 RATE_DRAIN_FLOOR_KEY = "throttler:bucket-drain-floor"
+# Redis key (no TTL) naming the server that started the buckets' current generation and
+# its number: buckets written by another server (before a failover, or a restart from a
+# file) may have lost takes (see throttler.throttle).
+RATE_GENERATION_KEY = "throttler:bucket-generation"
 # Redis hash per live node (``<prefix><kind>:<id>``, kind ``relay`` or ``worker``), and the
 # sorted set indexing them by last heartbeat (see throttler.nodes).
 NODE_KEY_PREFIX = "throttler:node:"

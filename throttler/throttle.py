@@ -18,6 +18,21 @@ TTL): the latest moment the lost buckets may have been drained up to. It is set 
 when the limiter first finds it missing, from the database's latest dispatch
 (``restart_floor``), and a missing bucket refills from empty at that moment. Buckets that
 merely expired (idle long enough to refill) are full either way.
+
+Buckets can also come back *fuller* than they were: Redis replicates asynchronously, so a
+replica promoted by a failover may never have seen the master's latest takes, and a Redis
+restarted from an RDB or AOF file loses what it had not written out. The floor survives
+those, so it alone would not step in. So the buckets have *generations*: Redis keeps, next
+to the floor, the ``run_id`` of the server that started the current one (random at every
+start of a redis-server) and its number, and each bucket records the generation that
+wrote it. When the script finds itself on another server than the one named (a promoted
+replica, or the same server restarted), it starts the next generation with a floor set
+from the database as for a missing floor (never earlier than the floor kept), and every
+bucket of an older generation holds at most what a missing bucket would: the lower of its
+saved tokens and the refill since the floor (a lost take only ever left it fuller; a debt
+it still shows is kept). Buckets no call names are judged so when next named. Any change
+of server starts a generation, even one that lost nothing (a clean restart): the limiter
+cannot tell, so it pauses as after a restart empty.
 """
 
 from __future__ import annotations
@@ -30,7 +45,11 @@ from typing import Protocol
 
 from redis.asyncio import Redis
 
-from throttler.constants import RATE_BUCKET_KEY_PREFIX, RATE_DRAIN_FLOOR_KEY
+from throttler.constants import (
+    RATE_BUCKET_KEY_PREFIX,
+    RATE_DRAIN_FLOOR_KEY,
+    RATE_GENERATION_KEY,
+)
 from throttler.limits import LimitKey, RuleSet, Scope, each_value
 
 CLUSTER_KEY = LimitKey(scope=Scope.CLUSTER)
@@ -61,11 +80,13 @@ class BucketState:
 
     ``rate_per_s``: the rate the tokens were counted at (None: unknown, a state written
     before rates could change), so that a rule changed since keeps the debt's meaning.
+    ``generation``: the bucket generation it was written in (see ``refill``).
     """
 
     tokens: float
     updated_s: float
     rate_per_s: float | None = None
+    generation: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -100,8 +121,17 @@ class Decision:
     blocked: Mapping[int, float]
 
 
-def restart_floor(*, last_dispatch_s: float | None, now_s: float, horizon_s: float) -> float:
+def restart_floor(
+    *,
+    last_dispatch_s: float | None,
+    now_s: float,
+    horizon_s: float,
+    previous_s: float = NEVER_DRAINED,
+) -> float:
     """The drain floor to record when the buckets are found missing at ``now_s``.
+
+    ``previous_s``: the floor Redis still holds when a new generation starts (a failover,
+    a restart from a file); the new floor is never earlier than it.
 
     Nothing ever dispatched: minus infinity, every bucket full. A dispatch within
     ``ACTIVE_WITHIN_S``: assume the buckets were drained up to the latest token any claim
@@ -111,10 +141,10 @@ def restart_floor(*, last_dispatch_s: float | None, now_s: float, horizon_s: flo
     drained at most up to it.
     """
     if last_dispatch_s is None:
-        return NEVER_DRAINED
+        return previous_s
     if last_dispatch_s >= now_s - ACTIVE_WITHIN_S:
-        return max(last_dispatch_s, now_s + max(horizon_s, TAKE_AHEAD_LIMIT_S))
-    return last_dispatch_s
+        return max(previous_s, last_dispatch_s, now_s + max(horizon_s, TAKE_AHEAD_LIMIT_S))
+    return max(previous_s, last_dispatch_s)
 
 
 def refill(
@@ -124,11 +154,15 @@ def refill(
     rate_per_s: float,
     burst: int,
     drained_at_s: float = -math.inf,
+    generation: int | None = None,
 ) -> BucketState:
-    """Return the bucket as it stands at ``now_s``.
+    """Return the bucket as it stands at ``now_s``, in ``generation``.
 
     A missing bucket was empty at ``drained_at_s`` (the drain floor) and has
-    refilled since; before that moment it is in debt.
+    refilled since; before that moment it is in debt. A bucket written in another
+    generation (before a failover or a restart from a file, which may have lost its
+    latest takes) holds at most what a missing one would: it may hold more tokens than
+    were really left, never fewer, so the lower of the two is safe.
 
     Under a changed rule (``rate_per_s`` or ``burst`` not the state's): saved tokens
     beyond the new burst are gone (a lowered rate lets at most the new burst through at
@@ -136,16 +170,22 @@ def refill(
     keeps its length in time, ``-tokens / rate``: the new rate's first token falls due
     when the old rate's last grant does, so the old and the new releases never overlap.
     """
+    missing = min(float(burst), (now_s - drained_at_s) * rate_per_s)
     if state is None:
-        tokens = min(float(burst), (now_s - drained_at_s) * rate_per_s)
-        return BucketState(tokens=tokens, updated_s=now_s, rate_per_s=rate_per_s)
+        return BucketState(
+            tokens=missing, updated_s=now_s, rate_per_s=rate_per_s, generation=generation
+        )
     saved = rescaled(state.tokens, saved_rate_per_s=state.rate_per_s, rate_per_s=rate_per_s)
     # A clock that steps back (another host's view, an explicit test time) refills nothing.
     elapsed_s = max(0.0, now_s - state.updated_s)
+    tokens = min(float(burst), saved + elapsed_s * rate_per_s)
+    if state.generation != generation:
+        tokens = min(tokens, missing)
     return BucketState(
-        tokens=min(float(burst), saved + elapsed_s * rate_per_s),
+        tokens=tokens,
         updated_s=max(state.updated_s, now_s),
         rate_per_s=rate_per_s,
+        generation=generation,
     )
 
 
@@ -164,6 +204,7 @@ def decide(
     now_s: float,
     horizon_s: float = 0.0,
     drained_at_s: float = -math.inf,
+    generation: int | None = None,
 ) -> Decision:
     """Admit, in order, each request whose every bucket has a token due within the horizon.
 
@@ -173,7 +214,8 @@ def decide(
     not keep refilling while the request waits for another bucket), so every bucket sees
     exactly the dispatches of a token bucket. A refused request takes nothing and does not
     stop later ones. The Lua script in ``_ADMIT_LUA`` performs these exact operations in
-    the same order. A missing state refills from ``drained_at_s`` (see ``refill``).
+    the same order. A missing state refills from ``drained_at_s``, and a state of another
+    generation than ``generation`` holds at most that much (see ``refill``).
     """
     tokens: list[float] = []
     updated: list[float] = []
@@ -184,6 +226,7 @@ def decide(
             rate_per_s=bucket.rate_per_s,
             burst=bucket.burst,
             drained_at_s=drained_at_s,
+            generation=generation,
         )
         tokens.append(now_state.tokens)
         updated.append(now_state.updated_s)
@@ -211,7 +254,7 @@ def decide(
         admitted.append((index, delay_s))
     blocked = {b: _wait_s(tokens[b], buckets[b].rate_per_s) for b in sorted(refused)}
     states_out = tuple(
-        BucketState(tokens=t, updated_s=u, rate_per_s=bucket.rate_per_s)
+        BucketState(tokens=t, updated_s=u, rate_per_s=bucket.rate_per_s, generation=generation)
         for t, u, bucket in zip(tokens, updated, buckets, strict=True)
     )
     return Decision(states=states_out, admitted=tuple(admitted), blocked=blocked)
@@ -321,16 +364,22 @@ class UnlimitedLimiter:
         return _admission(candidates, planned, decision, granted_at_s=now_s)
 
 
-# KEYS: the buckets' hashes, then the drain floor. ARGV: now_s ("" = Redis TIME), epsilon,
-# horizon_s, the last dispatch ("" = not known yet, "-" = none), ACTIVE_WITHIN_S,
-# TAKE_AHEAD_LIMIT_S, bucket count B, then rate and burst of each bucket, then per
-# request: not_before_s ("" = none), its bucket count k, k bucket indexes (1-based).
-# A missing floor with the last dispatch not known yet returns {"floor?"} and changes
-# nothing: the caller asks the database and calls again.
+# KEYS: the buckets' hashes, then the drain floor, then the generation. ARGV: now_s
+# ("" = Redis TIME), epsilon, horizon_s, the last dispatch ("" = not known yet, "-" =
+# none), ACTIVE_WITHIN_S, TAKE_AHEAD_LIMIT_S, bucket count B, the server's identity ("" =
+# its run_id from INFO), then rate and burst of each bucket, then per request:
+# not_before_s ("" = none), its bucket count k, k bucket indexes (1-based).
+# The generation key holds "<run_id of the server that started it> <number>". A missing
+# floor, or a generation started on another server (a failover, or a restart from an RDB
+# or AOF file that may have lost the latest takes), with the last dispatch not known yet
+# returns {"floor?"} and changes nothing: the caller asks the database and calls again,
+# and the script then starts the next generation with a floor no earlier than the one
+# kept. A bucket last written in an older generation holds at most what a missing one
+# would (throttle.refill); each bucket records the generation that wrote it.
 # Numbers are written with %.17g so that they round-trip exactly (Lua's tostring keeps
 # only 14 digits) and returned as strings (Redis truncates Lua numbers to integers).
-# Returns: now, admitted count, (request index, delay) per admitted request, refused count,
-# (bucket index, wait) per refusing bucket, then (tokens, updated) per bucket.
+# Returns: now, generation, admitted count, (request index, delay) per admitted request,
+# refused count, (bucket index, wait) per refusing bucket, then (tokens, updated) per bucket.
 _ADMIT_LUA = """
 local function g(x) return string.format('%.17g', x) end
 local now
@@ -344,30 +393,56 @@ local eps = tonumber(ARGV[2])
 local horizon = tonumber(ARGV[3])
 local nb = tonumber(ARGV[7])
 local floor_key = KEYS[nb + 1]
+local generation_key = KEYS[nb + 2]
+local server = ARGV[8]
+if server == '' then
+  -- run_id: random at every start of a redis-server, so another server, or this one
+  -- restarted, has another (INFO gives 40 hex digits after 'run_id:'). A server that
+  -- shows none is taken to be always the same one.
+  local info = redis.call('INFO', 'server')
+  local at = string.find(info, 'run_id:', 1, true)
+  server = '?'
+  if at then server = string.sub(info, at + 7, at + 46) end
+end
+local saved_keys = redis.call('MGET', floor_key, generation_key)
+local saved_floor = saved_keys[1]
+local gen = 0
+local same_server = false
+if saved_keys[2] then
+  local space = string.find(saved_keys[2], ' ', 1, true)
+  same_server = string.sub(saved_keys[2], 1, space - 1) == server
+  gen = tonumber(string.sub(saved_keys[2], space + 1))
+end
 -- drained = nil: never drained, a missing bucket is full.
 local drained = nil
-local saved_floor = redis.call('GET', floor_key)
-if saved_floor then
-  drained = tonumber(saved_floor)
-elseif ARGV[4] == '' then
-  return {'floor?'}
-else
+if saved_floor and saved_floor ~= '-' then drained = tonumber(saved_floor) end
+if not (saved_floor and same_server) then
+  if ARGV[4] == '' then return {'floor?'} end
   if ARGV[4] ~= '-' then
     local last = tonumber(ARGV[4])
-    drained = last
+    local floor = last
     if last >= now - tonumber(ARGV[5]) then
-      drained = math.max(last, now + math.max(horizon, tonumber(ARGV[6])))
+      floor = math.max(last, now + math.max(horizon, tonumber(ARGV[6])))
     end
+    if drained then floor = math.max(drained, floor) end
+    drained = floor
+  end
+  if drained then
     redis.call('SET', floor_key, g(drained))
   else
     redis.call('SET', floor_key, '-')
   end
+  gen = gen + 1
+  redis.call('SET', generation_key, server .. ' ' .. gen)
 end
+local gen_s = tostring(gen)
 local rate, burst, tokens, updated = {}, {}, {}, {}
 for b = 1, nb do
-  rate[b] = tonumber(ARGV[7 + 2 * b - 1])
-  burst[b] = tonumber(ARGV[7 + 2 * b])
-  local saved = redis.call('HMGET', KEYS[b], 'tokens', 'updated_s', 'rate')
+  rate[b] = tonumber(ARGV[8 + 2 * b - 1])
+  burst[b] = tonumber(ARGV[8 + 2 * b])
+  local missing = burst[b]
+  if drained then missing = math.min(burst[b], (now - drained) * rate[b]) end
+  local saved = redis.call('HMGET', KEYS[b], 'tokens', 'updated_s', 'rate', 'gen')
   if saved[1] and saved[2] then
     local elapsed = math.max(0.0, now - tonumber(saved[2]))
     local kept = tonumber(saved[1])
@@ -376,19 +451,17 @@ for b = 1, nb do
       kept = kept * rate[b] / tonumber(saved[3])
     end
     tokens[b] = math.min(burst[b], kept + elapsed * rate[b])
+    -- Written in an older generation: it may have lost takes (throttle.refill).
+    if saved[4] ~= gen_s then tokens[b] = math.min(tokens[b], missing) end
     updated[b] = math.max(tonumber(saved[2]), now)
   else
-    if drained then
-      tokens[b] = math.min(burst[b], (now - drained) * rate[b])
-    else
-      tokens[b] = burst[b]
-    end
+    tokens[b] = missing
     updated[b] = now
   end
 end
 local admitted = {}
 local refused = {}
-local pos = 7 + 2 * nb + 1
+local pos = 8 + 2 * nb + 1
 local index = 0
 while pos <= #ARGV do
   local nbefore = ARGV[pos]
@@ -424,7 +497,7 @@ while pos <= #ARGV do
   end
   index = index + 1
 end
-local reply = {g(now), #admitted / 2}
+local reply = {g(now), gen, #admitted / 2}
 for i = 1, #admitted do reply[#reply + 1] = admitted[i] end
 local blocked = {}
 for b = 1, nb do
@@ -439,7 +512,7 @@ reply[#reply + 1] = #blocked / 2
 for i = 1, #blocked do reply[#reply + 1] = blocked[i] end
 for b = 1, nb do
   redis.call('HSET', KEYS[b], 'tokens', g(tokens[b]), 'updated_s', g(updated[b]),
-    'rate', g(rate[b]))
+    'rate', g(rate[b]), 'gen', gen_s)
   -- Once idle long enough to refill, a missing key means the same as a full bucket
   -- (unless the drain floor is later: then it is emptier, which errs on the safe side).
   redis.call('PEXPIRE', KEYS[b], math.ceil((burst[b] - tokens[b]) / rate[b] * 1000) + 1000)
@@ -471,8 +544,12 @@ class RedisLimiter:
         *,
         now_s: float | None = None,
         horizon_s: float = 0.0,
+        server: str | None = None,
     ) -> tuple[float, Decision]:
-        """Run ``decide`` atomically in Redis; ``now_s`` replaces Redis TIME (tests only)."""
+        """Run ``decide`` atomically in Redis, in the generation it finds or starts.
+
+        ``now_s`` replaces Redis TIME and ``server`` the server's run_id (tests only).
+        """
         args: list[str | int] = [
             "" if now_s is None else repr(float(now_s)),
             repr(TOKEN_EPSILON),
@@ -481,21 +558,28 @@ class RedisLimiter:
             repr(ACTIVE_WITHIN_S),
             repr(TAKE_AHEAD_LIMIT_S),
             len(buckets),
+            server or "",
         ]
         for bucket in buckets:
             args += [repr(float(bucket.rate_per_s)), bucket.burst]
         for request in requests:
             not_before = "" if request.not_before_s is None else repr(float(request.not_before_s))
             args += [not_before, len(request.buckets), *(b + 1 for b in request.buckets)]
-        keys = [*(bucket.redis_key for bucket in buckets), RATE_DRAIN_FLOOR_KEY]
+        keys = [
+            *(bucket.redis_key for bucket in buckets),
+            RATE_DRAIN_FLOOR_KEY,
+            RATE_GENERATION_KEY,
+        ]
         reply = await self._script(keys=keys, args=args)
         if reply[0] in (b"floor?", "floor?"):
-            # Redis lost its state (restarted empty) or this cluster is new.
+            # Redis lost its state (restarted empty), this cluster is new, or another
+            # server holds the buckets now (a failover, a restart from a file).
             last = await self._last_dispatch()
             args[3] = "-" if last is None else repr(float(last))
             reply = await self._script(keys=keys, args=args)
         now = float(reply[0])
-        pos = 1
+        generation = int(reply[1])
+        pos = 2
         count = int(reply[pos])
         admitted = tuple(
             (int(reply[pos + 1 + 2 * i]), float(reply[pos + 2 + 2 * i])) for i in range(count)
@@ -509,6 +593,7 @@ class RedisLimiter:
                 tokens=float(reply[pos + 2 * b]),
                 updated_s=float(reply[pos + 2 * b + 1]),
                 rate_per_s=buckets[b].rate_per_s,
+                generation=generation,
             )
             for b in range(len(buckets))
         )

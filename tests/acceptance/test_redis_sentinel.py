@@ -16,9 +16,11 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import httpx
 import pytest
+import redis
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -32,6 +34,7 @@ from tests.acceptance.redis_servers import (
     start_sentinel_group,
 )
 from tests.support import submit_task, wait_for
+from throttler.constants import RATE_GENERATION_KEY
 from throttler.db import (
     SessionFactory,
     create_engine,
@@ -100,6 +103,19 @@ async def _post(http: httpx.AsyncClient, count: int) -> list[str]:
         assert answer.status_code == 202, answer.text
         ids.append(answer.json()["task_id"])
     return ids
+
+
+def _generation(group: SentinelGroup) -> tuple[str, int, str]:
+    """The bucket generation on the new master (its server, its number), and its run_id."""
+    client = redis.Redis(host="127.0.0.1", port=group.replica.port, socket_timeout=5)
+    try:
+        saved = client.get(RATE_GENERATION_KEY)
+        run_id = str(cast(dict[str, Any], client.info("server"))["run_id"])
+    finally:
+        client.close()
+    assert isinstance(saved, bytes), saved
+    server, number = saved.decode().split(" ")
+    return server, int(number), run_id
 
 
 def _outages(outputs: dict[str, str]) -> list[str]:
@@ -196,6 +212,7 @@ async def test_limits_hold_and_every_task_ends_once_across_a_sentinel_failover(
             # The api's own Redis client (readiness) found the new master too.
             await wait_for(ready, timeout_s=10, message="the api ready on the new master")
             outputs = {c.log_path.name: c.output() for c in running.components}
+            generation = _generation(group)
 
     async with reader() as session:
         statuses: dict[str, str] = {
@@ -215,12 +232,15 @@ async def test_limits_hold_and_every_task_ends_once_across_a_sentinel_failover(
     worst = {window: max_in_window(queued, window) for window in WINDOWS_S}
     requeued = sum(1 for s in history.values() for event, _ in s if event == EventKind.REQUEUED)
     gap = [at for at in queued if killed <= at <= promoted_at + 5]
+    after_promotion = [at for at in queued if at >= promoted_at]
     print(
         f"\nmaster :{old_master} SIGKILLed {killed - started_at:.2f}s after the first "
         f"submission; replica :{group.replica.port} promoted {promoted_at - killed:.2f}s later "
         f"(polled); outages as logged: {', '.join(_outages(outputs))}; "
         "first release after the kill "
-        f"{(gap[0] - killed) if gap else float('nan'):.2f}s after it; {requeued} requeued; "
+        f"{(gap[0] - killed) if gap else float('nan'):.2f}s after it, the first after the "
+        f"promotion {(after_promotion[0] - promoted_at) if after_promotion else float('nan'):.2f}s "
+        f"after that (bucket generation {generation[1]}); {requeued} requeued; "
         f"settled {settled_at - started_at:.1f}s after the first submission\n"
         "worst windows: "
         + ", ".join(f"{w}s {n} (bound {RATE * w + BURST:g})" for w, n in worst.items())
@@ -236,6 +256,10 @@ async def test_limits_hold_and_every_task_ends_once_across_a_sentinel_failover(
     # The rate held over every window, the failover included.
     for window, count in worst.items():
         assert count <= RATE * window + BURST, (window, count, worst)
+    # The new master's buckets are a new generation: takes the old master had not
+    # replicated cannot be granted again (throttler.throttle).
+    assert generation[0] == generation[2], generation
+    assert generation[1] >= 2, generation
     # Relays and workers lost Redis and found the new master (not a quiet run).
     for name, text in outputs.items():
         if name.startswith("relay"):

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import random
 import time
+from dataclasses import dataclass
 
 import pytest
 from redis.asyncio import Redis
 
-from throttler.constants import RATE_BUCKET_KEY_PREFIX, RATE_DRAIN_FLOOR_KEY
+from throttler.constants import (
+    RATE_BUCKET_KEY_PREFIX,
+    RATE_DRAIN_FLOOR_KEY,
+    RATE_GENERATION_KEY,
+)
 from throttler.limits import LimitKey, RuleSet, Scope
 from throttler.throttle import (
     CLUSTER_KEY,
@@ -55,6 +60,10 @@ async def test_lua_agrees_with_python_step_by_step(redis: Redis, seed: int) -> N
     # Unix-epoch-sized times, as Redis TIME gives, with gaps from none to refill-all.
     now_s = 1.7e9 + rng.uniform(0, 1e6)
     drained_at_s = NEVER_DRAINED
+    # The server the script believes it runs on (its run_id), and the generation.
+    server, generation = "server-0", 0
+    new_generation = False
+    snapshot: _Snapshot | None = None
     for step in range(150):
         rate = min(bucket.rate_per_s for bucket in buckets)
         now_s += rng.choice([0.0, rng.uniform(0, 2 / rate), rng.uniform(0, 5)])
@@ -64,7 +73,20 @@ async def test_lua_agrees_with_python_step_by_step(redis: Redis, seed: int) -> N
             # Redis restarted empty: every bucket and the drain floor are gone.
             await redis.flushdb()
             states = [None] * len(buckets)
+            drained_at_s, generation, new_generation = NEVER_DRAINED, 0, True
             last_dispatch[0] = rng.choice([None, now_s - rng.uniform(0, 200), now_s + 0.3])
+        elif snapshot is not None and rng.random() < 0.05:
+            # A failover to a replica that missed the latest writes (or a restart from an
+            # older file): another server, holding an older copy of every key.
+            await snapshot.restore(redis)
+            server = f"server-{step}"
+            states, drained_at_s, generation = list(snapshot.states), snapshot.floor, snapshot.gen
+            new_generation = True
+            last_dispatch[0] = rng.choice([None, now_s - rng.uniform(0, 200), now_s + 0.3])
+        if rng.random() < 0.1:
+            snapshot = await _Snapshot.take(
+                redis, buckets, states, floor=drained_at_s, gen=generation
+            )
         requests = [
             Request(
                 buckets=tuple(rng.sample(range(len(buckets)), rng.randint(0, len(buckets)))),
@@ -81,10 +103,15 @@ async def test_lua_agrees_with_python_step_by_step(redis: Redis, seed: int) -> N
                 else b
                 for b in buckets
             ]
-        if states == [None] * len(buckets) and not await redis.exists(RATE_DRAIN_FLOOR_KEY):
+        if new_generation:
             drained_at_s = restart_floor(
-                last_dispatch_s=last_dispatch[0], now_s=now_s, horizon_s=horizon_s
+                last_dispatch_s=last_dispatch[0],
+                now_s=now_s,
+                horizon_s=horizon_s,
+                previous_s=drained_at_s,
             )
+            generation += 1
+            new_generation = False
         expected = decide(
             states,
             buckets,
@@ -92,11 +119,44 @@ async def test_lua_agrees_with_python_step_by_step(redis: Redis, seed: int) -> N
             now_s=now_s,
             horizon_s=horizon_s,
             drained_at_s=drained_at_s,
+            generation=generation,
         )
-        got_now, got = await limiter.decide(buckets, requests, now_s=now_s, horizon_s=horizon_s)
+        got_now, got = await limiter.decide(
+            buckets, requests, now_s=now_s, horizon_s=horizon_s, server=server
+        )
         assert got_now == now_s
         assert got == expected, (now_s, requests)
         states = list(expected.states)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _Snapshot:
+    """Every limiter key as Redis held it at one step, and what the test expected then."""
+
+    dumps: dict[str, bytes | None]
+    states: tuple[BucketState | None, ...]
+    floor: float
+    gen: int
+
+    @classmethod
+    async def take(
+        cls,
+        redis: Redis,
+        buckets: list[Bucket],
+        states: list[BucketState | None],
+        *,
+        floor: float,
+        gen: int,
+    ) -> _Snapshot:
+        keys = [*(b.redis_key for b in buckets), RATE_DRAIN_FLOOR_KEY, RATE_GENERATION_KEY]
+        dumps = {key: await redis.dump(key) for key in keys}
+        return cls(dumps=dumps, states=tuple(states), floor=floor, gen=gen)
+
+    async def restore(self, redis: Redis) -> None:
+        for key, dumped in self.dumps.items():
+            await redis.delete(key)
+            if dumped is not None:
+                await redis.restore(key, 0, dumped)
 
 
 async def test_one_call_judges_every_key_on_redis_time(redis: Redis) -> None:

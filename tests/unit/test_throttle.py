@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Mapping
 
 import pytest
 from hypothesis import given, settings
@@ -78,22 +79,41 @@ def run(
     horizon_s: float,
     start_s: float = 1000.0,
     lost_at: frozenset[int] = frozenset(),
+    failover_at: Mapping[int, int] | None = None,
+    generations: bool = True,
 ) -> dict[int, list[float]]:
     """Feed the pattern to ``decide``; return each bucket's dispatch times.
 
     Before each step in ``lost_at`` every bucket is lost (Redis restarted empty) and the
     drain floor is set as the limiter sets it, from the latest dispatch so far.
+    Before each step in ``failover_at`` another server takes over with the keys as they
+    were that many steps earlier (the takes since were lost: a replica promoted before
+    they reached it, or a restart from an older file): a new generation starts, with a
+    floor from the latest dispatch, unless ``generations`` is off (the limiter without
+    them, which must break the bound).
     """
     states: list[BucketState | None] = [None] * len(buckets)
     now_s = start_s
     drained_at_s = 0.0
+    generation = 0
+    # (states, floor, generation) before each step, as a lagging copy would hold them.
+    history: list[tuple[list[BucketState | None], float, int]] = []
     dispatched: dict[int, list[float]] = defaultdict(list)
     for step, (gap_s, requests) in enumerate(pattern):
         now_s += gap_s
+        history.append((states, drained_at_s, generation))
+        last = max((t for times in dispatched.values() for t in times), default=None)
         if step in lost_at:
             states = [None] * len(buckets)
-            last = max((t for times in dispatched.values() for t in times), default=None)
             drained_at_s = restart_floor(last_dispatch_s=last, now_s=now_s, horizon_s=horizon_s)
+            generation += 1
+        elif failover_at and step in failover_at:
+            states, drained_at_s, generation = history[max(0, step - failover_at[step])]
+            if generations:
+                drained_at_s = restart_floor(
+                    last_dispatch_s=last, now_s=now_s, horizon_s=horizon_s, previous_s=drained_at_s
+                )
+                generation += 1
         shifted = [
             Request(
                 buckets=r.buckets,
@@ -102,7 +122,13 @@ def run(
             for r in requests
         ]
         decision = decide(
-            states, buckets, shifted, now_s=now_s, horizon_s=horizon_s, drained_at_s=drained_at_s
+            states,
+            buckets,
+            shifted,
+            now_s=now_s,
+            horizon_s=horizon_s,
+            drained_at_s=drained_at_s,
+            generation=generation,
         )
         states = list(decision.states)
         admitted = dict(decision.admitted)
@@ -139,6 +165,58 @@ def test_the_bound_holds_across_redis_losing_every_bucket(
     dispatched = run(buckets, pattern, horizon_s=horizon_s, lost_at=frozenset(lost_at))
     for b, times in dispatched.items():
         assert_rate_bound(times, rate_per_s=buckets[b].rate_per_s, burst=buckets[b].burst)
+
+
+@given(data=st.data(), buckets=bucket_sets(), horizon_s=horizons)
+@settings(max_examples=300, deadline=None)
+def test_the_bound_holds_across_a_failover_that_lost_takes(
+    data: st.DataObject, buckets: list[Bucket], horizon_s: float
+) -> None:
+    pattern = data.draw(arrival_patterns(len(buckets)))
+    steps = st.integers(0, len(pattern) - 1)
+    failover_at = data.draw(st.dictionaries(steps, st.integers(1, 10), min_size=1, max_size=3))
+    lost_at = data.draw(st.sets(steps, max_size=1))
+    dispatched = run(
+        buckets,
+        pattern,
+        horizon_s=horizon_s,
+        lost_at=frozenset(lost_at),
+        failover_at=failover_at,
+    )
+    for b, times in dispatched.items():
+        assert_rate_bound(times, rate_per_s=buckets[b].rate_per_s, burst=buckets[b].burst)
+
+
+def test_takes_lost_in_a_failover_would_be_granted_again_without_generations() -> None:
+    bucket = Bucket(key=CLUSTER_KEY, rate_per_s=10.0, burst=5)
+    # Step 0 drains the burst and lends half a second ahead; the failover at step 1 brings
+    # back the buckets as they were before step 0 (the replica never saw its takes).
+    pattern = [(0.0, [Request(buckets=(0,)) for _ in range(20)])] * 2
+    for generations, most in ((False, 20), (True, 10)):
+        times = run([bucket], pattern, horizon_s=0.5, failover_at={1: 1}, generations=generations)[
+            0
+        ]
+        assert len(times) == most
+    forgetful = run([bucket], pattern, horizon_s=0.5, failover_at={1: 1}, generations=False)
+    with pytest.raises(AssertionError):
+        assert_rate_bound(forgetful[0], rate_per_s=10.0, burst=5)
+
+
+def test_a_bucket_of_an_older_generation_holds_at_most_a_missing_one() -> None:
+    bucket = Bucket(key=CLUSTER_KEY, rate_per_s=10.0, burst=5)
+    full = BucketState(tokens=5.0, updated_s=100.0, rate_per_s=10.0, generation=1)
+    owing = BucketState(tokens=-3.0, updated_s=100.0, rate_per_s=10.0, generation=1)
+    asks = [Request(buckets=(0,))]
+    # The same generation: the saved tokens stand.
+    assert decide([full], [bucket], asks, now_s=100.0, generation=1).admitted == ((0, 0.0),)
+    # A newer one: no more than refilled since the floor (0.2 s ago: 2 tokens)...
+    newer = decide([full], [bucket], asks * 3, now_s=100.0, drained_at_s=99.8, generation=2)
+    assert len(newer.admitted) == 2
+    assert newer.states[0].generation == 2
+    # ... and a debt kept on the old server is still owed.
+    assert (
+        decide([owing], [bucket], asks, now_s=100.0, drained_at_s=99.8, generation=2).admitted == ()
+    )
 
 
 def test_lost_buckets_would_come_back_full_without_the_drain_floor() -> None:
