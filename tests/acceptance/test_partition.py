@@ -77,7 +77,7 @@ SIDE_EFFECT_WORKER = "tests.acceptance.side_effect_worker"
 GREETING = "greeting"
 SLEEP = "non_blocking_long_running_task"
 MISSILE = "blocking_long_running_task"  # LaunchMissile in the side-effect worker
-MIX = {GREETING: 160, SLEEP: 100, MISSILE: 40}
+MIX = {GREETING: 300, SLEEP: 100, MISSILE: 40}
 RETRIABLE = frozenset({GREETING, SLEEP})
 RATE, BURST = 25, 5
 SLEEP_RATE, SLEEP_BURST = 8, 2
@@ -210,6 +210,36 @@ async def _leased_to(reader: SessionFactory, prefix: str) -> dict[int, str]:
         return {outbox_id: task_id for outbox_id, task_id in rows}
 
 
+async def _rows(reader: SessionFactory, outbox_ids: dict[int, str]) -> list[tuple[Any, ...]]:
+    """What became of outbox rows: lease, and the task's status and queued_at."""
+    async with reader() as session:
+        rows = await session.execute(
+            select(
+                OutboxEntry.id,
+                OutboxEntry.claimed_by,
+                OutboxEntry.claimed_until,
+                Task.name,
+                Task.status,
+                Task.queued_at,
+                func.now(),
+            )
+            .join(Task, Task.id == OutboxEntry.task_id)
+            .where(OutboxEntry.id.in_(list(outbox_ids)))
+        )
+        return [tuple(row) for row in rows]
+
+
+async def _queued_by(reader: SessionFactory, prefix: str, *, since: float, until: float) -> int:
+    """How many ``queued`` events a relay whose id starts with ``prefix`` wrote then."""
+    return sum(
+        1
+        for e in await _events(reader)
+        if e.event == EventKind.QUEUED
+        and str(e.detail.get("relay", "")).startswith(prefix)
+        and since <= e.at <= until
+    )
+
+
 async def _events(reader: SessionFactory) -> list[Event]:
     async with reader() as session:
         rows = await session.execute(
@@ -302,9 +332,10 @@ async def test_partition(
             # B's relay first: it gets a head start on the backlog.
             relay_b = start_in(host_b, running, "relay", extra_env=env_b)
             await _wait_log(relay_b, "relay.started")
+            relay_a = running.start("relay")
+            await _wait_log(relay_a, "relay.started")
             started_at = time.time()
             task_ids = await _insert_directly(writer, before)
-            relay_a = running.start("relay")
             components = [api, worker_a, worker_b, relay_a, relay_b]
 
             def check_alive() -> None:
@@ -347,12 +378,15 @@ async def test_partition(
                 still = await _leased_to(reader, relay_prefix)
                 return not (set(still) & set(held_rows))
 
-            await wait_for(
-                rows_taken_over,
-                timeout_s=TAKEOVER_S,
-                interval_s=0.1,
-                message="A to take over B's outbox leases",
-            )
+            try:
+                await wait_for(
+                    rows_taken_over,
+                    timeout_s=TAKEOVER_S,
+                    interval_s=0.1,
+                    message="A to take over B's outbox leases",
+                )
+            except AssertionError as timed_out:
+                raise AssertionError(f"{timed_out}: {await _rows(reader, held_rows)}") from None
             rows_taken_s = time.time() - cut_at
             attempts_taken_s = None
             if cut.redis and held_attempts:
@@ -370,10 +404,17 @@ async def test_partition(
                 attempts_taken_s = time.time() - cut_at
             await asyncio.sleep(max(0.0, cut_at + CUT_S - time.time()))
             check_alive()
+            # A kept dispatching while B was away: a relay cut off mid-claim must not hold
+            # the claims' lock (PostgreSQL keeps a vanished client's transaction open).
+            dispatched_by_a = await _queued_by(
+                reader, _relay_prefix(relay_a), since=cut_at + TAKEOVER_S, until=time.time()
+            )
             await asyncio.to_thread(host_b.heal)
             healed_at = time.time()
             task_ids += await during_ids
             print(
+                f"A dispatched {dispatched_by_a} in the cut's last "
+                f"{healed_at - cut_at - TAKEOVER_S:.1f}s; "
                 f"healed after {healed_at - cut_at:.2f}s; A took B's leases in "
                 f"{rows_taken_s:.2f}s, B's attempts in "
                 + ("n/a" if attempts_taken_s is None else f"{attempts_taken_s:.2f}s")
@@ -400,6 +441,7 @@ async def test_partition(
             except AssertionError as timed_out:
                 raise AssertionError(f"{timed_out}\n{await _census(reader)}") from None
             settled_s = time.time() - started_at
+            assert dispatched_by_a > 0, await _census(reader)
             # B came back and kept working: it, too, is alive at the end.
             check_alive()
             logs_b = worker_b.output() + relay_b.output()
