@@ -843,4 +843,8 @@ def open_outbox(*, settings: Settings, engine: AsyncEngine) -> CoreOutbox:
         return SqliteOutbox(sessions=sessions, read_sessions=read_sessions)
     from throttler.store.postgres_outbox import PostgresOutbox
 
-    return PostgresOutbox(sessions=sessions, read_sessions=read_sessions)
+    return PostgresOutbox(
+        sessions=sessions,
+        read_sessions=read_sessions,
+        idle_timeout_s=settings.database_timeout_s,
+    )
