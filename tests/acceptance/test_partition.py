@@ -56,8 +56,6 @@ from tests.acceptance.test_chaos import (
     _next_after,
     _peak,
     _post,
-    _wait_api,
-    _wait_log,
 )
 from tests.conftest import _truncate_all
 from tests.support import wait_for
@@ -71,7 +69,7 @@ from throttler.models import OutboxEntry, Task, TaskEvent
 from throttler.settings import Settings
 from throttler.statuses import TERMINAL_STATUSES, EventKind, TaskStatus
 
-pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.timeout(240)]
 
 SIDE_EFFECT_WORKER = "tests.acceptance.side_effect_worker"
 GREETING = "greeting"
@@ -97,6 +95,7 @@ WORKER_LEASE_S = 1.5
 # B's leases must be A's within this (the lease, a reconcile pass, process noise).
 TAKEOVER_S = 10.0
 SETTLE_TIMEOUT_S = 60.0
+STARTUP_S = 60.0
 POSTGRES_PORT = 5432
 
 
@@ -230,15 +229,25 @@ async def _rows(reader: SessionFactory, outbox_ids: dict[int, str]) -> list[tupl
         return [tuple(row) for row in rows]
 
 
-async def _queued_by(reader: SessionFactory, prefix: str, *, since: float, until: float) -> int:
-    """How many ``queued`` events a relay whose id starts with ``prefix`` wrote then."""
-    return sum(
-        1
-        for e in await _events(reader)
-        if e.event == EventKind.QUEUED
-        and str(e.detail.get("relay", "")).startswith(prefix)
-        and since <= e.at <= until
-    )
+async def _wait_log(component: Component, text: str) -> None:
+    """Wait for a component's log line; a minute: five processes start on a shared machine."""
+
+    async def logged() -> bool:
+        assert component.process.poll() is None, component.output()[-3000:]
+        return text in component.output()
+
+    await wait_for(logged, timeout_s=STARTUP_S, message=f"{component.module} to log {text!r}")
+
+
+async def _wait_api(http: httpx.AsyncClient, api: Component) -> None:
+    async def ready() -> bool:
+        assert api.process.poll() is None, api.output()[-3000:]
+        try:
+            return (await http.get("/readyz")).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    await wait_for(ready, timeout_s=STARTUP_S, message="the api to be ready")
 
 
 async def _events(reader: SessionFactory) -> list[Event]:
