@@ -165,9 +165,21 @@ class Forwarder:
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: asyncio.Server | None = None
         self._pipes: set[asyncio.Task[None]] = set()
+        # The local port of each connection to the target: how the server tells our
+        # clients apart (PostgreSQL's pg_stat_activity.client_port).
+        self.upstream_ports: set[int] = set()
+        # Cleared by ``hold``: bytes read meanwhile wait, and go on at ``release``.
+        self._flowing: asyncio.Event | None = None
 
     def start(self) -> Forwarder:
         self._thread.start()
+
+        async def flowing() -> asyncio.Event:
+            event = asyncio.Event()
+            event.set()
+            return event
+
+        self._flowing = asyncio.run_coroutine_threadsafe(flowing(), self._loop).result(10)
         started: Future[asyncio.Server] = asyncio.run_coroutine_threadsafe(
             asyncio.start_server(self._accept, *self.listen), self._loop
         )
@@ -180,15 +192,39 @@ class Forwarder:
         except OSError:
             writer.close()
             return
+        self.upstream_ports.add(int(up_writer.get_extra_info("sockname")[1]))
         for source, sink in ((reader, up_writer), (up_reader, writer)):
             pipe = asyncio.create_task(self._copy(source, sink))
             self._pipes.add(pipe)
             pipe.add_done_callback(self._pipes.discard)
 
-    @staticmethod
-    async def _copy(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+    def hold(self) -> None:
+        """Stop passing bytes on, from now (the current chunk aside); they wait in here.
+
+        The first instant of a partition, taken atomically: what a client sends from now
+        on reaches the server only at ``release`` (as TCP retransmits it after a cut).
+        """
+        self._set_flowing(False)
+
+    def release(self) -> None:
+        """Pass on what was held, and everything after it."""
+        self._set_flowing(True)
+
+    def _set_flowing(self, flowing: bool) -> None:
+        async def apply() -> None:
+            assert self._flowing is not None
+            if flowing:
+                self._flowing.set()
+            else:
+                self._flowing.clear()
+
+        asyncio.run_coroutine_threadsafe(apply(), self._loop).result(timeout=10)
+
+    async def _copy(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        assert self._flowing is not None
         try:
             while chunk := await source.read(65536):
+                await self._flowing.wait()
                 sink.write(chunk)
                 await sink.drain()
         except (OSError, asyncio.CancelledError):

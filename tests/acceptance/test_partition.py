@@ -36,7 +36,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -89,7 +89,7 @@ LIMITS = (
 DURING_CUT = 30
 CUT_S = 16.0
 # How long to wait for B to hold work before cutting anyway.
-HOLD_TIMEOUT_S = 10.0
+HOLD_TIMEOUT_S = 15.0
 RELAY_LEASE_S = 2.0
 WORKER_LEASE_S = 1.5
 # B's leases must be A's within this (the lease, a reconcile pass, process noise).
@@ -157,9 +157,8 @@ def redis(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 @pytest.fixture
-def forwarders(host_b: Host, redis: RedisServer) -> Iterator[tuple[int, int]]:
-    """Forward B's database link to PostgreSQL and its Redis link to the test's Redis;
-    yields the two listening ports."""
+def forwarders(host_b: Host, redis: RedisServer) -> Iterator[list[Forwarder]]:
+    """Forward B's database link to PostgreSQL and its Redis link to the test's Redis."""
     database_port, redis_port = free_port(), free_port()
     started: list[Forwarder] = []
     try:
@@ -175,7 +174,7 @@ def forwarders(host_b: Host, redis: RedisServer) -> Iterator[tuple[int, int]]:
                 target=("127.0.0.1", redis.port),
             ).start()
         )
-        yield database_port, redis_port
+        yield started
     finally:
         for forwarder in started:
             forwarder.stop()
@@ -208,6 +207,20 @@ async def _leased_to(reader: SessionFactory, prefix: str) -> dict[int, str]:
             )
         )
         return {outbox_id: task_id for outbox_id, task_id in rows}
+
+
+async def _holds_claim_lock(reader: SessionFactory, to_database: Forwarder) -> bool:
+    """Whether one of B's sessions holds the claims' lock (a claim under way)."""
+    ports = sorted(to_database.upstream_ports)
+    async with reader() as session:
+        held = await session.scalar(
+            text(
+                "SELECT count(*) FROM pg_locks AS l JOIN pg_stat_activity AS a ON a.pid = l.pid"
+                " WHERE l.locktype = 'advisory' AND l.granted AND a.client_port = ANY(:ports)"
+            ),
+            {"ports": ports},
+        )
+    return bool(held)
 
 
 async def _rows(reader: SessionFactory, outbox_ids: dict[int, str]) -> list[tuple[Any, ...]]:
@@ -300,7 +313,7 @@ async def test_partition(
     writer: SessionFactory,
     host_b: Host,
     redis: RedisServer,
-    forwarders: tuple[int, int],
+    forwarders: list[Forwarder],
     tmp_path: Path,
 ) -> None:
     cut = SCENARIOS[scenario]
@@ -309,7 +322,8 @@ async def test_partition(
     print(f"\npartition seed={seed} scenario={scenario}")
     effects = tmp_path / "effects.log"
     api_port = free_port()
-    database_port, redis_port = forwarders
+    to_database, to_redis = forwarders
+    database_port, redis_port = to_database.listen[1], to_redis.listen[1]
     env_a = {
         "DATABASE_URL": database_url,
         "REDIS_URL": redis.url,
@@ -360,21 +374,42 @@ async def test_partition(
 
             async def b_holds_work() -> bool:
                 check_alive()
-                leased = await _leased_to(reader, relay_prefix)
-                busy = await _running_on(reader, b_worker) if cut.redis else {"-": 0}
-                return bool(leased) and bool(busy)
+                if not await _leased_to(reader, relay_prefix):
+                    return False
+                return not cut.redis or bool(await _running_on(reader, b_worker))
 
+            cutting = [
+                f for f, wanted in ((to_database, cut.database), (to_redis, cut.redis)) if wanted
+            ]
+
+            async def b_mid_claim() -> bool:
+                """Hold B's traffic on the links to cut; keep holding it if B is mid-claim
+                (it holds the claims' lock), else let it go and say no."""
+                for forwarder in cutting:
+                    await asyncio.to_thread(forwarder.hold)
+                if await _holds_claim_lock(reader, to_database):
+                    return True
+                for forwarder in cutting:
+                    await asyncio.to_thread(forwarder.release)
+                return False
+
+            # Cut while B holds work, in the middle of a claim: the worst moment.
             try:
                 await wait_for(b_holds_work, timeout_s=HOLD_TIMEOUT_S, interval_s=0.01)
+                await wait_for(b_mid_claim, timeout_s=HOLD_TIMEOUT_S, interval_s=0.02)
             except AssertionError:
-                print("B held no lease and attempt at once: cutting anyway")
+                print("B held no lease, attempt or claim at once: cutting anyway")
+                for forwarder in cutting:
+                    await asyncio.to_thread(forwarder.hold)
             await asyncio.to_thread(host_b.cut, database=cut.database, redis=cut.redis)
             cut_at = time.time()
+            held_lock = await _holds_claim_lock(reader, to_database)
             held_rows = await _leased_to(reader, relay_prefix)
             held_attempts = await _running_on(reader, b_worker)
             print(
                 f"cut {scenario} at {cut_at - started_at:.2f}s: B held {len(held_rows)} "
-                f"outbox lease(s), {len(held_attempts)} running attempt(s)"
+                f"outbox lease(s), {len(held_attempts)} running attempt(s), "
+                f"{'the' if held_lock else 'not the'} claims' lock"
             )
 
             # A takes over B's leased rows: each deleted, or leased to another relay.
@@ -433,6 +468,9 @@ async def test_partition(
             await asyncio.sleep(max(0.0, cut_at + CUT_S - time.time()))
             check_alive()
             await asyncio.to_thread(host_b.heal)
+            # What B sent as the link went down arrives now, as TCP would retransmit it.
+            for forwarder in cutting:
+                await asyncio.to_thread(forwarder.release)
             healed_at = time.time()
             print(
                 f"A dispatched the {DURING_CUT} submitted during the cut by "
