@@ -384,10 +384,12 @@ async def test_partition(
 
             async def b_mid_claim() -> bool:
                 """Hold B's traffic on the links to cut; keep holding it if B is mid-claim
-                (it holds the claims' lock), else let it go and say no."""
+                (it holds the claims' lock) with rows leased, else let it go and say no."""
                 for forwarder in cutting:
                     await asyncio.to_thread(forwarder.hold)
-                if await _holds_claim_lock(reader, to_database):
+                if await _holds_claim_lock(reader, to_database) and await _leased_to(
+                    reader, relay_prefix
+                ):
                     return True
                 for forwarder in cutting:
                     await asyncio.to_thread(forwarder.release)
