@@ -4,9 +4,10 @@ Host A (api, relay, side-effect worker) runs in the root namespace on 127.0.0.1;
 (relay, side-effect worker) runs in a network namespace of its own and reaches PostgreSQL
 and Redis over two veth links (tests.acceptance.netns). Under load, with a cluster rate,
 a per-task rate and an in-flight cap in force, the test waits until B holds work (outbox
-rows leased to its relay, attempts running on its worker), cuts B's links for
-``CUT_S``, and heals them. Three scenarios: both links (B entirely), the database link
-alone, the Redis link alone.
+rows leased to its relay, attempts running on its worker) and is in the middle of a
+claim (its relay holds the claims' lock: the forwarders hold B's traffic while the test
+looks, then the link goes down), cuts B's links for ``CUT_S``, and heals them. Three
+scenarios: both links (B entirely), the database link alone, the Redis link alone.
 
 During the cut, A must take over what B held: B's leased outbox rows (deleted or leased
 to another relay once the lease lapses) and, when B loses Redis, the attempts B's worker
