@@ -35,6 +35,7 @@ from throttler.job_ids import Dispatch
 from throttler.models import OutboxEntry, Task, TaskEvent
 from throttler.settings import Settings
 from throttler.statuses import EventKind, TaskStatus
+from throttler.store.fencing import idle_limit
 
 # What the reference's statements run on: Core either way.
 SyncExecutor = Connection | Session
@@ -390,10 +391,15 @@ def write_attempts(
 
 
 class CoreAttempts:
-    """The reference: each batch a transaction on a connection of ``engine``."""
+    """The reference: each batch a transaction on a connection of ``engine``.
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    ``idle_timeout_s`` (PostgreSQL): a batch whose worker went silent that long ends,
+    and releases its tasks' rows (throttler.store.fencing); None: no limit.
+    """
+
+    def __init__(self, engine: AsyncEngine, *, idle_timeout_s: float | None = None) -> None:
         self._engine = engine
+        self._idle_limit = None if idle_timeout_s is None else idle_limit(idle_timeout_s)
 
     async def write(
         self,
@@ -409,6 +415,8 @@ class CoreAttempts:
             )
 
         async with self._engine.begin() as connection:
+            if self._idle_limit is not None:
+                await connection.execute(self._idle_limit)
             return await connection.run_sync(work)
 
     async def close(self) -> None:
@@ -421,4 +429,4 @@ def open_attempts(settings: Settings, engine: AsyncEngine) -> Attempts:
         from throttler.store.sqlite_attempts import SQLiteAttempts
 
         return SQLiteAttempts(settings, engine)
-    return CoreAttempts(engine)
+    return CoreAttempts(engine, idle_timeout_s=settings.database_timeout_s)

@@ -678,8 +678,38 @@ class CoreClaim:
         return kept
 
     async def mark_queued(self, *, task_ids: Sequence[str], relay_id: str, now: datetime) -> None:
-        if task_ids:
-            await self._mark_queued_at([(task_id, now) for task_id in task_ids], relay_id=relay_id)
+        """Move the tasks still pending to ``queued``, with a ``queued`` event each.
+
+        A task no longer pending (another relay queued it after taking over a lease, or it
+        moved on) is left alone and gets no event: a caller working from a stale read
+        writes nothing. (``lease`` marks only rows it holds locked, read in its own
+        transaction.)
+        """
+        if not task_ids:
+            return
+        moved = list(
+            (
+                await self.session.execute(
+                    update(_TASKS)
+                    .where(_TASKS.c.id.in_(list(task_ids)), _TASKS.c.status == TaskStatus.PENDING)
+                    .values(status=TaskStatus.QUEUED, queued_at=now)
+                    .returning(_TASKS.c.id)
+                )
+            ).scalars()
+        )
+        if moved:
+            await self.session.execute(
+                insert(_EVENTS),
+                [
+                    {
+                        "task_id": task_id,
+                        "at": now,
+                        "event": EventKind.QUEUED,
+                        "detail": {"relay": relay_id},
+                    }
+                    for task_id in sorted(moved, key=list(task_ids).index)
+                ],
+            )
 
     async def _mark_queued_at(
         self, pending: Sequence[tuple[str, datetime]], *, relay_id: str
@@ -850,4 +880,8 @@ def open_outbox(*, settings: Settings, engine: AsyncEngine) -> CoreOutbox:
         return SqliteOutbox(sessions=sessions, read_sessions=read_sessions)
     from throttler.store.postgres_outbox import PostgresOutbox
 
-    return PostgresOutbox(sessions=sessions, read_sessions=read_sessions)
+    return PostgresOutbox(
+        sessions=sessions,
+        read_sessions=read_sessions,
+        idle_timeout_s=settings.database_timeout_s,
+    )

@@ -3,15 +3,18 @@ labels read from the task's own JSONB (``tasks.labels``) rather than task_labels
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from typing import ClassVar
 
 from sqlalchemy import ColumnElement, Select, exists, func, or_, select, text, type_coerce
 from sqlalchemy.dialects.postgresql import JSONB, array
 
 from throttler.constants import CLAIM_LOCK_KEY
+from throttler.db import SessionFactory
 from throttler.models import Task
 from throttler.statuses import INFLIGHT_STATUSES
+from throttler.store.fencing import idle_limit
 from throttler.store.outbox import CoreClaim, CoreOutbox, RankedRow, label_patterns
 
 _LABELS = type_coerce(Task.labels, JSONB)
@@ -67,6 +70,25 @@ class PostgresOutbox(CoreOutbox):
     """The outbox store on PostgreSQL."""
 
     claim_type: ClassVar[type[CoreClaim]] = PostgresClaim
+
+    def __init__(
+        self,
+        *,
+        sessions: SessionFactory,
+        read_sessions: SessionFactory,
+        idle_timeout_s: float = 5.0,
+    ) -> None:
+        super().__init__(sessions=sessions, read_sessions=read_sessions)
+        # A claim whose relay went silent this long ends, with its locks (store.fencing).
+        self.idle_timeout_s = idle_timeout_s
+
+    @asynccontextmanager
+    async def claiming(self) -> AsyncIterator[CoreClaim]:
+        async with self.sessions.begin() as session:
+            # Before any lock: a relay cut off mid-claim must not hold the claims' lock
+            # (serialize) or its rows for longer than this.
+            await session.execute(idle_limit(self.idle_timeout_s))
+            yield self.claim_type(session)
 
     async def surely_idle(self) -> bool:
         # A claim that finds nothing holds no lock anyone waits for: claim and see,

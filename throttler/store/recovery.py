@@ -24,6 +24,7 @@ from throttler.db import SessionFactory, create_read_session_factory, create_ses
 from throttler.models import OutboxEntry, Task, TaskEvent, TaskLabel
 from throttler.settings import Settings
 from throttler.statuses import TERMINAL_STATUSES, EventKind, TaskStatus
+from throttler.store.fencing import idle_limit
 
 _TERMINAL = sorted(status.value for status in TERMINAL_STATUSES)
 
@@ -206,9 +207,17 @@ class SqlRecoveryUnit:
 class SqlRecoveryStore:
     """The reference ``RecoveryStore``, in portable SQLAlchemy Core."""
 
-    def __init__(self, *, sessions: SessionFactory, read_sessions: SessionFactory) -> None:
+    def __init__(
+        self,
+        *,
+        sessions: SessionFactory,
+        read_sessions: SessionFactory,
+        idle_timeout_s: float | None = None,
+    ) -> None:
         self._sessions = sessions
         self._read_sessions = read_sessions
+        # PostgreSQL: a recovery whose reconciler went silent this long ends (None: never).
+        self._idle_timeout_s = idle_timeout_s
 
     async def candidates(
         self, *, grace_cutoff: datetime, after_task_id: str, limit: int
@@ -246,6 +255,9 @@ class SqlRecoveryStore:
         self, *, grace_cutoff: datetime, now: datetime
     ) -> AsyncIterator[RecoveryUnit]:
         async with self._sessions.begin() as session:
+            if self._idle_timeout_s is not None:
+                # The unit re-checks Redis while it holds its rows (store.fencing).
+                await session.execute(idle_limit(self._idle_timeout_s))
             yield SqlRecoveryUnit(session, grace_cutoff=grace_cutoff, now=now)
 
     async def prune_finished(self, *, finished_before: datetime, limit: int) -> int:
@@ -287,4 +299,6 @@ def open_recovery(settings: Settings, engine: AsyncEngine) -> RecoveryStore:
     return SqlRecoveryStore(
         sessions=create_session_factory(engine),
         read_sessions=create_read_session_factory(engine),
+        # PostgreSQL only: on SQLite a vanished writer holds nothing (store.fencing).
+        idle_timeout_s=None if settings.is_sqlite else settings.database_timeout_s,
     )
