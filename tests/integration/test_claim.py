@@ -90,3 +90,40 @@ async def test_lapsed_leases_come_first(sessions: SessionFactory, outbox: CoreOu
         claims = await tx.select_claimable(limit=3, now=later, sweep_strays=False)
     assert [c.task_id for c in claims] == [third, first, second]
     assert claims[0].status is TaskStatus.QUEUED
+
+
+async def test_a_busy_account_fills_the_claim_when_the_others_run_dry(
+    sessions: SessionFactory, outbox: CoreOutbox
+) -> None:
+    # Nine accounts with one task each and one with thirty: a claim of 20 reads the busy
+    # account deeper than limit/accounts (2) and still takes 20, every small one first.
+    small = [f"small-{i}" for i in range(9)]
+    await bulk_submit(sessions, [NewTask(account=a) for a in small])
+    await bulk_submit(sessions, [NewTask(account="busy") for _ in range(30)])
+    async with outbox.claiming() as tx:
+        claims = await tx.select_claimable(limit=20, now=utcnow())
+    taken = Counter(claim.account for claim in claims)
+    assert taken == Counter({**dict.fromkeys(small, 1), "busy": 11})
+
+
+async def test_many_accounts_cost_a_claim_its_batch_not_the_backlog(
+    sessions: SessionFactory, outbox: CoreOutbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 300 accounts with 20 tasks each: a claim of 100 takes each of the 100 oldest
+    # accounts' first task, and reads one row of each account (not 100 of each).
+    accounts = [f"acct-{i:03d}" for i in range(300)]
+    for account in accounts:
+        await bulk_submit(sessions, [NewTask(account=account) for _ in range(20)])
+    read: list[int] = []
+    async with outbox.claiming() as tx:
+        ranked = tx._ranked
+
+        async def counted(*args: object, **kwargs: object) -> list[object]:
+            rows = await ranked(*args, **kwargs)  # type: ignore[arg-type]
+            read.append(len(rows))
+            return rows  # type: ignore[return-value]
+
+        monkeypatch.setattr(tx, "_ranked", counted)
+        claims = await tx.select_claimable(limit=100, now=utcnow())
+    assert [claim.account for claim in claims] == accounts[:100]
+    assert sum(read) == len(accounts)
