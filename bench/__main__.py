@@ -31,6 +31,7 @@ BENCHMARKS = (
     "cli_submit",
     "metrics_scrape",
     "dashboard_paint",
+    "api_workers",
 )
 
 
