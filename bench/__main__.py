@@ -32,6 +32,7 @@ BENCHMARKS = (
     "metrics_scrape",
     "dashboard_paint",
     "api_workers",
+    "claim_scale",
 )
 
 
