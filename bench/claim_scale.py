@@ -27,7 +27,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import resource
 import statistics
+import sys
 import tempfile
 import time
 from contextlib import ExitStack
@@ -232,7 +234,18 @@ async def _queued_at_least(
         await asyncio.sleep(0.005)
 
 
-def _measure_both(url: str, redis_url: str, sizes: Sizes) -> dict[str, Measured]:
+def _progress(database: str, accounts: int, limits: str, measured: Measured) -> None:
+    print(
+        f"# claim_scale {database}, {accounts} accounts, limits {limits or '-'}: claim "
+        f"{measured.claim_ms:,.0f} ms, release {measured.released_per_s:,.0f}/s",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _measure_both(
+    database: str, accounts: int, url: str, redis_url: str, sizes: Sizes
+) -> dict[str, Measured]:
     # With limits first, on a backlog nothing was dispatched from: a rate limiter that
     # finds no buckets in Redis after recent dispatches (Redis restarted, as far as it can
     # tell) holds back until the drain floor has passed (README: "Rate limits across a
@@ -257,10 +270,14 @@ def measure_all(sizes: Sizes) -> dict[tuple[str, int], dict[str, Measured]]:
         postgres_url = stack.enter_context(postgres_database("bench_claim_scale"))
         for accounts in (sizes.accounts, sizes.few_accounts):
             fill_sqlite(database, sizes, accounts=accounts)
-            results[("SQLite", accounts)] = _measure_both(sqlite_url, redis.url, sizes)
+            results[("SQLite", accounts)] = _measure_both(
+                "SQLite", accounts, sqlite_url, redis.url, sizes
+            )
             if postgres_url is not None:
                 asyncio.run(fill_postgres(postgres_url, sizes, accounts=accounts))
-                results[("PostgreSQL", accounts)] = _measure_both(postgres_url, redis.url, sizes)
+                results[("PostgreSQL", accounts)] = _measure_both(
+                    "PostgreSQL", accounts, postgres_url, redis.url, sizes
+                )
     return results
 
 
@@ -299,7 +316,21 @@ def figures_of(results: dict[tuple[str, int], dict[str, Measured]], sizes: Sizes
 def run(*, quick: bool) -> list[Figure]:
     """Measure the claim at scale (``make bench`` calls this)."""
     sizes = QUICK if quick else FULL
-    return figures_of(measure_all(sizes), sizes)
+    results = measure_all(sizes)
+    return [*figures_of(results, sizes), memory_figure(sizes)]
+
+
+def memory_figure(sizes: Sizes) -> Figure:
+    """This process's peak RSS: the relays' claims, which hold what they read."""
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return Figure(
+        name="Relay memory at scale",
+        value=peak_mb,
+        unit="MB",
+        target=INFORMATION,
+        note=f"peak RSS of the process running the relays, {sizes.tasks:,} pending over "
+        f"{sizes.accounts:,} accounts",
+    )
 
 
 def main() -> None:
@@ -326,7 +357,7 @@ def main() -> None:
                 f"{database:<10} {accounts:>6} accounts, limits {limits:<7}: "
                 f"claim {figures.claim_ms:.1f} ms, release {figures.released_per_s:,.0f}/s"
             )
-    print(render(figures_of(results, sizes)))
+    print(render([*figures_of(results, sizes), memory_figure(sizes)]))
 
 
 if __name__ == "__main__":
