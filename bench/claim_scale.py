@@ -73,7 +73,7 @@ class Sizes:
 
 
 QUICK = Sizes(tasks=2_000, accounts=10, few_accounts=2, claims=1, release_batches=1, batch=100)
-FULL = Sizes(tasks=1_000_000, accounts=10_000, few_accounts=10, claims=2, release_batches=2)
+FULL = Sizes(tasks=1_000_000, accounts=10_000, few_accounts=10, claims=1, release_batches=1)
 # How long a measurement may wait for the relay to hand over its batches.
 RELEASE_TIMEOUT_S = 600.0
 
