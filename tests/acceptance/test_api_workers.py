@@ -27,6 +27,7 @@ pytestmark = pytest.mark.slow
 
 GREETING = "/api/v1/task/greeting"
 START_TIMEOUT_S = 60.0
+MAX_HEADER_LINE_BYTES = 1024
 
 
 @pytest.fixture
@@ -42,6 +43,7 @@ def _env(database_url: str, redis_url: str, port: int, workers: int = 2) -> dict
         "API_PORT": str(port),
         "API_KEYS": "",
         "API_WORKERS": str(workers),
+        "API_MAX_HEADER_LINE_BYTES": str(MAX_HEADER_LINE_BYTES),
     }
 
 
@@ -145,6 +147,16 @@ async def _answers_health(port: int) -> bool:
     try:
         writer.write(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
         return (await reader.read()).startswith(b"HTTP/1.1 200")
+    finally:
+        writer.close()
+
+
+async def _oversized_header(port: int) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        filler = "x" * (MAX_HEADER_LINE_BYTES + 100)
+        writer.write(f"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Filler: {filler}\r\n\r\n".encode())
+        return await reader.readuntil(b"\r\n\r\n")
     finally:
         writer.close()
 
@@ -288,6 +300,10 @@ async def test_a_dead_process_is_replaced_and_a_dead_parent_leaves_no_orphan(
     finally:
         await submitter.close()
     assert len(submitter.accepted) == 4
+    # Each process serves with the bounded parser (api.http_limits): a header line over
+    # API_MAX_HEADER_LINE_BYTES gets 431 whichever process takes the connection.
+    refusals = await asyncio.gather(*(_oversized_header(port) for _ in range(16)))
+    assert all(answer.startswith(b"HTTP/1.1 431") for answer in refusals), refusals
 
     # The parent killed outright cannot stop its children: they stop themselves.
     descendants = _descendants(api.process.pid)
