@@ -31,6 +31,8 @@ BENCHMARKS = (
     "cli_submit",
     "metrics_scrape",
     "dashboard_paint",
+    "api_workers",
+    "claim_scale",
 )
 
 

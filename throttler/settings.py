@@ -68,6 +68,8 @@ class Settings(BaseSettings):
     api_max_header_line_bytes: int = Field(default=8_192, ge=256)
     api_header_timeout_s: PositiveFloat = 10.0
     api_keep_alive_s: int = Field(default=5, ge=1)
+    # API processes serving the one port (api.workers), each with its own group committer.
+    api_workers: int = Field(default=1, ge=1)
 
     # Relay
     relay_rate: NonNegativeFloat = 0.0
