@@ -37,7 +37,11 @@ STOP_TIMEOUT_S = 10.0
 
 def _configured(settings: Settings, **overrides: Any) -> Settings:
     # A fresh object, not model_copy: that would carry over a cached limit_rules.
-    return Settings(**{**settings.model_dump(), **overrides})
+    # The relay runs in the API's process here: on a machine loaded by the rest of the
+    # suite its SQLite claim can hold the write lock past the default 5 s between two
+    # turns of the shared event loop, and the intake would answer 503; that is the
+    # lock-timeout tests' subject (test_api_unavailable), not these.
+    return Settings(**{**settings.model_dump(), "database_timeout_s": 30, **overrides})
 
 
 @asynccontextmanager
