@@ -22,7 +22,7 @@ no thread switch.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol, cast
@@ -209,20 +209,29 @@ def check_unique(outcomes: Sequence[Outcome]) -> None:
 
 # Built once: a statement object caches its compiled form, and building one per batch
 # would cost more than running it.
-_DISPATCHED = [TaskStatus.QUEUED.value, TaskStatus.RUNNING.value]
-# The tasks a batch may start: queued or running, with the moment each was released (its
-# dispatch), locked (FOR UPDATE on PostgreSQL; SQLite writers hold the database from BEGIN).
+_DISPATCHED = frozenset((TaskStatus.QUEUED.value, TaskStatus.RUNNING.value))
+# Every statement of a batch finds its tasks by primary key ALONE; the status each needs is
+# checked on the rows read (locked), in Python. With a status condition beside the ids,
+# PostgreSQL may read the tasks through the status index instead, and when its statistics
+# say the status is rare while a burst has just made it common (20,000 tasks queued at
+# once), it reads every queued task for each batch: 4-7 ms a batch at 20,000, most of the
+# database's CPU in the end-to-end bench (test_attempts_plans.py).
+# Nor may PostgreSQL scan the table: its cost model prices a scan of a table of some
+# 20,000 rows below 100 look-ups in the primary key, then spends 2 ms a statement passing
+# every row through the id list. Scans are off for the batch's transaction (set with the
+# fencing's idle limit, one statement).
+_BY_KEY_ONLY = {"enable_seqscan": "off", "enable_bitmapscan": "off"}
+# The tasks a batch may start, with the moment each was released (its dispatch), locked
+# (FOR UPDATE on PostgreSQL; SQLite writers hold the database from BEGIN).
 _DISPATCHED_ROWS = (
     select(TASKS.c.id, TASKS.c.status, TASKS.c.queued_at, TASKS.c.name, TASKS.c.attempts)
-    .where(TASKS.c.id.in_(bindparam("task_ids", expanding=True)), TASKS.c.status.in_(_DISPATCHED))
+    .where(TASKS.c.id.in_(bindparam("task_ids", expanding=True)))
     .with_for_update()
 )
+# Only tasks read ``queued`` above, and locked since: no status condition is needed.
 _START = (
     update(TASKS)
-    .where(
-        TASKS.c.id.in_(bindparam("task_ids", expanding=True)),
-        TASKS.c.status == TaskStatus.QUEUED.value,
-    )
+    .where(TASKS.c.id.in_(bindparam("task_ids", expanding=True)))
     .values(
         status=TaskStatus.RUNNING.value,
         attempts=TASKS.c.attempts + 1,
@@ -230,13 +239,10 @@ _START = (
     )
     .returning(TASKS.c.id, TASKS.c.name, TASKS.c.payload, TASKS.c.attempts, TASKS.c.tries_base)
 )
-# The tasks an outcome may change: running, with their attempt count (see current_on).
+# The tasks an outcome may change, locked: their status and attempt count (see current_on).
 _LIVE = (
-    select(TASKS.c.id, TASKS.c.attempts)
-    .where(
-        TASKS.c.id.in_(bindparam("task_ids", expanding=True)),
-        TASKS.c.status == TaskStatus.RUNNING.value,
-    )
+    select(TASKS.c.id, TASKS.c.status, TASKS.c.attempts)
+    .where(TASKS.c.id.in_(bindparam("task_ids", expanding=True)))
     .with_for_update()
 )
 _INSERT_EVENTS = insert(EVENTS)
@@ -277,7 +283,7 @@ def plan_starts(starts: Sequence[Dispatch], rows: Sequence[DispatchedRow]) -> St
     orphaned: dict[str, Attempt] = {}
     for start in starts:
         row = by_id.get(start.task_id)
-        if row is None or not start.is_current(row.queued_at):
+        if row is None or row.status not in _DISPATCHED or not start.is_current(row.queued_at):
             continue
         if row.status == TaskStatus.QUEUED.value:
             to_start.append(row.task_id)
@@ -286,6 +292,12 @@ def plan_starts(starts: Sequence[Dispatch], rows: Sequence[DispatchedRow]) -> St
                 task_id=row.task_id, name=row.name, payload={}, attempt=row.attempts, orphaned=True
             )
     return StartPlan(to_start=to_start, orphaned=orphaned)
+
+
+def in_start_order(plan: StartPlan, attempts: Mapping[str, Attempt]) -> dict[str, Attempt]:
+    """``attempts`` in the order of ``plan.to_start``: the order an UPDATE returns its rows
+    in follows the database's plan, and the ids of the attempts' events must not."""
+    return {task_id: attempts[task_id] for task_id in plan.to_start if task_id in attempts}
 
 
 def start_attempts(
@@ -317,18 +329,30 @@ def start_attempts(
     if not plan.to_start:
         return plan.orphaned
     started = executor.execute(_START, {"task_ids": plan.to_start, "now": now}).all()
-    attempts = {
-        task_id: Attempt(
-            task_id=task_id, name=name, payload=payload, attempt=attempt, tries_base=base
-        )
-        for task_id, name, payload, attempt, base in started
-    }
+    attempts = in_start_order(
+        plan,
+        {
+            task_id: Attempt(
+                task_id=task_id, name=name, payload=payload, attempt=attempt, tries_base=base
+            )
+            for task_id, name, payload, attempt, base in started
+        },
+    )
     if attempts:
         executor.execute(
             _INSERT_EVENTS,
             [started_event(attempt, worker_id=worker_id, now=now) for attempt in attempts.values()],
         )
     return {**plan.orphaned, **attempts}
+
+
+def running_attempts(rows: Iterable[tuple[str, str, int]]) -> dict[str, int]:
+    """The attempt count of each running task among ``rows`` (id, status, attempts)."""
+    return {
+        task_id: attempts
+        for task_id, status, attempts in rows
+        if status == TaskStatus.RUNNING.value
+    }
 
 
 def current_on(outcomes: Sequence[Outcome], running: Mapping[str, int]) -> list[Outcome]:
@@ -357,7 +381,7 @@ def record_outcomes(executor: SyncExecutor, outcomes: Sequence[Outcome]) -> set[
     check_unique(outcomes)
     ids = [outcome.task_id for outcome in outcomes]
     locked = executor.execute(_LIVE, {"task_ids": ids})
-    running = {task_id: attempts for task_id, attempts in locked}
+    running = running_attempts(locked)
     written = current_on(outcomes, running)
     if not written:
         return set()
@@ -399,7 +423,9 @@ class CoreAttempts:
 
     def __init__(self, engine: AsyncEngine, *, idle_timeout_s: float | None = None) -> None:
         self._engine = engine
-        self._idle_limit = None if idle_timeout_s is None else idle_limit(idle_timeout_s)
+        self._idle_limit = (
+            None if idle_timeout_s is None else idle_limit(idle_timeout_s, **_BY_KEY_ONLY)
+        )
 
     async def write(
         self,

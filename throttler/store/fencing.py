@@ -23,11 +23,21 @@ SQLite needs none of this: one host, and a writer that dies releases its lock at
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import Select, func, select, true
 
 IDLE_SETTING = "idle_in_transaction_session_timeout"
 
 
-def idle_limit(timeout_s: float) -> Select[tuple[str]]:
-    """The statement that ends this transaction's session after ``timeout_s`` idle."""
-    return select(func.set_config(IDLE_SETTING, f"{max(1, round(timeout_s * 1000))}ms", true()))
+def idle_limit(timeout_s: float, **planner: str) -> Select[Any]:
+    """The statement that ends this transaction's session after ``timeout_s`` idle.
+
+    ``planner``: further settings for the transaction alone (``enable_seqscan="off"``),
+    set by the same statement, so they cost no round trip of their own.
+    """
+    limit = f"{max(1, round(timeout_s * 1000))}ms"
+    return select(
+        func.set_config(IDLE_SETTING, limit, true()),
+        *(func.set_config(name, value, true()) for name, value in planner.items()),
+    )

@@ -44,8 +44,10 @@ from throttler.store.attempts import (
     Outcome,
     check_unique,
     current_on,
+    in_start_order,
     outcome_event,
     plan_starts,
+    running_attempts,
     started_event,
 )
 from throttler.store.sqlite_thread import SQLiteThread
@@ -148,17 +150,15 @@ def _statements() -> _Statements:
             EventKind.REQUEUED,
         )
     }
-    queued = TASKS.c.status == TaskStatus.QUEUED.value
-    dispatched = TASKS.c.status.in_([TaskStatus.QUEUED.value, TaskStatus.RUNNING.value])
     return _Statements(
         dispatched=_Statement.of(
             select(
                 TASKS.c.id, TASKS.c.status, TASKS.c.queued_at, TASKS.c.name, TASKS.c.attempts
-            ).where(_ids_in_json(), dispatched)
+            ).where(_ids_in_json())
         ),
         start=_Statement.of(
             update(TASKS)
-            .where(_ids_in_json(), queued)
+            .where(_ids_in_json())
             .values(
                 status=TaskStatus.RUNNING.value,
                 attempts=TASKS.c.attempts + 1,
@@ -169,9 +169,7 @@ def _statements() -> _Statements:
             )
         ),
         live=_Statement.of(
-            select(TASKS.c.id, TASKS.c.attempts).where(
-                _ids_in_json(), TASKS.c.status == TaskStatus.RUNNING.value
-            )
+            select(TASKS.c.id, TASKS.c.status, TASKS.c.attempts).where(_ids_in_json())
         ),
         insert_event=_Statement.of(
             insert(EVENTS).values(
@@ -240,16 +238,19 @@ def _start(
         start.sql, start.bind({"task_ids": json.dumps(list(task_ids)), "now": now})
     ).fetchall()
     load = statements.payload
-    attempts = {
-        task_id: Attempt(
-            task_id=task_id,
-            name=name,
-            payload=payload if load is None else load(payload),
-            attempt=attempt,
-            tries_base=base,
-        )
-        for task_id, name, payload, attempt, base in rows
-    }
+    attempts = in_start_order(
+        plan,
+        {
+            task_id: Attempt(
+                task_id=task_id,
+                name=name,
+                payload=payload if load is None else load(payload),
+                attempt=attempt,
+                tries_base=base,
+            )
+            for task_id, name, payload, attempt, base in rows
+        },
+    )
     if attempts:
         insert_event = statements.insert_event
         connection.executemany(
@@ -268,12 +269,9 @@ def _record(connection: sqlite3.Connection, outcomes: Sequence[Outcome]) -> set[
     check_unique(outcomes)
     statements = _statements()
     live_ids = json.dumps([outcome.task_id for outcome in outcomes])
-    running = {
-        task_id: attempts
-        for task_id, attempts in connection.execute(
-            statements.live.sql, statements.live.bind({"task_ids": live_ids})
-        )
-    }
+    running = running_attempts(
+        connection.execute(statements.live.sql, statements.live.bind({"task_ids": live_ids}))
+    )
     written = current_on(outcomes, running)
     if not written:
         return set()
