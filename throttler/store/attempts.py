@@ -14,22 +14,33 @@ of many tasks go in ONE transaction with a few statements whatever their number,
 worker group-commits its concurrent jobs' writes (worker.taskkit.status_writer).
 
 ``Attempts`` is the seam; ``CoreAttempts`` the reference in portable SQLAlchemy Core;
-``open_attempts`` returns it or SQLite's fast path (``throttler.store.sqlite_attempts``),
-checked against it row by row in tests/integration/store/test_attempts_parity.py.
-PostgreSQL runs the reference: asyncpg is natively async, one hop per statement costs
-no thread switch.
+``open_attempts`` returns a fast path on the driver (``throttler.store.sqlite_attempts``,
+``throttler.store.postgres_attempts``), each checked against it row by row in
+tests/integration/store/test_attempts_parity.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol, cast
 
-from sqlalchemy import Connection, Table, bindparam, delete, insert, select, update
+from sqlalchemy import (
+    Column,
+    ColumnElement,
+    Connection,
+    Select,
+    Table,
+    bindparam,
+    delete,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.dml import ReturningUpdate
 
 from throttler.job_ids import Dispatch
 from throttler.models import OutboxEntry, Task, TaskEvent
@@ -39,6 +50,8 @@ from throttler.store.fencing import idle_limit
 
 # What the reference's statements run on: Core either way.
 SyncExecutor = Connection | Session
+# A driver's conversion of one value (a SQLAlchemy bind or result processor).
+Processor = Callable[[Any], Any]
 
 TASKS = cast(Table, Task.__table__)
 EVENTS = cast(Table, TaskEvent.__table__)
@@ -220,42 +233,54 @@ _DISPATCHED = frozenset((TaskStatus.QUEUED.value, TaskStatus.RUNNING.value))
 # 20,000 rows below 100 look-ups in the primary key, then spends 2 ms a statement passing
 # every row through the id list. Scans are off for the batch's transaction (set with the
 # fencing's idle limit, one statement).
-_BY_KEY_ONLY = {"enable_seqscan": "off", "enable_bitmapscan": "off"}
-# The tasks a batch may start, with the moment each was released (its dispatch), locked
-# (FOR UPDATE on PostgreSQL; SQLite writers hold the database from BEGIN).
-_DISPATCHED_ROWS = (
-    select(TASKS.c.id, TASKS.c.status, TASKS.c.queued_at, TASKS.c.name, TASKS.c.attempts)
-    .where(TASKS.c.id.in_(bindparam("task_ids", expanding=True)))
-    .with_for_update()
-)
-# Only tasks read ``queued`` above, and locked since: no status condition is needed.
-_START = (
-    update(TASKS)
-    .where(TASKS.c.id.in_(bindparam("task_ids", expanding=True)))
-    .values(
-        status=TaskStatus.RUNNING.value,
-        attempts=TASKS.c.attempts + 1,
-        started_at=bindparam("now", type_=TASKS.c.started_at.type),
+BY_KEY_ONLY = {"enable_seqscan": "off", "enable_bitmapscan": "off"}
+Among = Callable[[Column[Any]], ColumnElement[bool]]
+
+
+def in_list(column: Column[Any]) -> ColumnElement[bool]:
+    """``column IN (the batch's ids)``: the reference's form, one placeholder per id."""
+    return column.in_(bindparam("task_ids", expanding=True))
+
+
+def locked_rows(among: Among = in_list) -> Select[Any]:
+    """The batch's tasks, locked (FOR UPDATE on PostgreSQL; SQLite writers hold the
+    database from BEGIN): a start needs the moment each was released (its dispatch), an
+    outcome the status and attempt count."""
+    return (
+        select(TASKS.c.id, TASKS.c.status, TASKS.c.queued_at, TASKS.c.name, TASKS.c.attempts)
+        .where(among(TASKS.c.id))
+        .with_for_update()
     )
-    .returning(TASKS.c.id, TASKS.c.name, TASKS.c.payload, TASKS.c.attempts, TASKS.c.tries_base)
-)
-# The tasks an outcome may change, locked: their status and attempt count (see current_on).
-_LIVE = (
-    select(TASKS.c.id, TASKS.c.status, TASKS.c.attempts)
-    .where(TASKS.c.id.in_(bindparam("task_ids", expanding=True)))
-    .with_for_update()
-)
+
+
+def start_statement(among: Among = in_list) -> ReturningUpdate[Any]:
+    """Start the tasks read ``queued`` (and locked since: no status condition needed)."""
+    return (
+        update(TASKS)
+        .where(among(TASKS.c.id))
+        .values(
+            status=TaskStatus.RUNNING.value,
+            attempts=TASKS.c.attempts + 1,
+            started_at=bindparam("now", value=None, type_=TASKS.c.started_at.type),
+        )
+        .returning(TASKS.c.id, TASKS.c.name, TASKS.c.payload, TASKS.c.attempts, TASKS.c.tries_base)
+    )
+
+
+_DISPATCHED_ROWS = locked_rows()
+_START = start_statement()
+_LIVE = locked_rows()
 _INSERT_EVENTS = insert(EVENTS)
 _UPDATE_BY_ID = update(TASKS).where(TASKS.c.id == bindparam("task_key"))
 # The next attempt's outbox row replaces any the task still has (one per task): a relay
 # that enqueued this attempt may have died before deleting its row.
-_DELETE_OUTBOX = delete(OUTBOX).where(OUTBOX.c.task_id.in_(bindparam("task_ids", expanding=True)))
+_DELETE_OUTBOX = delete(OUTBOX).where(in_list(OUTBOX.c.task_id))
 _INSERT_OUTBOX = insert(OUTBOX)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class DispatchedRow:
-    """A queued or running task as a start reads it."""
+    """A task of the batch as ``locked_rows`` reads it."""
 
     task_id: str
     status: str
@@ -314,18 +339,8 @@ def start_attempts(
     """
     if not starts:
         return {}
-    rows = executor.execute(
-        _DISPATCHED_ROWS, {"task_ids": [start.task_id for start in starts]}
-    ).all()
-    plan = plan_starts(
-        starts,
-        [
-            DispatchedRow(
-                task_id=task_id, status=status, queued_at=at, name=name, attempts=attempts
-            )
-            for task_id, status, at, name, attempts in rows
-        ],
-    )
+    rows = executor.execute(_DISPATCHED_ROWS, {"task_ids": [start.task_id for start in starts]})
+    plan = plan_starts(starts, dispatched_rows(rows))
     if not plan.to_start:
         return plan.orphaned
     started = executor.execute(_START, {"task_ids": plan.to_start, "now": now}).all()
@@ -346,13 +361,24 @@ def start_attempts(
     return {**plan.orphaned, **attempts}
 
 
-def running_attempts(rows: Iterable[tuple[str, str, int]]) -> dict[str, int]:
-    """The attempt count of each running task among ``rows`` (id, status, attempts)."""
-    return {
-        task_id: attempts
-        for task_id, status, attempts in rows
-        if status == TaskStatus.RUNNING.value
-    }
+def running_attempts(rows: Iterable[DispatchedRow]) -> dict[str, int]:
+    """The attempt count of each running task among ``rows``."""
+    return {row.task_id: row.attempts for row in rows if row.status == TaskStatus.RUNNING.value}
+
+
+def dispatched_rows(rows: Iterable[Any], load_at: Processor | None = None) -> list[DispatchedRow]:
+    """``locked_rows``' rows as named values (``load_at``: the driver's ``queued_at``
+    conversion, when the rows come from the driver rather than SQLAlchemy)."""
+    return [
+        DispatchedRow(
+            task_id=task_id,
+            status=status,
+            queued_at=at if load_at is None or at is None else load_at(at),
+            name=name,
+            attempts=attempts,
+        )
+        for task_id, status, at, name, attempts in rows
+    ]
 
 
 def current_on(outcomes: Sequence[Outcome], running: Mapping[str, int]) -> list[Outcome]:
@@ -380,8 +406,7 @@ def record_outcomes(executor: SyncExecutor, outcomes: Sequence[Outcome]) -> set[
         return set()
     check_unique(outcomes)
     ids = [outcome.task_id for outcome in outcomes]
-    locked = executor.execute(_LIVE, {"task_ids": ids})
-    running = running_attempts(locked)
+    running = running_attempts(dispatched_rows(executor.execute(_LIVE, {"task_ids": ids})))
     written = current_on(outcomes, running)
     if not written:
         return set()
@@ -424,7 +449,7 @@ class CoreAttempts:
     def __init__(self, engine: AsyncEngine, *, idle_timeout_s: float | None = None) -> None:
         self._engine = engine
         self._idle_limit = (
-            None if idle_timeout_s is None else idle_limit(idle_timeout_s, **_BY_KEY_ONLY)
+            None if idle_timeout_s is None else idle_limit(idle_timeout_s, **BY_KEY_ONLY)
         )
 
     async def write(
@@ -450,9 +475,11 @@ class CoreAttempts:
 
 
 def open_attempts(settings: Settings, engine: AsyncEngine) -> Attempts:
-    """The attempts store for ``DATABASE_URL``: SQLite's fast path, else the reference."""
+    """The attempts store for ``DATABASE_URL``: its database's fast path."""
     if settings.is_sqlite:
         from throttler.store.sqlite_attempts import SQLiteAttempts
 
         return SQLiteAttempts(settings, engine)
-    return CoreAttempts(engine, idle_timeout_s=settings.database_timeout_s)
+    from throttler.store.postgres_attempts import PostgresAttempts
+
+    return PostgresAttempts(engine, idle_timeout_s=settings.database_timeout_s)

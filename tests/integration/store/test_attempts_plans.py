@@ -58,13 +58,17 @@ async def _queued_backlog(engine: AsyncEngine) -> list[str]:
 async def _batch_statements(
     settings: Settings, engine: AsyncEngine, ids: list[str]
 ) -> list[tuple[str, Any]]:
-    """Start BATCH tasks, then record their outcomes: every statement run, with its values."""
+    """Start BATCH tasks, then record their outcomes: every statement the driver ran, with
+    its values (the fast path runs them on the driver itself)."""
     seen: list[tuple[str, Any]] = []
 
-    def capture(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
-        seen.append((statement, parameters))
+    def log(query: Any) -> None:
+        seen.append((query.query, query.args))
 
-    event.listen(engine.sync_engine, "before_cursor_execute", capture)
+    def capture(dbapi_connection: Any, *_: Any) -> None:
+        dbapi_connection.driver_connection.add_query_logger(log)
+
+    event.listen(engine.sync_engine.pool, "checkout", capture)
     attempts = open_attempts(settings, engine)
     try:
         batch = ids[:BATCH]
@@ -89,14 +93,14 @@ async def _batch_statements(
         writes = await attempts.write(starts=[], outcomes=outcomes, worker_id="w", now=NOW)
         assert len(writes.recorded) == BATCH
     finally:
-        event.remove(engine.sync_engine, "before_cursor_execute", capture)
+        event.remove(engine.sync_engine.pool, "checkout", capture)
         await attempts.close()
     return seen
 
 
 async def _postgres_plans(settings: Settings, engine: AsyncEngine, ids: list[str]) -> None:
     statements = await _batch_statements(settings, engine, ids)
-    preamble = [(sql, values) for sql, values in statements if "set_config" in sql]
+    preamble = [(sql, values) for sql, values in statements if sql.startswith("BEGIN; ")]
     reads = [
         (sql, values)
         for sql, values in statements
@@ -109,10 +113,10 @@ async def _postgres_plans(settings: Settings, engine: AsyncEngine, ids: list[str
         for sql, values in reads:
             async with connection.begin():
                 # The batch's transaction settings, as the batch set them.
-                await connection.exec_driver_sql(*preamble[0])
-                # An executemany's statement, planned with its first row.
+                await connection.exec_driver_sql(preamble[0][0].removeprefix("BEGIN; "))
+                # An executemany's statement (its rows in a list), planned with its first row.
                 one = values[0] if isinstance(values, list) else values
-                rows = await connection.exec_driver_sql(f"EXPLAIN {sql}", one)
+                rows = await connection.exec_driver_sql(f"EXPLAIN {sql}", tuple(one))
                 plan = "\n".join(str(row[0]) for row in rows)
                 await connection.rollback()
             touching = [
@@ -126,7 +130,7 @@ def _sqlite_plans(settings: Settings) -> None:
     statements = _statements()
     path = settings.database_url.split("///", 1)[1]
     with sqlite3.connect(path) as connection:
-        for statement in (statements.dispatched, statements.start, statements.live):
+        for statement in (statements.locked, statements.start):
             values = statement.bind({"task_ids": json.dumps(["a", "b"]), "now": NOW})
             plan = [
                 row[-1] for row in connection.execute(f"EXPLAIN QUERY PLAN {statement.sql}", values)

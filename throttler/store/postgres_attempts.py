@@ -1,0 +1,213 @@
+"""PostgreSQL's attempts: the reference's transaction on the driver, in few round trips.
+
+Through SQLAlchemy a worker's batch cost more of the worker's CPU than ARQ's own work on
+the jobs (statement set-up, bind processing, result wrapping, a greenlet switch per
+statement), and ten round trips. Here the batch runs on the pooled connection's asyncpg
+driver itself, with the reference's statements compiled once (``throttler.store.compiled``):
+the ids go in as one array (``= ANY($1)``), so each statement is prepared once per
+connection whatever the batch size. Round trips: BEGIN with the transaction's settings
+(one simple query), one locked read of every task the batch names (the reference reads
+the starts' and the outcomes' apart), the start, an executemany per kind of outcome, a
+retry's outbox rows, every event in one executemany, COMMIT. The rows are the
+reference's: tests/integration/store/test_attempts_parity.py.
+
+A driver error is raised as SQLAlchemy raises it (``DBAPIError``, its SQLSTATE kept), so
+the worker's status writer judges it like any other (``throttler.errors``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+from sqlalchemy import ARRAY, Column, ColumnElement, any_, bindparam
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from throttler.job_ids import Dispatch
+from throttler.statuses import EventKind
+from throttler.store.attempts import (
+    BY_KEY_ONLY,
+    Attempt,
+    AttemptWrites,
+    CoreAttempts,
+    Outcome,
+    StartPlan,
+    check_unique,
+    current_on,
+    dispatched_rows,
+    in_start_order,
+    outcome_event,
+    plan_starts,
+    running_attempts,
+    started_event,
+)
+from throttler.store.compiled import AttemptStatements
+from throttler.store.fencing import idle_limit
+
+# What asyncpg raises for the server's errors and its own (a lost connection).
+_DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
+def _ids_in_array(column: Column[Any]) -> ColumnElement[bool]:
+    """``column = ANY(the ids, one array parameter)``."""
+    return column == any_(bindparam("task_ids", value=None, type_=ARRAY(column.type)))
+
+
+async def _write(
+    driver: Any,
+    statements: AttemptStatements,
+    *,
+    starts: Sequence[Dispatch],
+    outcomes: Sequence[Outcome],
+    worker_id: str,
+    now: datetime,
+) -> AttemptWrites:
+    """The batch's statements, in the caller's transaction on ``driver``."""
+    named = [start.task_id for start in starts] + [outcome.task_id for outcome in outcomes]
+    locked = statements.locked
+    rows = dispatched_rows(
+        await driver.fetch(locked.sql, *locked.bind({"task_ids": list(dict.fromkeys(named))})),
+        statements.queued_at,
+    )
+    plan = plan_starts(starts, rows) if starts else StartPlan(to_start=[], orphaned={})
+    attempts: dict[str, Attempt] = {}
+    events: list[dict[str, Any]] = []
+    if plan.to_start:
+        start, load = statements.start, statements.payload
+        started = await driver.fetch(
+            start.sql, *start.bind({"task_ids": plan.to_start, "now": now})
+        )
+        attempts = in_start_order(
+            plan,
+            {
+                task_id: Attempt(
+                    task_id=task_id,
+                    name=name,
+                    payload=payload if load is None else load(payload),
+                    attempt=attempt,
+                    tries_base=base,
+                )
+                for task_id, name, payload, attempt, base in started
+            },
+        )
+        events = [started_event(a, worker_id=worker_id, now=now) for a in attempts.values()]
+    # What the reference's second read would see: the tasks just started are running.
+    running = running_attempts(rows) | {
+        task_id: attempt.attempt for task_id, attempt in attempts.items()
+    }
+    written = current_on(outcomes, running)
+    by_event: dict[EventKind, list[list[Any]]] = {}
+    for outcome in written:
+        values = {"task_key": outcome.task_id, **outcome.values()}
+        by_event.setdefault(outcome.event, []).append(statements.update[outcome.event].bind(values))
+    for event, updates in by_event.items():
+        await driver.executemany(statements.update[event].sql, updates)
+    again = [outcome for outcome in written if outcome.again]
+    if again:
+        delete_outbox, insert_outbox = statements.delete_outbox, statements.insert_outbox
+        await driver.execute(
+            delete_outbox.sql,
+            *delete_outbox.bind({"task_ids": [outcome.task_id for outcome in again]}),
+        )
+        await driver.executemany(
+            insert_outbox.sql, [insert_outbox.bind(outcome.outbox_row()) for outcome in again]
+        )
+    # Starts' events first, then outcomes': the reference's order, so the same event ids.
+    events += [outcome_event(outcome) for outcome in written]
+    if events:
+        insert_event = statements.insert_event
+        await driver.executemany(insert_event.sql, [insert_event.bind(event) for event in events])
+    return AttemptWrites(
+        started={**plan.orphaned, **attempts},
+        recorded={outcome.task_id for outcome in written},
+    )
+
+
+class PostgresAttempts(CoreAttempts):
+    """The reference's transaction, on the driver of a connection the store holds.
+
+    One connection, checked out of the engine's pool once and kept: the pool's check-out
+    ping alone (three round trips with SQLAlchemy's asyncpg dialect) would cost what the
+    batch's own statements cost. A batch that fails on it hands it back invalidated (a
+    server restarted or a network cut leaves it broken), and the next batch checks out a
+    fresh one. The worker writes one batch at a time (worker.taskkit.status_writer);
+    concurrent calls take turns.
+    """
+
+    def __init__(self, engine: AsyncEngine, *, idle_timeout_s: float) -> None:
+        super().__init__(engine, idle_timeout_s=idle_timeout_s)
+        self._statements = AttemptStatements.compile(engine.dialect, _ids_in_array)
+        settings = idle_limit(idle_timeout_s, **BY_KEY_ONLY).compile(
+            dialect=engine.dialect, compile_kwargs={"literal_binds": True}
+        )
+        # One simple query: the transaction and its settings (store.fencing) in one trip.
+        self._begin = f"BEGIN; {settings}"
+        self._connection: AsyncConnection | None = None
+        self._turn = asyncio.Lock()
+
+    async def write(
+        self,
+        *,
+        starts: Sequence[Dispatch],
+        outcomes: Sequence[Outcome],
+        worker_id: str,
+        now: datetime,
+    ) -> AttemptWrites:
+        check_unique(outcomes)
+        if not starts and not outcomes:
+            return AttemptWrites(started={}, recorded=set())
+        async with self._turn:
+            if self._connection is None:
+                self._connection = await self._engine.connect()
+            connection = self._connection
+            driver: Any = (await connection.get_raw_connection()).driver_connection
+            try:
+                await driver.execute(self._begin)
+                writes = await _write(
+                    driver,
+                    self._statements,
+                    starts=starts,
+                    outcomes=outcomes,
+                    worker_id=worker_id,
+                    now=now,
+                )
+                await driver.execute("COMMIT")
+            except BaseException as error:
+                invalidated = await self._abandon(driver)
+                if isinstance(error, _DRIVER_ERRORS):
+                    raise DBAPIError.instance(
+                        "attempts batch",
+                        None,
+                        error,
+                        Exception,
+                        connection_invalidated=invalidated,
+                        dialect=self._engine.dialect,
+                    ) from error
+                raise
+            return writes
+
+    async def _abandon(self, driver: Any) -> bool:
+        """Roll the batch back; a connection that cannot is given up (True)."""
+        try:
+            if not driver.is_closed() and driver.is_in_transaction():
+                await driver.execute("ROLLBACK")
+            if not driver.is_closed():
+                return False
+        except (*_DRIVER_ERRORS, OSError, TimeoutError):
+            pass
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            await connection.invalidate()
+            await connection.close()
+        return True
+
+    async def close(self) -> None:
+        """Hand the held connection back to the pool."""
+        async with self._turn:
+            connection, self._connection = self._connection, None
+            if connection is not None:
+                await connection.close()
