@@ -10,6 +10,7 @@ from arq.connections import ArqRedis
 
 from relay.metrics import serve_metrics
 from relay.relay import Relay, last_dispatch_within_claims
+from throttler import event_loop
 from throttler.constants import FINISHED_CHANNEL, LIMITS_CHANNEL, SUBMITTED_CHANNEL
 from throttler.db import create_engine
 from throttler.dispatches import last_dispatch_from
@@ -133,7 +134,7 @@ def main() -> None:
     configure_logging(component="relay", level=settings.log_level)
     serve_metrics(settings.relay_metrics_port)
     try:
-        asyncio.run(serve(settings))
+        event_loop.run(serve(settings))
     except RedisMisconfigured as error:
         log.error("relay.redis_misconfigured", extra=fields(error=str(error)))  # noqa: TRY400 - one line, no traceback
         raise SystemExit(2) from None

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import threading
 from collections.abc import Sequence
 from typing import Any
 
+from throttler import event_loop
 from throttler.logs import configure_logging, fields
 from throttler.settings import Settings, load_settings
 from worker.metrics import serve_metrics
@@ -26,7 +26,7 @@ def run(
     supervision: Supervision | None = None,
 ) -> None:
     """Serve until stopped, then exit the process without waiting for stuck task threads."""
-    asyncio.run(serve(settings, tasks=tasks, supervision=supervision))
+    event_loop.run(serve(settings, tasks=tasks, supervision=supervision))
     stuck = [
         thread
         for thread in threading.enumerate()
