@@ -52,8 +52,9 @@ from throttler.store.attempts import (
 from throttler.store.compiled import AttemptStatements, CompiledStatement
 from throttler.store.fencing import idle_limit
 
-# What asyncpg raises for the server's errors and its own (a lost connection).
-_DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError)
+# What asyncpg raises for the server's errors, its own (a lost connection) and a
+# protocol out of step (a connection the server ended while it sat idle).
+_DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -268,11 +269,14 @@ class PostgresAttempts(CoreAttempts):
             return writes
 
     async def _abandon(self, driver: Any) -> bool:
-        """Roll the batch back; a connection that cannot is given up (True)."""
+        """Roll the batch back; a connection that cannot is given up (True).
+
+        ROLLBACK whatever the driver believes: a connection the server ended between
+        batches may not know it yet, and only a clean ROLLBACK proves it usable.
+        """
         try:
-            if not driver.is_closed() and driver.is_in_transaction():
-                await driver.execute("ROLLBACK")
             if not driver.is_closed():
+                await driver.execute("ROLLBACK")
                 return False
         except (*_DRIVER_ERRORS, OSError, TimeoutError):
             pass

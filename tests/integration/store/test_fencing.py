@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import Executable, delete, event, func, select, update
+from sqlalchemy import Executable, delete, event, func, select, text, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -30,11 +30,12 @@ from tests.conftest import _truncate_all
 from tests.support import submit_task
 from throttler.constants import CLAIM_LOCK_KEY
 from throttler.db import create_engine, create_session_factory
+from throttler.errors import is_transient_db_error
 from throttler.job_ids import Dispatch
 from throttler.models import OutboxEntry, Task, TaskEvent, utcnow
 from throttler.settings import Settings
 from throttler.statuses import EventKind, TaskStatus
-from throttler.store.attempts import CoreAttempts, Outcome, open_attempts
+from throttler.store.attempts import Outcome, open_attempts
 from throttler.store.outbox import ClaimedTask, CoreOutbox, open_outbox
 from throttler.store.postgres_outbox import PostgresOutbox
 from throttler.store.recovery import SqlRecoveryStore
@@ -309,22 +310,76 @@ async def test_a_silent_recovery_lets_go_of_its_rows(postgres: AsyncEngine) -> N
     assert status == TaskStatus.QUEUED
 
 
+def _driver_queries(engine: AsyncEngine, seen: list[str]) -> Any:
+    """Log every query the driver of a connection checked out of ``engine`` runs."""
+
+    def capture(dbapi_connection: Any, *_: Any) -> None:
+        dbapi_connection.driver_connection.add_query_logger(lambda query: seen.append(query.query))
+
+    event.listen(engine.sync_engine.pool, "checkout", capture)
+    return capture
+
+
 @pytest.mark.postgres
 async def test_an_attempt_batch_limits_its_idle_time(postgres: AsyncEngine) -> None:
     """Each batch sets the limit before its first lock (a batch cannot be paused here)."""
     statements: list[str] = []
-
-    def seen(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        statements.append(statement)
-
-    attempts = CoreAttempts(postgres, idle_timeout_s=IDLE_S)
+    attempts = open_attempts(
+        Settings(database_url=postgres.url.render_as_string(False), database_timeout_s=IDLE_S),
+        postgres,
+    )
     task_id = await _submit(postgres, utcnow())
-    event.listen(postgres.sync_engine, "before_cursor_execute", seen)
+    capture = _driver_queries(postgres, statements)
     try:
         await attempts.write(
             starts=[Dispatch(task_id=task_id)], outcomes=[], worker_id=WORKER_A, now=utcnow()
         )
     finally:
-        event.remove(postgres.sync_engine, "before_cursor_execute", seen)
-    assert "set_config" in statements[0]
-    assert any("FOR UPDATE" in statement for statement in statements[1:])
+        event.remove(postgres.sync_engine.pool, "checkout", capture)
+        await attempts.close()
+    ours = [statement for statement in statements if "tasks" in statement or "BEGIN" in statement]
+    assert ours[0].startswith("BEGIN; SELECT set_config('idle_in_transaction_session_timeout'")
+    assert "'500ms'" in ours[0]
+    assert any("FOR UPDATE" in statement for statement in ours[1:])
+
+
+@pytest.mark.postgres
+async def test_an_attempt_batch_after_its_connection_died_fails_once_then_reconnects(
+    postgres: AsyncEngine,
+) -> None:
+    """The store keeps one connection between batches: when the server ends it (a restart,
+    an administrator, a network cut), the next batch fails as a transient database error,
+    writes nothing, and the one after runs on a fresh connection."""
+    settings = Settings(database_url=postgres.url.render_as_string(False))
+    attempts = open_attempts(settings, postgres)
+    first, second = await _submit(postgres, utcnow()), await _submit(postgres, utcnow())
+    async with postgres.begin() as connection:
+        await connection.execute(
+            update(Task).values(status=TaskStatus.QUEUED.value, queued_at=utcnow())
+        )
+    try:
+        await attempts.write(
+            starts=[Dispatch(task_id=first)], outcomes=[], worker_id=WORKER_A, now=utcnow()
+        )
+        async with postgres.connect() as connection:
+            # Every other session on this test's own database: the store's held one.
+            ended = await connection.scalar(
+                text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE pid <> pg_backend_pid() AND datname = current_database()"
+                )
+            )
+        assert ended
+        with pytest.raises(DBAPIError) as failed:
+            await attempts.write(
+                starts=[Dispatch(task_id=second)], outcomes=[], worker_id=WORKER_A, now=utcnow()
+            )
+        assert is_transient_db_error(failed.value)
+        assert (await _state(postgres, second))["task"][0] == TaskStatus.QUEUED
+        writes = await attempts.write(
+            starts=[Dispatch(task_id=second)], outcomes=[], worker_id=WORKER_A, now=utcnow()
+        )
+    finally:
+        await attempts.close()
+    assert list(writes.started) == [second]
+    assert (await _state(postgres, second))["task"][0] == TaskStatus.RUNNING
