@@ -319,10 +319,33 @@ def plan_starts(starts: Sequence[Dispatch], rows: Sequence[DispatchedRow]) -> St
     return StartPlan(to_start=to_start, orphaned=orphaned)
 
 
-def in_start_order(plan: StartPlan, attempts: Mapping[str, Attempt]) -> dict[str, Attempt]:
-    """``attempts`` in the order of ``plan.to_start``: the order an UPDATE returns its rows
-    in follows the database's plan, and the ids of the attempts' events must not."""
-    return {task_id: attempts[task_id] for task_id in plan.to_start if task_id in attempts}
+def started_attempts(
+    plan: StartPlan, rows: Iterable[Any], load_payload: Processor | None = None
+) -> dict[str, Attempt]:
+    """The start statement's rows as attempts, in the order of ``plan.to_start``: the
+    order an UPDATE returns its rows in follows the database's plan, and the ids of the
+    attempts' events must not. ``load_payload``: the driver's conversion, if any."""
+    returned = {
+        task_id: Attempt(
+            task_id=task_id,
+            name=name,
+            payload=payload if load_payload is None else load_payload(payload),
+            attempt=attempt,
+            tries_base=base,
+        )
+        for task_id, name, payload, attempt, base in rows
+    }
+    return {task_id: returned[task_id] for task_id in plan.to_start if task_id in returned}
+
+
+def outcome_values(outcomes: Iterable[Outcome]) -> dict[EventKind, list[dict[str, Any]]]:
+    """Each outcome's task values, keyed ``task_key`` by id, grouped by kind: one update
+    statement per kind (each kind sets its own columns)."""
+    by_event: dict[EventKind, list[dict[str, Any]]] = {}
+    for outcome in outcomes:
+        values = {"task_key": outcome.task_id, **outcome.values()}
+        by_event.setdefault(outcome.event, []).append(values)
+    return by_event
 
 
 def start_attempts(
@@ -343,16 +366,8 @@ def start_attempts(
     plan = plan_starts(starts, dispatched_rows(rows))
     if not plan.to_start:
         return plan.orphaned
-    started = executor.execute(_START, {"task_ids": plan.to_start, "now": now}).all()
-    attempts = in_start_order(
-        plan,
-        {
-            task_id: Attempt(
-                task_id=task_id, name=name, payload=payload, attempt=attempt, tries_base=base
-            )
-            for task_id, name, payload, attempt, base in started
-        },
-    )
+    started = executor.execute(_START, {"task_ids": plan.to_start, "now": now})
+    attempts = started_attempts(plan, started)
     if attempts:
         executor.execute(
             _INSERT_EVENTS,
@@ -411,12 +426,7 @@ def record_outcomes(executor: SyncExecutor, outcomes: Sequence[Outcome]) -> set[
     if not written:
         return set()
     # One executemany per shape of values (succeeded, failed, retrying).
-    by_event: dict[EventKind, list[dict[str, Any]]] = {}
-    for outcome in written:
-        by_event.setdefault(outcome.event, []).append(
-            {"task_key": outcome.task_id, **outcome.values()}
-        )
-    for rows in by_event.values():
+    for rows in outcome_values(written).values():
         executor.execute(_UPDATE_BY_ID, rows)
     again = [outcome for outcome in written if outcome.again]
     if again:

@@ -43,10 +43,11 @@ from throttler.store.attempts import (
     check_unique,
     current_on,
     dispatched_rows,
-    in_start_order,
     outcome_event,
+    outcome_values,
     plan_starts,
     running_attempts,
+    started_attempts,
     started_event,
 )
 from throttler.store.compiled import AttemptStatements, CompiledStatement
@@ -152,34 +153,18 @@ async def _write(
     attempts: dict[str, Attempt] = {}
     events: list[dict[str, Any]] = []
     if plan.to_start:
-        start, load = statements.start, statements.payload
+        start = statements.start
         started = await driver.fetch(
             start.sql, *start.bind({"task_ids": plan.to_start, "now": now})
         )
-        attempts = in_start_order(
-            plan,
-            {
-                task_id: Attempt(
-                    task_id=task_id,
-                    name=name,
-                    payload=payload if load is None else load(payload),
-                    attempt=attempt,
-                    tries_base=base,
-                )
-                for task_id, name, payload, attempt, base in started
-            },
-        )
+        attempts = started_attempts(plan, started, statements.payload)
         events = [started_event(a, worker_id=worker_id, now=now) for a in attempts.values()]
     # What the reference's second read would see: the tasks just started are running.
     running = running_attempts(rows) | {
         task_id: attempt.attempt for task_id, attempt in attempts.items()
     }
     written = current_on(outcomes, running)
-    by_event: dict[EventKind, list[dict[str, Any]]] = {}
-    for outcome in written:
-        values = {"task_key": outcome.task_id, **outcome.values()}
-        by_event.setdefault(outcome.event, []).append(values)
-    for event, updates in by_event.items():
+    for event, updates in outcome_values(written).items():
         unnested = unnest.update[event]
         await driver.execute(unnested.sql, *unnested.arrays(updates))
     again = [outcome for outcome in written if outcome.again]

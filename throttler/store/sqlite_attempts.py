@@ -26,7 +26,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from throttler.job_ids import Dispatch
 from throttler.settings import Settings
-from throttler.statuses import EventKind
 from throttler.store.attempts import (
     Attempt,
     AttemptWrites,
@@ -36,10 +35,11 @@ from throttler.store.attempts import (
     check_unique,
     current_on,
     dispatched_rows,
-    in_start_order,
     outcome_event,
+    outcome_values,
     plan_starts,
     running_attempts,
+    started_attempts,
     started_event,
 )
 from throttler.store.compiled import AttemptStatements
@@ -79,20 +79,7 @@ def _start(
     rows = connection.execute(
         start.sql, start.bind({"task_ids": json.dumps(list(task_ids)), "now": now})
     ).fetchall()
-    load = statements.payload
-    attempts = in_start_order(
-        plan,
-        {
-            task_id: Attempt(
-                task_id=task_id,
-                name=name,
-                payload=payload if load is None else load(payload),
-                attempt=attempt,
-                tries_base=base,
-            )
-            for task_id, name, payload, attempt, base in rows
-        },
-    )
+    attempts = started_attempts(plan, rows, statements.payload)
     if attempts:
         insert_event = statements.insert_event
         connection.executemany(
@@ -114,12 +101,9 @@ def _record(connection: sqlite3.Connection, outcomes: Sequence[Outcome]) -> set[
     written = current_on(outcomes, running)
     if not written:
         return set()
-    by_event: dict[EventKind, list[list[Any]]] = {}
-    for outcome in written:
-        values = {"task_key": outcome.task_id, **outcome.values()}
-        by_event.setdefault(outcome.event, []).append(statements.update[outcome.event].bind(values))
-    for event, rows in by_event.items():
-        connection.executemany(statements.update[event].sql, rows)
+    for event, rows in outcome_values(written).items():
+        update = statements.update[event]
+        connection.executemany(update.sql, [update.bind(values) for values in rows])
     again = [outcome for outcome in written if outcome.again]
     if again:
         delete_outbox, insert_outbox = statements.delete_outbox, statements.insert_outbox
