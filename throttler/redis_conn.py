@@ -11,8 +11,9 @@ master to ask them for. Three things are built from them:
 
 In Sentinel mode each connection asks the sentinels for the master's address when it
 opens, so after a failover the next connection reaches the new master (a connection to
-a demoted master fails with ReadOnlyError and is replaced). ARQ's own Sentinel support
-passes no CA, client certificate or timeouts: ``connect_arq`` builds that pool itself.
+a demoted master fails with ReadOnlyError and is replaced). ARQ's create_pool gives its
+connections no command timeout (REDIS_TIMEOUT_S), and its Sentinel support no CA or
+client certificate: ``connect_arq`` builds the pool itself.
 
 A wrong password or a certificate that does not verify is not an outage: at start it
 raises RedisMisconfigured, naming the setting, instead of being retried for ever.
@@ -21,13 +22,12 @@ raises RedisMisconfigured, naming the setting, instead of being retried for ever
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import ssl
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from arq.connections import ArqRedis, RedisSettings, create_pool
+from arq.connections import ArqRedis, RedisSettings
 from redis.asyncio import Redis
 from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
 from redis.exceptions import AuthenticationError, ResponseError
@@ -112,12 +112,13 @@ def _path(value: object) -> str | None:
 
 
 def _connection_options(settings: Settings, url: RedisUrl) -> dict[str, Any]:
-    """What every connection to a data node takes: credentials, database, TLS, timeout."""
+    """What every connection to a data node takes: credentials, database, TLS, timeouts."""
     options: dict[str, Any] = {
         "username": url.username,
         "password": url.password,
         "db": url.database,
         "socket_connect_timeout": CONNECT_TIMEOUT_S,
+        "socket_timeout": settings.redis_timeout_s,
     }
     if url.tls:
         options.update(_tls_options(settings))
@@ -189,11 +190,15 @@ def redis_client(
     socket_timeout_s: float | None = None,
     health_check_interval_s: int = 0,
 ) -> Redis:
-    """A redis-py client of the Redis in the settings (it connects on first use)."""
+    """A redis-py client of the Redis in the settings (it connects on first use).
+
+    ``socket_timeout_s``: how long a command waits for its answer (REDIS_TIMEOUT_S when
+    None)."""
     url = parse_redis_url(settings.redis_url)
     options = _connection_options(settings, url)
     options["socket_connect_timeout"] = connect_timeout_s
-    options["socket_timeout"] = socket_timeout_s
+    if socket_timeout_s is not None:
+        options["socket_timeout"] = socket_timeout_s
     options["health_check_interval"] = health_check_interval_s
     if settings.sentinels:
         client: Redis = _sentinel(settings, url).master_for(
@@ -207,18 +212,25 @@ async def connect_arq(settings: Settings) -> ArqRedis:
     """Open ARQ's pool and ping it: a Redis error if Redis is away, RedisMisconfigured if it
     refuses our credentials or certificate."""
     try:
-        if not settings.sentinels:
-            # Our callers retry with their own backoff, listening for signals; ARQ's sleep.
-            once = dataclasses.replace(arq_redis_settings(settings), conn_retries=0)
-            return await create_pool(once, default_queue_name=settings.arq_queue_name)
         url = parse_redis_url(settings.redis_url)
-        pool = _sentinel(settings, url).master_for(
-            settings.redis_sentinel_service,
-            redis_class=ArqRedis,
-            connection_pool_class=_SentinelPool,
-            **_connection_options(settings, url),
-        )
-        assert isinstance(pool, ArqRedis)
+        # Built here rather than by ARQ's create_pool, whose connections have no command
+        # timeout (RedisSettings has none to give); pinged once below, since our callers
+        # retry with their own backoff, listening for signals.
+        pool: ArqRedis
+        if settings.sentinels:
+            pool = _sentinel(settings, url).master_for(
+                settings.redis_sentinel_service,
+                redis_class=ArqRedis,
+                connection_pool_class=_SentinelPool,
+                **_connection_options(settings, url),
+            )
+        else:
+            pool = ArqRedis(
+                host=url.host,
+                port=url.port,
+                unix_socket_path=url.unix_socket_path,
+                **_connection_options(settings, url),
+            )
         pool.default_queue_name = settings.arq_queue_name
         try:
             await pool.ping()

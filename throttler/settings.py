@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     redis_sentinels: str = ""
     redis_sentinel_service: str = Field(default="mymaster", min_length=1)
     redis_sentinel_password: SecretStr | None = None
+    # How long one Redis command of the relay or the worker may wait for its answer: a
+    # Redis that stops answering (a network cut that drops packets, a stalled server)
+    # raises a timeout, which the loops retry, instead of holding them until TCP gives up.
+    redis_timeout_s: PositiveFloat = 10.0
     arq_queue_name: str = Field(default="arq:queue", min_length=1)
 
     # API
