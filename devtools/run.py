@@ -317,6 +317,12 @@ def supervise(children: list[Child], redis: RedisServer | None, stop: StopSignal
     return None
 
 
+def needs_private_redis(settings: Settings) -> bool:
+    """Whether make run starts its own Redis: not when REDIS_URL or REDIS_SENTINELS names
+    one (with sentinels, REDIS_URL keeps only its credentials and database)."""
+    return "redis_url" not in settings.model_fields_set and not settings.sentinels
+
+
 def run(settings: Settings, console: Console, stop: StopSignals) -> int:
     redis: RedisServer | None = None
     children: list[Child] = []
@@ -324,7 +330,7 @@ def run(settings: Settings, console: Console, stop: StopSignals) -> int:
         check_api_port_free(settings)
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"
-        if "redis_url" not in settings.model_fields_set:
+        if needs_private_redis(settings):
             redis = start_private_redis(Path.cwd() / RUN_DIR_NAME)
             env["REDIS_URL"] = redis.url
         else:
