@@ -95,6 +95,9 @@ class GroupCommitter(Generic[W, R]):
     order, one after another (a single thread does), for ``key`` to keep its promise.
     ``after_commit`` runs once a committed batch's futures are resolved (announcements).
     ``closed_error`` makes the error a refused or abandoned write raises.
+    ``writers``, when given, says how many writes can be waiting at most (each writer
+    waits for its own commit before it writes again): a batch that holds that many has
+    everything that could come, and commits without lingering.
     """
 
     def __init__(
@@ -111,6 +114,7 @@ class GroupCommitter(Generic[W, R]):
         failure_log_level: int = logging.WARNING,
         after_commit: Callable[[Sequence[W], Sequence[R]], None] | None = None,
         closed_error: Callable[[str], Exception] = CommitterClosedError,
+        writers: Callable[[], int] | None = None,
     ) -> None:
         self._commit = commit
         self._name = name
@@ -127,6 +131,7 @@ class GroupCommitter(Generic[W, R]):
         self._failure_log_level = failure_log_level
         self._after_commit = after_commit
         self._closed_error = closed_error
+        self._writers = writers
         # A plain deque and one waiter, not an asyncio.Queue: the queue is on every
         # write's path, on the event loop, and its bookkeeping measured in the API's
         # submissions per second.
@@ -221,7 +226,7 @@ class GroupCommitter(Generic[W, R]):
             batch: _Batch[W, R] = _Batch()
             self._add(batch, first)
             held, stopping = self._take_waiting(batch)
-            if self._busy and held is None and not stopping and self._linger_s > 0:
+            if self._busy and held is None and not stopping and self._may_grow(batch):
                 # Under load, wait a moment for the writes about to arrive: each batch
                 # costs a commit and a hop to the database whatever its size.
                 await asyncio.sleep(self._linger_s)
@@ -232,6 +237,12 @@ class GroupCommitter(Generic[W, R]):
         if held is not None:
             await self._slots.acquire()
             await self._launch(self._batch_of([held]))
+
+    def _may_grow(self, batch: _Batch[W, R]) -> bool:
+        """Whether lingering could bring ``batch`` more writes."""
+        if self._linger_s <= 0:
+            return False
+        return self._writers is None or len(batch.queued) < self._writers()
 
     def _batch_of(self, writes: Sequence[_Queued[W, R]]) -> _Batch[W, R]:
         batch: _Batch[W, R] = _Batch()

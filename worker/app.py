@@ -7,7 +7,7 @@ import logging
 import os
 import socket
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -24,7 +24,7 @@ from worker.hop_limits import HopLimits
 from worker.leases import LEASE_REFRESH_S, LEASE_S, LeasedWorker
 from worker.netguard import AddressPolicy, guarded_client
 from worker.taskkit import TaskBase, build_functions
-from worker.taskkit.resources import RESOURCES_KEY, Resources
+from worker.taskkit.resources import JOB_SLOTS_KEY, RESOURCES_KEY, Resources
 from worker.taskkit.status_writer import StatusWriter
 from worker.tasks import DEFAULT_TASKS
 
@@ -36,12 +36,16 @@ def worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-async def open_resources(settings: Settings) -> Resources:
+async def open_resources(
+    settings: Settings, *, running_jobs: Callable[[], int] | None = None
+) -> Resources:
     """Create what tasks share: database engine, status writer, HTTP client, thread pool,
-    hop limits."""
+    hop limits. ``running_jobs``: the worker's taken job slots (worker.leases)."""
     engine = create_engine(settings)
     identity = worker_id()
-    status = StatusWriter(open_store(settings, engine).attempts, worker_id=identity)
+    status = StatusWriter(
+        open_store(settings, engine).attempts, worker_id=identity, running_jobs=running_jobs
+    )
     status.start_writing()
     return Resources(
         settings=settings,
@@ -87,7 +91,7 @@ def worker_options(
         # ARQ runs on_startup each time its main loop starts, and the service restarts
         # that loop after a Redis outage: open the resources only once.
         if RESOURCES_KEY not in ctx:
-            ctx[RESOURCES_KEY] = await open_resources(settings)
+            ctx[RESOURCES_KEY] = await open_resources(settings, running_jobs=ctx.get(JOB_SLOTS_KEY))
 
     async def on_shutdown(ctx: dict[Any, Any]) -> None:
         resources = ctx.pop(RESOURCES_KEY, None)

@@ -34,6 +34,7 @@ from throttler.errors import REDIS_ERRORS
 from throttler.logs import fields
 from worker.pipelines import BatchingPool
 from worker.taskkit.registry import ABORTING_KEY
+from worker.taskkit.resources import JOB_SLOTS_KEY
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class LeasedWorker(Worker):
         self.abort_check_s = abort_check_s
         # Jobs see whether their cancellation is an abort (worker.taskkit.registry).
         self.ctx[ABORTING_KEY] = self.aborting_tasks
+        self.ctx[JOB_SLOTS_KEY] = lambda: self.job_counter
         # ARQ's TTL at pickup (its only use): the first lease, renewed by renew_leases.
         self.in_progress_timeout_s = lease_s
         self._take_script: AsyncScript | None = None

@@ -186,3 +186,38 @@ async def test_a_batch_in_flight_takes_every_write_that_arrived_before_its_turn(
     await writer.close()
     assert handed_over == 2
     assert recorder.batches == [["first"], ["second", "third", "fourth"]]
+
+
+async def _busy(recorder: Recorder, writer: GroupCommitter[str, str]) -> None:
+    """One batch of two writes: the committer is busy, so its next batch may linger."""
+    first = await _held_first(recorder, writer)
+    pair = [asyncio.create_task(writer.submit(name)) for name in ("x", "y")]
+    await asyncio.sleep(0)
+    recorder.gate.set()
+    await asyncio.gather(first, *pair)
+
+
+async def test_a_busy_committer_lingers_for_writes_about_to_arrive() -> None:
+    recorder = Recorder()
+    # Four writers may be waiting: a batch of three lingers for the fourth.
+    writer = committer(recorder, linger_s=1.0, writers=lambda: 4)
+    await _busy(recorder, writer)
+    early = [asyncio.create_task(writer.submit(name)) for name in ("a", "b", "c")]
+    # The committer takes the three and lingers; the fourth arrives meanwhile.
+    for _ in range(5):
+        await asyncio.sleep(0)
+    late = asyncio.create_task(writer.submit("d"))
+    await asyncio.gather(*early, late)
+    await writer.close()
+    assert recorder.batches[2:] == [["a", "b", "c", "d"]]
+
+
+async def test_a_batch_with_a_write_of_every_writer_commits_without_lingering() -> None:
+    recorder = Recorder()
+    # A linger far longer than the test's timeout: only skipping it lets the writes land.
+    writer = committer(recorder, linger_s=600.0, writers=lambda: 3)
+    await _busy(recorder, writer)
+    writes = [asyncio.create_task(writer.submit(name)) for name in ("a", "b", "c")]
+    assert await asyncio.wait_for(asyncio.gather(*writes), timeout=10) == ["A", "B", "C"]
+    await writer.close()
+    assert recorder.batches[2:] == [["a", "b", "c"]]

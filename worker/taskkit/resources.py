@@ -18,6 +18,9 @@ if TYPE_CHECKING:
 
 # The key under which on_startup stores the Resources in ARQ's ctx.
 RESOURCES_KEY = "throttler_resources"
+# Where the worker's ctx holds how many job slots are taken (worker.leases): how many
+# writes the status writer can be waiting for at most.
+JOB_SLOTS_KEY = "throttler_job_slots"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
@@ -89,6 +89,7 @@ class StatusWriter:
         worker_id: str,
         max_batch: int = DEFAULT_MAX_BATCH,
         linger_s: float = DEFAULT_LINGER_S,
+        running_jobs: Callable[[], int] | None = None,
     ) -> None:
         self._attempts = attempts
         self._worker_id = worker_id
@@ -104,6 +105,10 @@ class StatusWriter:
             failure_log_level=logging.DEBUG,
             after_commit=self._committed,
             closed_error=StatusWriterClosed,
+            # A job waits for its write's commit before it writes again: a batch with a
+            # write of every running job commits at once. The worker's jobs start (and,
+            # quick ones, end) together, so a linger would only add to each of them.
+            writers=running_jobs,
         )
         self._to_announce: dict[int, tuple[Redis, list[str]]] = {}
         self._announcer: asyncio.Task[None] | None = None
