@@ -129,7 +129,7 @@ def status_counts_statement(statuses: Sequence[TaskStatus] | None) -> Select[str
 
 def outbox_statement() -> Select[int, datetime]:
     """The outbox's row count and its oldest row's ``created_at``."""
-    return select(func.count().label("rows"), func.min(OutboxEntry.created_at).label("oldest"))
+    return select(func.count().label("backlog"), func.min(OutboxEntry.created_at).label("oldest"))
 
 
 def failures_statement(*, account: str | None, since: datetime, limit: int) -> Select[Any]:
@@ -197,7 +197,7 @@ class SqlMonitoringStore:
                 counted[TaskStatus(row.status)] = int(row.tasks)
             outbox = (await session.execute(outbox_statement())).one()
         return TaskCounts(
-            by_status=counted, outbox_backlog=int(outbox.rows or 0), outbox_oldest=outbox.oldest
+            by_status=counted, outbox_backlog=int(outbox.backlog or 0), outbox_oldest=outbox.oldest
         )
 
     async def failures(self, *, account: str | None, since: datetime, limit: int) -> list[Failure]:
