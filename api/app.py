@@ -87,8 +87,8 @@ def create_app(settings: Settings) -> FastAPI:
         cluster_view = ClusterViewCache(
             ClusterReader(
                 settings=settings,
-                engine=engine,
                 reads=app.state.reads,
+                monitoring=store.monitoring,
                 limits=app.state.limits,
                 redis=redis,
             ),
@@ -97,8 +97,8 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.cluster_view = cluster_view
         dashboard = Dashboard(
             settings=settings,
-            engine=engine,
             reads=app.state.reads,
+            monitoring=store.monitoring,
             limits=app.state.limits,
             redis=redis,
             cluster_view=cluster_view,

@@ -33,17 +33,23 @@ from urllib.parse import urlsplit
 
 import httpx
 from playwright.sync_api import Route, sync_playwright
-from sqlalchemy import func, select, text
+from sqlalchemy import text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from api.dashboard.reads import LIVE_STATUSES, failures_statement
-from api.dashboard.series import RECOUNT_S, WINDOW_S, labels_statement, releases_statement
+from api.dashboard.reads import FAILURES as SHOWN_FAILURES
+from api.dashboard.reads import LIVE_STATUSES
+from api.dashboard.series import RECOUNT_S, WINDOW_S
 from bench.figures import Figure, Target, render
 from bench.processes import migrate
 from bench.sequential import api_on, on_both_databases, percentile
 from bench.task_history import fill_postgres, fill_sqlite
-from throttler.models import Task
+from throttler.store.monitoring import (
+    failures_statement,
+    labels_statement,
+    releases_statement,
+    status_counts_statement,
+)
 
 CHROMIUM = Path("/usr/bin/chromium")
 PAGE = "/dashboard"
@@ -159,13 +165,11 @@ def _statements(dialect: str) -> dict[str, Any]:
         # at a time).
         "series": releases_statement(dialect=dialect, since=now - RECOUNT_S, until=now),
         "labels": labels_statement(dialect=dialect, since=now - 15, until=now, labels=["tenant:a"]),
-        "failures": failures_statement(account=None, since=datetime.now(UTC)),
+        "failures": failures_statement(account=None, since=datetime.now(UTC), limit=SHOWN_FAILURES),
         "failures of an account": failures_statement(
-            account="account-0", since=datetime.now(UTC) - timedelta(hours=24)
+            account="account-0", since=datetime.now(UTC) - timedelta(hours=24), limit=SHOWN_FAILURES
         ),
-        "live counts": select(Task.status, func.count())
-        .where(Task.status.in_([s.value for s in LIVE_STATUSES]))
-        .group_by(Task.status),
+        "live counts": status_counts_statement(LIVE_STATUSES),
     }
 
 

@@ -5,7 +5,8 @@ counts the whole window, ``RECOUNT_S`` + 1 seconds per statement; later ones cou
 only the last ``RECOUNT_S`` seconds (a relay may move a queued event it has not handed to
 ARQ yet to its later release moment) and keep the older seconds as counted. Each statement
 groups a range of ``ix_task_events_event_at`` joined to each event's task by primary key:
-its cost follows the releases it counts, never the size of the tables.
+its cost follows the releases it counts, never the size of the tables (the statements are
+the store's: ``throttler.store.monitoring``).
 """
 
 from __future__ import annotations
@@ -13,17 +14,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any
 
-from sqlalchemy import BigInteger, ColumnElement, Integer, Select, cast, func, select
-from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlalchemy.orm import QueryableAttribute
-
-from throttler.db import create_read_session_factory
 from throttler.limits import Scope
-from throttler.models import Task, TaskEvent, TaskLabel
-from throttler.statuses import EventKind
+from throttler.store.monitoring import MonitoringStore
 
 WINDOW_S = 300
 RECOUNT_S = 15
@@ -31,51 +24,6 @@ CLUSTER = "cluster"
 
 # (name, account, host) of the tasks released in one second -> how many.
 Releases = dict[tuple[str, str, str | None], int]
-
-
-def epoch_second(
-    at: ColumnElement[Any] | QueryableAttribute[Any], dialect: str
-) -> ColumnElement[int]:
-    """The whole Unix second of a timestamp column (SQLite stores UTC text)."""
-    if dialect == "sqlite":
-        return cast(func.strftime("%s", at), Integer)
-    return cast(func.floor(func.extract("epoch", at)), BigInteger)
-
-
-def _window(since: int, until: int) -> tuple[ColumnElement[bool], ...]:
-    return (
-        TaskEvent.event == EventKind.QUEUED.value,
-        TaskEvent.at >= _moment(since),
-        TaskEvent.at < _moment(until + 1),
-    )
-
-
-def releases_statement(
-    *, dialect: str, since: int, until: int
-) -> Select[int, str, str, str | None, int]:
-    """Releases per second and (name, account, host) from second ``since`` to ``until``."""
-    second = epoch_second(TaskEvent.at, dialect).label("second")
-    return (
-        select(second, Task.name, Task.account, Task.host, func.count().label("released"))
-        .select_from(TaskEvent)
-        .join(Task, Task.id == TaskEvent.task_id)
-        .where(*_window(since, until))
-        .group_by(second, Task.name, Task.account, Task.host)
-    )
-
-
-def labels_statement(
-    *, dialect: str, since: int, until: int, labels: list[str]
-) -> Select[int, str, int]:
-    """Releases per second of the tasks carrying each of ``labels``."""
-    second = epoch_second(TaskEvent.at, dialect).label("second")
-    return (
-        select(second, TaskLabel.label, func.count().label("released"))
-        .select_from(TaskEvent)
-        .join(TaskLabel, TaskLabel.task_id == TaskEvent.task_id)
-        .where(*_window(since, until), TaskLabel.label.in_(labels))
-        .group_by(second, TaskLabel.label)
-    )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -90,9 +38,8 @@ class SeriesPublic:
 class ReleaseSeries:
     """The per-second release counts of the window, refreshed incrementally."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
-        self._sessions = create_read_session_factory(engine)
-        self._dialect = engine.dialect.name
+    def __init__(self, monitoring: MonitoringStore) -> None:
+        self._monitoring = monitoring
         self._releases: dict[int, Releases] = {}
         self._labels: dict[int, dict[str, int]] = {}
         self._counted_once = False
@@ -123,20 +70,13 @@ class ReleaseSeries:
     async def _count(
         self, *, since: int, until: int, labels: list[str]
     ) -> tuple[dict[int, Releases], dict[int, dict[str, int]]]:
+        counted = await self._monitoring.releases(since=since, until=until, labels=labels)
         releases: dict[int, Releases] = {}
         by_label: dict[int, dict[str, int]] = {}
-        async with self._sessions() as session:
-            for row in await session.execute(
-                releases_statement(dialect=self._dialect, since=since, until=until)
-            ):
-                at = releases.setdefault(int(row.second), {})
-                at[(row.name, row.account, row.host)] = int(row.released)
-            if labels:
-                labelled = labels_statement(
-                    dialect=self._dialect, since=since, until=until, labels=labels
-                )
-                for second, label, released in await session.execute(labelled):
-                    by_label.setdefault(int(second), {})[label] = int(released)
+        for row in counted.tasks:
+            releases.setdefault(row.second, {})[(row.name, row.account, row.host)] = row.released
+        for labelled in counted.labels:
+            by_label.setdefault(labelled.second, {})[labelled.label] = labelled.released
         return releases, by_label
 
     def series(self, scopes: Iterable[str], *, now_s: float) -> SeriesPublic:
@@ -176,7 +116,3 @@ class ReleaseSeries:
                     if scope in series:
                         series[scope][index] += count
         return SeriesPublic(start=start, step_s=1, series=series)
-
-
-def _moment(second: int) -> datetime:
-    return datetime.fromtimestamp(second, UTC)

@@ -22,11 +22,10 @@ from datetime import UTC, datetime
 from typing import Generic, TypeVar
 
 from redis.asyncio import Redis
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from api.admin import Caller
-from api.cluster_view import ClusterView, ClusterViewCache
-from api.dashboard.reads import DashboardReads, Failure, LiveClusterReader
+from api.cluster_view import ClusterReader, ClusterView, ClusterViewCache
+from api.dashboard.reads import LIVE_STATUSES, DashboardReads
 from api.dashboard.schemas import (
     DashboardPublic,
     FailurePublic,
@@ -45,6 +44,7 @@ from throttler.nodes import NodeKind, NodeRegistry, NodeState
 from throttler.settings import Settings
 from throttler.statuses import TERMINAL_STATUSES
 from throttler.store.limits import LimitStore
+from throttler.store.monitoring import Failure, MonitoringStore
 from throttler.store.reads import ReadStore
 
 log = logging.getLogger(__name__)
@@ -119,8 +119,8 @@ class Dashboard:
         self,
         *,
         settings: Settings,
-        engine: AsyncEngine,
         reads: ReadStore,
+        monitoring: MonitoringStore,
         limits: LimitStore,
         redis: Redis,
         cluster_view: ClusterViewCache,
@@ -128,12 +128,18 @@ class Dashboard:
         self.settings = settings
         self.limits = limits
         self.redis = redis
-        self.reads = DashboardReads(engine)
-        self._live = LiveClusterReader(
-            settings=settings, engine=engine, reads=reads, limits=limits, redis=redis
+        self.reads = DashboardReads(monitoring)
+        # The cluster view of the live statuses only: ranges of an index, never a scan.
+        self._live = ClusterReader(
+            settings=settings,
+            reads=reads,
+            monitoring=monitoring,
+            limits=limits,
+            redis=redis,
+            counted=LIVE_STATUSES,
         )
         self._finished = cluster_view
-        self._series = ReleaseSeries(engine)
+        self._series = ReleaseSeries(monitoring)
         self._shared = Refreshed(self._read_shared, max_age_s=REFRESH_S, name="shared")
         self._failures: dict[str | None, Refreshed[list[Failure]]] = {}
         # The metrics view's first read, started by the first summary and not waited for.

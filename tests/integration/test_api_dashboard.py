@@ -14,18 +14,23 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import pytest
 from redis.asyncio import Redis
-from sqlalchemy import func, select
 from sqlalchemy.dialects import sqlite
 
-from api.dashboard.reads import LIVE_STATUSES, failures_statement
+from api.dashboard.reads import FAILURES, LIVE_STATUSES
 from api.dashboard.routes import CONTENT_SECURITY_POLICY
-from api.dashboard.series import WINDOW_S, labels_statement, releases_statement
+from api.dashboard.series import WINDOW_S
 from tests.integration.test_api_relay_status import LIMITS, ROWS, Row, Stage, add_task
 from tests.support import wait_for
 from throttler.db import SessionFactory
-from throttler.models import Task, utcnow
+from throttler.models import utcnow
 from throttler.nodes import Node, NodeKind, NodeRegistry
 from throttler.settings import Settings
+from throttler.store.monitoring import (
+    failures_statement,
+    labels_statement,
+    releases_statement,
+    status_counts_statement,
+)
 
 if TYPE_CHECKING:
     from tests.integration.conftest import ApiClientFactory
@@ -318,10 +323,8 @@ async def test_the_summary_reads_never_scan_tasks_on_sqlite(database_url: str) -
     statements = {
         "series": releases_statement(dialect="sqlite", since=0, until=1),
         "labels": labels_statement(dialect="sqlite", since=0, until=1, labels=["tenant:a"]),
-        "failures": failures_statement(account="acme", since=utcnow()),
-        "live counts": select(Task.status, func.count())
-        .where(Task.status.in_([s.value for s in LIVE_STATUSES]))
-        .group_by(Task.status),
+        "failures": failures_statement(account="acme", since=utcnow(), limit=FAILURES),
+        "live counts": status_counts_statement(LIVE_STATUSES),
     }
     for name, statement in statements.items():
         plan = _sqlite_plan(path, _compiled(statement))

@@ -12,6 +12,8 @@ or a driver (``throttler.db`` creates engines, ``throttler.settings`` reads URLs
 - ``recovery``: the reconciler's candidates and guarded requeue/fail, retention, and the
   last dispatch moment (the drain floor).
 - ``reads``: the task view, the long-poll sweep, relay status counts, readiness.
+- ``monitoring``: what /metrics and /dashboard show: counts per status and the outbox's
+  depth, recent failures, releases per second.
 - ``retries``, ``cancels``: a user's retry or cancel, of one task or by filter.
 
 Each component opens the store once (``open_store``) on its engine and hands the parts
@@ -28,6 +30,7 @@ from throttler.settings import Settings
 from throttler.store.attempts import Attempts, open_attempts
 from throttler.store.cancels import CancelStore
 from throttler.store.intake import Intake, open_intake
+from throttler.store.monitoring import MonitoringStore, open_monitoring
 from throttler.store.outbox import CoreOutbox, open_outbox
 from throttler.store.reads import ReadStore, open_reads
 from throttler.store.recovery import RecoveryStore, open_recovery
@@ -45,6 +48,7 @@ class Store:
     outbox: CoreOutbox
     recovery: RecoveryStore
     reads: ReadStore
+    monitoring: MonitoringStore
     retries: RetryStore
     cancels: CancelStore
 
@@ -65,6 +69,7 @@ def open_store(settings: Settings, engine: AsyncEngine) -> Store:
         outbox=open_outbox(settings=settings, engine=engine),
         recovery=open_recovery(settings, engine),
         reads=open_reads(settings, engine),
+        monitoring=open_monitoring(settings, engine),
         retries=RetryStore(engine),
         cancels=CancelStore(engine),
     )
