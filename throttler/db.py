@@ -4,10 +4,12 @@ the PostgreSQL driver settings that PgBouncer's transaction pooling needs."""
 from __future__ import annotations
 
 import sqlite3
+import time
 from typing import Any, cast
 
 from sqlalchemy import event
 from sqlalchemy.engine.interfaces import DBAPIConnection
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -32,10 +34,9 @@ def create_engine(settings: Settings) -> AsyncEngine:
         )
         _configure_sqlite(engine, settings)
         return engine
-    return create_async_engine(
+    engine = create_async_engine(
         settings.database_url,
         pool_size=settings.database_pool_size,
-        pool_pre_ping=True,
         pool_timeout=settings.database_timeout_s,
         connect_args={
             "timeout": settings.database_timeout_s,
@@ -43,6 +44,50 @@ def create_engine(settings: Settings) -> AsyncEngine:
             **pgbouncer_connect_args(settings),
         },
     )
+    _ping_idle_connections(engine)
+    return engine
+
+
+# A connection checked out again within this long of its last use is not pinged first.
+IDLE_PING_AFTER_S = 1.0
+_LAST_USED = "throttler_last_used"
+
+
+def _ping_idle_connections(engine: AsyncEngine) -> None:
+    """Ping a connection at check-out only when it has sat idle in the pool.
+
+    SQLAlchemy's ``pool_pre_ping`` pings at every check-out, and its asyncpg ping is three
+    round trips (BEGIN, an empty statement, ROLLBACK, so that PgBouncer's transaction
+    pooling can follow it): as many as a busy loop's whole transaction. A connection
+    broken while idle (a server restart, an idle-session timeout, a cut) is still found
+    and replaced before use; one broken within a second of its last use fails its
+    statement instead, which every caller already retries as the database being away
+    (throttler.errors).
+    """
+    pool = engine.sync_engine.pool
+    dialect = engine.dialect
+
+    @event.listens_for(pool, "connect")
+    def _connected(_dbapi_connection: DBAPIConnection, record: ConnectionPoolEntry) -> None:
+        record.info[_LAST_USED] = time.monotonic()
+
+    @event.listens_for(pool, "checkin")
+    def _returned(_dbapi_connection: DBAPIConnection | None, record: ConnectionPoolEntry) -> None:
+        record.info[_LAST_USED] = time.monotonic()
+
+    @event.listens_for(pool, "checkout")
+    def _checked_out(
+        dbapi_connection: DBAPIConnection, record: ConnectionPoolEntry, _proxy: Any
+    ) -> None:
+        if time.monotonic() - record.info.get(_LAST_USED, 0.0) < IDLE_PING_AFTER_S:
+            return
+        try:
+            dialect.do_ping(dbapi_connection)
+        except Exception as error:
+            if dialect.is_disconnect(cast(Any, error), dbapi_connection, None):
+                # The pool replaces the connection and checks out another.
+                raise DisconnectionError(str(error)) from error
+            raise
 
 
 def pgbouncer_connect_args(settings: Settings) -> dict[str, Any]:
