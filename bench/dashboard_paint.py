@@ -70,7 +70,7 @@ class Sizes:
     loads: int
 
 
-QUICK = Sizes(tasks=5_000, loads=2)
+QUICK = Sizes(tasks=2_000, loads=2)
 FULL = Sizes(tasks=1_000_000, loads=30)
 
 

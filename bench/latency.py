@@ -45,7 +45,7 @@ class Sizes:
     windows: int
 
 
-QUICK = Sizes(window_s=2.0, windows=1)
+QUICK = Sizes(window_s=1.0, windows=1)
 FULL = Sizes(window_s=8.0, windows=3)
 
 

@@ -47,7 +47,7 @@ class Sizes:
     pause_s: float
 
 
-QUICK = Sizes(high_s=1.0, low_s=3.0, pause_s=3.0)
+QUICK = Sizes(high_s=0.5, low_s=2.0, pause_s=2.0)
 FULL = Sizes(high_s=3.0, low_s=6.0, pause_s=6.0)
 
 

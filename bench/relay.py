@@ -56,7 +56,7 @@ class Sizes:
     runs: int
 
 
-QUICK = Sizes(backlog=2_000, baseline_jobs=2_000, finished=20_000, runs=1)
+QUICK = Sizes(backlog=1_000, baseline_jobs=1_000, finished=5_000, runs=1)
 FULL = Sizes(backlog=50_000, baseline_jobs=10_000, finished=1_000_000, runs=3)
 
 

@@ -28,7 +28,7 @@ class Sizes:
     warmup: int
 
 
-QUICK = Sizes(tasks=20_000, requests=50, rounds=1, warmup=10)
+QUICK = Sizes(tasks=5_000, requests=50, rounds=1, warmup=10)
 # Three rounds, the median of their percentiles: a p99 of one series on a shared 2-core
 # machine measures the neighbours' bursts as much as the API.
 FULL = Sizes(tasks=1_000_000, requests=700, rounds=3, warmup=100)

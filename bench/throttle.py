@@ -42,7 +42,7 @@ class Sizes:
     duration_s: float
 
 
-QUICK = Sizes(duration_s=3.0)
+QUICK = Sizes(duration_s=2.0)
 FULL = Sizes(duration_s=20.0)
 
 

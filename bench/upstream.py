@@ -47,7 +47,7 @@ class Sizes:
     after_s: float  # how long to watch after the 429
 
 
-QUICK = Sizes(after_s=3.0)
+QUICK = Sizes(after_s=2.5)
 FULL = Sizes(after_s=5.0)
 
 

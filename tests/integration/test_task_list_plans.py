@@ -12,13 +12,20 @@ join depends on statistics: those plans are checked on thousands of analysed row
 
 from __future__ import annotations
 
+import asyncio
+import shutil
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
-from sqlalchemy import text, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from tests.conftest import _truncate_all
+from throttler.db import create_engine
 from throttler.models import Task
+from throttler.settings import Settings
 from throttler.statuses import TaskStatus
 from throttler.store.intake import insert_batch
 from throttler.store.reads import TaskKey, TaskQuery, page_statement
@@ -138,11 +145,56 @@ async def _seed_labelled(engine: AsyncEngine, count: int) -> None:
         await connection.exec_driver_sql("ANALYZE")
 
 
+LABELLED_COUNT = 6000
+
+
+async def _seed_labelled_url(url: str) -> None:
+    engine = create_engine(Settings(database_url=url))
+    try:
+        await _seed_labelled(engine, LABELLED_COUNT)
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture(
+    scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+def labelled_url(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, sqlite_template: Path
+) -> str:
+    """A database seeded once for the label pages' tests: they only read plans from it."""
+    if request.param == "sqlite":
+        path = tmp_path_factory.mktemp("task_list_plans") / "labelled.db"
+        shutil.copyfile(sqlite_template, path)
+        url = f"sqlite+aiosqlite:///{path}"
+    else:
+        url = request.getfixturevalue("postgres_database")
+        asyncio.run(_truncate_all(url))
+    asyncio.run(_seed_labelled_url(url))
+    return url
+
+
+@pytest.fixture
+async def labelled(labelled_url: str) -> AsyncIterator[AsyncEngine]:
+    """The labelled database; seeded again should another test have emptied it since (the
+    PostgreSQL one is this test process's, which every other test empties first)."""
+    engine = create_engine(Settings(database_url=labelled_url))
+    try:
+        async with engine.connect() as connection:
+            count = await connection.scalar(select(func.count()).select_from(Task))
+        if count != LABELLED_COUNT:  # the SQLite file is this module's own: PostgreSQL only
+            await _truncate_all(labelled_url)
+            await _seed_labelled(engine, LABELLED_COUNT)
+        yield engine
+    finally:
+        await engine.dispose()
+
+
 @pytest.mark.parametrize("query", LABELLED.values(), ids=list(LABELLED))
 async def test_a_label_page_reads_the_label_index_in_order(
-    engine: AsyncEngine, query: TaskQuery
+    labelled: AsyncEngine, query: TaskQuery
 ) -> None:
-    await _seed_labelled(engine, 6000)
+    engine = labelled
     plan = await _plan(engine, query)
     shown = "\n".join(plan)
     index = "ix_task_labels_account_label_created_at_task_id"

@@ -24,7 +24,7 @@ from tests.integration.worker_harness import (
     wait_status,
 )
 from tests.support import event_history, wait_for
-from throttler.db import SessionFactory
+from throttler.db import SessionFactory, create_engine
 from throttler.models import TaskEvent, utcnow
 from throttler.retry import Backoff
 from throttler.settings import Settings
@@ -213,7 +213,14 @@ async def test_outcomes_handed_to_the_writer_during_an_outage_are_all_written(
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="worker.taskkit.persist")
     settings = settings.model_copy(update={"database_timeout_s": 0.05})
-    status = StatusWriter(open_attempts(settings, engine), worker_id="test-worker")
+    # On PostgreSQL a try ends at the engine's command timeout (twice database_timeout_s):
+    # the writer gets an engine of its own with a short one, not the shared engine's 10 s.
+    own_engine = (
+        None
+        if settings.is_sqlite
+        else create_engine(settings.model_copy(update={"database_timeout_s": 0.5}))
+    )
+    status = StatusWriter(open_attempts(settings, own_engine or engine), worker_id="test-worker")
     status.start_writing()
     try:
         task_ids = [
@@ -244,6 +251,8 @@ async def test_outcomes_handed_to_the_writer_during_an_outage_are_all_written(
         assert await asyncio.gather(*writes) == [True] * 5
     finally:
         await status.close()
+        if own_engine is not None:
+            await own_engine.dispose()
     async with sessions() as session:
         for task_id in task_ids:
             assert await event_history(session, task_id) == SUCCESS_EVENTS
