@@ -84,7 +84,8 @@ class _Unnested:
 
     @classmethod
     def update(cls, row: CompiledStatement, dialect: Dialect) -> _Unnested:
-        """``row``: an update of tasks by ``task_key`` (the id), its other names columns."""
+        """``row``: an update of tasks by ``task_key`` (the id); its other names are the
+        columns it sets."""
         columns = [name for name in row.names if name != "task_key"]
         assignments = ", ".join(f"{column} = u.{column}" for column in columns)
         return cls(
