@@ -13,20 +13,16 @@ needed beyond those of migrations 0003, 0005 and 0008.
 
 from __future__ import annotations
 
-import asyncio
-import shutil
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import ClauseElement, func, select, update
+from sqlalchemy import ClauseElement, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from tests.conftest import _truncate_all
-from throttler.db import create_engine
+from tests.integration.seeded import DATABASES, seeded_database_url, seeded_engine
 from throttler.models import Task
-from throttler.settings import Settings
 from throttler.statuses import TaskStatus
 from throttler.store.intake import insert_batch
 from throttler.store.outbox import CoreClaim, Exclusions, _first_of_each, _pending_filters
@@ -74,46 +70,22 @@ async def _seed(engine: AsyncEngine) -> None:
         await connection.exec_driver_sql("ANALYZE")
 
 
-async def _seed_url(url: str) -> None:
-    engine = create_engine(Settings(database_url=url))
-    try:
-        await _seed(engine)
-    finally:
-        await engine.dispose()
-
-
-@pytest.fixture(
-    scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
-)
+@pytest.fixture(scope="module", params=DATABASES)
 def seeded_url(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, sqlite_template: Path
 ) -> str:
     """A database seeded once for this module's tests: they only read plans from it."""
-    if request.param == "sqlite":
-        path = tmp_path_factory.mktemp("key_limit_plans") / "seeded.db"
-        shutil.copyfile(sqlite_template, path)
-        url = f"sqlite+aiosqlite:///{path}"
-    else:
-        url = request.getfixturevalue("postgres_database")
-        asyncio.run(_truncate_all(url))
-    asyncio.run(_seed_url(url))
-    return url
+    return seeded_database_url(
+        request, tmp_path_factory, sqlite_template, name="key_limit_plans", seed=_seed
+    )
 
 
 @pytest.fixture
 async def engine(seeded_url: str) -> AsyncIterator[AsyncEngine]:
     """The seeded database; seeded again should another test have emptied it since (the
     PostgreSQL one is this test process's, which every other test empties first)."""
-    engine = create_engine(Settings(database_url=seeded_url))
-    try:
-        async with engine.connect() as connection:
-            count = await connection.scalar(select(func.count()).select_from(Task))
-        if count != COUNT:  # the SQLite file is this module's own: PostgreSQL only
-            await _truncate_all(seeded_url)
-            await _seed(engine)
+    async with seeded_engine(seeded_url, count=COUNT, seed=_seed) as engine:
         yield engine
-    finally:
-        await engine.dispose()
 
 
 async def _plan(engine: AsyncEngine, statement: ClauseElement) -> list[str]:

@@ -12,20 +12,16 @@ join depends on statistics: those plans are checked on thousands of analysed row
 
 from __future__ import annotations
 
-import asyncio
-import shutil
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select, text, update
+from sqlalchemy import text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.conftest import _truncate_all
-from throttler.db import create_engine
+from tests.integration.seeded import DATABASES, seeded_database_url, seeded_engine
 from throttler.models import Task
-from throttler.settings import Settings
 from throttler.statuses import TaskStatus
 from throttler.store.intake import insert_batch
 from throttler.store.reads import TaskKey, TaskQuery, page_statement
@@ -148,46 +144,26 @@ async def _seed_labelled(engine: AsyncEngine, count: int) -> None:
 LABELLED_COUNT = 6000
 
 
-async def _seed_labelled_url(url: str) -> None:
-    engine = create_engine(Settings(database_url=url))
-    try:
-        await _seed_labelled(engine, LABELLED_COUNT)
-    finally:
-        await engine.dispose()
+async def _seed_all_labelled(engine: AsyncEngine) -> None:
+    await _seed_labelled(engine, LABELLED_COUNT)
 
 
-@pytest.fixture(
-    scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
-)
+@pytest.fixture(scope="module", params=DATABASES)
 def labelled_url(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, sqlite_template: Path
 ) -> str:
     """A database seeded once for the label pages' tests: they only read plans from it."""
-    if request.param == "sqlite":
-        path = tmp_path_factory.mktemp("task_list_plans") / "labelled.db"
-        shutil.copyfile(sqlite_template, path)
-        url = f"sqlite+aiosqlite:///{path}"
-    else:
-        url = request.getfixturevalue("postgres_database")
-        asyncio.run(_truncate_all(url))
-    asyncio.run(_seed_labelled_url(url))
-    return url
+    return seeded_database_url(
+        request, tmp_path_factory, sqlite_template, name="task_list_plans", seed=_seed_all_labelled
+    )
 
 
 @pytest.fixture
 async def labelled(labelled_url: str) -> AsyncIterator[AsyncEngine]:
     """The labelled database; seeded again should another test have emptied it since (the
     PostgreSQL one is this test process's, which every other test empties first)."""
-    engine = create_engine(Settings(database_url=labelled_url))
-    try:
-        async with engine.connect() as connection:
-            count = await connection.scalar(select(func.count()).select_from(Task))
-        if count != LABELLED_COUNT:  # the SQLite file is this module's own: PostgreSQL only
-            await _truncate_all(labelled_url)
-            await _seed_labelled(engine, LABELLED_COUNT)
+    async with seeded_engine(labelled_url, count=LABELLED_COUNT, seed=_seed_all_labelled) as engine:
         yield engine
-    finally:
-        await engine.dispose()
 
 
 @pytest.mark.parametrize("query", LABELLED.values(), ids=list(LABELLED))
