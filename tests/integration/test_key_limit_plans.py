@@ -21,10 +21,9 @@ import pytest
 from sqlalchemy import ClauseElement, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from tests.integration.seeded import DATABASES, seeded_database_url, seeded_engine
+from tests.integration.seeded import DATABASES, insert_tasks, seeded_database_url, seeded_engine
 from throttler.models import Task
 from throttler.statuses import TaskStatus
-from throttler.store.intake import insert_batch
 from throttler.store.outbox import CoreClaim, Exclusions, _first_of_each, _pending_filters
 from throttler.store.postgres_outbox import PostgresClaim
 from throttler.store.sqlite_outbox import SqliteClaim
@@ -52,8 +51,8 @@ async def _seed(engine: AsyncEngine) -> None:
         )
         for index in range(COUNT)
     ]
+    await insert_tasks(engine, tasks)
     async with engine.begin() as connection:
-        await insert_batch(connection, [tasks])
         for status, share in (
             (TaskStatus.SUCCEEDED, slice(0, None, 3)),
             (TaskStatus.FAILED, slice(1, None, 6)),

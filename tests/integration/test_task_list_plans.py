@@ -20,10 +20,9 @@ import pytest
 from sqlalchemy import text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.integration.seeded import DATABASES, seeded_database_url, seeded_engine
+from tests.integration.seeded import DATABASES, insert_tasks, seeded_database_url, seeded_engine
 from throttler.models import Task
 from throttler.statuses import TaskStatus
-from throttler.store.intake import insert_batch
 from throttler.store.reads import TaskKey, TaskQuery, page_statement
 from throttler.submit import NewTask
 
@@ -127,8 +126,8 @@ async def _seed_labelled(engine: AsyncEngine, count: int) -> None:
         )
         for index in range(count)
     ]
+    await insert_tasks(engine, tasks)
     async with engine.begin() as connection:
-        await insert_batch(connection, [tasks])
         statuses = [status.value for status in TaskStatus]
         for offset, status in enumerate(statuses):
             await connection.execute(
