@@ -267,9 +267,8 @@ def start_statement(among: Among = in_list) -> ReturningUpdate[Any]:
     )
 
 
-_DISPATCHED_ROWS = locked_rows()
+_LOCKED = locked_rows()
 _START = start_statement()
-_LIVE = locked_rows()
 _INSERT_EVENTS = insert(EVENTS)
 _UPDATE_BY_ID = update(TASKS).where(TASKS.c.id == bindparam("task_key"))
 # The next attempt's outbox row replaces any the task still has (one per task): a relay
@@ -362,7 +361,7 @@ def start_attempts(
     """
     if not starts:
         return {}
-    rows = executor.execute(_DISPATCHED_ROWS, {"task_ids": [start.task_id for start in starts]})
+    rows = executor.execute(_LOCKED, {"task_ids": [start.task_id for start in starts]})
     plan = plan_starts(starts, dispatched_rows(rows))
     if not plan.to_start:
         return plan.orphaned
@@ -421,7 +420,7 @@ def record_outcomes(executor: SyncExecutor, outcomes: Sequence[Outcome]) -> set[
         return set()
     check_unique(outcomes)
     ids = [outcome.task_id for outcome in outcomes]
-    running = running_attempts(dispatched_rows(executor.execute(_LIVE, {"task_ids": ids})))
+    running = running_attempts(dispatched_rows(executor.execute(_LOCKED, {"task_ids": ids})))
     written = current_on(outcomes, running)
     if not written:
         return set()

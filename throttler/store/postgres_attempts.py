@@ -201,7 +201,8 @@ class PostgresAttempts(CoreAttempts):
     """
 
     def __init__(self, engine: AsyncEngine, *, idle_timeout_s: float) -> None:
-        super().__init__(engine, idle_timeout_s=idle_timeout_s)
+        # The idle limit goes into this store's own BEGIN (below), not the reference's.
+        super().__init__(engine)
         self._statements = AttemptStatements.compile(engine.dialect, _ids_in_array)
         self._unnest = _UnnestedWrites.of(self._statements, engine.dialect)
         settings = idle_limit(idle_timeout_s, **BY_KEY_ONLY).compile(
