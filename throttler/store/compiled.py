@@ -12,7 +12,7 @@ statement's SQL is fixed whatever the batch size, and is prepared once.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -81,6 +81,28 @@ class CompiledStatement:
             else self.constants.get(name)
             for name, process in zip(self.names, self.processors, strict=True)
         ]
+
+    def bind_many(self, rows: Sequence[Mapping[str, Any]]) -> list[tuple[Any, ...]]:
+        """``bind`` for each row, for an executemany: a value the row before held too (the
+        same object: a batch's shared moment, detail or kind) is not converted again."""
+        bound: list[tuple[Any, ...]] = []
+        last: list[tuple[Any, Any]] = [(_MISSING, None)] * len(self.names)
+        for row in rows:
+            params = []
+            for index, (name, process) in enumerate(zip(self.names, self.processors, strict=True)):
+                value = row.get(name, _MISSING)
+                if value is _MISSING:
+                    params.append(self.constants.get(name))
+                    continue
+                if process is not None:
+                    seen, converted = last[index]
+                    if seen is not value:
+                        converted = process(value)
+                        last[index] = (value, converted)
+                    value = converted
+                params.append(value)
+            bound.append(tuple(params))
+        return bound
 
 
 def bind_processor(column_type: Any, dialect: Dialect) -> Processor | None:

@@ -41,10 +41,14 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, ClassVar, Protocol, cast
+from typing import Any, ClassVar, Literal, Protocol, cast
 
 from sqlalchemy import (
+    BindParameter,
+    Column,
     ColumnElement,
+    Delete,
+    Insert,
     Select,
     Table,
     and_,
@@ -63,6 +67,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.sql.dml import Update
 from sqlalchemy.sql.elements import ColumnClause
 
 from throttler.db import SessionFactory, create_read_session_factory, create_session_factory
@@ -80,7 +85,10 @@ _PENDING: ColumnClause[str] = literal_column(f"'{TaskStatus.PENDING.value}'")
 _ACCOUNTS_PER_STATEMENT = 200
 _TASKS = cast(Table, Task.__table__)
 _EVENTS = cast(Table, TaskEvent.__table__)
+_OUTBOX = cast(Table, OutboxEntry.__table__)
 _INFLIGHT = sorted(status.value for status in INFLIGHT_STATUSES)
+# A status as read to TaskStatus: a dict look-up, a quarter of the enum's own call.
+_STATUSES = {status.value: status for status in TaskStatus}
 _SCOPE_COLUMNS = {Scope.TASK: Task.name, Scope.ACCOUNT: Task.account, Scope.HOST: Task.host}
 
 
@@ -142,7 +150,9 @@ class Exclusions:
         )
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+# Not frozen: built for every row a claim reads and used only inside this module, and a
+# frozen dataclass's __init__ costs twice as much (object.__setattr__ per field).
+@dataclass(kw_only=True, slots=True)
 class RankedRow:
     """A pending task's place in its account's turn: what the claim order sorts by."""
 
@@ -304,7 +314,7 @@ def _claimed(
         task_id=task_id,
         name=name,
         account=account,
-        status=TaskStatus(status),
+        status=_STATUSES[status],
         host=host,
         run_at=run_at,
         queued_at=queued_at,
@@ -388,6 +398,127 @@ def _in_turns(rows: Iterable[RankedRow]) -> list[RankedRow]:
     return [row for *_, row in keyed]
 
 
+IdsAmong = Callable[[Column[Any], str], ColumnElement[bool]]
+LeaseStatement = Literal["release", "lease", "queue_all", "queue_each", "insert_event"]
+Values = dict[str, Any]
+
+
+def ids_in_list(column: Column[Any], name: str) -> ColumnElement[bool]:
+    """``column IN (the ids)``: the reference's form, one placeholder per id."""
+    return column.in_(bindparam(name, expanding=True))
+
+
+def _bind(column: Column[Any], name: str) -> BindParameter[Any]:
+    return bindparam(name, value=None, type_=column.type)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LeaseStatements:
+    """The statements that lease a claim's rows and release them, built around ``among``:
+    how a statement names a batch of ids (the reference's list, a dialect's one array)."""
+
+    release: Delete
+    lease: Update
+    # Pending tasks to ``queued``: all at one moment (unthrottled), or each at its own.
+    queue_all: Update
+    queue_each: Update
+    insert_event: Insert
+
+    @classmethod
+    def build(cls, among: IdsAmong = ids_in_list) -> LeaseStatements:
+        outbox, tasks, events = _OUTBOX.c, _TASKS.c, _EVENTS.c
+        # Names of their own: a bind named like a column it sets is reserved in an UPDATE.
+        queued = {"status": TaskStatus.QUEUED, "queued_at": _bind(tasks.queued_at, "moment")}
+        return cls(
+            release=delete(_OUTBOX).where(
+                among(outbox.id, "outbox_ids"),
+                outbox.claimed_by == _bind(outbox.claimed_by, "relay_id"),
+            ),
+            lease=update(_OUTBOX)
+            .where(among(outbox.id, "outbox_ids"))
+            .values(
+                claimed_by=_bind(outbox.claimed_by, "relay_id"),
+                claimed_until=_bind(outbox.claimed_until, "lease_until"),
+            ),
+            queue_all=update(_TASKS)
+            .where(among(tasks.id, "task_ids"), tasks.status == TaskStatus.PENDING)
+            .values(queued),
+            queue_each=update(_TASKS)
+            .where(tasks.id == _bind(tasks.id, "task_key"), tasks.status == TaskStatus.PENDING)
+            .values(queued),
+            # inline: no RETURNING of the new ids, which an executemany would only discard.
+            insert_event=insert(_EVENTS)
+            .values(
+                {name: _bind(events[name], name) for name in ("task_id", "at", "event", "detail")}
+            )
+            .inline(),
+        )
+
+
+_LEASE_STATEMENTS = LeaseStatements.build()
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LeaseWrites:
+    """What leasing a claim writes: the rows' lease, and each pending task's moment."""
+
+    outbox_ids: list[int]
+    relay_id: str
+    lease_until: datetime
+    # The claimed tasks still pending (a re-claimed queued task keeps its own moment).
+    task_ids: list[str]
+    queued_at: list[datetime]
+    # The moment every one of them goes at, when they share one.
+    moment: datetime | None
+
+    @classmethod
+    def of(
+        cls,
+        claims: Sequence[ClaimedTask],
+        *,
+        queued_at: Sequence[datetime],
+        relay_id: str,
+        lease_s: float,
+    ) -> LeaseWrites:
+        pending = [
+            (claim.task_id, at)
+            for claim, at in zip(claims, queued_at, strict=True)
+            if claim.status is TaskStatus.PENDING
+        ]
+        moments = {at for _, at in pending}
+        return cls(
+            outbox_ids=[claim.outbox_id for claim in claims],
+            relay_id=relay_id,
+            lease_until=max(queued_at) + timedelta(seconds=lease_s),
+            task_ids=[task_id for task_id, _ in pending],
+            queued_at=[at for _, at in pending],
+            moment=next(iter(moments)) if len(moments) == 1 else None,
+        )
+
+    def lease_values(self) -> dict[str, Any]:
+        return {
+            "outbox_ids": self.outbox_ids,
+            "relay_id": self.relay_id,
+            "lease_until": self.lease_until,
+        }
+
+    def queue_all_values(self) -> dict[str, Any]:
+        return {"task_ids": self.task_ids, "moment": self.moment}
+
+    def queue_each_rows(self) -> list[dict[str, Any]]:
+        return [
+            {"task_key": task_id, "moment": at}
+            for task_id, at in zip(self.task_ids, self.queued_at, strict=True)
+        ]
+
+    def event_rows(self) -> list[dict[str, Any]]:
+        detail = {"relay": self.relay_id}
+        return [
+            {"task_id": task_id, "at": at, "event": EventKind.QUEUED, "detail": detail}
+            for task_id, at in zip(self.task_ids, self.queued_at, strict=True)
+        ]
+
+
 class CoreClaim:
     """The reference claim transaction: portable SQLAlchemy Core, no hints."""
 
@@ -423,11 +554,7 @@ class CoreClaim:
 
     async def release(self, *, relay_id: str, outbox_ids: Sequence[int]) -> None:
         if outbox_ids:
-            await self.session.execute(
-                delete(OutboxEntry).where(
-                    OutboxEntry.id.in_(outbox_ids), OutboxEntry.claimed_by == relay_id
-                )
-            )
+            await self._write("release", {"outbox_ids": list(outbox_ids), "relay_id": relay_id})
 
     async def count_rows(self) -> int:
         query = select(func.count()).select_from(OutboxEntry)
@@ -639,18 +766,20 @@ class CoreClaim:
         """
         if not claims:
             return
-        await self.session.execute(
-            update(OutboxEntry)
-            .where(OutboxEntry.id.in_([claim.outbox_id for claim in claims]))
-            .values(claimed_by=relay_id, claimed_until=max(queued_at) + timedelta(seconds=lease_s))
-        )
-        pending = [
-            (claim.task_id, at)
-            for claim, at in zip(claims, queued_at, strict=True)
-            if claim.status == TaskStatus.PENDING
-        ]
-        if pending:
-            await self._mark_queued_at(pending, relay_id=relay_id)
+        writes = LeaseWrites.of(claims, queued_at=queued_at, relay_id=relay_id, lease_s=lease_s)
+        await self._write("lease", writes.lease_values())
+        if not writes.task_ids:
+            return
+        if writes.moment is not None:
+            # Unthrottled, every task goes at the grant: one statement, not one per task.
+            await self._write("queue_all", writes.queue_all_values())
+        else:
+            await self._write("queue_each", writes.queue_each_rows())
+        await self._write("insert_event", writes.event_rows())
+
+    async def _write(self, name: LeaseStatement, values: Values | list[Values]) -> None:
+        """Run the statement ``name`` of ``LeaseStatements`` once, or once per row."""
+        await self.session.execute(getattr(_LEASE_STATEMENTS, name), values)
 
     async def retime(
         self,
@@ -740,42 +869,6 @@ class CoreClaim:
                     for task_id in sorted(moved, key=list(task_ids).index)
                 ],
             )
-
-    async def _mark_queued_at(
-        self, pending: Sequence[tuple[str, datetime]], *, relay_id: str
-    ) -> None:
-        moments = {at for _, at in pending}
-        if len(moments) == 1:
-            # Unthrottled, every task goes at the grant: one statement, not one per task.
-            await self.session.execute(
-                update(_TASKS)
-                .where(
-                    _TASKS.c.id.in_([task_id for task_id, _ in pending]),
-                    _TASKS.c.status == TaskStatus.PENDING,
-                )
-                .values(status=TaskStatus.QUEUED, queued_at=moments.pop())
-            )
-        else:
-            # Core UPDATE: one parameter set per task (the ORM form would demand primary keys).
-            await self.session.execute(
-                update(_TASKS)
-                .where(_TASKS.c.id == bindparam("b_task_id"), _TASKS.c.status == TaskStatus.PENDING)
-                .values(status=TaskStatus.QUEUED, queued_at=bindparam("b_queued_at")),
-                [{"b_task_id": task_id, "b_queued_at": at} for task_id, at in pending],
-            )
-        # Core, not the ORM's bulk path, which costs more than the insert itself.
-        await self.session.execute(
-            insert(_EVENTS),
-            [
-                {
-                    "task_id": task_id,
-                    "at": at,
-                    "event": EventKind.QUEUED,
-                    "detail": {"relay": relay_id},
-                }
-                for task_id, at in pending
-            ],
-        )
 
 
 def _in_turns_by_rank(ranked: Sequence[RankedRow]) -> list[RankedRow]:

@@ -13,14 +13,11 @@ checked in tests/integration/store/test_attempts_parity.py.
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from collections.abc import Sequence
 from datetime import datetime
 from functools import lru_cache
-from typing import Any
 
-from sqlalchemy import Column, ColumnElement, bindparam, func, select
 from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -43,25 +40,20 @@ from throttler.store.attempts import (
     started_event,
 )
 from throttler.store.compiled import AttemptStatements
+from throttler.store.sqlite_ids import ids_in_json, json_ids
 from throttler.store.sqlite_thread import SQLiteThread
 
 _DIALECT = sqlite_dialect(paramstyle="qmark")
 
 
-def _ids_in_json(column: Column[Any]) -> ColumnElement[bool]:
-    """``column IN (the ids of a JSON array parameter)``: one placeholder for any number."""
-    ids = func.json_each(bindparam("task_ids", value=None)).table_valued("value")
-    return column.in_(select(ids.c.value))
-
-
 @lru_cache(maxsize=1)
 def _statements() -> AttemptStatements:
-    return AttemptStatements.compile(_DIALECT, _ids_in_json)
+    return AttemptStatements.compile(_DIALECT, ids_in_json)
 
 
 def _locked(connection: sqlite3.Connection, task_ids: Sequence[str]) -> list[DispatchedRow]:
     locked = _statements().locked
-    rows = connection.execute(locked.sql, locked.bind({"task_ids": json.dumps(list(task_ids))}))
+    rows = connection.execute(locked.sql, locked.bind({"task_ids": json_ids(task_ids)}))
     return dispatched_rows(rows, _statements().queued_at)
 
 
@@ -77,17 +69,19 @@ def _start(
     task_ids = plan.to_start
     start = statements.start
     rows = connection.execute(
-        start.sql, start.bind({"task_ids": json.dumps(list(task_ids)), "now": now})
+        start.sql, start.bind({"task_ids": json_ids(task_ids), "now": now})
     ).fetchall()
     attempts = started_attempts(plan, rows, statements.payload)
     if attempts:
         insert_event = statements.insert_event
         connection.executemany(
             insert_event.sql,
-            [
-                insert_event.bind(started_event(attempt, worker_id=worker_id, now=now))
-                for attempt in attempts.values()
-            ],
+            insert_event.bind_many(
+                [
+                    started_event(attempt, worker_id=worker_id, now=now)
+                    for attempt in attempts.values()
+                ]
+            ),
         )
     return {**plan.orphaned, **attempts}
 
@@ -103,20 +97,20 @@ def _record(connection: sqlite3.Connection, outcomes: Sequence[Outcome]) -> set[
         return set()
     for event, rows in outcome_values(written).items():
         update = statements.update[event]
-        connection.executemany(update.sql, [update.bind(values) for values in rows])
+        connection.executemany(update.sql, update.bind_many(rows))
     again = [outcome for outcome in written if outcome.again]
     if again:
         delete_outbox, insert_outbox = statements.delete_outbox, statements.insert_outbox
         connection.execute(
             delete_outbox.sql,
-            delete_outbox.bind({"task_ids": json.dumps([outcome.task_id for outcome in again])}),
+            delete_outbox.bind({"task_ids": json_ids(outcome.task_id for outcome in again)}),
         )
         connection.executemany(
-            insert_outbox.sql, [insert_outbox.bind(outcome.outbox_row()) for outcome in again]
+            insert_outbox.sql, insert_outbox.bind_many([outcome.outbox_row() for outcome in again])
         )
     insert_event = statements.insert_event
     connection.executemany(
-        insert_event.sql, [insert_event.bind(outcome_event(outcome)) for outcome in written]
+        insert_event.sql, insert_event.bind_many([outcome_event(outcome) for outcome in written])
     )
     return {outcome.task_id for outcome in written}
 
