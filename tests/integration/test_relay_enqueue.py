@@ -7,12 +7,15 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from arq import connections as arq_connections
 from arq import func
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.constants import job_key_prefix
 from arq.jobs import Job, JobStatus
+from arq.utils import timestamp_ms
 from arq.worker import Worker
 
+import relay.enqueue
 from relay.enqueue import BatchEnqueuer, JobSpec, Outcome
 from throttler.models import utcnow
 
@@ -117,3 +120,67 @@ async def test_an_on_time_job_whose_moment_is_past_is_not_added(arq: ArqRedis) -
     assert await arq.zscore(QUEUE, "held") is not None
     # Without on_time the past job goes in, as enqueue_job would put it (runnable at once).
     assert await enqueuer.place(jobs[:1]) == [Outcome.ADDED]
+
+
+async def test_a_mixed_batch_is_stored_job_by_job_as_enqueue_job_stores_it(
+    arq: ArqRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The batch goes to Redis as one line per job: deferred and immediate jobs of two
+    # functions, a held id and a late one in the middle must each come out in place.
+    # The enqueue time is in the stored job: give both enqueues the same clock reading.
+    now_ms = timestamp_ms()
+    monkeypatch.setattr(arq_connections, "timestamp_ms", lambda: now_ms)
+    monkeypatch.setattr(relay.enqueue, "timestamp_ms", lambda: now_ms)
+    seconds, micros = await arq.time()
+    now = datetime.fromtimestamp(seconds + micros / 1e6, UTC)
+    soon, later = now + timedelta(seconds=30), now + timedelta(minutes=5, milliseconds=7)
+    await arq.enqueue_job("greeting", _job_id="held", _queue_name=QUEUE, _defer_until=later)
+    held = await arq.get(job_key_prefix + "held")
+    jobs = [
+        JobSpec(job_id="deferred-greeting", function="greeting", run_at=soon),
+        JobSpec(job_id="now-download", function="download"),
+        JobSpec(job_id="held", function="download"),
+        JobSpec(job_id="late", function="greeting", run_at=now - timedelta(seconds=1)),
+        # Only a newline is refused: the id ends its line.
+        JobSpec(job_id="an id with spaces 7 1", function="greeting"),
+        JobSpec(job_id="deferred-download", function="download", run_at=later),
+    ]
+    outcomes = await BatchEnqueuer(redis=arq, queue_name=QUEUE).place(jobs, on_time=True)
+    assert outcomes == [
+        Outcome.ADDED,
+        Outcome.ADDED,
+        Outcome.HELD,
+        Outcome.LATE,
+        Outcome.ADDED,
+        Outcome.ADDED,
+    ]
+    assert await arq.get(job_key_prefix + "held") == held
+    assert await arq.exists(job_key_prefix + "late") == 0
+    assert await arq.zscore(QUEUE, "late") is None
+
+    for job in jobs:
+        if job.job_id in ("held", "late"):
+            continue
+        reference = f"ref-{job.job_id}"
+        assert await arq.enqueue_job(
+            job.function, _job_id=reference, _queue_name=QUEUE, _defer_until=job.run_at
+        )
+        # Byte for byte the same job, the same score, the same expiry (calls ms apart).
+        assert await arq.get(job_key_prefix + job.job_id) == await arq.get(
+            job_key_prefix + reference
+        )
+        assert await arq.zscore(QUEUE, job.job_id) == await arq.zscore(QUEUE, reference)
+        ttl = await arq.pttl(job_key_prefix + job.job_id)
+        assert abs(ttl - await arq.pttl(job_key_prefix + reference)) < 1_000
+    assert await arq.zcard(QUEUE) == 1 + 2 * 4
+
+
+async def test_a_job_id_with_a_newline_is_refused_and_nothing_is_placed(arq: ArqRedis) -> None:
+    jobs = [
+        JobSpec(job_id="fine", function="greeting"),
+        JobSpec(job_id="two\nlines", function="greeting"),
+    ]
+    with pytest.raises(ValueError, match="newline"):
+        await BatchEnqueuer(redis=arq, queue_name=QUEUE).place(jobs)
+    assert await arq.zcard(QUEUE) == 0
+    assert await arq.exists(job_key_prefix + "fine") == 0
