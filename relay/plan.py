@@ -36,7 +36,14 @@ from datetime import UTC, datetime, timedelta
 from throttler.limits import LimitKey
 from throttler.statuses import TaskStatus
 from throttler.store.outbox import ClaimedTask, Exclusions
-from throttler.throttle import CLUSTER_KEY, TAKE_AHEAD_LIMIT_S, Admission, Candidate, InflightCaps
+from throttler.throttle import (
+    CLUSTER_KEY,
+    TAKE_AHEAD_LIMIT_S,
+    Admission,
+    Candidate,
+    InflightCaps,
+    new_candidate,
+)
 
 # How far ahead a claim takes tokens. The relay comes back after half of it, so a step
 # may run that late without losing a token; queued_at is at most this far ahead of the
@@ -232,15 +239,24 @@ def make_plan(policy: Policy, selection: Selection, snapshot: Snapshot) -> Plan:
     claims = snapshot.claims
     lead_s = policy.handover_lead_s if snapshot.lead_s is None else snapshot.lead_s
     earliest_s = snapshot.now.timestamp() + lead_s if policy.rated else None
-    wanted = [_candidate(claim, earliest_s) for claim in claims if claim.needs_enqueue]
-    holding = frozenset(c.task_id for c in claims if c.status == TaskStatus.QUEUED)
+    # One pass over the rows (a claim has up to a thousand).
+    wanted: list[Candidate] = []
+    holding: set[str] = set()
+    release_only: list[ClaimedTask] = []
+    for claim in claims:
+        if not claim.needs_enqueue:
+            release_only.append(claim)
+            continue
+        if claim.status == TaskStatus.QUEUED:
+            holding.add(claim.task_id)
+        wanted.append(_candidate(claim, earliest_s))
     candidates, capped = policy.caps.fit(
-        wanted, snapshot.inflight, room=snapshot.room, holding=holding
+        wanted, snapshot.inflight, room=snapshot.room, holding=frozenset(holding)
     )
     return Plan(
         candidates=tuple(candidates),
         horizon_s=horizon_for(policy, lead_s),
-        release_only=tuple(claim for claim in claims if not claim.needs_enqueue),
+        release_only=tuple(release_only),
         capped=capped,
         full_page=selection.limit > 0 and len(claims) == selection.limit,
         claims=tuple(claims),
@@ -361,20 +377,28 @@ def retime(late: Sequence[ClaimedTask], admission: Admission) -> Retiming:
 def moments(admission: Admission) -> tuple[datetime, ...]:
     """When each admitted candidate may go: its tokens fall due, it is due."""
     granted = datetime.fromtimestamp(admission.granted_at_s, UTC)
-    return tuple(granted + timedelta(seconds=d) for d in admission.ready_in_s)
+    # Delay -> moment: many candidates share a delay (none at all, or one lead).
+    known: dict[float, datetime] = {}
+    at: list[datetime] = []
+    for delay_s in admission.ready_in_s:
+        moment = known.get(delay_s)
+        if moment is None:
+            moment = known[delay_s] = granted + timedelta(seconds=delay_s)
+        at.append(moment)
+    return tuple(at)
 
 
 def _candidate(claim: ClaimedTask, earliest_s: float | None) -> Candidate:
-    return Candidate(
+    run_at = claim.run_at
+    not_before_s = earliest_s
+    if run_at is not None:
+        run_at_s = run_at.timestamp()
+        not_before_s = run_at_s if earliest_s is None else max(run_at_s, earliest_s)
+    return new_candidate(
         task_id=claim.task_id,
         name=claim.name,
         account=claim.account,
         host=claim.host,
-        not_before_s=_latest(claim.run_at.timestamp() if claim.run_at else None, earliest_s),
+        not_before_s=not_before_s,
         labels=claim.labels,
     )
-
-
-def _latest(*moments_s: float | None) -> float | None:
-    known = [moment for moment in moments_s if moment is not None]
-    return max(known) if known else None

@@ -38,6 +38,9 @@ _VALUE = re.compile(r"^[A-Za-z0-9_.\-@]+$")
 _HOST = re.compile(r"^(?:[A-Za-z0-9_.\-]+|\[[0-9A-Fa-f:.]+\])$")
 # A key: rule's wildcard, written after the label's prefix and its colon.
 _EACH_SUFFIX = ":" + EACH
+# Values remembered per scope by ``RuleSet.applicable``: under a MB each (measured), and
+# more than a claim has rows, so values that recur from claim to claim stay remembered.
+_MEMO_SIZE = 4_096
 
 
 class LimitRuleError(ValueError):
@@ -105,10 +108,27 @@ class RuleSet:
     _index: dict[tuple[Scope, str | None], Rule] = field(
         init=False, repr=False, compare=False, hash=False
     )
+    # The cluster's limit (applies to every task), found once.
+    _cluster: AppliedLimit | None = field(init=False, repr=False, compare=False, hash=False)
+    # Per scope that has a rule: value -> its limit (None: none), filled as values are met.
+    # A relay asks about the same few names, accounts, hosts and labels for every row of
+    # every claim; building their keys and limits anew cost more than the rest of a row.
+    _memo: dict[Scope, dict[str, AppliedLimit | None]] = field(
+        init=False, repr=False, compare=False, hash=False
+    )
 
     def __post_init__(self) -> None:
         index = {(rule.scope, rule.value): rule for rule in self.rules}
         object.__setattr__(self, "_index", index)
+        cluster = index.get((Scope.CLUSTER, None))
+        applied = (
+            None
+            if cluster is None
+            else AppliedLimit(key=LimitKey(scope=Scope.CLUSTER), limit=cluster.limit, rule=cluster)
+        )
+        object.__setattr__(self, "_cluster", applied)
+        scoped = {rule.scope for rule in self.rules if rule.scope is not Scope.CLUSTER}
+        object.__setattr__(self, "_memo", {scope: {} for scope in scoped})
 
     @classmethod
     def parse(
@@ -158,25 +178,42 @@ class RuleSet:
         labels: Iterable[str] = (),
     ) -> list[AppliedLimit]:
         """Return the limits a task of this name, account, host and labels must satisfy."""
-        wanted = [
-            (Scope.CLUSTER, None),
-            (Scope.TASK, name),
-            (Scope.ACCOUNT, account),
-            (Scope.HOST, host.lower() if host else None),
-        ]
-        wanted += [(Scope.KEY, label) for label in labels]
-        applied: list[AppliedLimit] = []
-        for scope, value in wanted:
-            if scope is not Scope.CLUSTER and value is None:
-                continue
-            rule = self.rule_for(LimitKey(scope=scope, value=value))
-            if rule is not None:
-                applied.append(
-                    AppliedLimit(
-                        key=LimitKey(scope=scope, value=value), limit=rule.limit, rule=rule
-                    )
-                )
+        applied: list[AppliedLimit] = [] if self._cluster is None else [self._cluster]
+        memo = self._memo
+        if not memo:
+            return applied
+        if Scope.TASK in memo:
+            self._add(applied, memo[Scope.TASK], Scope.TASK, name)
+        if Scope.ACCOUNT in memo:
+            self._add(applied, memo[Scope.ACCOUNT], Scope.ACCOUNT, account)
+        if host and Scope.HOST in memo:
+            self._add(applied, memo[Scope.HOST], Scope.HOST, host.lower())
+        if Scope.KEY in memo:
+            known = memo[Scope.KEY]
+            for label in labels:
+                self._add(applied, known, Scope.KEY, label)
         return applied
+
+    def _add(
+        self,
+        applied: list[AppliedLimit],
+        known: dict[str, AppliedLimit | None],
+        scope: Scope,
+        value: str,
+    ) -> None:
+        """Append the limit of ``scope:value``, if a rule has one, remembering the answer."""
+        try:
+            found = known[value]
+        except KeyError:
+            key = LimitKey(scope=scope, value=value)
+            rule = self.rule_for(key)
+            found = None if rule is None else AppliedLimit(key=key, limit=rule.limit, rule=rule)
+            if len(known) >= _MEMO_SIZE:
+                # Bounded: a process meeting ever new accounts or hosts starts over.
+                known.clear()
+            known[value] = found
+        if found is not None:
+            applied.append(found)
 
     def rule_for(self, key: LimitKey) -> Rule | None:
         """Return the rule limiting ``key``: its own rule, else its scope's ``*`` rule."""
