@@ -511,8 +511,12 @@ class LeaseWrites:
             for task_id, at in zip(self.task_ids, self.queued_at, strict=True)
         ]
 
+    def detail(self) -> dict[str, Any]:
+        """The ``queued`` events' detail: which relay queued the task."""
+        return {"relay": self.relay_id}
+
     def event_rows(self) -> list[dict[str, Any]]:
-        detail = {"relay": self.relay_id}
+        detail = self.detail()
         return [
             {"task_id": task_id, "at": at, "event": EventKind.QUEUED, "detail": detail}
             for task_id, at in zip(self.task_ids, self.queued_at, strict=True)
@@ -775,6 +779,10 @@ class CoreClaim:
             await self._write("queue_all", writes.queue_all_values())
         else:
             await self._write("queue_each", writes.queue_each_rows())
+        await self._write_events(writes)
+
+    async def _write_events(self, writes: LeaseWrites) -> None:
+        """Record a ``queued`` event for each task the lease moved to ``queued``."""
         await self._write("insert_event", writes.event_rows())
 
     async def _write(self, name: LeaseStatement, values: Values | list[Values]) -> None:

@@ -12,18 +12,23 @@ tests/integration/store/test_outbox_parity.py.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from typing import ClassVar
 
+from sqlalchemy import Insert, bindparam, func, insert, select
 from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 
-from throttler.store.compiled import CompiledStatement
+from throttler.statuses import EventKind
+from throttler.store.attempts import EVENTS, Processor
+from throttler.store.compiled import CompiledStatement, bind_processor
 from throttler.store.outbox import (
     CoreClaim,
     CoreOutbox,
     LeaseStatement,
     LeaseStatements,
+    LeaseWrites,
     Values,
 )
 from throttler.store.sqlite_ids import ids_in_json, json_ids
@@ -31,6 +36,8 @@ from throttler.store.sqlite_ids import ids_in_json, json_ids
 _DIALECT = sqlite_dialect(paramstyle="qmark")
 # The parameters that hold a batch of ids (``LeaseStatements.build``'s ``among`` names).
 _ID_LISTS = frozenset(("outbox_ids", "task_ids"))
+# An event's time as SQLite stores it (SQLAlchemy's own conversion; a lease's rows share few).
+_AT: Processor = bind_processor(EVENTS.c.at.type, _DIALECT) or str
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -50,6 +57,27 @@ def _statements() -> _Compiled:
         for field in fields(built)
     }
     return _Compiled(**compiled)
+
+
+def _events_from_json() -> Insert:
+    """The lease's ``queued`` events in one statement: one per row of a JSON array of
+    ``[task_id, at]``, in the array's order (event ids as the reference's executemany
+    gives them), each with the lease's kind and detail."""
+    rows = func.json_each(bindparam("rows", value=None)).table_valued("key", "value")
+    return insert(EVENTS).from_select(
+        ["task_id", "at", "event", "detail"],
+        select(
+            func.json_extract(rows.c.value, "$[0]"),
+            func.json_extract(rows.c.value, "$[1]"),
+            bindparam("event", value=None, type_=EVENTS.c.event.type),
+            bindparam("detail", value=None, type_=EVENTS.c.detail.type),
+        ).order_by(rows.c.key),
+    )
+
+
+@lru_cache(maxsize=1)
+def _events() -> CompiledStatement:
+    return CompiledStatement.of(_events_from_json(), _DIALECT)
 
 
 def _as_json(values: Values) -> Values:
@@ -73,6 +101,23 @@ class SqliteClaim(CoreClaim):
             await connection.exec_driver_sql(statement.sql, statement.bind_many(values))
         else:
             await connection.exec_driver_sql(statement.sql, tuple(statement.bind(_as_json(values))))
+
+    async def _write_events(self, writes: LeaseWrites) -> None:
+        # One statement, not an executemany: per row, binding its four values and stepping
+        # the statement cost more than the insert (1,000 rows: ~25 ms, against ~15 ms).
+        if not writes.task_ids:
+            return
+        statement = _events()
+        at = _AT
+        rows = json.dumps(
+            [
+                [task_id, at(moment)]
+                for task_id, moment in zip(writes.task_ids, writes.queued_at, strict=True)
+            ]
+        )
+        values = {"rows": rows, "event": EventKind.QUEUED, "detail": writes.detail()}
+        connection = await self.session.connection()
+        await connection.exec_driver_sql(statement.sql, tuple(statement.bind(values)))
 
 
 class SqliteOutbox(CoreOutbox):
