@@ -23,6 +23,12 @@ from throttler.settings import Settings, sqlite_path
 SessionFactory = async_sessionmaker[AsyncSession]
 # Execution option naming the BEGIN statement SQLite transactions start with.
 _SQLITE_BEGIN_OPTION = "sqlite_begin"
+# The WAL is copied back into the database file (a checkpoint: two fsyncs, and each page
+# written) by the commit that finds it past this many pages. SQLite's default, 1,000
+# pages (4 MB), had every second claim of 1,000 tasks pay a checkpoint; at 10,000 (40 MB)
+# a page changed by several transactions is written back once, and the relay drains
+# ~12 % faster (python -m bench.relay). The WAL file stays that large on disk.
+WAL_AUTOCHECKPOINT_PAGES = 10_000
 
 
 def create_engine(settings: Settings) -> AsyncEngine:
@@ -160,6 +166,7 @@ def _set_up_sqlite(dbapi_connection: DBAPIConnection, settings: Settings) -> Non
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute(f"PRAGMA synchronous={settings.sqlite_synchronous}")
     cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
     cursor.close()
 
 
