@@ -46,7 +46,7 @@ from throttler.job_ids import Dispatch
 from throttler.models import OutboxEntry, Task, TaskEvent
 from throttler.settings import Settings
 from throttler.statuses import EventKind, TaskStatus
-from throttler.store.fencing import idle_limit
+from throttler.store.fencing import BY_KEY_ONLY, idle_limit
 
 # What the reference's statements run on: Core either way.
 SyncExecutor = Connection | Session
@@ -231,9 +231,8 @@ _DISPATCHED = frozenset((TaskStatus.QUEUED.value, TaskStatus.RUNNING.value))
 # database's CPU in the end-to-end bench (test_attempts_plans.py).
 # Nor may PostgreSQL scan the table: its cost model prices a scan of a table of some
 # 20,000 rows below 100 look-ups in the primary key, then spends 2 ms a statement passing
-# every row through the id list. Scans are off for the batch's transaction (set with the
-# fencing's idle limit, one statement).
-BY_KEY_ONLY = {"enable_seqscan": "off", "enable_bitmapscan": "off"}
+# every row through the id list. Scans are off for the batch's transaction (BY_KEY_ONLY,
+# set with the fencing's idle limit, one statement).
 Among = Callable[[Column[Any]], ColumnElement[bool]]
 
 

@@ -28,6 +28,11 @@ from typing import Any
 from sqlalchemy import Select, func, select, true
 
 IDLE_SETTING = "idle_in_transaction_session_timeout"
+# Planner settings for a transaction whose statements name their rows by primary key (a
+# batch of ids): PostgreSQL's cost model otherwise prices a scan of a table of some
+# thousands of rows, or a status index, below that many look-ups by key, then passes
+# every row through the id list, for each statement.
+BY_KEY_ONLY = {"enable_seqscan": "off", "enable_bitmapscan": "off"}
 
 
 def idle_limit(timeout_s: float, **planner: str) -> Select[Any]:

@@ -31,7 +31,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from throttler.job_ids import Dispatch
 from throttler.statuses import EventKind
 from throttler.store.attempts import (
-    BY_KEY_ONLY,
     EVENTS,
     OUTBOX,
     TASKS,
@@ -51,7 +50,7 @@ from throttler.store.attempts import (
     started_event,
 )
 from throttler.store.compiled import AttemptStatements, CompiledStatement
-from throttler.store.fencing import idle_limit
+from throttler.store.fencing import BY_KEY_ONLY, idle_limit
 
 # What asyncpg raises for the server's errors, its own (a lost connection) and a
 # protocol out of step (a connection the server ended while it sat idle).
