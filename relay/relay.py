@@ -67,7 +67,7 @@ from relay.board import BoardPublisher, board_from, next_tokens
 from relay.enqueue import BatchEnqueuer, JobSpec, Outcome
 from relay.plan import Memory, Opening, Policy, Settlement, Snapshot
 from throttler.errors import RECOVERABLE_ERRORS
-from throttler.job_ids import Dispatch
+from throttler.job_ids import Dispatch, moment_us, released_job_id
 from throttler.limits import LimitKey, RuleSet
 from throttler.limits_in_force import RulesInForce, in_force
 from throttler.logs import fields
@@ -572,17 +572,18 @@ class Relay:
         # No arguments: the worker reads the payload from the database. The job id names
         # the dispatch: the task's queued_at, which the lease just set to ``at`` (a task
         # already queued, re-claimed after a crash, keeps its own: the same job id).
-        jobs = [
-            JobSpec(
-                job_id=Dispatch.of(
-                    claim.task_id,
-                    queued_at=claim.queued_at if claim.status is TaskStatus.QUEUED else at,
-                ).job_id,
-                function=claim.name,
-                run_at=at,
-            )
-            for claim, at in zip(claims, when, strict=True)
-        ]
+        released: dict[datetime, int] = {}  # each moment in microseconds, converted once
+        jobs = []
+        for claim, at in zip(claims, when, strict=True):
+            moment = claim.queued_at if claim.status is TaskStatus.QUEUED else at
+            if moment is None:
+                job_id = Dispatch.of(claim.task_id, queued_at=None).job_id
+            else:
+                us = released.get(moment)
+                if us is None:
+                    us = released[moment] = moment_us(moment)
+                job_id = released_job_id(claim.task_id, us)
+            jobs.append(JobSpec(job_id=job_id, function=claim.name, run_at=at))
         try:
             outcomes = await self._enqueuer.place(jobs, on_time=self.policy.rated)
         except RECOVERABLE_ERRORS as error:

@@ -36,6 +36,15 @@ def moment_us(at: datetime) -> int:
     return (at - _EPOCH) // _MICROSECOND
 
 
+def released_job_id(task_id: str, released_us: int) -> str:
+    """The job id of the dispatch of ``task_id`` released at ``released_us`` (``moment_us``).
+
+    ``Dispatch.of(task_id, queued_at=at).job_id`` without the Dispatch: a relay names a
+    thousand jobs a claim, most released at the same moment.
+    """
+    return f"{task_id}{SEPARATOR}{released_us}"
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Dispatch:
     """One dispatch of a task: which task, released at which moment."""
@@ -62,7 +71,7 @@ class Dispatch:
     def job_id(self) -> str:
         if self.released_us is None:
             return self.task_id
-        return f"{self.task_id}{SEPARATOR}{self.released_us}"
+        return released_job_id(self.task_id, self.released_us)
 
     @property
     def named(self) -> bool:

@@ -87,6 +87,7 @@ _TASKS = cast(Table, Task.__table__)
 _EVENTS = cast(Table, TaskEvent.__table__)
 _OUTBOX = cast(Table, OutboxEntry.__table__)
 _INFLIGHT = sorted(status.value for status in INFLIGHT_STATUSES)
+_ENQUEUEABLE = frozenset((TaskStatus.PENDING, TaskStatus.QUEUED))
 # A status as read to TaskStatus: a dict look-up, a quarter of the enum's own call.
 _STATUSES = {status.value: status for status in TaskStatus}
 _SCOPE_COLUMNS = {Scope.TASK: Task.name, Scope.ACCOUNT: Task.account, Scope.HOST: Task.host}
@@ -116,7 +117,7 @@ class ClaimedTask:
     def needs_enqueue(self) -> bool:
         # False when the task already started or finished (a lease recovered after a
         # crash): its row is only released, never enqueued again.
-        return self.status in (TaskStatus.PENDING, TaskStatus.QUEUED)
+        return self.status in _ENQUEUEABLE
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
