@@ -12,6 +12,7 @@ import asyncio
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ from throttler.db import create_engine
 from throttler.models import Task
 from throttler.settings import Settings
 from throttler.store.intake import open_intake
-from throttler.submit import NewTask
+from throttler.submit import NewTask, new_task_id
 
 Seed = Callable[[AsyncEngine], Awaitable[None]]
 # The params of a module-scoped fixture that calls ``seeded_database_url``.
@@ -83,3 +84,17 @@ async def insert_tasks(engine: AsyncEngine, tasks: Sequence[NewTask]) -> None:
         await intake.insert(lambda: [intake.prepare(tasks)])
     finally:
         await intake.close()
+
+
+def greetings(count: int, *, start: datetime) -> list[NewTask]:
+    """``count`` greetings of one account, one per microsecond from ``start`` (their order)."""
+    return [
+        NewTask(
+            name="greeting",
+            account="default",
+            payload={"name": f"n{index}"},
+            created_at=start + timedelta(microseconds=index),
+            task_id=new_task_id(),
+        )
+        for index in range(count)
+    ]

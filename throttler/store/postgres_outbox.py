@@ -3,19 +3,19 @@ labels read from the task's own JSONB (``tasks.labels``) rather than task_labels
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import ClassVar
 
-from sqlalchemy import ColumnElement, Select, exists, func, or_, select, type_coerce
+from sqlalchemy import ColumnElement, Select, exists, func, or_, select, text, type_coerce
 from sqlalchemy.dialects.postgresql import JSONB, array
 
 from throttler.constants import CLAIM_LOCK_KEY
 from throttler.db import SessionFactory
 from throttler.models import Task
 from throttler.statuses import INFLIGHT_STATUSES
-from throttler.store.fencing import BY_KEY_ONLY, idle_limit
-from throttler.store.outbox import CoreClaim, CoreOutbox, label_patterns
+from throttler.store.fencing import idle_limit
+from throttler.store.outbox import CoreClaim, CoreOutbox, RankedRow, label_patterns
 
 _LABELS = type_coerce(Task.labels, JSONB)
 _INFLIGHT = sorted(status.value for status in INFLIGHT_STATUSES)
@@ -54,6 +54,17 @@ class PostgresClaim(CoreClaim):
         # Claims that count in-flight tasks or queue room take turns until they commit.
         await self.session.execute(select(func.pg_advisory_xact_lock(CLAIM_LOCK_KEY)))
 
+    async def _ranked(
+        self, accounts: Sequence[str], *, limit: int, filters: Sequence[ColumnElement[bool]]
+    ) -> list[RankedRow]:
+        # PostgreSQL underestimates one account's pending tasks (account and status are
+        # correlated), then reads them all by bitmap and sorts: 27 ms at 60,000 pending
+        # against 0.06 ms for the ordered scan of the index that stops at the limit.
+        await self.session.execute(text("SET LOCAL enable_bitmapscan = off"))
+        ranked = await super()._ranked(accounts, limit=limit, filters=filters)
+        await self.session.execute(text("SET LOCAL enable_bitmapscan = on"))
+        return ranked
+
 
 class PostgresOutbox(CoreOutbox):
     """The outbox store on PostgreSQL."""
@@ -70,19 +81,13 @@ class PostgresOutbox(CoreOutbox):
         super().__init__(sessions=sessions, read_sessions=read_sessions)
         # A claim whose relay went silent this long ends, with its locks (store.fencing).
         self.idle_timeout_s = idle_timeout_s
-        self._opening = idle_limit(idle_timeout_s, **BY_KEY_ONLY)
 
     @asynccontextmanager
     async def claiming(self) -> AsyncIterator[CoreClaim]:
         async with self.sessions.begin() as session:
             # Before any lock: a relay cut off mid-claim must not hold the claims' lock
-            # (serialize) or its rows for longer than this. And no scans: each statement
-            # names its rows by key (the lease, the locking read) or reads an index in
-            # order to a limit (the ranked read: PostgreSQL underestimates one account's
-            # pending tasks, account and status being correlated, then read them all by
-            # bitmap and sorted, 27 ms at 60,000 pending against 0.06 ms for the ordered
-            # index scan that stops at the limit).
-            await session.execute(self._opening)
+            # (serialize) or its rows for longer than this.
+            await session.execute(idle_limit(self.idle_timeout_s))
             yield self.claim_type(session)
 
     async def surely_idle(self) -> bool:

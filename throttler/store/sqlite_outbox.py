@@ -6,8 +6,8 @@ on binding (one placeholder per id, each value through its type's processor, the
 bulk paths) than SQLite spent running the statements. Here the lease's statements are the
 reference's (``LeaseStatements``), compiled once for SQLite with each batch of ids as one
 JSON array (``throttler.store.sqlite_ids``), and run with ``exec_driver_sql`` on the claim's
-own connection and transaction. The rows are the reference's:
-tests/integration/store/test_outbox_parity.py.
+own connection and transaction; the ``queued`` events go in as one INSERT ... SELECT over a
+JSON array of rows. The rows are the reference's: tests/integration/store/test_outbox_parity.py.
 """
 
 from __future__ import annotations

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import event, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from tests.integration.seeded import greetings
 from tests.integration.store.test_intake_parity import NOW
 from throttler.job_ids import Dispatch
 from throttler.settings import Settings
@@ -27,23 +27,13 @@ from throttler.statuses import EventKind, TaskStatus
 from throttler.store.attempts import TASKS, Outcome, open_attempts
 from throttler.store.intake import insert_submissions
 from throttler.store.sqlite_attempts import _statements
-from throttler.submit import NewTask, new_task_id
 
 BACKLOG = 5_000
 BATCH = 100
 
 
 async def _queued_backlog(engine: AsyncEngine) -> list[str]:
-    tasks = [
-        NewTask(
-            name="greeting",
-            account="default",
-            payload={"name": f"n{index}"},
-            created_at=NOW + timedelta(microseconds=index),
-            task_id=new_task_id(),
-        )
-        for index in range(BACKLOG)
-    ]
+    tasks = greetings(BACKLOG, start=NOW)
     async with engine.begin() as connection:
         await insert_submissions(connection, tasks)
         await connection.execute(
