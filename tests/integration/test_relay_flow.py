@@ -158,8 +158,10 @@ async def test_a_slow_host_holds_back_nothing_else(
     slow_times = sorted(times[i].timestamp() for i in slow if i in times)
     span_s = other_times[-1] - other_times[0]
     print(f"other tasks: 100 in {span_s:.3f}s; slow host: {len(slow_times)}")
-    # 100 tasks at the cluster rate of 100/s, a token or two going to the slow host.
-    assert span_s <= 1.3
+    # 100 tasks at the cluster rate of 100/s (1 s), a token or two going to the slow host.
+    # Held back by the slow host, they would take up to 100 s (its rate is 1/s); the margin
+    # is for a loaded machine, where every claim comes late (1.76 s seen under the suite).
+    assert span_s <= 3.0
     assert 1 <= len(slow_times) <= 1 + span_s + 1
     gaps = [b - a for a, b in itertools.pairwise(slow_times)]
     assert all(gap >= 1.0 - 1e-3 for gap in gaps), gaps
