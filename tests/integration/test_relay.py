@@ -368,8 +368,14 @@ async def test_rate_limited_relay_spaces_dispatches_by_the_token_interval(
         tasks = (await session.execute(select(Task).order_by(Task.queued_at))).scalars().all()
     queued_at = {task.id: task.queued_at.timestamp() for task in tasks if task.queued_at}
     times = list(queued_at.values())
-    # On the bucket's clock the dispatches are exactly one token interval apart.
-    assert [round(b - a, 4) for a, b in itertools.pairwise(times)] == [0.05] * 9
+    # On the bucket's clock the dispatches are one token interval apart: never closer, and
+    # exactly that while the relay keeps up (it takes tokens ahead). A claim that comes
+    # late on a loaded machine finds the bucket full, and its task goes later (0.28 s seen
+    # under the suite), never sooner.
+    gaps = [round(b - a, 4) for a, b in itertools.pairwise(times)]
+    assert len(gaps) == 9
+    assert all(gap >= 0.05 for gap in gaps), gaps
+    assert gaps.count(0.05) > len(gaps) // 2, gaps
     async with sessions() as session:
         jobs = await job_ids(session, queued_at)
     for task_id, at in queued_at.items():
