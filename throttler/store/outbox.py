@@ -80,7 +80,7 @@ from throttler.store.limits import Overrides, read_overrides
 
 # Written into the SQL as a literal, not a bound parameter: only then may SQLite and
 # PostgreSQL's generic plans use the partial index (its WHERE must be implied).
-_PENDING: ColumnClause[str] = literal_column(f"'{TaskStatus.PENDING.value}'")
+PENDING: ColumnClause[str] = literal_column(f"'{TaskStatus.PENDING.value}'")
 # Per-account reads in one UNION ALL statement (SQLite allows 500 compound terms).
 _ACCOUNTS_PER_STATEMENT = 200
 _TASKS = cast(Table, Task.__table__)
@@ -251,7 +251,7 @@ class Outbox(Protocol):
 
 
 # What a claim reads of each row; only what enqueueing and the limits need.
-_CLAIMED_ROWS = select(
+CLAIMED_ROWS = select(
     OutboxEntry.id.label("outbox_id"),
     Task.id.label("task_id"),
     Task.name,
@@ -273,8 +273,13 @@ INFLIGHT_BY_LABEL = (
     .where(Task.status.in_(_INFLIGHT), Task.labels.is_not(None))
     .group_by(TaskLabel.label)
 )
-# A pending task's rank in its account's turn, without the rest of its row.
-_RANKED_IDS = select(Task.id.label("task_id"), Task.account, Task.priority, Task.created_at)
+# An unleased pending task's rank in its account's turn, without the rest of its row. A
+# leased one (its enqueue under way) is not a candidate, so it takes no account's turn.
+RANKED_IDS = (
+    select(Task.id.label("task_id"), Task.account, Task.priority, Task.created_at)
+    .join(OutboxEntry, OutboxEntry.task_id == Task.id)
+    .where(OutboxEntry.claimed_by.is_(None))
+)
 
 # A loose index scan of ix_tasks_pending_turn: one index seek per distinct account.
 # Text, so that a dialect may add its index hint where ``{hint}`` stands.
@@ -305,7 +310,7 @@ def _claimed(
     created_at: datetime,
     labels: list[str] | None,
 ) -> ClaimedTask:
-    """A row of ``_CLAIMED_ROWS``, its columns bound to these names (checked below).
+    """A row of ``CLAIMED_ROWS``, its columns bound to these names (checked below).
 
     Spread into parameters (``_claimed(*row)``), not read by attribute: reading a
     SQLAlchemy row by label costs about a microsecond a column, 10 % of the relay's time.
@@ -323,7 +328,7 @@ def _claimed(
     )
 
 
-def _ranked_claim(
+def ranked_claim(
     outbox_id: int,
     task_id: str,
     name: str,
@@ -336,7 +341,7 @@ def _ranked_claim(
     created_at: datetime,
     labels: list[str] | None,
 ) -> RankedRow:
-    """A row of ``_CLAIMED_ROWS`` with its rank."""
+    """A row of ``CLAIMED_ROWS`` with its rank."""
     claim = _claimed(
         outbox_id,
         task_id,
@@ -360,8 +365,8 @@ def _ranked_claim(
     )
 
 
-def _ranked_id(task_id: str, account: str, priority: int, created_at: datetime) -> RankedRow:
-    """A row of ``_RANKED_IDS``."""
+def ranked_id(task_id: str, account: str, priority: int, created_at: datetime) -> RankedRow:
+    """A row of ``RANKED_IDS``."""
     return RankedRow(task_id=task_id, account=account, priority=priority, created_at=created_at)
 
 
@@ -375,14 +380,14 @@ def _check_bound_by_name(
 
 
 def _columns(row: Any) -> tuple[Any, ...]:
-    """A row of ``_CLAIMED_ROWS`` to spread: past nine columns SQLAlchemy's typing of a row
+    """A row of ``CLAIMED_ROWS`` to spread: past nine columns SQLAlchemy's typing of a row
     ends in ``*tuple[Any, ...]``, which no fixed signature takes (names checked below)."""
     return cast(tuple[Any, ...], row)
 
 
-_check_bound_by_name(_claimed, _CLAIMED_ROWS)
-_check_bound_by_name(_ranked_claim, _CLAIMED_ROWS)
-_check_bound_by_name(_ranked_id, _RANKED_IDS)
+_check_bound_by_name(_claimed, CLAIMED_ROWS)
+_check_bound_by_name(ranked_claim, CLAIMED_ROWS)
+_check_bound_by_name(ranked_id, RANKED_IDS)
 
 
 def _in_turns(rows: Iterable[RankedRow]) -> list[RankedRow]:
@@ -674,7 +679,7 @@ class CoreClaim:
         self, condition: ColumnElement[bool], *, order_by: Any, limit: int
     ) -> list[ClaimedTask]:
         rows = await self.session.execute(
-            _CLAIMED_ROWS.where(condition)
+            CLAIMED_ROWS.where(condition)
             .order_by(order_by)
             .limit(limit)
             # The task row too: a worker finishing the task (or a reconciler requeueing
@@ -747,14 +752,14 @@ class CoreClaim:
                 whole_rows=self.reads_are_locks,
             )
             rows = await self.session.execute(statement)
-            convert = _ranked_claim if self.reads_are_locks else _ranked_id
+            convert = ranked_claim if self.reads_are_locks else ranked_id
             ranked += [convert(*row) for row in rows]
         return ranked
 
     async def _lock_pending(self, chosen: Sequence[RankedRow]) -> list[RankedRow]:
         """Lock the chosen rows, skipping any another relay took or whose task moved on."""
         rows = await self.session.execute(
-            _CLAIMED_ROWS.where(
+            CLAIMED_ROWS.where(
                 Task.id.in_([row.task_id for row in chosen]),
                 # Again on the locked rows: PostgreSQL re-checks these against a row
                 # another relay leased, or a task that moved on, meanwhile. Wrapped
@@ -764,7 +769,7 @@ class CoreClaim:
                 func.coalesce(OutboxEntry.claimed_by, "") == "",
             ).with_for_update(of=(OutboxEntry, Task), skip_locked=True)
         )
-        return [_ranked_claim(*_columns(row)) for row in rows]
+        return [ranked_claim(*_columns(row)) for row in rows]
 
     async def lease(
         self,
@@ -959,14 +964,14 @@ def _first_of_each(
 ) -> Any:
     """Each account's first ``limit`` pending tasks in rank order, straight from the index.
 
-    Rows of ``_RANKED_IDS``; ``whole_rows``: of ``_CLAIMED_ROWS`` instead, unleased
-    ones only.
+    Rows of ``RANKED_IDS``; ``whole_rows``: of ``CLAIMED_ROWS`` instead. Unleased ones
+    only, before the limit: a task whose row is leased takes no turn.
     """
     parts = []
-    query = _CLAIMED_ROWS.where(OutboxEntry.claimed_by.is_(None)) if whole_rows else _RANKED_IDS
+    query = CLAIMED_ROWS.where(OutboxEntry.claimed_by.is_(None)) if whole_rows else RANKED_IDS
     for account in accounts:
         part = (
-            query.where(Task.status == _PENDING, Task.account == account, *filters)
+            query.where(Task.status == PENDING, Task.account == account, *filters)
             .order_by(Task.priority.desc(), Task.created_at)
             .limit(limit)
             .subquery()
@@ -997,7 +1002,7 @@ class CoreOutbox:
     async def any_pending(self) -> bool:
         """Whether any task is pending (one seek in ``ix_tasks_pending_turn``), read-only."""
         async with self.read_sessions() as session:
-            found = await session.scalar(select(Task.id).where(Task.status == _PENDING).limit(1))
+            found = await session.scalar(select(Task.id).where(Task.status == PENDING).limit(1))
         return found is not None
 
     async def surely_idle(self) -> bool:

@@ -5,17 +5,37 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import ClassVar
+from typing import Any, ClassVar
 
-from sqlalchemy import ColumnElement, Select, exists, func, or_, select, text, type_coerce
-from sqlalchemy.dialects.postgresql import JSONB, array
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    String,
+    bindparam,
+    exists,
+    func,
+    or_,
+    select,
+    text,
+    true,
+    type_coerce,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, array
 
 from throttler.constants import CLAIM_LOCK_KEY
 from throttler.db import SessionFactory
 from throttler.models import Task
 from throttler.statuses import INFLIGHT_STATUSES
 from throttler.store.fencing import idle_limit
-from throttler.store.outbox import CoreClaim, CoreOutbox, RankedRow, label_patterns
+from throttler.store.outbox import (
+    PENDING,
+    RANKED_IDS,
+    CoreClaim,
+    CoreOutbox,
+    RankedRow,
+    label_patterns,
+    ranked_id,
+)
 
 _LABELS = type_coerce(Task.labels, JSONB)
 _INFLIGHT = sorted(status.value for status in INFLIGHT_STATUSES)
@@ -30,6 +50,30 @@ _INFLIGHT_LABELS = (
 INFLIGHT_BY_LABEL_PG: Select[str, int] = select(_INFLIGHT_LABELS.c.label, func.count()).group_by(
     _INFLIGHT_LABELS.c.label
 )
+
+
+def first_of_each_lateral(filters: Sequence[ColumnElement[bool]]) -> Select[Any]:
+    """Each account's first ``depth`` pending tasks, for the accounts of one array.
+
+    One statement for any number of accounts, its text the same for every claim with the
+    same filters (compiled once, then from SQLAlchemy's cache): per account of the array
+    a LATERAL ordered scan of ix_tasks_pending_turn that stops at ``depth``. The
+    reference's UNION ALL of one part per account costs Python ~0.7 ms an account to
+    build, and its compile ~1.3 ms on each new account count; at thousands of accounts
+    that alone outlasted the transaction's idle limit on a loaded machine.
+    """
+    accounts = (
+        func.unnest(bindparam("accounts", type_=ARRAY(String())))
+        .table_valued("account")
+        .render_derived(name="accounts")
+    )
+    first = (
+        RANKED_IDS.where(Task.status == PENDING, Task.account == accounts.c.account, *filters)
+        .order_by(Task.priority.desc(), Task.created_at)
+        .limit(bindparam("depth"))
+        .lateral()
+    )
+    return select(*first.c).select_from(accounts).join(first, true())
 
 
 class PostgresClaim(CoreClaim):
@@ -61,9 +105,11 @@ class PostgresClaim(CoreClaim):
         # correlated), then reads them all by bitmap and sorts: 27 ms at 60,000 pending
         # against 0.06 ms for the ordered scan of the index that stops at the limit.
         await self.session.execute(text("SET LOCAL enable_bitmapscan = off"))
-        ranked = await super()._ranked(accounts, limit=limit, filters=filters)
+        rows = await self.session.execute(
+            first_of_each_lateral(filters), {"accounts": list(accounts), "depth": limit}
+        )
         await self.session.execute(text("SET LOCAL enable_bitmapscan = on"))
-        return ranked
+        return [ranked_id(*row) for row in rows]
 
 
 class PostgresOutbox(CoreOutbox):

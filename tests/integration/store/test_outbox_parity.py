@@ -45,6 +45,9 @@ CASES = [
     Case(limit=40, due_by=NOW + timedelta(seconds=0.5)),
     Case(limit=200),
     Case(limit=15, recover_lapsed=False, sweep_strays=False),
+    # Each account's first turns, past its pending tasks under a lease.
+    Case(limit=7, recover_lapsed=False, sweep_strays=False),
+    Case(limit=21, recover_lapsed=False, sweep_strays=False),
     Case(limit=15, recover_lapsed=True, sweep_strays=False),
     Case(limit=15, excluding=Exclusions.of([LimitKey(scope=Scope.ACCOUNT, value="acct-2")])),
     Case(
@@ -61,7 +64,8 @@ CASES = [
 
 
 async def _seed(sessions: SessionFactory) -> None:
-    """A backlog with ties, priorities, future tasks, lapsed and live leases, strays."""
+    """A backlog with ties, priorities, future tasks, lapsed and live leases (of queued and
+    of still pending tasks), strays."""
     tasks: list[dict[str, Any]] = []
     outbox: list[dict[str, Any]] = []
     for i in range(120):
@@ -75,6 +79,10 @@ async def _seed(sessions: SessionFactory) -> None:
             status = TaskStatus.SUCCEEDED  # a stray row
         elif i % 17 == 9:
             status, claimed_until = TaskStatus.QUEUED, NOW + timedelta(seconds=20)  # live
+        elif i % 17 == 11:
+            claimed_until = NOW + timedelta(seconds=20)  # live, its task still pending
+        elif i % 17 == 13:
+            claimed_until = NOW - timedelta(seconds=2)  # lapsed, its task still pending
         download = i % 4 == 0
         task_id = f"task-{i:04d}"
         tasks.append(
