@@ -24,9 +24,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from tests.integration.seeded import DATABASES, insert_tasks, seeded_database_url, seeded_engine
 from throttler.models import Task
 from throttler.statuses import TaskStatus
-from throttler.store.outbox import CoreClaim, Exclusions, _first_of_each, _pending_filters
-from throttler.store.postgres_outbox import PostgresClaim
-from throttler.store.sqlite_outbox import SqliteClaim
+from throttler.store.outbox import CoreClaim, Exclusions, _pending_filters
+from throttler.store.postgres_outbox import PostgresClaim, first_of_each_lateral
+from throttler.store.sqlite_outbox import SqliteClaim, first_of_each_json
 from throttler.submit import NewTask
 
 COUNT = 20_000
@@ -110,27 +110,42 @@ async def test_the_claim_skips_excluded_labels_by_primary_key_in_rank_order(
         excluding=EXCLUDED,
         without_labels=claim.without_labels,
     )
-    statement = _first_of_each(["a", "b"], limit=100, filters=filters, whole_rows=sqlite)
+    # The statement the claim runs (its accounts as one array), with its values inlined.
+    if sqlite:
+        statement = first_of_each_json(filters).params(accounts='["a", "b"]', depth=100)
+    else:
+        statement = first_of_each_lateral(filters).params(accounts=["a", "b"], depth=100)
     plan = await _plan(engine, statement)
     shown = "\n".join(plan)
     if sqlite:
         tasks = [line for line in plan if " tasks " in f"{line} "]
-        assert tasks == ["SEARCH tasks USING INDEX ix_tasks_pending_turn (account=?)"] * 2, shown
+        # Per account, the walk of ix_tasks_pending_turn; then each task chosen by key.
+        assert tasks == [
+            "SEARCH tasks USING INDEX ix_tasks_pending_turn (account=?)",
+            "SEARCH tasks USING INDEX sqlite_autoindex_tasks_1 (id=?)",
+        ], shown
         labels = [line for line in plan if "task_labels" in line]
         # Each task's excluded labels: one seek of the primary key (task_id, label).
-        assert len(labels) == 2, shown
+        assert len(labels) == 1, shown
         assert all(
             line.startswith("SEARCH task_labels USING")
             and "sqlite_autoindex_task_labels_1 (task_id=? AND label=?)" in line
             for line in labels
         ), shown
         assert not any("TEMP B-TREE" in line for line in plan), shown
+        # Nothing read whole but the array of accounts.
+        assert [line for line in plan if line.startswith("SCAN")] == [
+            line for line in plan if line.startswith("SCAN") and "VIRTUAL TABLE" in line
+        ], shown
     else:
-        scans = [line for line in plan if " Scan " in line]
+        scans = [line for line in plan if " Scan " in line and " on tasks" in line]
         assert scans, shown
         assert all("Index Scan using ix_tasks_pending_turn on tasks" in line for line in scans), (
             shown
         )
+        # Each task's outbox row by its unique task_id, nothing read whole.
+        assert any("using uq_outbox_task_id on outbox" in line for line in plan), shown
+        assert not any("Seq Scan" in line for line in plan), shown
         # The task's own labels (?| on tasks.labels): no subplan, task_labels not read.
         assert not any("task_labels" in line or "SubPlan" in line for line in plan), shown
         assert any("labels ?|" in line for line in plan), shown

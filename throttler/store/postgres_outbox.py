@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 
 from sqlalchemy import (
     ColumnElement,
+    Integer,
     Select,
     String,
     bindparam,
@@ -70,7 +71,7 @@ def first_of_each_lateral(filters: Sequence[ColumnElement[bool]]) -> Select[Any]
     first = (
         RANKED_IDS.where(Task.status == PENDING, Task.account == accounts.c.account, *filters)
         .order_by(Task.priority.desc(), Task.created_at)
-        .limit(bindparam("depth"))
+        .limit(bindparam("depth", type_=Integer()))
         .lateral()
     )
     return select(*first.c).select_from(accounts).join(first, true())

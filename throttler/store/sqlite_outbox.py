@@ -18,7 +18,17 @@ from dataclasses import dataclass, fields
 from functools import lru_cache
 from typing import Any, ClassVar
 
-from sqlalchemy import ColumnElement, Insert, Select, bindparam, func, insert, select
+from sqlalchemy import (
+    ColumnElement,
+    Insert,
+    Integer,
+    Select,
+    String,
+    bindparam,
+    func,
+    insert,
+    select,
+)
 from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 
 from throttler.models import OutboxEntry, Task
@@ -97,7 +107,7 @@ def first_of_each_json(filters: Sequence[ColumnElement[bool]]) -> Select[Any]:
     accounts a claim took 0.4 s, where the reference's UNION ALL of one part per account
     cost 10 s, most of it Python building and compiling the parts.
     """
-    accounts = func.json_each(bindparam("accounts")).table_valued("value")
+    accounts = func.json_each(bindparam("accounts", type_=String())).table_valued("value")
     # The subquery's own tables shadow the outer ones: it is correlated with the array only.
     first = (
         select(OutboxEntry.id)
@@ -110,7 +120,7 @@ def first_of_each_json(filters: Sequence[ColumnElement[bool]]) -> Select[Any]:
             *filters,
         )
         .order_by(Task.priority.desc(), Task.created_at)
-        .limit(bindparam("depth"))
+        .limit(bindparam("depth", type_=Integer()))
         .correlate(accounts)
     )
     return (
