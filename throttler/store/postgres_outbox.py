@@ -1,5 +1,6 @@
-"""PostgreSQL's fast paths for the outbox store: an advisory lock, a planner setting, and
-labels read from the task's own JSONB (``tasks.labels``) rather than task_labels."""
+"""PostgreSQL's fast paths for the outbox store: an advisory lock, a planner setting,
+labels read from the task's own JSONB (``tasks.labels``) rather than task_labels, and
+every account's ranked read in one LATERAL statement."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""SQLite's fast paths for the outbox store: one writer at a time, an index hint, and
-the lease's statements on the driver.
+"""SQLite's fast paths for the outbox store: one writer at a time, an index hint, every
+account's ranked read in one statement over a JSON array, and the lease's statements on
+the driver.
 
 A claim of 1,000 rows through SQLAlchemy's execution layer spent more of the relay's CPU
 on binding (one placeholder per id, each value through its type's processor, the ORM's
