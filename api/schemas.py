@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 from enum import Enum
+from functools import lru_cache
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -61,10 +62,15 @@ class WaitingPublic(BaseModel):
 
     @classmethod
     def of(cls, waiting: Waiting | None) -> WaitingPublic | None:
-        if waiting is None:
-            return None
-        scope = None if waiting.scope is None else str(waiting.scope)
-        return cls(reason=waiting.reason, scope=scope, until=waiting.until)
+        return None if waiting is None else _waiting_public(waiting)
+
+
+@lru_cache(maxsize=1024)
+def _waiting_public(waiting: Waiting) -> WaitingPublic:
+    """One view per distinct reason, shared (it is frozen): the views of a 1,000-task 202
+    hold a thousand equal ones."""
+    scope = None if waiting.scope is None else str(waiting.scope)
+    return WaitingPublic(reason=waiting.reason, scope=scope, until=waiting.until)
 
 
 class TaskPublic(BaseModel):
@@ -125,23 +131,28 @@ class TaskPublic(BaseModel):
     @classmethod
     def pending(cls, task: NewTask) -> TaskPublic:
         """The view of a task just submitted (what ``from_task`` would read back)."""
-        return cls(
-            task_id=task.task_id,
-            name=task.name,
-            status=TaskStatus.PENDING,
-            result=None,
-            error=None,
-            attempts=0,
-            priority=task.priority,
-            keys=list(task.labels),
+        return cls(**cls.pending_fields(task))
+
+    @staticmethod
+    def pending_fields(task: NewTask) -> dict[str, Any]:
+        """The fields of ``pending(task)``, for a batch's views (``api.batch_views``)."""
+        return {
+            "task_id": task.task_id,
+            "name": task.name,
+            "status": TaskStatus.PENDING,
+            "result": None,
+            "error": None,
+            "attempts": 0,
+            "priority": task.priority,
+            "keys": list(task.labels),
             # No relay was asked: a 202 costs no Redis round trip.
-            waiting=WaitingPublic.of(on_arrival(run_at=task.run_at, now=task.created_at)),
-            created_at=task.created_at,
-            run_at=task.run_at,
-            queued_at=None,
-            started_at=None,
-            finished_at=None,
-        )
+            "waiting": WaitingPublic.of(on_arrival(run_at=task.run_at, now=task.created_at)),
+            "created_at": task.created_at,
+            "run_at": task.run_at,
+            "queued_at": None,
+            "started_at": None,
+            "finished_at": None,
+        }
 
 
 class TaskListPublic(BaseModel):

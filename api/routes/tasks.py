@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 
 from api.admin import FORBIDDEN_RESPONSE, ReadAccountDep
 from api.answers import TASK_RESPONSES, UNAUTHORIZED, UNAVAILABLE, checked_id
+from api.batch_views import batch_json, view_fields
 from api.bulk import BulkRoute, new_tasks
 from api.deps import AccountDep, AnnouncerDep, IntakeDep, ReadsDep, RetriesDep, WaitersDep
 from api.fast_path import FastPathRoute
@@ -160,10 +161,9 @@ for _spec in CATALOG.values():
 async def submit_tasks(
     batch: TaskBatchCreate,
     request: Request,
-    response: Response,
     account: AccountDep,
     intake: IntakeDep,
-) -> TaskBatchPublic:
+) -> Response:
     if request.query_params:
         # Options belong to each item; a query option would look applied and not be.
         name = next(iter(request.query_params))
@@ -197,16 +197,24 @@ async def submit_tasks(
             first_task_id=tasks[0].task_id,
         ),
     )
-    if len(replayed) == len(tasks):
-        # Every item a replay: the request as a whole created nothing.
-        response.status_code = status.HTTP_200_OK
-        response.headers[REPLAYED_HEADER] = "true"
-    return TaskBatchPublic(
-        tasks=[
-            TaskPublic.pending(task) if existing is None else originals[existing.task_id]
+    # TaskBatchPublic's body, without a model per task (api.batch_views).
+    body = batch_json(
+        [
+            TaskPublic.pending_fields(task)
+            if existing is None
+            else view_fields(originals[existing.task_id])
             for task, existing in zip(tasks, outcome, strict=True)
         ]
     )
+    if len(replayed) == len(tasks):
+        # Every item a replay: the request as a whole created nothing.
+        return Response(
+            body,
+            status_code=status.HTTP_200_OK,
+            media_type="application/json",
+            headers={REPLAYED_HEADER: "true"},
+        )
+    return Response(body, status_code=status.HTTP_202_ACCEPTED, media_type="application/json")
 
 
 # Its own route class: a body of more than MAX_BULK_TASKS tasks is refused while parsed.
