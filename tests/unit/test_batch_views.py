@@ -22,9 +22,11 @@ from throttler.submit import NewTask
 NOW = datetime(2026, 11, 29, 12, 0, 0, 123456, tzinfo=UTC)
 _moments = st.one_of(
     st.none(),
-    st.integers(min_value=-10**9, max_value=10**9).map(lambda us: NOW + timedelta(microseconds=us)),
+    st.integers(min_value=-(10**9), max_value=10**9).map(
+        lambda us: NOW + timedelta(microseconds=us)
+    ),
 )
-_labels = st.lists(st.sampled_from(["connector:c1", "tenant:t3", "k:é/\"x\""]), unique=True)
+_labels = st.lists(st.sampled_from(["connector:c1", "tenant:t3", 'k:é/"x"']), unique=True)
 
 _submitted = st.builds(
     lambda task_id, name, priority, run_at, labels: NewTask(
