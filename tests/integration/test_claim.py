@@ -158,3 +158,16 @@ async def test_a_claim_reads_any_number_of_accounts_in_one_fixed_statement(
     many = await _ranked_reads(engine, outbox, limit=100)
     assert len(many) == 1
     assert many == few
+
+
+async def test_accounts_of_any_spelling_travel_in_the_array(
+    sessions: SessionFactory, outbox: CoreOutbox
+) -> None:
+    # The accounts reach the ranked read as one array (JSON on SQLite, text[] on
+    # PostgreSQL): quotes, backslashes, commas, brackets, accents and characters beyond
+    # the BMP must each come back as the same account.
+    accounts = sorted(['a"b', "c\\d", "e,f", "[g]", "acct-é", "账户", "🙂x", "tab\there", "{}"])
+    await bulk_submit(sessions, [NewTask(account=a) for a in accounts for _ in range(2)])
+    async with outbox.claiming() as tx:
+        claims = await tx.select_claimable(limit=len(accounts), now=utcnow())
+    assert sorted(claim.account for claim in claims) == accounts
