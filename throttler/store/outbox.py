@@ -544,7 +544,8 @@ class CoreClaim:
     """The reference claim transaction: portable SQLAlchemy Core, no hints."""
 
     # Whether the transaction already excludes every other writer (SQLite's BEGIN
-    # IMMEDIATE): then rows read in rank order are the claim, with no second, locking read.
+    # IMMEDIATE): then rows read in rank order are the claim, with no second, locking read
+    # (such a claim's ``_ranked`` returns whole rows).
     reads_are_locks: ClassVar[bool] = False
     # Text put where ``_PENDING_ACCOUNTS`` says ``{hint}``.
     accounts_hint: ClassVar[str] = ""
@@ -742,18 +743,14 @@ class CoreClaim:
     async def _ranked(
         self, accounts: Sequence[str], *, limit: int, filters: Sequence[ColumnElement[bool]]
     ) -> list[RankedRow]:
-        """Each account's first ``limit`` pending tasks in rank order, in few statements."""
+        """Each account's first ``limit`` unleased pending tasks in rank order, in few
+        statements. A claim whose ``reads_are_locks`` returns them whole (``RankedRow.claim``)."""
         ranked: list[RankedRow] = []
         for start in range(0, len(accounts), _ACCOUNTS_PER_STATEMENT):
             statement = _first_of_each(
-                accounts[start : start + _ACCOUNTS_PER_STATEMENT],
-                limit=limit,
-                filters=filters,
-                whole_rows=self.reads_are_locks,
+                accounts[start : start + _ACCOUNTS_PER_STATEMENT], limit=limit, filters=filters
             )
-            rows = await self.session.execute(statement)
-            convert = ranked_claim if self.reads_are_locks else ranked_id
-            ranked += [convert(*row) for row in rows]
+            ranked += [ranked_id(*row) for row in await self.session.execute(statement)]
         return ranked
 
     async def _lock_pending(self, chosen: Sequence[RankedRow]) -> list[RankedRow]:
@@ -955,29 +952,33 @@ def _pending_filters(
     return filters
 
 
-def _first_of_each(
-    accounts: Sequence[str],
+def first_in_turn(
+    query: Select[*tuple[Any, ...]],
+    account: ColumnElement[str] | str,
     *,
-    limit: int,
     filters: Sequence[ColumnElement[bool]],
-    whole_rows: bool,
-) -> Any:
-    """Each account's first ``limit`` pending tasks in rank order, straight from the index.
+    limit: ColumnElement[int] | int,
+) -> Select[*tuple[Any, ...]]:
+    """``query`` (over ``RANKED_IDS``' tables) narrowed to ``account``'s pending tasks in
+    rank order (higher priority first, then older), the first ``limit``: an ordered walk of
+    ix_tasks_pending_turn that stops there. ``account`` may be a column of an outer array
+    (the dialects' one-statement reads)."""
+    return (
+        query.where(Task.status == PENDING, Task.account == account, *filters)
+        .order_by(Task.priority.desc(), Task.created_at)
+        .limit(limit)
+    )
 
-    Rows of ``RANKED_IDS``; ``whole_rows``: of ``CLAIMED_ROWS`` instead. Unleased ones
-    only, before the limit: a task whose row is leased takes no turn.
-    """
-    parts = []
-    query = CLAIMED_ROWS.where(OutboxEntry.claimed_by.is_(None)) if whole_rows else RANKED_IDS
-    for account in accounts:
-        part = (
-            query.where(Task.status == PENDING, Task.account == account, *filters)
-            .order_by(Task.priority.desc(), Task.created_at)
-            .limit(limit)
-            .subquery()
-        )
-        # Wrapped in a subquery each: SQLite allows no LIMIT on a compound's terms.
-        parts.append(select(*part.c))
+
+def _first_of_each(
+    accounts: Sequence[str], *, limit: int, filters: Sequence[ColumnElement[bool]]
+) -> Any:
+    """Rows of ``RANKED_IDS``: each account's first ``limit`` unleased pending tasks."""
+    # Wrapped in a subquery each: SQLite allows no LIMIT on a compound's terms.
+    parts = [
+        select(*first_in_turn(RANKED_IDS, account, filters=filters, limit=limit).subquery().c)
+        for account in accounts
+    ]
     return parts[0] if len(parts) == 1 else union_all(*parts)
 
 

@@ -30,11 +30,11 @@ from throttler.models import Task
 from throttler.statuses import INFLIGHT_STATUSES
 from throttler.store.fencing import idle_limit
 from throttler.store.outbox import (
-    PENDING,
     RANKED_IDS,
     CoreClaim,
     CoreOutbox,
     RankedRow,
+    first_in_turn,
     label_patterns,
     ranked_id,
 )
@@ -69,12 +69,8 @@ def first_of_each_lateral(filters: Sequence[ColumnElement[bool]]) -> Select[Any]
         .table_valued("account")
         .render_derived(name="accounts")
     )
-    first = (
-        RANKED_IDS.where(Task.status == PENDING, Task.account == accounts.c.account, *filters)
-        .order_by(Task.priority.desc(), Task.created_at)
-        .limit(bindparam("depth", type_=Integer()))
-        .lateral()
-    )
+    depth = bindparam("depth", type_=Integer())
+    first = first_in_turn(RANKED_IDS, accounts.c.account, filters=filters, limit=depth).lateral()
     return select(*first.c).select_from(accounts).join(first, true())
 
 

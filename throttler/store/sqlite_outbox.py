@@ -38,7 +38,7 @@ from throttler.store.attempts import EVENTS, Processor
 from throttler.store.compiled import CompiledStatement, bind_processor
 from throttler.store.outbox import (
     CLAIMED_ROWS,
-    PENDING,
+    RANKED_IDS,
     CoreClaim,
     CoreOutbox,
     LeaseStatement,
@@ -46,6 +46,7 @@ from throttler.store.outbox import (
     LeaseWrites,
     RankedRow,
     Values,
+    first_in_turn,
     ranked_claim,
 )
 from throttler.store.sqlite_ids import ids_in_json, json_ids
@@ -110,20 +111,10 @@ def first_of_each_json(filters: Sequence[ColumnElement[bool]]) -> Select[Any]:
     """
     accounts = func.json_each(bindparam("accounts", type_=String())).table_valued("value")
     # The subquery's own tables shadow the outer ones: it is correlated with the array only.
-    first = (
-        select(OutboxEntry.id)
-        .select_from(Task)
-        .join(OutboxEntry, OutboxEntry.task_id == Task.id)
-        .where(
-            Task.status == PENDING,
-            Task.account == accounts.c.value,
-            OutboxEntry.claimed_by.is_(None),
-            *filters,
-        )
-        .order_by(Task.priority.desc(), Task.created_at)
-        .limit(bindparam("depth", type_=Integer()))
-        .correlate(accounts)
-    )
+    depth = bindparam("depth", type_=Integer())
+    first = first_in_turn(
+        RANKED_IDS.with_only_columns(OutboxEntry.id), accounts.c.value, filters=filters, limit=depth
+    ).correlate(accounts)
     return (
         select(*CLAIMED_ROWS.selected_columns)
         .select_from(accounts)
